@@ -1,0 +1,181 @@
+"""The interface between an offloading policy and an engine (the SimPy simulator or realrun).
+
+An engine owns the expert cache, the copy queue and the budget; it calls the same policy object in
+the same order whichever engine it is, so decisions can be compared one by one. A policy reacts to
+events and answers with decisions; it never moves bytes, never reads an engine's clock and never
+sees the future of the trace, except the oracles, which set `reads_future` and say so.
+
+Units of caching are blocks: (layer, expert, part). Part 0 is the whole expert unless the policy
+splits experts (`parts()`, MoEpic); then an expert is usable once all its parts are resident.
+
+Order of calls for each request (a prefill step when the trace has one, then one decode step per
+output token):
+
+    on_request_start(request)                      -> PrefetchPlan | None
+    per step:   on_step_start(step)                -> PrefetchPlan | None
+        per layer:  on_layer_start(step, layer, probs, experts)  -> PrefetchPlan | None
+                    choose_victims(...) whenever a copy needs room
+                    on_copy_done(block, prefetched) when a copy lands
+        on_step_end(step)
+    on_request_end(request)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from traces import ModelSpec, Trace
+
+Block = tuple[int, int, int]  # (layer, expert, part)
+DEMAND_PRIORITY = float("inf")
+
+
+@dataclass(slots=True)
+class PrefetchPlan:
+    """Blocks to copy ahead of use, each with a priority (higher is copied first).
+
+    replace=True first cancels every queued prefetch that has not started (MoE-Infinity and FineMoE
+    replace their queue after each layer); copies already on the link finish.
+    """
+
+    blocks: list[tuple[Block, float]] = field(default_factory=list)
+    replace: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    index: int  # row of the request in the trace
+    request_id: str
+    prompt_tokens: int
+    output_tokens: int
+    embedding: np.ndarray | None  # prompt embedding, where the trace has one
+
+
+@dataclass(slots=True)
+class Step:
+    """One forward pass over every layer: a request's prefill, or one decode iteration of a batch."""
+
+    index: int  # position in the run, from 0
+    kind: str  # "prefill" | "decode"
+    requests: tuple[int, ...]  # trace indices of the requests in the pass
+    token_request: np.ndarray  # for each row of `probs`, the position in `requests` it belongs to
+    lookahead: Any = None  # callable layer -> [tokens, distance, experts] or None (speculative gates)
+
+
+class CacheView(Protocol):
+    """What a policy may see of one GPU's expert cache."""
+
+    capacity_bytes: int
+
+    def free_bytes(self) -> int: ...
+    def block_bytes(self, block: Block) -> int: ...
+    def is_resident(self, block: Block) -> bool: ...
+    def is_in_flight(self, block: Block) -> bool: ...
+    def is_evictable(self, block: Block) -> bool: ...
+    def resident_blocks(self) -> Iterator[Block]: ...
+
+
+class FutureView(Protocol):
+    """The replay's whole sequence of expert uses; given only to policies that set reads_future.
+
+    Positions count layer-iterations in replay order: step * num_layers + layer.
+    """
+
+    num_layers: int
+    num_steps: int
+
+    def position(self, step: int, layer: int) -> int: ...
+    def step_experts(self, step: int) -> list[tuple[int, ...]]: ...
+    def uses_of(self, layer: int, expert: int) -> np.ndarray: ...
+    def next_use(self, layer: int, expert: int, after: int) -> float: ...
+
+
+@dataclass
+class PolicyContext:
+    model: ModelSpec
+    caches: list[CacheView]  # one per GPU
+    gpu_of_layer: list[int]
+    rng: np.random.Generator
+    future: FutureView | None = None
+
+    def cache_of(self, layer: int) -> CacheView:
+        return self.caches[self.gpu_of_layer[layer]]
+
+
+class Policy:
+    """Base class: a demand-only cache that evicts the lowest `eviction_key` first.
+
+    Subclasses override the hooks they need; each lives in its own module and registers itself
+    with @register("name").
+    """
+
+    name: ClassVar[str] = "base"
+    reads_future: ClassVar[bool] = False  # oracles only: may read ctx.future
+    ignores_budget: ClassVar[bool] = False  # bounds only: every expert resident from the start
+    compute_order: ClassVar[str] = "index"  # "index" (as transformers loops) or "availability"
+    copy_chunks: ClassVar[int] = 1  # >1: copies in chunks, a demand preempts a prefetch between chunks
+
+    ctx: PolicyContext
+
+    def bind(self, ctx: PolicyContext) -> None:
+        """Called once before the replay."""
+        self.ctx = ctx
+
+    def fit(self, trace: Trace, requests: list[int]) -> None:
+        """Offline learning on the training split of a trace (disjoint from the replayed requests)."""
+
+    def parts(self, layer: int) -> tuple[float, ...]:
+        """Fractions an expert of this layer is split into; (1.0,) keeps experts whole."""
+        return (1.0,)
+
+    def warm_blocks(self, cache: CacheView, layers: Iterable[int]) -> list[Block]:
+        """Blocks to load before the first request when warm_start is on: an even share per layer."""
+        layers = list(layers)
+        experts = self.ctx.model.num_experts
+        slots = int(cache.capacity_bytes // cache.block_bytes((layers[0], 0, 0)))
+        per_layer, extra = divmod(slots, len(layers))
+        return [(layer, e, 0) for i, layer in enumerate(layers) for e in range(min(experts, per_layer + (i < extra)))]
+
+    def on_request_start(self, request: RequestInfo) -> PrefetchPlan | None:
+        return None
+
+    def on_step_start(self, step: Step) -> PrefetchPlan | None:
+        return None
+
+    def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
+        """The router of `layer` has run: probs [tokens, experts] of this pass, experts it needs."""
+        return None
+
+    def on_copy_done(self, block: Block, prefetched: bool) -> None:
+        pass
+
+    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block] | None:
+        """Blocks to evict so that `need_bytes` fit (need_bytes may be <= free: quotas may still evict).
+
+        None declines the copy (only honoured for prefetches). The engine checks that every victim
+        is evictable and that enough room results.
+        """
+        victims: list[Block] = []
+        freed = cache.free_bytes()
+        for block in sorted((b for b in cache.resident_blocks() if cache.is_evictable(b)), key=self.eviction_key):
+            if freed >= need_bytes:
+                break
+            victims.append(block)
+            freed += cache.block_bytes(block)
+        return victims
+
+    def eviction_key(self, block: Block) -> Any:
+        return block
+
+    def on_step_end(self, step: Step) -> None:
+        pass
+
+    def on_request_end(self, request: RequestInfo) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        """Extra figures for the report (predictor precision, chosen split ratios...)."""
+        return {}

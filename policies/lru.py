@@ -1,0 +1,49 @@
+"""LRU, as Mixtral-Offloading (Eliseev & Mazur 2023) runs it: per-layer LRU, budget split over layers.
+
+scope=per_layer (default): each layer keeps at most its even share of the cache and a miss evicts
+that layer's least recently used expert. scope=global: one LRU over all layers.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from policies.base import Block, CacheView, Policy, PolicyContext, Step
+from policies.quota import LayerQuota, pick_victims
+from policies.registry import register
+
+SCOPES = ("per_layer", "global")
+
+
+@register("lru")
+class LRU(Policy):
+    def __init__(self, scope: str = "per_layer"):
+        if scope not in SCOPES:
+            raise ValueError(f"scope '{scope}' unknown; use {' or '.join(SCOPES)}")
+        self.scope = scope
+        self._recency: OrderedDict[Block, None] = OrderedDict()  # least recent first
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        self.quota = LayerQuota(ctx) if self.scope == "per_layer" else None
+
+    def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> None:
+        recency = self._recency
+        for e in experts:
+            block = (layer, e, 0)
+            if block in recency:
+                recency.move_to_end(block)
+
+    def on_copy_done(self, block: Block, prefetched: bool) -> None:
+        self._recency[block] = None
+        self._recency.move_to_end(block)
+
+    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+        victims = pick_victims(incoming, need_bytes, cache, self._recency, self.quota)
+        for block in victims:
+            del self._recency[block]
+        return victims
+
+    def describe(self) -> dict:
+        return {"scope": self.scope}

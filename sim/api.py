@@ -1,0 +1,110 @@
+"""Run the simulator from Python: simulate(SimConfig(...)) -> RunResult. No Hydra involved."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pandas as pd
+
+from policies import Policy, make_policy
+from sim.budget import parse_budget
+from sim.config import SimConfig
+from sim.engine import SimOptions, Simulation
+from sim.errors import ConfigError
+from sim.metrics import RunMetrics, summarize
+from sim.profiles import HardwareProfile, load_hardware
+from traces import ModelSpec, Trace, load_trace
+from traces.defaults import resolve_trace
+from traces.locality import trace_reuse
+from traces.model_spec import load_model_spec
+
+
+@dataclass
+class RunResult:
+    metrics: RunMetrics
+    per_request: pd.DataFrame
+    per_layer: pd.DataFrame
+    config: dict[str, Any]
+    wall_s: float
+
+
+def resolve_model(trace: Trace, model: str | dict[str, Any] | None) -> ModelSpec:
+    """The trace's model, or a profile of the same routing shape (real sizes for a stand-in trace)."""
+    if model is None:
+        return trace.model
+    spec = ModelSpec.from_dict(dict(model)) if isinstance(model, dict) else load_model_spec(model)
+    if not spec.same_routing_shape(trace.model):
+        t = trace.model
+        raise ConfigError(f"model '{spec.name}' has {spec.num_layers} layers x {spec.num_experts} experts top-{spec.top_k}, "
+                          f"the trace {t.num_layers} x {t.num_experts} top-{t.top_k}; pick a model of the trace's shape")
+    return spec
+
+
+def resolve_hardware(hardware: str | dict[str, Any] | HardwareProfile) -> HardwareProfile:
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    return HardwareProfile.from_dict(dict(hardware)) if isinstance(hardware, dict) else load_hardware(hardware)
+
+
+def split_requests(num_requests: int, train_fraction: float, max_requests: int | None) -> tuple[list[int], list[int]]:
+    """Leading requests train the policy, the rest are replayed (at most max_requests of them)."""
+    n_train = int(num_requests * train_fraction)
+    replay = list(range(n_train, num_requests))
+    if max_requests is not None:
+        replay = replay[:max_requests]
+    if not replay:
+        raise ConfigError(f"no request left to replay ({num_requests} in the trace, {n_train} for training)")
+    return list(range(n_train)), replay
+
+
+@dataclass
+class PreparedRun:
+    """A validated run, ready to execute: every input resolved, nothing simulated yet."""
+
+    cfg: SimConfig
+    trace: Trace
+    model: ModelSpec
+    hardware: HardwareProfile
+    budget_bytes: int
+    policy: Policy
+    train: list[int]
+    replay: list[int]
+
+
+def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
+    """Resolve and check every input; bad ones raise a UserError before anything runs."""
+    trace = trace if trace is not None else load_trace(resolve_trace(cfg.trace))
+    model = resolve_model(trace, cfg.model)
+    hardware = resolve_hardware(cfg.hardware)
+    budget = parse_budget(cfg.budget, model.bytes_per_expert)
+    policy = make_policy(cfg.policy, **dict(cfg.policy_params))
+    train, replay = split_requests(trace.num_requests, cfg.train_fraction, cfg.max_requests)
+    return PreparedRun(cfg, trace, model, hardware, budget, policy, train, replay)
+
+
+def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None) -> RunResult:
+    cfg, trace, model, hardware = run.cfg, run.trace, run.model, run.hardware
+    options = SimOptions(warm_start=cfg.warm_start, arrival=cfg.arrival, rate_rps=cfg.rate_rps, seed=cfg.seed)
+    started = time.perf_counter()
+    sim = Simulation(trace, run.policy, model, hardware, run.budget_bytes, run.replay, options, on_request_done)
+    sim.prepare(run.train)
+    state = sim.run()
+    wall = time.perf_counter() - started
+
+    cache = state.caches[0]
+    metrics, per_request, per_layer = summarize(
+        state.recorder, policy=cfg.policy, trace=str(trace.path), trace_origin=trace.source.label(),
+        model=model.name, hardware=hardware.name, budget_bytes=cache.capacity_bytes,
+        bytes_per_expert=model.bytes_per_expert, high_water_bytes=cache.high_water_bytes,
+        evictions=cache.evictions, wasted_prefetch_bytes=cache.wasted_prefetch_bytes,
+        makespan_s=state.makespan_s, seed=cfg.seed, trace_token_reuse=trace_reuse(trace),
+        policy_info={**run.policy.describe(),
+                     "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v]},
+    )
+    return RunResult(metrics, per_request, per_layer, cfg.to_dict(), wall)
+
+
+def simulate(cfg: SimConfig, trace: Trace | None = None,
+             on_request_done: Callable[[int], None] | None = None) -> RunResult:
+    return execute(prepare(cfg, trace), on_request_done)

@@ -1,0 +1,141 @@
+"""One GPU's expert cache: byte budget, residency, pins and the admission of new copies.
+
+Engine-neutral: the SimPy simulator and realrun's executor both keep their residency here, so the
+budget is enforced, and eviction decided, by one piece of code. Memory is reserved when a copy
+starts and released by eviction (resident) or cancellation (in flight); the cache can never hold
+more than its capacity.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from policies.base import Block, Policy
+from sim.errors import PolicyError
+
+RESIDENT = 1
+IN_FLIGHT = 2
+
+
+class ExpertCache:
+    def __init__(self, capacity_bytes: int, block_bytes: Callable[[Block], int]):
+        self.capacity_bytes = int(capacity_bytes)
+        self._block_bytes = block_bytes
+        self._state: dict[Block, int] = {}
+        self._pins: dict[Block, int] = {}
+        self.used_bytes = 0  # resident + in flight
+        self.resident_bytes = 0
+        self.pinned_resident_bytes = 0
+        self.unused_prefetched: set[Block] = set()
+        self.high_water_bytes = 0
+        self.evictions = 0
+        self.wasted_prefetch_bytes = 0
+
+    # --- what a policy may see (policies.base.CacheView) ---
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    def block_bytes(self, block: Block) -> int:
+        return self._block_bytes(block)
+
+    def is_resident(self, block: Block) -> bool:
+        return self._state.get(block) == RESIDENT
+
+    def is_in_flight(self, block: Block) -> bool:
+        return self._state.get(block) == IN_FLIGHT
+
+    def is_evictable(self, block: Block) -> bool:
+        return self._state.get(block) == RESIDENT and block not in self._pins
+
+    def resident_blocks(self) -> Iterator[Block]:
+        return (b for b, s in self._state.items() if s == RESIDENT)
+
+    # --- engine side ---
+    def holds(self, block: Block) -> bool:
+        """Resident or in flight."""
+        return block in self._state
+
+    def evictable_bytes(self) -> int:
+        return self.resident_bytes - self.pinned_resident_bytes
+
+    def reserve(self, block: Block) -> None:
+        nbytes = self._block_bytes(block)
+        if block in self._state:
+            raise PolicyError(f"block {block} is already cached")
+        if self.used_bytes + nbytes > self.capacity_bytes:
+            raise PolicyError(f"reserving {block} would exceed the budget")
+        self._state[block] = IN_FLIGHT
+        self.used_bytes += nbytes
+        self.high_water_bytes = max(self.high_water_bytes, self.used_bytes)
+
+    def commit(self, block: Block, prefetched: bool) -> None:
+        """An in-flight copy has landed."""
+        self._state[block] = RESIDENT
+        nbytes = self._block_bytes(block)
+        self.resident_bytes += nbytes
+        if block in self._pins:
+            self.pinned_resident_bytes += nbytes
+        if prefetched:
+            self.unused_prefetched.add(block)
+
+    def cancel(self, block: Block, copied_bytes: int) -> None:
+        """Abandon an in-flight copy: its memory is released and the bytes already moved wasted."""
+        del self._state[block]
+        self.used_bytes -= self._block_bytes(block)
+        self.wasted_prefetch_bytes += copied_bytes
+
+    def evict(self, block: Block) -> None:
+        if not self.is_evictable(block):
+            raise PolicyError(f"block {block} is not evictable (not resident, or pinned by the running layer)")
+        nbytes = self._block_bytes(block)
+        del self._state[block]
+        self.used_bytes -= nbytes
+        self.resident_bytes -= nbytes
+        self.evictions += 1
+        if block in self.unused_prefetched:
+            self.unused_prefetched.discard(block)
+            self.wasted_prefetch_bytes += nbytes
+
+    def pin(self, block: Block) -> None:
+        count = self._pins.get(block, 0)
+        self._pins[block] = count + 1
+        if count == 0 and self._state.get(block) == RESIDENT:
+            self.pinned_resident_bytes += self._block_bytes(block)
+
+    def unpin(self, block: Block) -> None:
+        count = self._pins[block]
+        if count == 1:
+            del self._pins[block]
+            if self._state.get(block) == RESIDENT:
+                self.pinned_resident_bytes -= self._block_bytes(block)
+        else:
+            self._pins[block] = count - 1
+
+    def mark_used(self, block: Block) -> bool:
+        """Record a use; True if it was the first use of a prefetched block (a prefetch hit)."""
+        if block in self.unused_prefetched:
+            self.unused_prefetched.discard(block)
+            return True
+        return False
+
+    def admit(self, block: Block, policy: Policy, demand: bool) -> bool:
+        """Make room for a copy about to start, evicting what the policy chooses.
+
+        False when it cannot start now: not enough evictable memory (everything else pinned or in
+        flight), or the policy declined a prefetch.
+        """
+        need = self._block_bytes(block)
+        if self.free_bytes() + self.evictable_bytes() < need:
+            return False
+        victims = policy.choose_victims(block, need, self)
+        if victims is None:
+            if demand:
+                raise PolicyError(f"policy '{policy.name}' declined demand load {block}; only prefetches may be declined")
+            return False
+        freed = self.free_bytes() + sum(self._block_bytes(v) for v in set(victims))
+        if freed < need:
+            raise PolicyError(f"policy '{policy.name}' chose victims freeing {freed:,} bytes; {block} needs {need:,}")
+        for victim in victims:
+            if not self.is_evictable(victim):
+                raise PolicyError(f"policy '{policy.name}' chose {victim} as a victim, but it is not evictable")
+            self.evict(victim)
+        return True

@@ -1,0 +1,161 @@
+"""Hardware profiles: links and compute times, as data in conf/hardware/NAME.yaml.
+
+Copy time is a fixed latency plus bytes over bandwidth; compute comes from measured tables
+(tokens -> seconds) per expert shape and per model's non-expert layer, interpolated piecewise
+linearly. Shapes missing from the tables fall back to a roofline estimate (weight bytes over
+memory bandwidth, or FLOPs over the matrix rate, plus kernel launches), and the report says so.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conf import CONF_DIR
+from sim.errors import ConfigError
+from traces.model_spec import ModelSpec
+
+# Kernels in one non-expert layer (norms, qkv, rope, attention, output, router, top-k) and in one
+# expert FFN (gate/up, activation, down): what the roofline fallback charges as launch cost.
+NON_EXPERT_KERNELS = 8
+EXPERT_KERNELS = 3
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class TimeTable:
+    """Seconds by token count, piecewise linear; linear extrapolation past the last point."""
+
+    tokens: tuple[float, ...]
+    seconds: tuple[float, ...]
+
+    @classmethod
+    def from_points(cls, points: Any, where: str) -> TimeTable:
+        if isinstance(points, dict):
+            points = list(points.items())
+        try:
+            pairs = sorted((_number(t, where), _number(s, where)) for t, s in points)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected [[tokens, seconds], ...]") from None
+        if not pairs or any(t <= 0 or s < 0 for t, s in pairs):
+            raise ConfigError(f"{where}: needs at least one [tokens > 0, seconds >= 0] point")
+        return cls(tuple(t for t, _ in pairs), tuple(s for _, s in pairs))
+
+    def __call__(self, tokens: float) -> float:
+        xs, ys = self.tokens, self.seconds
+        if len(xs) == 1 or tokens <= xs[0]:
+            return ys[0]
+        i = min(bisect.bisect_left(xs, tokens), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(0.0, y0 + (y1 - y0) * (tokens - x0) / (x1 - x0))
+
+    def to_points(self) -> list[list[float]]:
+        return [[t, s] for t, s in zip(self.tokens, self.seconds)]
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    latency_s: float
+    bandwidth_Bps: float
+
+    def copy_time(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    origin: str
+    gpu_memory_bytes: float
+    host_link: LinkSpec
+    mem_bandwidth_Bps: float
+    matmul_flops: float
+    launch_s: float
+    expert_time_s: dict[str, TimeTable] = field(default_factory=dict)
+    non_expert_layer_time_s: dict[str, TimeTable] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HardwareProfile:
+        name = data.get("name", "?")
+        where = f"hardware '{name}'"
+        try:
+            link = data["host_link"]
+            return cls(
+                name=str(name),
+                description=str(data.get("description", "")),
+                origin=str(data.get("origin", "")),
+                gpu_memory_bytes=_number(data["gpu_memory_bytes"], f"{where}.gpu_memory_bytes"),
+                host_link=LinkSpec(_number(link["latency_s"], f"{where}.host_link.latency_s"),
+                                   _number(link["bandwidth_Bps"], f"{where}.host_link.bandwidth_Bps")),
+                mem_bandwidth_Bps=_number(data["mem_bandwidth_Bps"], f"{where}.mem_bandwidth_Bps"),
+                matmul_flops=_number(data["matmul_flops"], f"{where}.matmul_flops"),
+                launch_s=_number(data.get("launch_s", 0.0), f"{where}.launch_s"),
+                expert_time_s={k: TimeTable.from_points(v, f"{where}.expert_time_s.{k}")
+                               for k, v in (data.get("expert_time_s") or {}).items()},
+                non_expert_layer_time_s={k: TimeTable.from_points(v, f"{where}.non_expert_layer_time_s.{k}")
+                                         for k, v in (data.get("non_expert_layer_time_s") or {}).items()},
+                extra={k: v for k, v in data.items() if k not in _FIELDS},
+            )
+        except KeyError as exc:
+            raise ConfigError(f"{where}: missing field {exc}; see conf/hardware/h100.yaml for the layout") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "description": self.description, "origin": self.origin,
+            "gpu_memory_bytes": self.gpu_memory_bytes,
+            "host_link": {"latency_s": self.host_link.latency_s, "bandwidth_Bps": self.host_link.bandwidth_Bps},
+            "mem_bandwidth_Bps": self.mem_bandwidth_Bps, "matmul_flops": self.matmul_flops, "launch_s": self.launch_s,
+            "expert_time_s": {k: v.to_points() for k, v in self.expert_time_s.items()},
+            "non_expert_layer_time_s": {k: v.to_points() for k, v in self.non_expert_layer_time_s.items()},
+            **self.extra,
+        }
+
+    def expert_time(self, model: ModelSpec, tokens: float) -> float:
+        table = self.expert_time_s.get(model.expert_shape_key)
+        if table is not None:
+            return table(tokens)
+        flops = 2.0 * model.params_per_expert * tokens
+        return EXPERT_KERNELS * self.launch_s + max(model.bytes_per_expert / self.mem_bandwidth_Bps,
+                                                   flops / self.matmul_flops)
+
+    def non_expert_time(self, model: ModelSpec, tokens: float) -> float:
+        table = self.non_expert_layer_time_s.get(model.name)
+        if table is not None:
+            return table(tokens)
+        params = model.non_expert_params_per_layer
+        return NON_EXPERT_KERNELS * self.launch_s + max(params * model.bytes_per_param / self.mem_bandwidth_Bps,
+                                                        2.0 * params * tokens / self.matmul_flops)
+
+    def measured_for(self, model: ModelSpec) -> dict[str, bool]:
+        """Whether this profile has measured tables for the model, or estimates them."""
+        return {"expert_time": model.expert_shape_key in self.expert_time_s,
+                "non_expert_time": model.name in self.non_expert_layer_time_s}
+
+
+_FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
+           "launch_s", "expert_time_s", "non_expert_layer_time_s"}
+
+
+def known_hardware() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareProfile:
+    """A hardware profile by name (conf/hardware/NAME.yaml) or by path to such a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONF_DIR / "hardware" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown hardware '{name_or_path}'; known profiles: {', '.join(known_hardware())}")
+    return HardwareProfile.from_dict(yaml.safe_load(path.read_text()))

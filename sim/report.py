@@ -1,0 +1,91 @@
+"""Writing and printing a run's results. Every file is written under a temporary name and renamed."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from sim.api import RunResult
+from sim.budget import format_bytes
+
+METRICS_FILE = "metrics.json"
+REQUESTS_FILE = "requests.csv"
+LAYERS_FILE = "layers.csv"
+CONFIG_FILE = "run_config.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None  # NaN is not JSON
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def write_run(result: RunResult, out_dir: str | Path) -> Path:
+    """metrics.json, requests.csv, layers.csv and the run's config; metrics.json last (marks a complete run)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(_jsonable(result.config), indent=2, sort_keys=True))
+    atomic_write_csv(out / REQUESTS_FILE, result.per_request)
+    atomic_write_csv(out / LAYERS_FILE, result.per_layer)
+    atomic_write_text(out / METRICS_FILE, json.dumps(_jsonable({**result.metrics.to_dict(), "wall_s": result.wall_s}),
+                                                     indent=2, sort_keys=True))
+    return out
+
+
+def _ms(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds * 1e3:.2f}"
+
+
+def print_run(result: RunResult, console: Console | None = None) -> None:
+    console = console or Console()
+    m = result.metrics
+    reuse = "unknown" if m.trace_token_reuse is None else f"{m.trace_token_reuse:.1%}"
+    console.print(f"[bold]trace[/]: {m.trace}\n[bold]routing from[/]: {m.trace_origin}\n"
+                  f"[bold]token-to-token expert reuse[/]: {reuse} (real Mixtral-8x7B decode: 37.5%)")
+    table = Table(title=f"{m.policy} | budget {format_bytes(m.budget_bytes)} ({m.budget_experts:.1f} experts) | "
+                        f"{m.model} on {m.hardware}")
+    for column in ("metric", "value"):
+        table.add_column(column)
+    rows = [
+        ("requests / steps", f"{m.requests} / {m.steps}"),
+        ("expert hit rate", f"{m.hit_rate:.2%}"),
+        ("  demand hits / prefetch hits", f"{m.demand_hit_rate:.2%} / {m.prefetch_hit_rate:.2%}"),
+        ("  late prefetches / misses", f"{m.late_prefetch_rate:.2%} / {m.miss_rate:.2%}"),
+        ("TTFT mean / p99 (ms)", f"{_ms(m.ttft_mean_s)} / {_ms(m.ttft_p99_s)}"),
+        ("TPOT mean / p50 / p99 (ms)", f"{_ms(m.tpot_mean_s)} / {_ms(m.tpot_p50_s)} / {_ms(m.tpot_p99_s)}"),
+        ("end-to-end mean (ms)", _ms(m.e2e_mean_s)),
+        ("host->GPU bytes (wasted prefetch)", f"{format_bytes(m.bytes_h2d)} ({format_bytes(m.wasted_prefetch_bytes)})"),
+        ("stall on copies (s)", f"{m.stall_s:.3f}"),
+        ("GPU expert memory high-water", format_bytes(m.gpu_mem_high_water_bytes)),
+        ("simulated / wall time (s)", f"{m.makespan_s:.3f} / {result.wall_s:.2f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    estimated = m.policy_info.get("compute_estimated")
+    if estimated:
+        console.print(f"[yellow]note[/]: {', '.join(estimated)} estimated by roofline: hardware '{m.hardware}' "
+                      f"has no measured table for {m.model}")
