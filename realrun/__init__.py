@@ -1,0 +1,1 @@
+"""Re-execute policies on real GPUs with real copies and a budgeted expert cache."""
