@@ -22,27 +22,37 @@ class LRU(Policy):
         if scope not in SCOPES:
             raise ValueError(f"scope '{scope}' unknown; use {' or '.join(SCOPES)}")
         self.scope = scope
-        self._recency: OrderedDict[Block, None] = OrderedDict()  # least recent first
+        # Least recent first, over all layers and per layer (the per-layer one finds a layer's
+        # victim without walking the others).
+        self._recency: OrderedDict[Block, None] = OrderedDict()
+        self._layer_recency: list[OrderedDict[Block, None]] = []
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         self.quota = LayerQuota(ctx) if self.scope == "per_layer" else None
+        self._layer_recency = [OrderedDict() for _ in range(ctx.model.num_layers)]
+
+    def touch(self, block: Block) -> None:
+        """Make a cached block the most recently used."""
+        if block in self._recency:
+            self._recency.move_to_end(block)
+            self._layer_recency[block[0]].move_to_end(block)
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> None:
-        recency = self._recency
         for e in experts:
-            block = (layer, e, 0)
-            if block in recency:
-                recency.move_to_end(block)
+            self.touch((layer, e, 0))
 
     def on_copy_done(self, block: Block, prefetched: bool) -> None:
         self._recency[block] = None
-        self._recency.move_to_end(block)
+        self._layer_recency[block[0]][block] = None
+        self.touch(block)
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
-        victims = pick_victims(incoming, need_bytes, cache, self._recency, self.quota)
+        victims = pick_victims(incoming, need_bytes, cache, self.quota,
+                               self._layer_recency.__getitem__, lambda: self._recency)
         for block in victims:
             del self._recency[block]
+            del self._layer_recency[block[0]][block]
         return victims
 
     def describe(self) -> dict:

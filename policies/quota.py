@@ -7,7 +7,7 @@ full, layers above their quota (possible when a share is 0) give up blocks first
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from policies.base import Block, CacheView, PolicyContext
 
@@ -31,39 +31,49 @@ class LayerQuota:
             for i, layer in enumerate(gpu_layers):
                 self.quota[layer] = share + (i < extra)
 
-    def admitted(self, block: Block) -> None:
-        self.count[block[0]] += 1
+    def full(self, layer: int) -> bool:
+        return self.count[layer] >= self.quota[layer]
 
-    def evicted(self, block: Block) -> None:
-        self.count[block[0]] -= 1
+    def over(self, layer: int) -> bool:
+        return self.count[layer] > self.quota[layer]
 
 
-def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, ranked: Iterable[Block],
-                 quota: LayerQuota | None) -> list[Block]:
-    """Victims in `ranked` order (best victim first), honouring per-layer quotas when given."""
-    candidates = [b for b in ranked if cache.is_evictable(b)]
+def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: LayerQuota | None,
+                 ranked_in_layer: Callable[[int], Iterable[Block]],
+                 ranked_all: Callable[[], Iterable[Block]]) -> list[Block]:
+    """Victims, best first by the policy's ranking, honouring per-layer quotas when given.
+
+    ranked_in_layer(layer) and ranked_all() yield resident blocks best-victim-first; they are
+    consumed lazily, so a ranking kept in order (LRU) costs a few steps per eviction.
+    """
     victims: list[Block] = []
     free = cache.free_bytes()
 
-    def take(predicate) -> bool:
+    def first(blocks: Iterable[Block], over_quota_only: bool) -> Block | None:
+        for block in blocks:
+            if cache.is_evictable(block) and block not in victims and (not over_quota_only or quota.over(block[0])):
+                return block
+        return None
+
+    def take(block: Block) -> None:
         nonlocal free
-        for block in candidates:
-            if block not in victims and predicate(block):
-                victims.append(block)
-                free += cache.block_bytes(block)
-                if quota is not None:
-                    quota.evicted(block)
-                return True
-        return False
+        victims.append(block)
+        free += cache.block_bytes(block)
+        if quota is not None:
+            quota.count[block[0]] -= 1
 
     layer = incoming[0]
-    if quota is not None and quota.count[layer] >= quota.quota[layer]:
-        take(lambda b: b[0] == layer)
+    if quota is not None and quota.full(layer):
+        own = first(ranked_in_layer(layer), False)
+        if own is not None:
+            take(own)
     while free < need_bytes:
-        if quota is not None and take(lambda b: quota.count[b[0]] > quota.quota[b[0]]):
-            continue
-        if not take(lambda b: True):
+        block = first(ranked_all(), True) if quota is not None else None
+        if block is None:
+            block = first(ranked_all(), False)
+        if block is None:
             break
+        take(block)
     if quota is not None:
-        quota.admitted(incoming)
+        quota.count[layer] += 1
     return victims

@@ -50,6 +50,10 @@ class ExpertCache:
         return (b for b, s in self._state.items() if s == RESIDENT)
 
     # --- engine side ---
+    def state(self, block: Block) -> int | None:
+        """RESIDENT, IN_FLIGHT, or None when not cached."""
+        return self._state.get(block)
+
     def holds(self, block: Block) -> bool:
         """Resident or in flight."""
         return block in self._state

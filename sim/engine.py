@@ -16,13 +16,15 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from policies.base import DEMAND_PRIORITY, Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
 from sim.cache import ExpertCache
+from sim.layer_protocol import apply_plan, start_layer
 from sim.compute import ComputeModel
 from sim.errors import ConfigError
 from sim.future import ReplayFuture
 from sim.link import HostLink
 from sim.metrics import Recorder
+from sim.schedule import Pass, request_passes
 from sim.profiles import HardwareProfile
 from traces import ModelSpec, Trace
 
@@ -139,19 +141,10 @@ class Simulation:
             start = env.now
             info = self._request_info(r)
             self._apply(policy.on_request_start(info))
-            offset, prefill, decode = trace.rows(r)
-            rows = slice(offset, offset + prefill + decode)
-            probs = trace.probs(rows)  # [iterations, layers, experts], float32
-            experts = trace.experts[rows].tolist()
             first_token = None
             last_token = start
-            counts = trace.prefill_counts[r]
-            if prefill or counts.any():
-                prefill_probs = probs[:prefill] if prefill else (counts / counts.sum(axis=1, keepdims=True))[None]
-                yield from self._prefill(r, prefill_probs, counts, info.prompt_tokens)
-                first_token = last_token = env.now
-            for i in range(prefill, prefill + decode):
-                yield from self._decode(r, probs[i:i + 1], experts[i], i)
+            for spec in request_passes(trace, r):
+                yield from self._pass(spec)
                 if first_token is None:
                     first_token = env.now
                 else:
@@ -167,100 +160,59 @@ class Simulation:
                 self.on_request_done(r)
 
     # --- forward passes ---
-    def _new_step(self, kind: str, r: int, tokens: int, lookahead_rows: slice | None) -> Step:
-        lookahead = None
-        if lookahead_rows is not None and self.trace.lookahead is not None:
-            table = self.trace.lookahead
+    def _advance(self, seconds: float):
+        """Let `seconds` of GPU work pass. When no other event is due before it ends, move the clock
+        directly instead of scheduling a timeout: same timeline, a fraction of SimPy's cost. (An
+        event due at exactly that instant still goes through SimPy, to keep same-time ordering.)"""
+        env = self.env
+        until = env._now + seconds
+        if env.peek() > until:
+            env._now = until
+        else:
+            yield env.timeout(seconds)
 
-            def lookahead(layer: int, rows=lookahead_rows):
+    def _pass(self, spec: Pass):
+        lookahead = None
+        if spec.rows is not None and self.trace.lookahead is not None:
+            table, rows = self.trace.lookahead, spec.rows
+
+            def lookahead(layer: int):
                 return np.asarray(table[rows, layer], dtype=np.float32)
-        step = Step(self._step_index, kind, (r,), np.zeros(tokens, dtype=np.intp), lookahead)
+        step = Step(self._step_index, spec.kind, (spec.request,), np.zeros(len(spec.probs), dtype=np.intp), lookahead)
         self._step_index += 1
         self.recorder.steps += 1
-        return step
-
-    def _prefill(self, r: int, probs: np.ndarray, counts: np.ndarray, prompt_tokens: int):
-        offset, prefill, _ = self.trace.rows(r)
-        step = self._new_step("prefill", r, len(probs), slice(offset, offset + prefill) if prefill else None)
-        self._apply(self.policy.on_step_start(step))
-        non_expert = self.compute.non_expert_time(max(prompt_tokens, 1))
+        policy, advance, run_experts, apply = self.policy, self._advance, self._run_experts, self._apply
+        apply(policy.on_step_start(step))
+        non_expert = self.compute.non_expert_time(spec.tokens)
+        probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         for layer in range(self.model.num_layers):
-            yield self.env.timeout(non_expert)
-            needed = np.flatnonzero(counts[layer])
-            experts = tuple(int(e) for e in needed)
-            tokens = [int(counts[layer, e]) for e in needed]
-            self._apply(self.policy.on_layer_start(step, layer, probs[:, layer], experts))
-            yield from self._run_experts(layer, experts, tokens)
-        self.policy.on_step_end(step)
-
-    def _decode(self, r: int, probs: np.ndarray, experts: list[list[int]], row: int):
-        step = self._new_step("decode", r, 1, slice(self.trace.iter_offset[r] + row, self.trace.iter_offset[r] + row + 1))
-        self._apply(self.policy.on_step_start(step))
-        non_expert = self.compute.non_expert_time(1)
-        timeout, policy = self.env.timeout, self.policy
-        for layer in range(self.model.num_layers):
-            yield timeout(non_expert)
-            chosen = tuple(experts[layer])
-            self._apply(policy.on_layer_start(step, layer, probs[:, layer], chosen))
-            yield from self._run_experts(layer, chosen, None)
+            yield from advance(non_expert)
+            apply(policy.on_layer_start(step, layer, probs[:, layer], experts[layer]))
+            yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer])
         policy.on_step_end(step)
 
     def _apply(self, plan: PrefetchPlan | None) -> None:
-        if plan is None:
-            return
-        if plan.replace:
-            self.link.cancel_prefetches()
-        layers = self.model.num_layers
-        for block, priority in plan.blocks:
-            if not 0 <= block[0] < layers or priority == DEMAND_PRIORITY:
-                raise ConfigError(f"policy '{self.policy.name}' asked to prefetch {block} at priority {priority}: "
-                                  "out of range, or at demand priority")
-            self.link.fetch(block, priority)
+        apply_plan(plan, self.policy, self.model.num_layers, self._link_of_layer)
+
+    def _link_of_layer(self, layer: int) -> HostLink:
+        return self.link
 
     def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None):
         """Run one layer's experts; tokens[i] is how many tokens expert i serves (None: one each)."""
         env, cache, link, rec = self.env, self.cache, self.link, self.recorder
         fractions = self._part_fractions[layer]
         nparts = len(fractions)
-        blocks = [[(layer, e, p) for p in range(nparts)] for e in experts]
-        rank = []
-        for expert_blocks in blocks:
-            if all(cache.is_resident(b) for b in expert_blocks):
-                rec.hits[layer] += 1
-                if any(b in cache.unused_prefetched for b in expert_blocks):
-                    rec.prefetch_hits[layer] += 1
-                rank.append(0)
-            elif any(link.is_pending(b) or cache.is_in_flight(b) for b in expert_blocks):
-                rec.late[layer] += 1
-                rank.append(1)
-            else:
-                rec.misses[layer] += 1
-                rank.append(2)
-            for b in expert_blocks:
-                cache.pin(b)
-        rec.uses[layer] += len(experts)
-        rec.layer_iterations += 1
-
-        order = range(len(experts))
-        needed_bytes = len(experts) * self.model.bytes_per_expert
-        if self.policy.compute_order == "availability" or needed_bytes > cache.capacity_bytes:
-            # Resident first, then in flight, then missing: overlaps compute with copies, and can
-            # never wait on a copy that needs memory held by a later expert of the same layer.
-            order = sorted(order, key=rank.__getitem__)
-        for i in order:
-            for b in blocks[i]:
-                if not cache.is_resident(b):
-                    link.fetch(b, DEMAND_PRIORITY)
-
+        blocks, order = start_layer(layer, experts, nparts, cache, link, rec, self.policy, self.model.bytes_per_expert)
         busy = 0.0
         computed: list[Block] = []
         stall = 0.0
+        expert_time = self.compute.expert_time
         for i in order:
-            seconds = self.compute.expert_time(1 if tokens is None else tokens[i])
+            seconds = expert_time(1 if tokens is None else tokens[i])
             for p, b in enumerate(blocks[i]):
                 if not cache.is_resident(b):
                     if busy:
-                        yield env.timeout(busy)
+                        yield from self._advance(busy)
                         busy = 0.0
                         self._unpin(computed)
                     if not cache.is_resident(b):
@@ -271,7 +223,7 @@ class Simulation:
                 busy += seconds * fractions[p]
                 computed.append(b)
         if busy:
-            yield env.timeout(busy)
+            yield from self._advance(busy)
         self._unpin(computed)
         rec.stall_s[layer] += stall
 

@@ -1,13 +1,13 @@
 """The replay's future, for the policies that may read it (Belady, oracle prefetch) and no other.
 
 Positions count layer-iterations in replay order: position = step * num_layers + layer, with the
-steps numbered as the engine runs them (per request: a prefill step if the trace has one, then its
-decode steps).
+steps numbered as the engine runs them (sim.schedule.request_passes, request after request).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from sim.schedule import request_passes
 from traces import Trace
 
 
@@ -15,14 +15,7 @@ class ReplayFuture:
     def __init__(self, trace: Trace, requests: list[int]):
         layers = trace.model.num_layers
         self.num_layers = layers
-        step_experts: list[list[tuple[int, ...]]] = []
-        for r in requests:
-            offset, prefill, decode = trace.rows(r)
-            counts = trace.prefill_counts[r]
-            if prefill or counts.any():
-                step_experts.append([tuple(int(e) for e in np.flatnonzero(counts[l])) for l in range(layers)])
-            for row in trace.experts[offset + prefill: offset + prefill + decode].tolist():
-                step_experts.append([tuple(experts) for experts in row])
+        step_experts = [spec.experts for r in requests for spec in request_passes(trace, r)]
         self._steps = step_experts
         by_block: dict[tuple[int, int], list[int]] = {}
         for step, per_layer in enumerate(step_experts):
