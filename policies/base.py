@@ -13,8 +13,10 @@ output token):
 
     on_request_start(request)                      -> PrefetchPlan | None
     per step:   on_step_start(step)                -> PrefetchPlan | None
-        per layer:  on_layer_start(step, layer, probs, experts)  -> PrefetchPlan | None
-                    choose_victims(...) whenever a copy needs room
+        per layer (after its attention and router have run):
+                    on_layer_start(step, layer, probs, experts)  -> PrefetchPlan | None
+                    the engine queues the layer's demand copies, then the plan's prefetches
+                    choose_victims(...) before every copy starts
                     on_copy_done(block, prefetched) when a copy lands
         on_step_end(step)
     on_request_end(request)
@@ -153,7 +155,8 @@ class Policy:
         pass
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block] | None:
-        """Blocks to evict so that `need_bytes` fit (need_bytes may be <= free: quotas may still evict).
+        """Called before every copy starts: blocks to evict so that `need_bytes` fit (the engine
+        calls it even when they already fit, so per-layer quotas can evict).
 
         None declines the copy (only honoured for prefetches). The engine checks that every victim
         is evictable and that enough room results.

@@ -187,8 +187,8 @@ class Simulation:
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         for layer in range(self.model.num_layers):
             yield from advance(non_expert)
-            apply(policy.on_layer_start(step, layer, probs[:, layer], experts[layer]))
-            yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer])
+            plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
+            yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan)
         policy.on_step_end(step)
 
     def _apply(self, plan: PrefetchPlan | None) -> None:
@@ -197,12 +197,13 @@ class Simulation:
     def _link_of_layer(self, layer: int) -> HostLink:
         return self.link
 
-    def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None):
+    def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None):
         """Run one layer's experts; tokens[i] is how many tokens expert i serves (None: one each)."""
         env, cache, link, rec = self.env, self.cache, self.link, self.recorder
         fractions = self._part_fractions[layer]
         nparts = len(fractions)
-        blocks, order = start_layer(layer, experts, nparts, cache, link, rec, self.policy, self.model.bytes_per_expert)
+        blocks, order = start_layer(layer, experts, nparts, cache, link, rec, self.policy, self.model.bytes_per_expert,
+                                    plan, self.model.num_layers, self._link_of_layer)
         busy = 0.0
         computed: list[Block] = []
         stall = 0.0

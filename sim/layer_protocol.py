@@ -1,8 +1,9 @@
 """The engine-neutral half of running a layer, shared by the simulator and realrun.
 
-Both engines call, for every layer: apply_plan() with what policy.on_layer_start returned, then
-start_layer(), then wait for and compute the experts in the returned order (each engine its own
-way: simulated time or CUDA events), then unpin. Keeping this here is what makes the two engines
+Both engines call, for every layer: policy.on_layer_start(), then start_layer() with the plan it
+returned (the layer's demand copies are queued before the plan's prefetches, so an idle link never
+starts a prefetch for a later layer while this one waits), then wait for and compute the experts
+in the returned order (each engine its own way: simulated time or CUDA events), then unpin. Keeping this here is what makes the two engines
 take the same decisions for the same trace and policy.
 
 `link` is anything with the copy engine's surface: fetch(block, priority), cancel_prefetches(),
@@ -42,9 +43,11 @@ def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, link_
 
 
 def start_layer(layer: int, experts: tuple[int, ...], nparts: int, cache: ExpertCache, link: CopyEngine,
-                rec: Recorder, policy: Policy, bytes_per_expert: int) -> tuple[list[list[Block]], list[int]]:
+                rec: Recorder, policy: Policy, bytes_per_expert: int, plan: PrefetchPlan | None,
+                num_layers: int, link_of_layer) -> tuple[list[list[Block]], list[int]]:
     """Classify each needed expert (hit / late prefetch / miss), pin its blocks, choose the compute
-    order and issue demand copies for what is missing. Returns (blocks per expert, order)."""
+    order, issue demand copies for what is missing, then queue the plan's prefetches.
+    Returns (blocks per expert, compute order)."""
     blocks = [[(layer, e, 0)] for e in experts] if nparts == 1 else \
         [[(layer, e, p) for p in range(nparts)] for e in experts]
     rank = []
@@ -77,4 +80,5 @@ def start_layer(layer: int, experts: tuple[int, ...], nparts: int, cache: Expert
                 for b in blocks[i]:
                     if not cache.is_resident(b):
                         link.fetch(b, DEMAND_PRIORITY)
+    apply_plan(plan, policy, num_layers, link_of_layer)
     return blocks, order

@@ -1,0 +1,61 @@
+"""Shared builders for small, hand-made traces and profiles."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim.profiles import HardwareProfile
+from traces import ModelSpec, Provenance, TraceWriter, load_trace
+
+SHARED_ROUTING = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing" / "mixtral-8x7b-instruct"
+
+
+def tiny_model(layers: int = 1, experts: int = 4, top_k: int = 1, name: str = "tiny") -> ModelSpec:
+    # hidden 16 x width 16 x 3 matrices x 2 bytes = 1536 bytes per expert
+    return ModelSpec(name=name, num_layers=layers, num_experts=experts, top_k=top_k, hidden_size=16,
+                     expert_intermediate_size=16, num_attention_heads=2, num_key_value_heads=2)
+
+
+def unit_hardware(copy_s: float = 1.0, expert_s: float = 0.1, non_expert_s: float = 0.01,
+                  latency_s: float = 0.0, bytes_per_expert: int = 1536) -> HardwareProfile:
+    """Round numbers: one expert copy takes copy_s + latency_s, compute is flat in tokens."""
+    return HardwareProfile.from_dict({
+        "name": "unit", "gpu_memory_bytes": 1e12,
+        "host_link": {"latency_s": latency_s, "bandwidth_Bps": bytes_per_expert / copy_s},
+        "mem_bandwidth_Bps": 1e12, "matmul_flops": 1e15, "launch_s": 0.0,
+        "expert_time_s": {"h16_f16": [[1, expert_s]]},
+        "non_expert_layer_time_s": {"tiny": [[1, non_expert_s]]},
+    })
+
+
+def probs_from_experts(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """One-hot-ish router probabilities whose top-k are exactly `experts` ([iters, layers, k])."""
+    iters, layers, k = experts.shape
+    probs = np.zeros((iters, layers, num_experts), dtype=np.float32)
+    for j in range(k):
+        np.put_along_axis(probs, experts[..., j:j + 1], (k - j) / (k * (k + 1) / 2), axis=-1)
+    return probs
+
+
+def write_trace(path: Path, model: ModelSpec, requests: list[list], prefill: list[int] | None = None,
+                embeddings: list[np.ndarray] | None = None) -> Path:
+    """requests[r] is a list of iterations; each iteration a list (per layer) of expert lists."""
+    writer = TraceWriter(path, model, Provenance("test", "none", "hand-built", "tests"), overwrite=True)
+    for r, iterations in enumerate(requests):
+        experts = np.asarray(iterations, dtype=np.int64).reshape(len(iterations), model.num_layers, model.top_k)
+        writer.add_request(request_id=f"r{r}", dataset="test", probs=probs_from_experts(experts, model.num_experts),
+                           experts=experts, prefill_iters=(prefill or [0] * len(requests))[r],
+                           embeddings=None if embeddings is None else {"e": embeddings[r]})
+    return writer.close()
+
+
+@pytest.fixture
+def make_trace(tmp_path):
+    counter = iter(range(10**6))
+
+    def make(model: ModelSpec, requests: list[list], **kwargs):
+        return load_trace(write_trace(tmp_path / f"trace{next(counter)}", model, requests, **kwargs))
+
+    return make
