@@ -1,0 +1,41 @@
+"""Every registered policy, through the same contract: budget, determinism, sane metrics, config."""
+import pytest
+import yaml
+
+from conf import CONF_DIR
+from policies import available, policy_class
+from sim.api import simulate
+from sim.config import SimConfig
+from traces import load_trace
+from traces.model_spec import load_model_spec
+from traces.synthetic import SyntheticParams, generate_synthetic
+
+POLICIES = [name for name in available() if not name.startswith("test_")]
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    params = SyntheticParams(requests=6, prompt_tokens=(4, 12), output_tokens=(4, 12), seed=2)
+    return load_trace(generate_synthetic(tmp_path_factory.mktemp("t") / "syn", load_model_spec("mixtral-8x7b"), params))
+
+
+def test_every_policy_has_a_config_named_after_it():
+    for name in POLICIES:
+        path = CONF_DIR / "policy" / f"{name}.yaml"
+        assert path.is_file(), f"conf/policy/{name}.yaml missing"
+        assert yaml.safe_load(path.read_text())["name"] == name
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("budget", ["3experts", "64experts", "6GB"])
+def test_contract(trace, name, budget):
+    cfg = SimConfig(trace=str(trace.path), policy=name, budget=budget, train_fraction=0.34, seed=1)
+    first = simulate(cfg, trace=trace).metrics
+    assert first == simulate(cfg, trace=trace).metrics  # deterministic
+    if not policy_class(name).ignores_budget:
+        assert first.gpu_mem_high_water_bytes <= first.budget_bytes
+    assert 0.0 <= first.hit_rate <= 1.0
+    assert first.hit_rate == pytest.approx(first.demand_hit_rate + first.prefetch_hit_rate)
+    assert first.hit_rate + first.late_prefetch_rate + first.miss_rate == pytest.approx(1.0)
+    assert first.ttft_mean_s > 0 and first.tpot_mean_s > 0
+    assert first.requests == 4
