@@ -24,7 +24,7 @@ output token):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class Step:
     requests: tuple[int, ...]  # trace indices of the requests in the pass
     token_request: np.ndarray  # for each row of `probs`, the position in `requests` it belongs to
     lookahead: Any = None  # callable layer -> [tokens, distance, experts] or None (speculative gates)
+    hidden: Any = None  # callable layer -> [tokens, dim] or None (projection of the hidden state entering the layer)
 
 
 class CacheView(Protocol):
@@ -95,6 +96,15 @@ class FutureView(Protocol):
     def next_use(self, layer: int, expert: int, after: int) -> float: ...
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Profiled costs in seconds, for policies that plan with them (MoEpic's cache configuration)."""
+
+    copy_s: Callable[[float], float]  # bytes -> one host-to-GPU copy
+    expert_s: Callable[[int], float]  # tokens -> one expert's FFN
+    non_expert_s: Callable[[int], float]  # tokens -> one layer's attention and router
+
+
 @dataclass
 class PolicyContext:
     model: ModelSpec
@@ -102,6 +112,7 @@ class PolicyContext:
     gpu_of_layer: list[int]
     rng: np.random.Generator
     future: FutureView | None = None
+    timing: Timing | None = None
 
     def cache_of(self, layer: int) -> CacheView:
         return self.caches[self.gpu_of_layer[layer]]
@@ -128,6 +139,10 @@ class Policy:
 
     def fit(self, trace: Trace, requests: list[int]) -> None:
         """Offline learning on the training split of a trace (disjoint from the replayed requests)."""
+
+    def embedding_source(self) -> str | None:
+        """Which of the trace's prompt embeddings RequestInfo carries; None: the trace's default."""
+        return None
 
     def parts(self, layer: int) -> tuple[float, ...]:
         """Fractions an expert of this layer is split into; (1.0,) keeps experts whole."""

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, Timing
 from sim.cache import ExpertCache
 from sim.layer_protocol import apply_plan, start_layer
 from sim.compute import ComputeModel
@@ -69,7 +69,8 @@ class Simulation:
         capacity = model.total_expert_bytes if policy.ignores_budget else budget_bytes
         self.cache = ExpertCache(capacity, self._block_bytes)
         self.link = HostLink(self.env, self.cache, policy, hardware.host_link, self.recorder)
-        self._embeddings = trace.embedding()
+        self.timing = Timing(hardware.host_link.copy_time, self.compute.expert_time, self.compute.non_expert_time)
+        self._embeddings = trace.embedding(policy.embedding_source())
         self._step_index = 0
 
     def _block_bytes(self, block: Block) -> int:
@@ -78,7 +79,8 @@ class Simulation:
     def prepare(self, train_requests: list[int]) -> None:
         """Bind the policy, let it learn from the training split, fix expert splits, warm the cache."""
         future = ReplayFuture(self.trace, self.requests) if self.policy.reads_future else None
-        ctx = PolicyContext(self.model, [self.cache], self.gpu_of_layer, np.random.default_rng(self.options.seed), future)
+        ctx = PolicyContext(self.model, [self.cache], self.gpu_of_layer, np.random.default_rng(self.options.seed), future,
+                            self.timing)
         self.policy.bind(ctx)
         if train_requests:
             self.policy.fit(self.trace, train_requests)
@@ -172,13 +174,8 @@ class Simulation:
             yield env.timeout(seconds)
 
     def _pass(self, spec: Pass):
-        lookahead = None
-        if spec.rows is not None and self.trace.lookahead is not None:
-            table, rows = self.trace.lookahead, spec.rows
-
-            def lookahead(layer: int):
-                return np.asarray(table[rows, layer], dtype=np.float32)
-        step = Step(self._step_index, spec.kind, (spec.request,), np.zeros(len(spec.probs), dtype=np.intp), lookahead)
+        step = Step(self._step_index, spec.kind, (spec.request,), np.zeros(len(spec.probs), dtype=np.intp),
+                    self._rows_view(self.trace.lookahead, spec.rows), self._rows_view(self.trace.hidden_proj, spec.rows))
         self._step_index += 1
         self.recorder.steps += 1
         policy, advance, run_experts, apply = self.policy, self._advance, self._run_experts, self._apply
@@ -190,6 +187,13 @@ class Simulation:
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
             yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan)
         policy.on_step_end(step)
+
+    @staticmethod
+    def _rows_view(table: np.ndarray | None, rows: slice | None) -> Callable[[int], np.ndarray] | None:
+        """layer -> this pass's rows of an optional per-iteration table (lookahead gates, hidden states)."""
+        if table is None or rows is None:
+            return None
+        return lambda layer: np.asarray(table[rows, layer], dtype=np.float32)
 
     def _apply(self, plan: PrefetchPlan | None) -> None:
         apply_plan(plan, self.policy, self.model.num_layers, self._link_of_layer)
