@@ -130,6 +130,9 @@ class Policy:
     ignores_budget: ClassVar[bool] = False  # bounds only: every expert resident from the start
     compute_order: ClassVar[str] = "index"  # "index" (as transformers loops) or "availability"
     copy_chunks: ClassVar[int] = 1  # >1: copies in chunks, a demand preempts a prefetch between chunks
+    # True: a layer gathers all its experts before computing, routed or not, as parameter-offloading
+    # engines do (DeepSpeed ZeRO-Inference); ignored when the budget cannot hold a whole layer.
+    loads_whole_layer: ClassVar[bool] = False
 
     ctx: PolicyContext
 

@@ -212,8 +212,9 @@ class Simulation:
         computed: list[Block] = []
         stall = 0.0
         expert_time = self.compute.expert_time
+        routed = len(experts)
         for i in order:
-            seconds = expert_time(1 if tokens is None else tokens[i])
+            seconds = 0.0 if i >= routed else expert_time(1 if tokens is None else tokens[i])
             for p, b in enumerate(blocks[i]):
                 if not cache.is_resident(b):
                     if busy:
@@ -224,7 +225,8 @@ class Simulation:
                         waited_from = env.now
                         yield link.ready(b)
                         stall += env.now - waited_from
-                cache.mark_used(b)
+                if i < routed:
+                    cache.mark_used(b)
                 busy += seconds * fractions[p]
                 computed.append(b)
         if busy:

@@ -47,7 +47,9 @@ def start_layer(layer: int, experts: tuple[int, ...], nparts: int, cache: Expert
                 num_layers: int, link_of_layer) -> tuple[list[list[Block]], list[int]]:
     """Classify each needed expert (hit / late prefetch / miss), pin its blocks, choose the compute
     order, issue demand copies for what is missing, then queue the plan's prefetches.
-    Returns (blocks per expert, compute order)."""
+    Returns (blocks per expert, compute order). A policy that gathers whole layers adds the layer's
+    other experts after the routed ones (blocks beyond len(experts)): they are loaded and waited
+    for before any compute, but not computed and not counted as uses."""
     blocks = [[(layer, e, 0)] for e in experts] if nparts == 1 else \
         [[(layer, e, p) for p in range(nparts)] for e in experts]
     rank = []
@@ -80,5 +82,16 @@ def start_layer(layer: int, experts: tuple[int, ...], nparts: int, cache: Expert
                 for b in blocks[i]:
                     if not cache.is_resident(b):
                         link.fetch(b, DEMAND_PRIORITY)
+    total = policy.ctx.model.num_experts
+    if policy.loads_whole_layer and total * bytes_per_expert <= cache.capacity_bytes:
+        routed = set(experts)
+        gathered = [[(layer, e, p) for p in range(nparts)] for e in range(total) if e not in routed]
+        for expert_blocks in gathered:
+            for b in expert_blocks:
+                cache.pin(b)
+                if not cache.is_resident(b):
+                    link.fetch(b, DEMAND_PRIORITY)
+        order = list(range(len(blocks), len(blocks) + len(gathered))) + order
+        blocks.extend(gathered)
     apply_plan(plan, policy, num_layers, link_of_layer)
     return blocks, order
