@@ -6,6 +6,7 @@ that layer's least recently used expert. scope=global: one LRU over all layers.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Iterable
 
 import numpy as np
 
@@ -47,9 +48,14 @@ class LRU(Policy):
         self._layer_recency[block[0]][block] = None
         self.touch(block)
 
+    def victim_order(self, blocks: Iterable[Block]) -> Iterable[Block]:
+        """Blocks in least-recently-used order, best victim first; subclasses may demote some."""
+        return blocks
+
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+        order = self.victim_order
         victims = pick_victims(incoming, need_bytes, cache, self.quota,
-                               self._layer_recency.__getitem__, lambda: self._recency)
+                               lambda layer: order(self._layer_recency[layer]), lambda: order(self._recency))
         for block in victims:
             del self._recency[block]
             del self._layer_recency[block[0]][block]

@@ -1,0 +1,210 @@
+"""FineMoE (Yu et al., EuroSys '26): iteration-level expert maps, semantic and trajectory search.
+
+Each iteration (a decode step; each prompt token of a prefill) leaves an expert map: its full
+[layers, experts] router probabilities. A map store of `capacity` maps keeps each with its prompt's
+embedding. Before layer 0 of every iteration, semantic search picks the stored map whose embedding
+is most cosine-similar to the prompt's; it predicts layers 0..d-1. After each layer l, trajectory
+search compares this iteration's probabilities on layers 0..l (flattened) with every stored map's
+same layers; the best predicts layers l+1..l+d. In each predicted layer the experts are taken in
+descending probability while their cumulative probability stays within delta (at least top-k, at
+most all) and prefetched at priority p / (j - l_now), replacing the queue. Eviction removes the
+lowest p * freq first (p: the latest predicted probability of the expert, freq: its uses since it
+was loaded), sparing the latest prefetch candidates. A full store replaces the stored map of
+highest redundancy RDY = (d/L) * semantic similarity + ((L-d)/L) * trajectory similarity.
+
+Defaults and rules from the artifact, github IntelliSys-Lab/FineMoE-EuroSys26 @5c58468:
+- capacity 1000, d = 6: demo/configs/models/config_qwen.py (store_capacity, prefetch_distance);
+- delta = clamp(1 - similarity, 0, 1), experts counted while cumsum <= delta, clamped to
+  [top_k, E]: finemoe/runtime/model_offload.py, ExpertMapMatcher.process_expert_map/_select_by_cumsum;
+- RDY replacement and its batch semantics: model_offload.py, ExpertMapStore.add;
+- eviction by prob * in-cache visit count, sparing prefetch candidates:
+  core/prefetch/task_scheduler.cpp, RemoveCachedSparseNode;
+- the store is filled from earlier runs (demo/prepare_data.py) and, in "online" mode, keeps
+  adding every finished iteration (finemoe/memory/expert_tracer.py, update_entry): fit() does the
+  former on the training split, online=True the latter.
+Where the artifact departs from the paper, the paper's rule is the default and the artifact's a
+knob: trajectory_window="artifact" predicts layers l+1+d..L-1 (model_offload.py traj_prefetch)
+instead of l+1..l+d. The artifact embeds each token with the model's own input embedding; traces
+carry one embedding per prompt, so every iteration of a request searches with its prompt's
+(`embedding` names which of the trace's embeddings; default: the trace's default). Ties between
+equally similar maps (every iteration of one request shares an embedding) go to the most recent.
+Prefills match on their last prompt token's trajectory, as the artifact does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
+from policies.registry import register
+from policies.similarity import EPS, best_match, unit
+from policies.victims import lowest_ranked
+from traces import Trace
+
+WINDOWS = ("paper", "artifact")
+
+
+class ExpertMapStore:
+    """At most `capacity` expert maps [layers, experts] with their prompt embeddings, deduplicated by RDY."""
+
+    def __init__(self, capacity: int, layers: int, experts: int, distance: int):
+        self.capacity = capacity
+        self.maps = np.zeros((capacity, layers, experts), dtype=np.float32)
+        self.prefix_sq = np.zeros((capacity, layers), dtype=np.float32)  # squared norm of layers 0..l
+        self.embeds: np.ndarray | None = None  # unit vectors, allocated on the first embedding
+        self.stamps = np.zeros(capacity, dtype=np.int64)
+        self.size = 0
+        self._clock = 0
+        self.semantic_weight = distance / layers
+
+    def add(self, maps: np.ndarray, embed: np.ndarray | None) -> None:
+        """Store maps [n, layers, experts] of one prompt: free slots first, then each replaces the
+        stored map of highest RDY against the store as it was before this batch's replacements."""
+        n = len(maps)
+        take = min(self.capacity - self.size, n)
+        slots = list(range(self.size, self.size + take))
+        self.size += take
+        rest = maps[take:]
+        if len(rest):
+            flat = self.maps[: self.size].reshape(self.size, -1)
+            trajectory = unit(rest.reshape(len(rest), -1)) @ unit(flat).T
+            semantic = self.embeds[: self.size] @ embed if embed is not None and self.embeds is not None else 0.0
+            redundancy = self.semantic_weight * semantic + (1.0 - self.semantic_weight) * trajectory
+            slots += np.argmax(redundancy, axis=1).tolist()
+        for slot, expert_map in zip(slots, maps):
+            self.maps[slot] = expert_map
+            self.prefix_sq[slot] = np.cumsum(np.einsum("le,le->l", expert_map, expert_map))
+            if embed is not None:
+                if self.embeds is None:
+                    self.embeds = np.zeros((self.capacity, len(embed)), dtype=np.float32)
+                self.embeds[slot] = embed
+            self._clock += 1
+            self.stamps[slot] = self._clock
+
+    def semantic_search(self, embed: np.ndarray) -> tuple[int, float] | None:
+        if self.size == 0 or self.embeds is None:
+            return None
+        similarity = self.embeds[: self.size] @ embed
+        best = best_match(similarity, self.stamps[: self.size])
+        return best, float(similarity[best])
+
+
+@register("finemoe")
+class FineMoE(Policy):
+    def __init__(self, capacity: int = 1000, distance: int = 6, delta: float | None = None,
+                 embedding: str | None = None, trajectory_window: str = "paper", online: bool = True):
+        if capacity < 1 or distance < 1:
+            raise ValueError(f"capacity ({capacity}) and distance ({distance}) must be at least 1")
+        if delta is not None and not 0.0 <= delta <= 1.0:
+            raise ValueError(f"delta {delta} must lie in [0, 1] (or be None: 1 - similarity, as the artifact)")
+        if trajectory_window not in WINDOWS:
+            raise ValueError(f"trajectory_window '{trajectory_window}' unknown; use {' or '.join(WINDOWS)}")
+        self.capacity, self.distance, self.delta = capacity, distance, delta
+        self.embedding, self.trajectory_window, self.online = embedding, trajectory_window, online
+        self.searches = {"semantic": 0, "trajectory": 0}
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        m = ctx.model
+        self.layers, self.experts, self.top_k = m.num_layers, m.num_experts, m.top_k
+        self.store = ExpertMapStore(self.capacity, m.num_layers, m.num_experts, self.distance)
+        self.prob = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
+        self.freq = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)  # uses since loaded
+        self.candidates: set[Block] = set()
+        self._embed: np.ndarray | None = None
+        self._prompt_tokens = 0
+
+    def embedding_source(self) -> str | None:
+        return self.embedding
+
+    def fit(self, trace: Trace, requests: list[int]) -> None:
+        """Fill the store with the training split's maps, as the artifact's prepare_data run does."""
+        embeddings = trace.embedding(self.embedding)
+        for r in requests:
+            offset, prefill, decode = trace.rows(r)
+            embed = None if embeddings is None or np.isnan(embeddings[r]).any() else unit(embeddings[r])
+            self.store.add(trace.probs(slice(offset, offset + prefill + decode)), embed)
+
+    # --- prediction ---
+    def _plan(self, expert_map: np.ndarray, similarity: float, first: int, last: int, now: int) -> PrefetchPlan:
+        """Prefetch the selected experts of layers first..last-1 of a matched map."""
+        rows = expert_map[first:last]
+        self.prob[first:last] = rows
+        order = np.argsort(-rows, axis=1, kind="stable")
+        ranked = np.take_along_axis(rows, order, axis=1)
+        delta = min(max(1.0 - similarity, 0.0), 1.0) if self.delta is None else self.delta
+        counts = np.clip((np.cumsum(ranked, axis=1) <= delta).sum(axis=1), self.top_k, self.experts)
+        counts[ranked[:, 0] <= 0] = 0
+        blocks = [((first + i, int(e), 0), float(rows[i, e]) / (first + i - now))
+                  for i in range(len(rows)) for e in order[i, : counts[i]]]
+        self.candidates = {block for block, _ in blocks}
+        return PrefetchPlan(blocks, replace=True)
+
+    def on_request_start(self, request: RequestInfo) -> None:
+        self._embed = None if request.embedding is None else unit(request.embedding)
+        self._prompt_tokens = request.prompt_tokens
+
+    def on_step_start(self, step: Step) -> PrefetchPlan | None:
+        self._current = np.zeros((self.layers, self.experts), dtype=np.float32)  # last token's probabilities
+        self._token_rows: list[np.ndarray] = []
+        self._dot = np.zeros(self.store.size, dtype=np.float32)
+        self._current_sq = 0.0
+        if self._embed is None:
+            return None
+        match = self.store.semantic_search(self._embed)
+        if match is None:
+            return None
+        self.searches["semantic"] += 1
+        return self._plan(self.store.maps[match[0]], match[1], 0, min(self.distance, self.layers), -1)
+
+    def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
+        self.freq[layer, list(experts)] += 1
+        row = probs[-1]
+        self._current[layer] = row
+        if len(probs) > 1:
+            self._token_rows.append(probs)
+        store = self.store
+        if store.size == 0:
+            return None
+        self._dot += store.maps[: store.size, layer] @ row
+        self._current_sq += float(row @ row)
+        norms = np.sqrt(store.prefix_sq[: store.size, layer] * self._current_sq)
+        similarity = self._dot / np.maximum(norms, EPS)
+        first = layer + 1 + (self.distance if self.trajectory_window == "artifact" else 0)
+        last = self.layers if self.trajectory_window == "artifact" else min(layer + 1 + self.distance, self.layers)
+        if first >= last:
+            return None
+        best = best_match(similarity, store.stamps[: store.size])
+        self.searches["trajectory"] += 1
+        return self._plan(store.maps[best], float(similarity[best]), first, last, layer)
+
+    def on_step_end(self, step: Step) -> None:
+        if not self.online:
+            return
+        if self._token_rows:  # a prefill with per-token rows: one map per prompt token
+            maps = np.stack(self._token_rows, axis=1)
+        else:
+            maps = self._current[None]
+        self.store.add(maps, self._embed)
+
+    # --- eviction ---
+    def on_copy_done(self, block: Block, prefetched: bool) -> None:
+        self.freq[block[0], block[1]] = 1
+
+    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+        candidates = np.zeros((self.layers, self.experts), dtype=bool)
+        for layer, expert, _ in self.candidates:
+            candidates[layer, expert] = True
+
+        def rank(layers, experts, parts):
+            return candidates[layers, experts], self.prob[layers, experts] * self.freq[layers, experts]
+
+        victims = lowest_ranked(cache, need_bytes, rank)
+        for layer, expert, _ in victims:
+            self.freq[layer, expert] = 0
+        return victims
+
+    def describe(self) -> dict:
+        return {"capacity": self.capacity, "distance": self.distance, "trajectory_window": self.trajectory_window,
+                "delta": "1 - similarity" if self.delta is None else self.delta, "online": self.online,
+                "stored_maps": self.store.size, "semantic_searches": self.searches["semantic"],
+                "trajectory_searches": self.searches["trajectory"]}

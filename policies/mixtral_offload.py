@@ -1,0 +1,40 @@
+"""Mixtral-Offloading (Eliseev & Mazur 2023): per-layer LRU plus speculative next-layer prefetch.
+
+The cache is the per-layer LRU of `lru` (the budget split evenly over layers; their default keeps 4
+of Mixtral's 8 experts per layer, offload_per_layer=4 in github dvmazur/mixtral-offloading
+notebooks/demo.ipynb). After layer l's router has run, the top `guesses` experts guessed for layer
+l+1 are prefetched (policies.speculation: the next router applied to this hidden state when the
+trace has those gates, else the previous token's choices at l+1). The paper prefetches the top 1-2
+guesses; the public code has no speculative loading (README: "Speculative expert prefetching").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from policies.base import PolicyContext, PrefetchPlan, Step
+from policies.lru import LRU
+from policies.registry import register
+from policies.speculation import NextLayerGuess
+
+
+@register("mixtral_offload")
+class MixtralOffload(LRU):
+    def __init__(self, guesses: int = 2, scope: str = "per_layer"):
+        if guesses < 0:
+            raise ValueError(f"guesses {guesses} must be at least 0")
+        super().__init__(scope)
+        self.guesses = guesses
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        self.speculation = NextLayerGuess(ctx.model.num_layers, ctx.model.num_experts)
+
+    def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
+        super().on_layer_start(step, layer, probs, experts)
+        self.speculation.observe(layer, experts)
+        if layer + 1 == self.ctx.model.num_layers or not self.guesses:
+            return None
+        return PrefetchPlan([((layer + 1, e, 0), 1.0) for e in self.speculation.guess(step, layer, self.guesses)])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "guesses": self.guesses, "guessed_from": self.speculation.source}

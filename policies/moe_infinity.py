@@ -1,0 +1,136 @@
+"""MoE-Infinity (Xue et al.): request-level expert activation matrices matched layer by layer.
+
+Each request builds an expert activation matrix (EAM): [layers, experts] counts of the tokens that
+used each expert, prefill and decode together. A collection (EAMC) of `capacity` EAMs keeps past
+requests'; when full, a new EAM replaces the stored one most similar to it. After each layer l the
+request's partial EAM is matched against every stored one: similarity is the mean, over layers
+0..l, of the cosine between corresponding rows. The best match predicts the layers after l:
+(r, e) scores match[r, e] / sum(match[r]) * (1 - (r - l) / (L + 1)), and every positive score is
+queued for prefetch in score order (at most as many as the cache holds), replacing the queue. Demand loads preempt prefetches (the
+engine). Eviction removes the lowest predicted score first, then the least activated expert.
+
+Defaults from github EfficientMoE/MoE-Infinity @d617801: capacity 1000
+(moe_infinity/utils/config.py, trace_capacity); the decay (moe_infinity/memory/expert_predictor.py,
+layer_decay_func). The public code departs from the paper in three places, each a knob here:
+replacement="least_used" replaces the least matched EAM (memory/expert_tracer.py, finish_entry);
+eviction="lfu" evicts by activation count alone (core/prefetch/task_scheduler.cpp ranks by visit
+count). Its matching masks the observed layers it should compare (expert_tracer.py,
+find_most_similar), which makes every stored EAM equally similar; that is not reproduced.
+fit() fills the collection with the training split's EAMs (the code's load_trace).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
+from policies.registry import register
+from policies.similarity import best_match, unit
+from policies.victims import lowest_ranked
+from traces import Trace
+from traces.format import tally_experts, top_k_experts
+
+REPLACEMENTS = ("most_similar", "least_used")
+EVICTIONS = ("score", "lfu")
+
+
+def pass_counts(step: Step, probs: np.ndarray, experts: tuple[int, ...], top_k: int, prompt_tokens: int) -> np.ndarray:
+    """Tokens of this pass that chose each expert at one layer."""
+    counts = np.zeros(probs.shape[1], dtype=np.float32)
+    if len(probs) > 1:  # per-token rows: each token's top-k
+        chosen = top_k_experts(probs, top_k)
+        np.add.at(counts, chosen.ravel(), 1.0)
+    elif step.kind == "prefill":  # a prefill known by counts: probs are the normalised counts
+        counts += probs[0] * prompt_tokens * top_k
+    else:
+        counts[list(experts)] = 1.0
+    return counts
+
+
+@register("moe_infinity")
+class MoEInfinity(Policy):
+    def __init__(self, capacity: int = 1000, replacement: str = "most_similar", eviction: str = "score"):
+        if capacity < 1:
+            raise ValueError(f"capacity {capacity} must be at least 1")
+        if replacement not in REPLACEMENTS:
+            raise ValueError(f"replacement '{replacement}' unknown; use {' or '.join(REPLACEMENTS)}")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction '{eviction}' unknown; use {' or '.join(EVICTIONS)}")
+        self.capacity, self.replacement, self.eviction = capacity, replacement, eviction
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        m = ctx.model
+        self.layers, self.top_k = m.num_layers, m.top_k
+        self.collection = np.zeros((self.capacity, m.num_layers, m.num_experts), dtype=np.float32)  # unit rows
+        self.matched = np.zeros(self.capacity, dtype=np.int64)  # times each EAM was the best match
+        self.stamps = np.zeros(self.capacity, dtype=np.int64)
+        self.size = 0
+        self._clock = 0
+        self.score = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
+        self.activations = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)
+        self._eam = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)
+        self._row_cos = np.zeros((self.capacity, m.num_layers), dtype=np.float32)
+        self._prompt_tokens = 0
+        cache = ctx.caches[0]
+        self._slots = int(cache.capacity_bytes // cache.block_bytes((0, 0, 0)))
+
+    def fit(self, trace: Trace, requests: list[int]) -> None:
+        for r in requests:
+            offset, prefill, decode = trace.rows(r)
+            eam = tally_experts(trace.experts[offset + prefill: offset + prefill + decode], trace.model.num_experts)
+            self._store(eam.astype(np.float32) + trace.prefill_counts[r])
+
+    def _store(self, eam: np.ndarray) -> None:
+        rows = unit(eam)
+        if self.size < self.capacity:
+            slot = self.size
+            self.size += 1
+        elif self.replacement == "most_similar":
+            similarity = np.einsum("cle,le->c", self.collection, rows) / self.layers
+            slot = best_match(similarity, self.stamps)
+        else:
+            slot = int(np.argmin(self.matched))
+        self.collection[slot] = rows
+        self.matched[slot] = 0
+        self._clock += 1
+        self.stamps[slot] = self._clock
+
+    def on_request_start(self, request: RequestInfo) -> None:
+        self._eam[:] = 0.0
+        self._prompt_tokens = request.prompt_tokens
+
+    def on_request_end(self, request: RequestInfo) -> None:
+        self._store(self._eam)
+
+    def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
+        self.activations[layer, list(experts)] += 1
+        self._eam[layer] += pass_counts(step, probs, experts, self.top_k, self._prompt_tokens)
+        if self.size == 0:
+            return None
+        n = self.size
+        self._row_cos[:n, layer] = self.collection[:n, layer] @ unit(self._eam[layer])
+        similarity = self._row_cos[:n, : layer + 1].mean(axis=1)
+        best = best_match(similarity, self.stamps[:n])
+        self.matched[best] += 1
+        match = self.collection[best, layer + 1:]
+        totals = match.sum(axis=1, keepdims=True)
+        later = np.arange(layer + 1, self.layers)
+        decay = 1.0 - (later - layer) / (self.layers + 1)
+        self.score[:] = 0.0
+        self.score[layer + 1:] = np.divide(match, totals, out=np.zeros_like(match), where=totals > 0) * decay[:, None]
+        rows, cols = np.nonzero(self.score)
+        scores = self.score[rows, cols]
+        # The queue never needs more than the cache holds; it is replaced after the next layer anyway.
+        keep = np.lexsort((cols, rows, -scores))[: self._slots]
+        return PrefetchPlan([((int(rows[i]), int(cols[i]), 0), float(scores[i])) for i in keep], replace=True)
+
+    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+        def rank(layers, experts, parts):
+            count = self.activations[layers, experts]
+            return (count,) if self.eviction == "lfu" else (self.score[layers, experts], count)
+
+        return lowest_ranked(cache, need_bytes, rank)
+
+    def describe(self) -> dict:
+        return {"capacity": self.capacity, "replacement": self.replacement, "eviction": self.eviction,
+                "stored_eams": self.size}
