@@ -21,20 +21,20 @@ from typing import Callable, Iterator
 import numpy as np
 import simpy
 
-from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
 from sim.errors import ConfigError
-from sim.future import ReplayFuture
 from sim.layer_protocol import apply_plan, start_layer
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
+from sim.replay import (RequestTimer, arrival_times, bind_policy, initial_blocks, pass_step, part_bytes,
+                        policy_future, request_info, warm)
 from sim.schedule import Pass, merge_decode, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
-ARRIVALS = ("closed", "poisson", "trace")
 BUDGET_SCOPES = ("per_gpu", "total")
 
 
@@ -67,11 +67,9 @@ class Active:
     index: int
     info: RequestInfo
     arrival: float
+    timer: RequestTimer | None = None  # from its start
     passes: Iterator[Pass] | None = None
     next_pass: Pass | None = None
-    start: float = 0.0
-    first_token: float | None = None
-    last_token: float = 0.0
 
 
 class Simulation:
@@ -79,8 +77,6 @@ class Simulation:
                  requests: list[int], options: SimOptions | None = None,
                  on_request_done: Callable[[int], None] | None = None):
         opts = self.options = options or SimOptions()
-        if opts.arrival not in ARRIVALS:
-            raise ConfigError(f"arrival '{opts.arrival}' unknown; use one of {', '.join(ARRIVALS)}")
         if opts.budget_scope not in BUDGET_SCOPES:
             raise ConfigError(f"budget_scope '{opts.budget_scope}' unknown; use {' or '.join(BUDGET_SCOPES)}")
         if opts.max_batch < 1 or opts.clients < 1:
@@ -93,6 +89,7 @@ class Simulation:
         self.model = model
         self.hardware = hardware
         self.requests = list(requests)
+        self._arrivals = arrival_times(opts, trace, self.requests)  # None: closed loop
         self.on_request_done = on_request_done
         self.topology = topo = Topology.build(hardware, model, opts.gpus, opts.placement)
         self.env = simpy.Environment()
@@ -129,39 +126,16 @@ class Simulation:
     def prepare(self, train_requests: list[int]) -> None:
         """Bind the policy, let it learn from the training split, fix expert splits, warm the caches."""
         topo = self.topology
-        future = ReplayFuture(self.trace, self.requests) if self.policy.reads_future else None
         ctx = PolicyContext(self.model, self.caches, topo.home, topo.layers_of,
-                            np.random.default_rng(self.options.seed), future)
-        self.policy.bind(ctx)
-        if train_requests:
-            self.policy.fit(self.trace, train_requests)
-        for layer in range(self.model.num_layers):
-            fractions = tuple(self.policy.parts(layer))
-            if abs(sum(fractions) - 1.0) > 1e-9 or any(f <= 0 for f in fractions):
-                raise ConfigError(f"policy '{self.policy.name}' splits layer {layer} experts into {fractions}; "
-                                  "parts must be positive and sum to 1")
-            self._part_fractions[layer] = fractions
-            self._part_bytes[layer] = [int(round(self.model.bytes_per_expert * f)) for f in fractions]
-        m = self.model
-        for gpu in range(topo.num_gpus):
-            if self.policy.ignores_budget:
-                self._warm(gpu, [(l, e, p) for l in topo.layers_of(gpu) for e in range(m.num_experts)
-                                 if topo.home(l, e) == gpu for p in range(len(self._part_fractions[l]))])
-            elif self.options.warm_start:
-                self._warm(gpu, self.policy.warm_blocks(gpu))
-
-    def _warm(self, gpu: int, blocks: list[Block]) -> None:
-        """Place blocks before the first request, through the policy's admission; no copy is charged."""
-        cache = self.caches[gpu]
-        for block in blocks:
-            if not cache.holds(block) and cache.admit(block, self.policy, demand=False):
-                cache.reserve(block)
-                cache.commit(block, prefetched=False)
-                self.policy.on_copy_done(block, False)
+                            np.random.default_rng(self.options.seed), policy_future(self.policy, self.trace, self.requests))
+        self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
+        self._part_bytes = [part_bytes(self.model, f) for f in self._part_fractions]
+        for gpu, cache in enumerate(self.caches):
+            warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions, self.options.warm_start))
 
     def run(self) -> RunState:
         self.env.process(self._serve())
-        if self.options.arrival == "closed":
+        if self._arrivals is None:
             for _ in range(min(self.options.clients, len(self.requests))):
                 self._arrive()
         else:
@@ -170,20 +144,8 @@ class Simulation:
         return RunState(self.recorder, self.caches, self.env.now)
 
     # --- requests ---
-    def _arrival_times(self) -> np.ndarray:
-        opts = self.options
-        if opts.arrival == "poisson":
-            if opts.rate_rps <= 0:
-                raise ConfigError(f"rate_rps must be positive for Poisson arrivals, got {opts.rate_rps}")
-            gaps = np.random.default_rng(opts.seed).exponential(1.0 / opts.rate_rps, len(self.requests))
-            return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
-        times = self.trace.requests["arrival_s"].to_numpy()[self.requests]
-        if np.isnan(times).any():
-            raise ConfigError("arrival=trace, but the trace has requests without arrival_s; use closed or poisson")
-        return times - times.min()
-
     def _open_arrivals(self):
-        for when in self._arrival_times():
+        for when in self._arrivals:
             if when > self.env.now:
                 yield self.env.timeout(when - self.env.now)
             self._arrive()
@@ -191,16 +153,9 @@ class Simulation:
     def _arrive(self) -> None:
         r = self.requests[self._issued]
         self._issued += 1
-        self._waiting.append(Active(r, self._request_info(r), self.env.now))
+        self._waiting.append(Active(r, request_info(self.trace, self._embeddings, r), self.env.now))
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
-
-    def _request_info(self, r: int) -> RequestInfo:
-        row = self.trace.requests.iloc[r]
-        embedding = None
-        if self._embeddings is not None and not np.isnan(self._embeddings[r]).any():
-            embedding = np.asarray(self._embeddings[r])
-        return RequestInfo(r, str(row["request_id"]), int(row["prompt_tokens"]), int(row["output_tokens"]), embedding)
 
     def _serve(self):
         env, max_batch = self.env, self.options.max_batch
@@ -215,14 +170,14 @@ class Simulation:
                 self._wake = None
 
     def _start(self, active: Active):
-        active.start = active.last_token = self.env.now
+        active.timer = RequestTimer(active.info, active.arrival, self.env.now, self.recorder)
         apply_plan(self.policy.on_request_start(active.info), self.policy, self.model.num_layers, self.links,
                    self.topology.home)
         active.passes = request_passes(self.trace, active.index)
         active.next_pass = next(active.passes, None)
         if active.next_pass is not None and active.next_pass.kind == "prefill":
             yield from self._pass(active.next_pass)
-            self._token(active)
+            active.timer.token(self.env.now)
             active.next_pass = next(active.passes, None)
         if active.next_pass is None:
             self._finish(active)
@@ -233,32 +188,19 @@ class Simulation:
         batch = list(self._running)
         yield from self._pass(merge_decode([a.next_pass for a in batch]))
         for active in batch:
-            self._token(active)
+            active.timer.token(self.env.now)
             active.next_pass = next(active.passes, None)
             if active.next_pass is None:
                 self._running.remove(active)
                 self._finish(active)
 
-    def _token(self, active: Active) -> None:
-        now = self.env.now
-        if active.first_token is None:
-            active.first_token = now
-        else:
-            self.recorder.token_latencies.append(now - active.last_token)
-        active.last_token = now
-
     def _finish(self, active: Active) -> None:
         self.policy.on_request_end(active.info)
-        now = self.env.now
-        self.recorder.requests.append({
-            "request_id": active.info.request_id, "prompt_tokens": active.info.prompt_tokens,
-            "output_tokens": active.info.output_tokens, "arrival_s": active.arrival, "start_s": active.start,
-            "first_token_s": active.first_token if active.first_token is not None else now, "end_s": now,
-        })
+        active.timer.finish(self.env.now)
         self._done += 1
         if self.on_request_done is not None:
             self.on_request_done(active.index)
-        if self.options.arrival == "closed" and self._issued < len(self.requests):
+        if self._arrivals is None and self._issued < len(self.requests):
             self._arrive()
 
     # --- forward passes ---
@@ -274,13 +216,7 @@ class Simulation:
             yield env.timeout(seconds)
 
     def _pass(self, spec: Pass):
-        lookahead = None
-        if spec.rows is not None and self.trace.lookahead is not None:
-            table, rows = self.trace.lookahead, spec.rows
-
-            def lookahead(layer: int):
-                return np.asarray(table[rows, layer], dtype=np.float32)
-        step = Step(self._step_index, spec.kind, spec.requests, spec.token_request, lookahead)
+        step = pass_step(self._step_index, spec, self.trace)
         self._step_index += 1
         self.recorder.steps += 1
         policy, advance, run_experts = self.policy, self._advance, self._run_experts
