@@ -137,17 +137,22 @@ def generate_synthetic(out_dir: str | Path, model: ModelSpec, params: SyntheticP
         tool="traces.synthetic",
         details={"params": asdict(params)},
     )
-    writer = TraceWriter(out_dir, model, source, default_embedding="topic", overwrite=overwrite)
+    # Requests of similar length are generated together (little padding); written in their order.
+    routing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    by_length = np.argsort(total, kind="stable")
     for start in range(0, r, GROUP):
-        group = slice(start, min(start + GROUP, r))
+        group = by_length[start:start + GROUP]
         probs, chosen = generate_routing(model, params, shared, topic[group], total[group], rng)
-        for j, i in enumerate(range(group.start, group.stop)):
-            n = int(total[i])
-            writer.add_request(
-                request_id=f"synthetic-{i}", dataset="synthetic", probs=probs[j, :n], experts=chosen[j, :n],
-                prefill_iters=int(prompt[i]), prompt_tokens=int(prompt[i]), output_tokens=int(output[i]),
-                embeddings={"topic": embeddings[i].astype(np.float32)},
-            )
+        for j, i in enumerate(group):
+            routing[int(i)] = probs[j, :total[i]].astype(np.float16), chosen[j, :total[i]]
+    writer = TraceWriter(out_dir, model, source, default_embedding="topic", overwrite=overwrite)
+    for i in range(r):
+        probs, chosen = routing.pop(i)
+        writer.add_request(
+            request_id=f"synthetic-{i}", dataset="synthetic", probs=probs, experts=chosen,
+            prefill_iters=int(prompt[i]), prompt_tokens=int(prompt[i]), output_tokens=int(output[i]),
+            embeddings={"topic": embeddings[i].astype(np.float32)},
+        )
     return writer.close(extra={"topics": topic.tolist()})
 
 
