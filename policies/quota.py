@@ -19,6 +19,7 @@ class LayerQuota:
         self.home = ctx.home
         self.quota: dict[tuple[int, int], int] = {}
         self.count: dict[tuple[int, int], int] = {}
+        self.num_over = 0  # (GPU, layer) pairs above their quota: when 0, no search for them
         for gpu, cache in enumerate(ctx.caches):
             layers = ctx.layers_of(gpu)
             if not layers:
@@ -45,7 +46,10 @@ class LayerQuota:
         return self.count[key] > self.quota[key]
 
     def add(self, block: Block, delta: int) -> None:
-        self.count[self.key(block)] += delta
+        key = self.key(block)
+        was_over = self.count[key] > self.quota[key]
+        self.count[key] += delta
+        self.num_over += (self.count[key] > self.quota[key]) - was_over
 
 
 def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: LayerQuota | None,
@@ -77,7 +81,7 @@ def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: Laye
         if own is not None:
             take(own)
     while free < need_bytes:
-        block = first(ranked_all(), True) if quota is not None else None
+        block = first(ranked_all(), True) if quota is not None and quota.num_over else None
         if block is None:
             block = first(ranked_all(), False)
         if block is None:
