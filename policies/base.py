@@ -24,7 +24,7 @@ output token):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
 
 import numpy as np
 
@@ -39,11 +39,13 @@ DEMAND_PRIORITY = float("inf")
 class PrefetchPlan:
     """Blocks to copy ahead of use, each with a priority (higher is copied first).
 
-    replace=True first cancels every queued prefetch that has not started (MoE-Infinity and FineMoE
-    replace their queue after each layer); copies already on the link finish.
+    An entry is (block, priority), copied into the cache of the block's home GPU, or (block,
+    priority, gpu) to stage it in another GPU's cache, from where its home can later fetch it over
+    NVLink. replace=True first cancels every queued prefetch that has not started (MoE-Infinity and
+    FineMoE replace their queue after each layer); copies already on a link finish.
     """
 
-    blocks: list[tuple[Block, float]] = field(default_factory=list)
+    blocks: list[tuple] = field(default_factory=list)
     replace: bool = False
 
 
@@ -109,13 +111,14 @@ class Timing:
 class PolicyContext:
     model: ModelSpec
     caches: list[CacheView]  # one per GPU
-    gpu_of_layer: list[int]
+    home: Callable[[int, int], int]  # (layer, expert) -> the GPU whose cache serves it
+    layers_of: Callable[[int], list[int]]  # GPU -> the layers with experts on it
     rng: np.random.Generator
     future: FutureView | None = None
     timing: Timing | None = None
 
-    def cache_of(self, layer: int) -> CacheView:
-        return self.caches[self.gpu_of_layer[layer]]
+    def cache_of(self, layer: int, expert: int = 0) -> CacheView:
+        return self.caches[self.home(layer, expert)]
 
 
 class Policy:
@@ -151,13 +154,16 @@ class Policy:
         """Fractions an expert of this layer is split into; (1.0,) keeps experts whole."""
         return (1.0,)
 
-    def warm_blocks(self, cache: CacheView, layers: Iterable[int]) -> list[Block]:
-        """Blocks to load before the first request when warm_start is on: an even share per layer."""
-        layers = list(layers)
-        experts = self.ctx.model.num_experts
-        slots = int(cache.capacity_bytes // cache.block_bytes((layers[0], 0, 0)))
+    def warm_blocks(self, gpu: int) -> list[Block]:
+        """Blocks to load into a GPU's cache before the first request when warm_start is on: an even
+        share of its slots per layer, lowest expert ids first."""
+        ctx = self.ctx
+        layers = ctx.layers_of(gpu)
+        cache = ctx.caches[gpu]
+        homed = {layer: [e for e in range(ctx.model.num_experts) if ctx.home(layer, e) == gpu] for layer in layers}
+        slots = int(cache.capacity_bytes // cache.block_bytes((layers[0], homed[layers[0]][0], 0)))
         per_layer, extra = divmod(slots, len(layers))
-        return [(layer, e, 0) for i, layer in enumerate(layers) for e in range(min(experts, per_layer + (i < extra)))]
+        return [(layer, e, 0) for i, layer in enumerate(layers) for e in homed[layer][: per_layer + (i < extra)]]
 
     def on_request_start(self, request: RequestInfo) -> PrefetchPlan | None:
         return None

@@ -36,7 +36,7 @@ import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
 from policies.registry import register
-from policies.similarity import EPS, best_match, unit
+from policies.matching import EPS, best_match, union_plan, unit
 from policies.victims import lowest_ranked
 from traces import Trace
 
@@ -110,8 +110,7 @@ class FineMoE(Policy):
         self.prob = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
         self.freq = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)  # uses since loaded
         self.candidates: set[Block] = set()
-        self._embed: np.ndarray | None = None
-        self._prompt_tokens = 0
+        self._embeds: dict[int, np.ndarray | None] = {}  # running request -> unit prompt embedding
 
     def embedding_source(self) -> str | None:
         return self.embedding
@@ -125,66 +124,86 @@ class FineMoE(Policy):
             self.store.add(trace.probs(slice(offset, offset + prefill + decode)), embed)
 
     # --- prediction ---
-    def _plan(self, expert_map: np.ndarray, similarity: float, first: int, last: int, now: int) -> PrefetchPlan:
-        """Prefetch the selected experts of layers first..last-1 of a matched map."""
+    def _predict(self, expert_map: np.ndarray, similarity: float, first: int, last: int,
+                 now: int) -> list[tuple[Block, float]]:
+        """The selected experts of layers first..last-1 of a matched map, at priority p / (j - now)."""
         rows = expert_map[first:last]
-        self.prob[first:last] = rows
         order = np.argsort(-rows, axis=1, kind="stable")
         ranked = np.take_along_axis(rows, order, axis=1)
         delta = min(max(1.0 - similarity, 0.0), 1.0) if self.delta is None else self.delta
         counts = np.clip((np.cumsum(ranked, axis=1) <= delta).sum(axis=1), self.top_k, self.experts)
         counts[ranked[:, 0] <= 0] = 0
-        blocks = [((first + i, int(e), 0), float(rows[i, e]) / (first + i - now))
-                  for i in range(len(rows)) for e in order[i, : counts[i]]]
-        self.candidates = {block for block, _ in blocks}
-        return PrefetchPlan(blocks, replace=True)
+        return [((first + i, int(e), 0), float(rows[i, e]) / (first + i - now))
+                for i in range(len(rows)) for e in order[i, : counts[i]]]
+
+    def _plan(self, matched: list[np.ndarray], predictions: list[list[tuple[Block, float]]], first: int,
+              last: int) -> PrefetchPlan | None:
+        """The batch's prefetches; the predicted probabilities of layers first..last-1 become the
+        matched maps' (the highest over the batch), for eviction."""
+        if not matched:
+            return None
+        self.prob[first:last] = np.max([m[first:last] for m in matched], axis=0)
+        plan = union_plan(predictions)
+        self.candidates = {block for block, _ in plan.blocks}
+        return plan
 
     def on_request_start(self, request: RequestInfo) -> None:
-        self._embed = None if request.embedding is None else unit(request.embedding)
-        self._prompt_tokens = request.prompt_tokens
+        self._embeds[request.index] = None if request.embedding is None else unit(request.embedding)
+
+    def on_request_end(self, request: RequestInfo) -> None:
+        del self._embeds[request.index]
 
     def on_step_start(self, step: Step) -> PrefetchPlan | None:
-        self._current = np.zeros((self.layers, self.experts), dtype=np.float32)  # last token's probabilities
-        self._token_rows: list[np.ndarray] = []
-        self._dot = np.zeros(self.store.size, dtype=np.float32)
-        self._current_sq = 0.0
-        if self._embed is None:
-            return None
-        match = self.store.semantic_search(self._embed)
-        if match is None:
-            return None
-        self.searches["semantic"] += 1
-        return self._plan(self.store.maps[match[0]], match[1], 0, min(self.distance, self.layers), -1)
+        # One trajectory per request of the pass: a decode row each; a prefill matches on its last token.
+        self._rows = [len(step.token_request) - 1] if step.kind == "prefill" else list(range(len(step.token_request)))
+        self._row_embeds = [self._embeds[step.requests[step.token_request[r]]] for r in self._rows]
+        self._current = np.zeros((len(self._rows), self.layers, self.experts), dtype=np.float32)
+        self._prefill_rows: list[np.ndarray] = []
+        self._dot = np.zeros((len(self._rows), self.store.size), dtype=np.float32)
+        self._current_sq = np.zeros(len(self._rows), dtype=np.float32)
+        last = min(self.distance, self.layers)
+        matched, predictions = [], []
+        for embed in (self._embeds[r] for r in dict.fromkeys(step.requests)):
+            match = None if embed is None else self.store.semantic_search(embed)
+            if match is not None:
+                self.searches["semantic"] += 1
+                matched.append(self.store.maps[match[0]])
+                predictions.append(self._predict(matched[-1], match[1], 0, last, -1))
+        return self._plan(matched, predictions, 0, last)
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
-        row = probs[-1]
-        self._current[layer] = row
-        if len(probs) > 1:
-            self._token_rows.append(probs)
+        rows = probs[self._rows]
+        self._current[:, layer] = rows
+        if step.kind == "prefill" and len(probs) > 1:
+            self._prefill_rows.append(probs)
         store = self.store
-        if store.size == 0:
-            return None
-        self._dot += store.maps[: store.size, layer] @ row
-        self._current_sq += float(row @ row)
-        norms = np.sqrt(store.prefix_sq[: store.size, layer] * self._current_sq)
-        similarity = self._dot / np.maximum(norms, EPS)
         first = layer + 1 + (self.distance if self.trajectory_window == "artifact" else 0)
         last = self.layers if self.trajectory_window == "artifact" else min(layer + 1 + self.distance, self.layers)
+        if store.size == 0:
+            return None
+        self._dot += rows @ store.maps[: store.size, layer].T
+        self._current_sq += np.einsum("re,re->r", rows, rows)
         if first >= last:
             return None
-        best = best_match(similarity, store.stamps[: store.size])
-        self.searches["trajectory"] += 1
-        return self._plan(store.maps[best], float(similarity[best]), first, last, layer)
+        norms = np.sqrt(np.outer(self._current_sq, store.prefix_sq[: store.size, layer]))
+        similarity = self._dot / np.maximum(norms, EPS)
+        matched, predictions = [], []
+        for row_similarity in similarity:
+            best = best_match(row_similarity, store.stamps[: store.size])
+            self.searches["trajectory"] += 1
+            matched.append(store.maps[best])
+            predictions.append(self._predict(matched[-1], float(row_similarity[best]), first, last, layer))
+        return self._plan(matched, predictions, first, last)
 
     def on_step_end(self, step: Step) -> None:
         if not self.online:
             return
-        if self._token_rows:  # a prefill with per-token rows: one map per prompt token
-            maps = np.stack(self._token_rows, axis=1)
-        else:
-            maps = self._current[None]
-        self.store.add(maps, self._embed)
+        if self._prefill_rows:  # a prefill with per-token rows: one map per prompt token
+            self.store.add(np.stack(self._prefill_rows, axis=1), self._row_embeds[0])
+            return
+        for current, embed in zip(self._current, self._row_embeds):
+            self.store.add(current[None], embed)
 
     # --- eviction ---
     def on_copy_done(self, block: Block, prefetched: bool) -> None:

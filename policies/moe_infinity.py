@@ -24,7 +24,7 @@ import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
 from policies.registry import register
-from policies.similarity import best_match, unit
+from policies.matching import best_match, union_plan, unit
 from policies.victims import lowest_ranked
 from traces import Trace
 from traces.format import tally_experts, top_k_experts
@@ -34,15 +34,14 @@ EVICTIONS = ("score", "lfu")
 
 
 def pass_counts(step: Step, probs: np.ndarray, experts: tuple[int, ...], top_k: int, prompt_tokens: int) -> np.ndarray:
-    """Tokens of this pass that chose each expert at one layer."""
+    """Tokens of one request's rows of a pass that chose each expert at one layer."""
     counts = np.zeros(probs.shape[1], dtype=np.float32)
-    if len(probs) > 1:  # per-token rows: each token's top-k
-        chosen = top_k_experts(probs, top_k)
-        np.add.at(counts, chosen.ravel(), 1.0)
-    elif step.kind == "prefill":  # a prefill known by counts: probs are the normalised counts
-        counts += probs[0] * prompt_tokens * top_k
-    else:
+    if step.kind == "decode" and len(step.requests) == 1:  # one token: the experts it ran
         counts[list(experts)] = 1.0
+    elif step.kind == "prefill" and len(probs) == 1:  # a prefill known by counts: probs are normalised counts
+        counts += probs[0] * prompt_tokens * top_k
+    else:  # per-token rows: each token's top-k
+        np.add.at(counts, top_k_experts(probs, top_k).ravel(), 1.0)
     return counts
 
 
@@ -68,11 +67,10 @@ class MoEInfinity(Policy):
         self._clock = 0
         self.score = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
         self.activations = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)
-        self._eam = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)
-        self._row_cos = np.zeros((self.capacity, m.num_layers), dtype=np.float32)
-        self._prompt_tokens = 0
-        cache = ctx.caches[0]
-        self._slots = int(cache.capacity_bytes // cache.block_bytes((0, 0, 0)))
+        self._eams: dict[int, np.ndarray] = {}  # running request -> its EAM so far
+        self._row_cos: dict[int, np.ndarray] = {}  # running request -> [stored EAM, layer] row cosines
+        self._prompt_tokens: dict[int, int] = {}
+        self._slots = sum(int(c.capacity_bytes // m.bytes_per_expert) for c in ctx.caches)
 
     def fit(self, trace: Trace, requests: list[int]) -> None:
         for r in requests:
@@ -94,35 +92,45 @@ class MoEInfinity(Policy):
         self.matched[slot] = 0
         self._clock += 1
         self.stamps[slot] = self._clock
+        for r, eam in self._eams.items():  # running requests compare against the new entry from now on
+            self._row_cos[r][slot] = np.einsum("le,le->l", rows, unit(eam))
 
     def on_request_start(self, request: RequestInfo) -> None:
-        self._eam[:] = 0.0
-        self._prompt_tokens = request.prompt_tokens
+        self._eams[request.index] = np.zeros((self.layers, self.collection.shape[2]), dtype=np.float32)
+        self._row_cos[request.index] = np.zeros((self.capacity, self.layers), dtype=np.float32)
+        self._prompt_tokens[request.index] = request.prompt_tokens
 
     def on_request_end(self, request: RequestInfo) -> None:
-        self._store(self._eam)
+        self._store(self._eams.pop(request.index))
+        del self._row_cos[request.index], self._prompt_tokens[request.index]
 
-    def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
-        self.activations[layer, list(experts)] += 1
-        self._eam[layer] += pass_counts(step, probs, experts, self.top_k, self._prompt_tokens)
-        if self.size == 0:
-            return None
+    def _predict(self, request: int, layer: int) -> np.ndarray:
+        """Decayed scores [layers, experts] of the stored EAM best matching the request's layers 0..layer."""
         n = self.size
-        self._row_cos[:n, layer] = self.collection[:n, layer] @ unit(self._eam[layer])
-        similarity = self._row_cos[:n, : layer + 1].mean(axis=1)
-        best = best_match(similarity, self.stamps[:n])
+        row_cos = self._row_cos[request]
+        row_cos[:n, layer] = self.collection[:n, layer] @ unit(self._eams[request][layer])
+        best = best_match(row_cos[:n, : layer + 1].mean(axis=1), self.stamps[:n])
         self.matched[best] += 1
         match = self.collection[best, layer + 1:]
         totals = match.sum(axis=1, keepdims=True)
-        later = np.arange(layer + 1, self.layers)
-        decay = 1.0 - (later - layer) / (self.layers + 1)
-        self.score[:] = 0.0
-        self.score[layer + 1:] = np.divide(match, totals, out=np.zeros_like(match), where=totals > 0) * decay[:, None]
+        decay = 1.0 - (np.arange(layer + 1, self.layers) - layer) / (self.layers + 1)
+        score = np.zeros_like(self.score)
+        score[layer + 1:] = np.divide(match, totals, out=np.zeros_like(match), where=totals > 0) * decay[:, None]
+        return score
+
+    def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
+        self.activations[layer, list(experts)] += 1
+        for position, r in enumerate(step.requests):
+            rows = probs[step.token_request == position]
+            self._eams[r][layer] += pass_counts(step, rows, experts, self.top_k, self._prompt_tokens[r])
+        if self.size == 0:
+            return None
+        self.score = np.max([self._predict(r, layer) for r in step.requests], axis=0)
         rows, cols = np.nonzero(self.score)
         scores = self.score[rows, cols]
-        # The queue never needs more than the cache holds; it is replaced after the next layer anyway.
+        # The queue never needs more than the caches hold; it is replaced after the next layer anyway.
         keep = np.lexsort((cols, rows, -scores))[: self._slots]
-        return PrefetchPlan([((int(rows[i]), int(cols[i]), 0), float(scores[i])) for i in keep], replace=True)
+        return union_plan([[((int(rows[i]), int(cols[i]), 0), float(scores[i])) for i in keep]])
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
         def rank(layers, experts, parts):

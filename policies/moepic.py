@@ -62,15 +62,17 @@ class MoEpic(Policy):
         self.speculation = NextLayerGuess(m.num_layers, m.num_experts)
         self.uses = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)
         self.tenths = [int(round(self.theta0 * GRID))] * m.num_layers
-        units = self._top_units(ctx.caches[0].capacity_bytes)
+        units = self._top_units()
         share = units // m.num_layers
         self.slots = [min(m.num_experts, share // t) for t in self.tenths]
         self._now = 0
 
-    def _top_units(self, capacity_bytes: int) -> int:
-        """Tenths of an expert the budget leaves for top segments after the working room."""
+    def _top_units(self) -> int:
+        """Tenths of an expert the budget leaves for top segments after the working room (MoEpic is
+        a one-GPU design: with several GPUs, their budgets form one pool)."""
         expert = self.ctx.model.bytes_per_expert
-        return max(0, int((capacity_bytes - 2 * self.top_k * expert) * GRID // expert))
+        capacity = sum(c.capacity_bytes for c in self.ctx.caches)
+        return max(0, int((capacity - 2 * self.top_k * expert) * GRID // expert))
 
     # --- cache configuration ---
     def fit(self, trace: Trace, requests: list[int]) -> None:
@@ -154,7 +156,7 @@ class MoEpic(Policy):
 
     def _configure(self, frequency: np.ndarray, recall: np.ndarray) -> None:
         timing, model = self.ctx.timing, self.ctx.model
-        units = self._top_units(self.ctx.caches[0].capacity_bytes)
+        units = self._top_units()
         base_s = timing.non_expert_s(1) + model.top_k * timing.expert_s(1)
         lead = np.zeros(model.num_layers)  # previous layer's duration; layer 0 gets no prefetch
         lead[1:] = base_s
@@ -177,8 +179,11 @@ class MoEpic(Policy):
         tenths = self.tenths[layer]
         return (1.0,) if tenths == GRID else (tenths / GRID, (GRID - tenths) / GRID)
 
-    def warm_blocks(self, cache: CacheView, layers) -> list[Block]:
-        return [(l, int(e), 0) for l in layers for e in np.argsort(-self.uses[l], kind="stable")[: self.slots[l]]]
+    def warm_blocks(self, gpu: int) -> list[Block]:
+        """The top segments of each layer's hottest experts."""
+        ctx = self.ctx
+        return [(l, int(e), 0) for l in ctx.layers_of(gpu)
+                for e in np.argsort(-self.uses[l], kind="stable")[: self.slots[l]] if ctx.home(l, int(e)) == gpu]
 
     # --- the replay ---
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:

@@ -34,8 +34,7 @@ class OraclePrefetch(Belady):
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
-        cache = ctx.caches[0]
-        self.slots = int(cache.capacity_bytes // cache.block_bytes((0, 0, 0)))
+        self.slots = sum(int(c.capacity_bytes // ctx.model.bytes_per_expert) for c in ctx.caches)
         layers, experts = ctx.model.num_layers, ctx.model.num_experts
         self._uses_by_block = [ctx.future.uses_of(l, e) for l in range(layers) for e in range(experts)]
         self._consumed = np.zeros(layers * experts, dtype=np.int64)

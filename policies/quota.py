@@ -1,6 +1,6 @@
 """Per-layer shares of the expert cache (Mixtral-Offloading's scheme) and victim picking under them.
 
-A layer's quota is an even share of the slots its GPU's cache holds (the remainder to the first
+On each GPU, a layer's quota is an even share of the slots its cache holds (the remainder to the first
 layers; when shares fall below top-k, top-k slots stay aside for the experts a layer loads beyond
 its share). A layer at its quota replaces its own least valuable expert; when the cache itself is
 full, layers above their quota (possible when a share is 0) give up blocks first.
@@ -13,29 +13,43 @@ from policies.base import Block, CacheView, PolicyContext
 
 
 class LayerQuota:
+    """Per (GPU, layer) shares of each GPU's slots, and how many blocks each holds now."""
+
     def __init__(self, ctx: PolicyContext):
-        layers = ctx.model.num_layers
-        self.quota = [0] * layers
-        self.count = [0] * layers
-        by_gpu: dict[int, list[int]] = {}
-        for layer, gpu in enumerate(ctx.gpu_of_layer):
-            by_gpu.setdefault(gpu, []).append(layer)
-        for gpu, gpu_layers in by_gpu.items():
-            cache = ctx.caches[gpu]
-            slots = int(cache.capacity_bytes // cache.block_bytes((gpu_layers[0], 0, 0)))
-            if slots // len(gpu_layers) < ctx.model.top_k and slots > ctx.model.top_k:
+        self.home = ctx.home
+        self.quota: dict[tuple[int, int], int] = {}
+        self.count: dict[tuple[int, int], int] = {}
+        self.num_over = 0  # (GPU, layer) pairs above their quota: when 0, no search for them
+        for gpu, cache in enumerate(ctx.caches):
+            layers = ctx.layers_of(gpu)
+            if not layers:
+                continue
+            slots = int(cache.capacity_bytes // cache.block_bytes((layers[0], 0, 0)))
+            if slots // len(layers) < ctx.model.top_k and slots > ctx.model.top_k:
                 # A layer below top_k slots loads some experts beyond its share; keep room for them
                 # aside, or each such load would evict another layer's protected expert.
                 slots -= ctx.model.top_k
-            share, extra = divmod(slots, len(gpu_layers))
-            for i, layer in enumerate(gpu_layers):
-                self.quota[layer] = share + (i < extra)
+            share, extra = divmod(slots, len(layers))
+            for i, layer in enumerate(layers):
+                self.quota[gpu, layer] = share + (i < extra)
+                self.count[gpu, layer] = 0
 
-    def full(self, layer: int) -> bool:
-        return self.count[layer] >= self.quota[layer]
+    def key(self, block: Block) -> tuple[int, int]:
+        return self.home(block[0], block[1]), block[0]
 
-    def over(self, layer: int) -> bool:
-        return self.count[layer] > self.quota[layer]
+    def full(self, block: Block) -> bool:
+        key = self.key(block)
+        return self.count[key] >= self.quota[key]
+
+    def over(self, block: Block) -> bool:
+        key = self.key(block)
+        return self.count[key] > self.quota[key]
+
+    def add(self, block: Block, delta: int) -> None:
+        key = self.key(block)
+        was_over = self.count[key] > self.quota[key]
+        self.count[key] += delta
+        self.num_over += (self.count[key] > self.quota[key]) - was_over
 
 
 def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: LayerQuota | None,
@@ -51,7 +65,7 @@ def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: Laye
 
     def first(blocks: Iterable[Block], over_quota_only: bool) -> Block | None:
         for block in blocks:
-            if cache.is_evictable(block) and block not in victims and (not over_quota_only or quota.over(block[0])):
+            if cache.is_evictable(block) and block not in victims and (not over_quota_only or quota.over(block)):
                 return block
         return None
 
@@ -60,20 +74,19 @@ def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: Laye
         victims.append(block)
         free += cache.block_bytes(block)
         if quota is not None:
-            quota.count[block[0]] -= 1
+            quota.add(block, -1)
 
-    layer = incoming[0]
-    if quota is not None and quota.full(layer):
-        own = first(ranked_in_layer(layer), False)
+    if quota is not None and quota.full(incoming):
+        own = first(ranked_in_layer(incoming[0]), False)
         if own is not None:
             take(own)
     while free < need_bytes:
-        block = first(ranked_all(), True) if quota is not None else None
+        block = first(ranked_all(), True) if quota is not None and quota.num_over else None
         if block is None:
             block = first(ranked_all(), False)
         if block is None:
             break
         take(block)
     if quota is not None:
-        quota.count[layer] += 1
+        quota.add(incoming, 1)
     return victims

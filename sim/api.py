@@ -85,19 +85,21 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
 
 def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None) -> RunResult:
     cfg, trace, model, hardware = run.cfg, run.trace, run.model, run.hardware
-    options = SimOptions(warm_start=cfg.warm_start, arrival=cfg.arrival, rate_rps=cfg.rate_rps, seed=cfg.seed)
+    options = SimOptions(warm_start=cfg.warm_start, arrival=cfg.arrival, clients=cfg.clients, rate_rps=cfg.rate_rps,
+                         max_batch=cfg.max_batch, gpus=cfg.gpus, placement=cfg.placement,
+                         budget_scope=cfg.budget_scope, seed=cfg.seed)
     started = time.perf_counter()
     sim = Simulation(trace, run.policy, model, hardware, run.budget_bytes, run.replay, options, on_request_done)
     sim.prepare(run.train)
     state = sim.run()
     wall = time.perf_counter() - started
 
-    cache = state.caches[0]
+    caches = state.caches
     metrics, per_request, per_layer = summarize(
         state.recorder, policy=cfg.policy, trace=str(trace.path), trace_origin=trace.source.label(),
-        model=model.name, hardware=hardware.name, budget_bytes=cache.capacity_bytes,
-        bytes_per_expert=model.bytes_per_expert, high_water_bytes=cache.high_water_bytes,
-        evictions=cache.evictions, wasted_prefetch_bytes=cache.wasted_prefetch_bytes,
+        model=model.name, hardware=hardware.name, gpus=len(caches), budget_bytes=caches[0].capacity_bytes,
+        bytes_per_expert=model.bytes_per_expert, high_water_bytes=max(c.high_water_bytes for c in caches),
+        evictions=sum(c.evictions for c in caches), wasted_prefetch_bytes=sum(c.wasted_prefetch_bytes for c in caches),
         makespan_s=state.makespan_s, seed=cfg.seed, trace_token_reuse=trace_reuse(trace),
         policy_info={**run.policy.describe(),
                      "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v]},

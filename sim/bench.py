@@ -1,11 +1,16 @@
 """Simulator speed: simulated layer-iterations per wall-clock second, and where the time goes.
 
     python -m sim.bench [--requests 100] [--profile]
+    python -m sim.bench --scale [--requests 1000] [--rate 0.05]
 
 Replays a synthetic Mixtral-shape trace (100 requests by default) under several policies and
 budgets and prints, per run, layer-iterations per second and the ratio to the 100k/s aim. With
 --profile, one LRU run is profiled and its time split by component (SimPy core, engine, link and
 copy queue, cache, policy, other).
+
+--scale: ShareGPT-length requests (1,000 by default) arriving by a Poisson process on the paper's
+6x RTX 3090 testbed with continuous batching; prints wall time and simulated output tokens per
+wall-clock second, then how the cost grows with the number of requests, of GPUs and the batch cap.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import argparse
 import cProfile
 import pstats
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +30,7 @@ from sim.config import SimConfig
 from traces import load_trace
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
+from traces.workloads import sample_lengths
 
 AIM_PER_S = 100_000
 RUNS = [("lru", "6GB"), ("lru", "128experts"), ("belady", "128experts"), ("all_resident", "6GB")]
@@ -40,13 +48,46 @@ def component_times(stats: pstats.Stats) -> dict[str, float]:
     return totals
 
 
+def scale(requests: int, rate_rps: float, console: Console) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        lengths = sample_lengths("sharegpt", requests, seed=0)
+        trace = load_trace(generate_synthetic(Path(tmp) / "scale", load_model_spec("mixtral-8x7b"),
+                                              SyntheticParams(requests=requests, seed=0), lengths=lengths,
+                                              workload="ShareGPT lengths (traces/data/workloads)"))
+        console.print(f"generated {requests} ShareGPT-length requests ({trace.num_iterations:,} iterations) "
+                      f"in {time.perf_counter() - started:.0f} s")
+        base = SimConfig(trace=tmp, policy="lru", budget="6GB", hardware="rtx3090x6", arrival="poisson",
+                         rate_rps=rate_rps, max_batch=16, seed=0)
+        table = Table(title=f"rtx3090x6, lru 6GB per GPU, Poisson {rate_rps} req/s")
+        for column in ("requests", "GPUs", "max batch", "passes", "sim tokens", "sim time s", "wall s",
+                       "sim tokens / wall s", "layer-passes / wall s"):
+            table.add_column(column, justify="right")
+        small = max(1, requests // 4)
+        runs = [(requests, None, 16)] + [(n, None, 16) for n in (small, requests // 2)] + \
+               [(small, g, 16) for g in (1, 2)] + [(small, None, b) for b in (1, 4)]
+        for n, gpus, batch in runs:
+            result = simulate(replace(base, max_requests=n, gpus=gpus, max_batch=batch), trace=trace)
+            m = result.metrics
+            tokens = int(result.per_request["output_tokens"].sum())
+            table.add_row(str(n), str(m.gpus), str(batch), f"{m.steps:,}", f"{tokens:,}", f"{m.makespan_s:,.0f}",
+                          f"{result.wall_s:.1f}", f"{tokens / result.wall_s:,.0f}",
+                          f"{m.layer_iterations / result.wall_s:,.0f}")
+        console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--profile", action="store_true", help="also split an LRU run's time by component")
+    parser.add_argument("--scale", action="store_true", help="ShareGPT-length requests on rtx3090x6 with batching")
+    parser.add_argument("--rate", type=float, default=0.05, help="--scale: Poisson arrivals per second")
     args = parser.parse_args(argv)
     console = Console()
+    if args.scale:
+        scale(args.requests if args.requests != 100 else 1000, args.rate, console)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         params = SyntheticParams(requests=args.requests, prompt_tokens=(16, 256), output_tokens=(32, 256), seed=0)
         trace = load_trace(generate_synthetic(Path(tmp) / "bench", load_model_spec("mixtral-8x7b"), params))

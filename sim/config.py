@@ -16,8 +16,13 @@ class SimConfig:
     model: str | dict[str, Any] | None = None  # None: the trace's own model; else a profile with its shape
     hardware: str | dict[str, Any] = "h100"
     warm_start: bool = False
-    arrival: str = "closed"  # closed | poisson | trace
-    rate_rps: float = 1.0
+    arrival: str = "closed"  # closed (C clients) | poisson | trace
+    clients: int = 1  # closed loop: concurrent clients
+    rate_rps: float = 1.0  # poisson arrivals per second
+    max_batch: int = 1  # continuous batching: most requests in one decode pass
+    gpus: int | None = None  # None: as many as the hardware profile has
+    placement: str = "layers"  # layers (split in order, like device_map) | experts (expert-parallel)
+    budget_scope: str = "per_gpu"  # the budget is each GPU's, or the total split evenly
     max_requests: int | None = None
     train_fraction: float = 0.0  # leading share of the requests given to policy.fit(), not replayed
     seed: int = 0

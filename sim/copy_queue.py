@@ -21,6 +21,7 @@ class CopyJob:
     chunks_left: int
     started: bool = False  # memory reserved; part of it may already be copied
     valid: bool = True
+    source: int | None = None  # None: host memory; else the peer GPU it is copied from
 
     @property
     def demand(self) -> bool:
@@ -70,7 +71,7 @@ class CopyQueue:
 
     def _reprioritise(self, job: CopyJob, priority: float) -> None:
         job.valid = False
-        fresh = CopyJob(job.block, priority, job.nbytes, job.chunks, job.chunks_left, job.started)
+        fresh = CopyJob(job.block, priority, job.nbytes, job.chunks, job.chunks_left, job.started, source=job.source)
         self._jobs[job.block] = fresh
         heapq.heappush(self._heap, (-priority, next(self._seq), fresh))
 

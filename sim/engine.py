@@ -1,41 +1,53 @@
-"""The SimPy model of offloaded MoE inference: requests, forward passes, layers, experts, copies.
+"""The SimPy model of offloaded MoE inference: requests, batches, forward passes, layers, experts, copies.
 
-One server process runs the requests one after another (closed loop by default, or at Poisson /
-trace arrival times), each as a prefill pass (when the trace records one) and then one decode pass
-per output token. Each layer costs its non-expert time (attention, router); then the router's
-output is known, the policy is told, the layer's experts are pinned, missing ones are copied on
-demand, and the experts run one after another, each as soon as it is resident.
+Requests arrive (closed loop with C clients, a Poisson process, or the trace's timestamps) and wait.
+A server runs forward passes one after another, vLLM-style: while a request waits and the running
+batch has room, the next request starts with its prefill pass (alone); otherwise one decode pass
+runs for every running request together (continuous batching, at most max_batch requests), and
+needs at each layer the union of their experts. Each layer costs its non-expert time (attention,
+router) on its GPU, plus the transfer of the hidden state when the previous layer ran on another
+GPU; then the router's output is known, the policy is told, the layer's experts are pinned, missing
+ones are copied on demand into their GPU's cache, and each GPU runs its experts one after another,
+each as soon as it is resident.
 
 Time is simulated; the result depends only on the trace, the policy, the profiles and the seed.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import simpy
 
-from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, Timing
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Timing
 from sim.cache import ExpertCache
-from sim.layer_protocol import apply_plan, start_layer
 from sim.compute import ComputeModel
 from sim.errors import ConfigError
-from sim.future import ReplayFuture
-from sim.link import HostLink
+from sim.layer_protocol import apply_plan, start_layer
+from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
-from sim.schedule import Pass, request_passes
 from sim.profiles import HardwareProfile
+from sim.replay import (RequestTimer, arrival_times, bind_policy, initial_blocks, pass_step, part_bytes,
+                        policy_future, request_info, warm)
+from sim.schedule import Pass, merge_decode, request_passes
+from sim.topology import Topology
 from traces import ModelSpec, Trace
 
-ARRIVALS = ("closed", "poisson", "trace")
+BUDGET_SCOPES = ("per_gpu", "total")
 
 
 @dataclass
 class SimOptions:
     warm_start: bool = False
-    arrival: str = "closed"  # closed: next request when the last ends; poisson: rate_rps; trace: arrival_s
-    rate_rps: float = 1.0
+    arrival: str = "closed"  # closed: C clients, each sends its next request when the last ends
+    clients: int = 1
+    rate_rps: float = 1.0  # poisson
+    max_batch: int = 1  # decode batch cap
+    gpus: int | None = None  # None: the hardware profile's count
+    placement: str = "layers"  # layers | experts
+    budget_scope: str = "per_gpu"  # the budget is per GPU, or the total over all GPUs
     seed: int = 0
 
 
@@ -48,118 +60,150 @@ class RunState:
     makespan_s: float
 
 
+@dataclass(eq=False)
+class Active:
+    """A request between arrival and completion."""
+
+    index: int
+    info: RequestInfo
+    arrival: float
+    timer: RequestTimer | None = None  # from its start
+    passes: Iterator[Pass] | None = None
+    next_pass: Pass | None = None
+
+
 class Simulation:
     def __init__(self, trace: Trace, policy: Policy, model: ModelSpec, hardware: HardwareProfile, budget_bytes: int,
                  requests: list[int], options: SimOptions | None = None,
                  on_request_done: Callable[[int], None] | None = None):
-        self.options = options or SimOptions()
-        if self.options.arrival not in ARRIVALS:
-            raise ConfigError(f"arrival '{self.options.arrival}' unknown; use one of {', '.join(ARRIVALS)}")
+        opts = self.options = options or SimOptions()
+        if opts.budget_scope not in BUDGET_SCOPES:
+            raise ConfigError(f"budget_scope '{opts.budget_scope}' unknown; use {' or '.join(BUDGET_SCOPES)}")
+        if opts.max_batch < 1 or opts.clients < 1:
+            raise ConfigError(f"max_batch ({opts.max_batch}) and clients ({opts.clients}) must be at least 1")
+        if policy.reads_future and (opts.max_batch > 1 or (opts.arrival == "closed" and opts.clients > 1)):
+            raise ConfigError(f"policy '{policy.name}' reads the future, which is defined on one request at a "
+                              "time: use max_batch=1 and clients=1")
         self.trace = trace
         self.policy = policy
         self.model = model
+        self.hardware = hardware
         self.requests = list(requests)
+        self._arrivals = arrival_times(opts, trace, self.requests)  # None: closed loop
         self.on_request_done = on_request_done
+        self.topology = topo = Topology.build(hardware, model, opts.gpus, opts.placement)
         self.env = simpy.Environment()
         self.recorder = Recorder(model.num_layers)
         self.compute = ComputeModel(hardware, model)
-        self.gpu_of_layer = [0] * model.num_layers
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
-        capacity = model.total_expert_bytes if policy.ignores_budget else budget_bytes
-        self.cache = ExpertCache(capacity, self._block_bytes)
-        self.link = HostLink(self.env, self.cache, policy, hardware.host_link, self.recorder)
-        self.timing = Timing(hardware.host_link.copy_time, self.compute.expert_time, self.compute.non_expert_time)
+        per_gpu = budget_bytes if opts.budget_scope == "per_gpu" else budget_bytes // topo.num_gpus
+        self.caches = [ExpertCache(self._all_expert_bytes(g) if policy.ignores_budget else per_gpu, self._block_bytes)
+                       for g in range(topo.num_gpus)]
+        host_limited = hardware.host_aggregate_Bps is not None and \
+            hardware.host_aggregate_Bps < topo.num_gpus * hardware.host_link.bandwidth_Bps
+        fabric = HostFabric(self.env, hardware.host_aggregate_Bps) if host_limited else None
+        self.links: list[HostLink] = []
+        self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
+                                   self.links) for g in range(topo.num_gpus))
+        self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self._embeddings = trace.embedding(policy.embedding_source())
         self._step_index = 0
+        self._waiting: deque[Active] = deque()
+        self._running: list[Active] = []
+        self._wake: simpy.Event | None = None
+        self._issued = 0
+        self._done = 0
 
     def _block_bytes(self, block: Block) -> int:
         return self._part_bytes[block[0]][block[2]]
 
-    def prepare(self, train_requests: list[int]) -> None:
-        """Bind the policy, let it learn from the training split, fix expert splits, warm the cache."""
-        future = ReplayFuture(self.trace, self.requests) if self.policy.reads_future else None
-        ctx = PolicyContext(self.model, [self.cache], self.gpu_of_layer, np.random.default_rng(self.options.seed), future,
-                            self.timing)
-        self.policy.bind(ctx)
-        if train_requests:
-            self.policy.fit(self.trace, train_requests)
-        for layer in range(self.model.num_layers):
-            fractions = tuple(self.policy.parts(layer))
-            if abs(sum(fractions) - 1.0) > 1e-9 or any(f <= 0 for f in fractions):
-                raise ConfigError(f"policy '{self.policy.name}' splits layer {layer} experts into {fractions}; "
-                                  "parts must be positive and sum to 1")
-            self._part_fractions[layer] = fractions
-            self._part_bytes[layer] = [int(round(self.model.bytes_per_expert * f)) for f in fractions]
-        layers = range(self.model.num_layers)
-        if self.policy.ignores_budget:
-            self._warm([(l, e, p) for l in layers for e in range(self.model.num_experts)
-                        for p in range(len(self._part_fractions[l]))])
-        elif self.options.warm_start:
-            self._warm(self.policy.warm_blocks(self.cache, layers))
+    def _all_expert_bytes(self, gpu: int) -> int:
+        """Every expert homed on a GPU (what all-resident needs there)."""
+        topo, m = self.topology, self.model
+        return sum(m.bytes_per_expert for l in range(m.num_layers) for e in range(m.num_experts) if topo.home(l, e) == gpu)
 
-    def _warm(self, blocks: list[Block]) -> None:
-        """Place blocks before the first request, through the policy's admission; no copy is charged."""
-        for block in blocks:
-            if not self.cache.holds(block) and self.cache.admit(block, self.policy, demand=False):
-                self.cache.reserve(block)
-                self.cache.commit(block, prefetched=False)
-                self.policy.on_copy_done(block, False)
+    def prepare(self, train_requests: list[int]) -> None:
+        """Bind the policy, let it learn from the training split, fix expert splits, warm the caches."""
+        topo = self.topology
+        timing = Timing(self.hardware.host_link.copy_time, self.compute.expert_time, self.compute.non_expert_time)
+        ctx = PolicyContext(self.model, self.caches, topo.home, topo.layers_of,
+                            np.random.default_rng(self.options.seed), policy_future(self.policy, self.trace, self.requests),
+                            timing)
+        self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
+        self._part_bytes = [part_bytes(self.model, f) for f in self._part_fractions]
+        for gpu, cache in enumerate(self.caches):
+            warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions, self.options.warm_start))
 
     def run(self) -> RunState:
         self.env.process(self._serve())
+        if self._arrivals is None:
+            for _ in range(min(self.options.clients, len(self.requests))):
+                self._arrive()
+        else:
+            self.env.process(self._open_arrivals())
         self.env.run()
-        return RunState(self.recorder, [self.cache], self.env.now)
+        return RunState(self.recorder, self.caches, self.env.now)
 
     # --- requests ---
-    def _arrival_times(self) -> np.ndarray | None:
-        opts = self.options
-        if opts.arrival == "closed":
-            return None
-        if opts.arrival == "poisson":
-            if opts.rate_rps <= 0:
-                raise ConfigError(f"rate_rps must be positive for Poisson arrivals, got {opts.rate_rps}")
-            gaps = np.random.default_rng(opts.seed).exponential(1.0 / opts.rate_rps, len(self.requests))
-            return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
-        times = self.trace.requests["arrival_s"].to_numpy()[self.requests]
-        if np.isnan(times).any():
-            raise ConfigError("arrival=trace, but the trace has requests without arrival_s; use closed or poisson")
-        return times - times.min()
+    def _open_arrivals(self):
+        for when in self._arrivals:
+            if when > self.env.now:
+                yield self.env.timeout(when - self.env.now)
+            self._arrive()
 
-    def _request_info(self, r: int) -> RequestInfo:
-        row = self.trace.requests.iloc[r]
-        embedding = None
-        if self._embeddings is not None and not np.isnan(self._embeddings[r]).any():
-            embedding = np.asarray(self._embeddings[r])
-        return RequestInfo(r, str(row["request_id"]), int(row["prompt_tokens"]), int(row["output_tokens"]), embedding)
+    def _arrive(self) -> None:
+        r = self.requests[self._issued]
+        self._issued += 1
+        self._waiting.append(Active(r, request_info(self.trace, self._embeddings, r), self.env.now))
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
 
     def _serve(self):
-        env, policy, trace = self.env, self.policy, self.trace
-        arrivals = self._arrival_times()
-        for position, r in enumerate(self.requests):
-            if arrivals is not None and arrivals[position] > env.now:
-                yield env.timeout(arrivals[position] - env.now)
-            arrival = env.now if arrivals is None else float(arrivals[position])
-            start = env.now
-            info = self._request_info(r)
-            self._apply(policy.on_request_start(info))
-            first_token = None
-            last_token = start
-            for spec in request_passes(trace, r):
-                yield from self._pass(spec)
-                if first_token is None:
-                    first_token = env.now
-                else:
-                    self.recorder.token_latencies.append(env.now - last_token)
-                last_token = env.now
-            policy.on_request_end(info)
-            self.recorder.requests.append({
-                "request_id": info.request_id, "prompt_tokens": info.prompt_tokens,
-                "output_tokens": info.output_tokens, "arrival_s": arrival, "start_s": start,
-                "first_token_s": first_token if first_token is not None else env.now, "end_s": env.now,
-            })
-            if self.on_request_done is not None:
-                self.on_request_done(r)
+        env, max_batch = self.env, self.options.max_batch
+        while self._done < len(self.requests):
+            if self._waiting and len(self._running) < max_batch:
+                yield from self._start(self._waiting.popleft())
+            elif self._running:
+                yield from self._decode_batch()
+            else:
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+
+    def _start(self, active: Active):
+        active.timer = RequestTimer(active.info, active.arrival, self.env.now, self.recorder)
+        apply_plan(self.policy.on_request_start(active.info), self.policy, self.model.num_layers, self.links,
+                   self.topology.home)
+        active.passes = request_passes(self.trace, active.index)
+        active.next_pass = next(active.passes, None)
+        if active.next_pass is not None and active.next_pass.kind == "prefill":
+            yield from self._pass(active.next_pass)
+            active.timer.token(self.env.now)
+            active.next_pass = next(active.passes, None)
+        if active.next_pass is None:
+            self._finish(active)
+        else:
+            self._running.append(active)
+
+    def _decode_batch(self):
+        batch = list(self._running)
+        yield from self._pass(merge_decode([a.next_pass for a in batch]))
+        for active in batch:
+            active.timer.token(self.env.now)
+            active.next_pass = next(active.passes, None)
+            if active.next_pass is None:
+                self._running.remove(active)
+                self._finish(active)
+
+    def _finish(self, active: Active) -> None:
+        self.policy.on_request_end(active.info)
+        active.timer.finish(self.env.now)
+        self._done += 1
+        if self.on_request_done is not None:
+            self.on_request_done(active.index)
+        if self._arrivals is None and self._issued < len(self.requests):
+            self._arrive()
 
     # --- forward passes ---
     def _advance(self, seconds: float):
@@ -174,45 +218,60 @@ class Simulation:
             yield env.timeout(seconds)
 
     def _pass(self, spec: Pass):
-        step = Step(self._step_index, spec.kind, (spec.request,), np.zeros(len(spec.probs), dtype=np.intp),
-                    self._rows_view(self.trace.lookahead, spec.rows), self._rows_view(self.trace.hidden_proj, spec.rows))
+        step = pass_step(self._step_index, spec, self.trace)
         self._step_index += 1
         self.recorder.steps += 1
-        policy, advance, run_experts, apply = self.policy, self._advance, self._run_experts, self._apply
-        apply(policy.on_step_start(step))
+        policy, advance, run_experts = self.policy, self._advance, self._run_experts
+        apply_plan(policy.on_step_start(step), policy, self.model.num_layers, self.links, self.topology.home)
         non_expert = self.compute.non_expert_time(spec.tokens)
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
+        layer_gpu = self.topology.layer_gpu
+        hidden_bytes = spec.tokens * self.activation_bytes_per_token
         for layer in range(self.model.num_layers):
+            if layer and layer_gpu[layer] != layer_gpu[layer - 1]:
+                yield from advance(self.topology.transfer_time(self.hardware, layer_gpu[layer - 1], layer_gpu[layer],
+                                                               hidden_bytes))
             yield from advance(non_expert)
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
             yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan)
         policy.on_step_end(step)
 
-    @staticmethod
-    def _rows_view(table: np.ndarray | None, rows: slice | None) -> Callable[[int], np.ndarray] | None:
-        """layer -> this pass's rows of an optional per-iteration table (lookahead gates, hidden states)."""
-        if table is None or rows is None:
-            return None
-        return lambda layer: np.asarray(table[rows, layer], dtype=np.float32)
-
-    def _apply(self, plan: PrefetchPlan | None) -> None:
-        apply_plan(plan, self.policy, self.model.num_layers, self._link_of_layer)
-
-    def _link_of_layer(self, layer: int) -> HostLink:
-        return self.link
-
     def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None):
         """Run one layer's experts; tokens[i] is how many tokens expert i serves (None: one each)."""
-        env, cache, link, rec = self.env, self.cache, self.link, self.recorder
+        topo = self.topology
+        if topo.placement == "layers":
+            homes = [topo.layer_gpu[layer]] * len(experts)
+        else:
+            homes = [topo.home(layer, e) for e in experts]
+        blocks, order = start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
+                                    self.recorder, self.policy, self.model.bytes_per_expert, plan,
+                                    self.model.num_layers, topo.home)
+        gpus = sorted(set(homes))
+        routed = len(experts)
+        if len(gpus) == 1:
+            yield from self._compute_on(gpus[0], layer, [i for i in order], blocks, tokens, routed, dispatch=False)
+            return
+        # Expert-parallel: each GPU runs its share of the layer's experts at the same time.
+        work = [self.env.process(self._compute_on(g, layer, [i for i in order if homes[i] == g], blocks, tokens,
+                                                  routed, dispatch=True)) for g in gpus]
+        yield self.env.all_of(work)
+
+    def _compute_on(self, gpu: int, layer: int, order: list[int], blocks: list[list[Block]], tokens: list[int] | None,
+                    routed: int, dispatch: bool):
+        """One GPU computes its experts of a layer in order, each once its blocks are resident (the
+        first `routed` entries of `blocks`; later ones, a whole-layer gather, are only waited for)."""
+        order_routed = [i for i in order if i < routed]
+        env, cache, link, rec = self.env, self.caches[gpu], self.links[gpu], self.recorder
         fractions = self._part_fractions[layer]
-        nparts = len(fractions)
-        blocks, order = start_layer(layer, experts, nparts, cache, link, rec, self.policy, self.model.bytes_per_expert,
-                                    plan, self.model.num_layers, self._link_of_layer)
+        hidden = self.topology.layer_gpu[layer]
+        moved = (len(order_routed) if tokens is None else sum(tokens[i] for i in order_routed)) \
+            * self.activation_bytes_per_token
+        if dispatch and gpu != hidden:  # tokens travel to this GPU's experts and back
+            yield from self._advance(self.topology.transfer_time(self.hardware, hidden, gpu, moved))
         busy = 0.0
         computed: list[Block] = []
         stall = 0.0
         expert_time = self.compute.expert_time
-        routed = len(experts)
         for i in order:
             seconds = 0.0 if i >= routed else expert_time(1 if tokens is None else tokens[i])
             for p, b in enumerate(blocks[i]):
@@ -220,7 +279,7 @@ class Simulation:
                     if busy:
                         yield from self._advance(busy)
                         busy = 0.0
-                        self._unpin(computed)
+                        self._unpin(gpu, computed)
                     if not cache.is_resident(b):
                         waited_from = env.now
                         yield link.ready(b)
@@ -231,12 +290,15 @@ class Simulation:
                 computed.append(b)
         if busy:
             yield from self._advance(busy)
-        self._unpin(computed)
+        self._unpin(gpu, computed)
         rec.stall_s[layer] += stall
+        if dispatch and gpu != hidden:
+            yield from self._advance(self.topology.transfer_time(self.hardware, gpu, hidden, moved))
 
-    def _unpin(self, blocks: list[Block]) -> None:
+    def _unpin(self, gpu: int, blocks: list[Block]) -> None:
+        cache = self.caches[gpu]
         for b in blocks:
-            self.cache.unpin(b)
+            cache.unpin(b)
         blocks.clear()
-        if self.link.blocked:
-            self.link.kick()
+        if self.links[gpu].blocked:
+            self.links[gpu].kick()

@@ -1,11 +1,17 @@
-"""A GPU's host-to-GPU link in SimPy: one copy at a time, taken from the copy queue.
+"""A GPU's inbound copy engine in SimPy: one copy at a time, taken from the copy queue.
 
-A copy costs the link's fixed latency plus bytes over bandwidth, per chunk. Memory is reserved when
-a copy starts (the policy picks victims then); a demand copy that finds no evictable memory waits
-until the running layer unpins something, a prefetch that finds none is dropped. Completions are
-SimPy timeouts with callbacks, not processes: the cheapest event SimPy has.
+A copy comes from host memory over the GPU's PCIe link (latency + bytes / bandwidth, per chunk) or,
+when an NVLink peer holds the block resident and NVLink is faster, from that peer (the peer's copy
+is pinned meanwhile). Host copies of all GPUs share the host side's aggregate limit, when the
+profile sets one: concurrent transfers then split it fairly (a fluid model, re-planned whenever one
+starts or ends). Memory is reserved when a copy starts (the policy picks victims then); a demand
+copy that finds no evictable memory waits until the running layer unpins something, a prefetch
+that finds none is dropped. Completions are SimPy timeouts with callbacks, not processes.
 """
 from __future__ import annotations
+
+import itertools
+from typing import Callable
 
 import simpy
 
@@ -13,16 +19,71 @@ from policies.base import DEMAND_PRIORITY, Block, Policy
 from sim.cache import ExpertCache
 from sim.copy_queue import CopyJob, CopyQueue
 from sim.metrics import Recorder
-from sim.profiles import LinkSpec
+from sim.profiles import HardwareProfile
+
+
+class HostFabric:
+    """The host side's aggregate bandwidth, shared max-min fairly by the host copies in flight."""
+
+    def __init__(self, env: simpy.Environment, aggregate_Bps: float):
+        self.env = env
+        self.aggregate_Bps = aggregate_Bps
+        self._active: dict[int, list] = {}  # id -> [remaining bytes, link bandwidth, rate, on_done]
+        self._ids = itertools.count()
+        self._last = 0.0
+        self._version = 0
+
+    def transfer(self, nbytes: float, cap_Bps: float, on_done: Callable[[], None]) -> None:
+        self._progress()
+        self._active[next(self._ids)] = [float(nbytes), cap_Bps, 0.0, on_done]
+        self._plan()
+
+    def _progress(self) -> None:
+        elapsed = self.env.now - self._last
+        if elapsed > 0:
+            for transfer in self._active.values():
+                transfer[0] -= transfer[2] * elapsed
+        self._last = self.env.now
+
+    def _plan(self) -> None:
+        """Water-filling: each transfer gets min(its link's bandwidth, an equal share of what is left)."""
+        left, waiting = self.aggregate_Bps, sorted(self._active.values(), key=lambda t: t[1])
+        for i, transfer in enumerate(waiting):
+            transfer[2] = min(transfer[1], left / (len(waiting) - i))
+            left -= transfer[2]
+        if not self._active:
+            return
+        self._version += 1
+        version = self._version
+        finish = min(max(t[0], 0.0) / t[2] for t in self._active.values())
+        self.env.timeout(finish).callbacks.append(lambda _e: self._finish(version))
+
+    def _finish(self, version: int) -> None:
+        if version != self._version:
+            return  # re-planned since
+        self._progress()
+        done = [key for key, t in self._active.items() if t[0] <= 1.0]  # within a byte: float noise
+        callbacks = [self._active.pop(key)[3] for key in done]
+        self._plan()
+        for on_done in callbacks:
+            on_done()
 
 
 class HostLink:
-    def __init__(self, env: simpy.Environment, cache: ExpertCache, policy: Policy, spec: LinkSpec, recorder: Recorder):
+    def __init__(self, env: simpy.Environment, gpu: int, caches: list[ExpertCache], policy: Policy,
+                 hardware: HardwareProfile, peers: tuple[int, ...], recorder: Recorder,
+                 fabric: HostFabric | None = None, links: list[HostLink] | None = None):
         self.env = env
-        self.cache = cache
+        self.gpu = gpu
+        self.caches = caches
+        self.cache = caches[gpu]
         self.policy = policy
-        self.spec = spec
+        self.spec = hardware.host_link
+        self.nvlink = hardware.nvlink
+        self.peers = peers
         self.recorder = recorder
+        self.fabric = fabric
+        self.links = links  # every GPU's link, to wake a peer's blocked demand after unpinning there
         self.queue = CopyQueue()
         self.current: CopyJob | None = None
         self.blocked = False  # a demand copy waits for evictable memory
@@ -55,6 +116,8 @@ class HostLink:
             self.recorder.prefetches_cancelled += 1
             if job.started:
                 self.cache.cancel(job.block, job.copied_bytes)
+                if job.source is not None:
+                    self._release_source(job)
         self.kick()
 
     def ready(self, block: Block) -> simpy.Event:
@@ -84,22 +147,41 @@ class HostLink:
                     continue
                 cache.reserve(job.block)
                 job.started = True
+                job.source = self._source(job)
             queue.pop()
             self.blocked = False
             self._start(job)
             return
 
+    def _source(self, job: CopyJob) -> int | None:
+        """An NVLink peer holding the block resident, when copying from it is faster; else the host."""
+        if self.nvlink is None or self.nvlink.copy_time(job.nbytes) >= self.spec.copy_time(job.nbytes):
+            return None
+        for peer in self.peers:
+            if self.caches[peer].is_resident(job.block):
+                self.caches[peer].pin(job.block)  # the source may not be evicted mid-copy
+                return peer
+        return None
+
     def _start(self, job: CopyJob) -> None:
         self.current = job
-        self.env.timeout(self.spec.copy_time(job.chunk_bytes)).callbacks.append(self._chunk_done)
+        if job.source is not None:
+            self.env.timeout(self.nvlink.copy_time(job.chunk_bytes)).callbacks.append(self._chunk_done)
+        elif self.fabric is None:
+            self.env.timeout(self.spec.copy_time(job.chunk_bytes)).callbacks.append(self._chunk_done)
+        else:
+            self.env.timeout(self.spec.latency_s).callbacks.append(
+                lambda _e: self.fabric.transfer(job.chunk_bytes, self.spec.bandwidth_Bps, lambda: self._chunk_done(None)))
 
-    def _chunk_done(self, _event: simpy.Event) -> None:
+    def _chunk_done(self, _event: simpy.Event | None) -> None:
         job = self.current
         self.current = None
         demand = job.demand
-        self.recorder.copied(job.block[0], job.chunk_bytes, demand)
+        self.recorder.copied(job.block[0], job.chunk_bytes, demand, peer=job.source is not None)
         job.chunks_left -= 1
         if job.chunks_left == 0:
+            if job.source is not None:
+                self._release_source(job)
             self.cache.commit(job.block, prefetched=not demand)
             waiter = self._waiters.pop(job.block, None)
             if waiter is not None:
@@ -113,3 +195,8 @@ class HostLink:
                 self._start(job)
                 return
         self.kick()
+
+    def _release_source(self, job: CopyJob) -> None:
+        self.caches[job.source].unpin(job.block)
+        if self.links is not None and self.links[job.source].blocked:
+            self.links[job.source].kick()

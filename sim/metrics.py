@@ -33,6 +33,7 @@ class Recorder:
         self.layer_bytes = [0.0] * num_layers
         self.demand_bytes = 0.0
         self.prefetch_bytes = 0.0
+        self.peer_bytes = 0.0
         self.prefetches_requested = 0
         self.prefetches_dropped = 0
         self.prefetches_cancelled = 0
@@ -41,7 +42,11 @@ class Recorder:
         self.token_latencies: list[float] = []
         self.requests: list[dict[str, Any]] = []
 
-    def copied(self, layer: int, nbytes: float, demand: bool) -> None:
+    def copied(self, layer: int, nbytes: float, demand: bool, peer: bool = False) -> None:
+        """Bytes landed in a GPU's cache: from host memory, or from an NVLink peer (peer=True)."""
+        if peer:
+            self.peer_bytes += nbytes
+            return
         self.layer_bytes[layer] += nbytes
         if demand:
             self.demand_bytes += nbytes
@@ -67,8 +72,9 @@ class RunMetrics:
     trace_origin: str
     model: str
     hardware: str
-    budget_bytes: int
-    budget_experts: float
+    gpus: int
+    budget_bytes: int  # per GPU
+    budget_experts: float  # per GPU
     requests: int
     steps: int
     layer_iterations: int
@@ -91,6 +97,7 @@ class RunMetrics:
     e2e_p90_s: float
     e2e_p99_s: float
     bytes_h2d: float
+    bytes_nvlink: float
     demand_bytes_h2d: float
     prefetch_bytes_h2d: float
     wasted_prefetch_bytes: float
@@ -101,7 +108,7 @@ class RunMetrics:
     stall_s: float
     makespan_s: float
     throughput_tokens_per_s: float
-    gpu_mem_high_water_bytes: int
+    gpu_mem_high_water_bytes: int  # of the fullest GPU's expert cache
     trace_token_reuse: float | None = None
     seed: int = 0
     policy_info: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +117,7 @@ class RunMetrics:
         return asdict(self)
 
 
-def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, model: str, hardware: str,
+def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, model: str, hardware: str, gpus: int,
               budget_bytes: int, bytes_per_expert: int, high_water_bytes: int, evictions: int,
               wasted_prefetch_bytes: float, makespan_s: float, seed: int, trace_token_reuse: float | None,
               policy_info: dict[str, Any]) -> tuple[RunMetrics, pd.DataFrame, pd.DataFrame]:
@@ -144,7 +151,7 @@ def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, mode
 
     tokens = int(per_request["output_tokens"].sum())
     metrics = RunMetrics(
-        policy=policy, trace=trace, trace_origin=trace_origin, model=model, hardware=hardware,
+        policy=policy, trace=trace, trace_origin=trace_origin, model=model, hardware=hardware, gpus=gpus,
         budget_bytes=int(budget_bytes), budget_experts=budget_bytes / bytes_per_expert,
         requests=len(per_request), steps=rec.steps, layer_iterations=rec.layer_iterations, expert_uses=total_uses,
         hit_rate=rate(hits.sum()), demand_hit_rate=rate(hits.sum() - prefetch_hits.sum()),
@@ -153,7 +160,7 @@ def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, mode
         **_stats(per_request["ttft_s"].to_numpy(), "ttft"),
         **_stats(rec.token_latencies, "tpot"),
         **_stats(per_request["e2e_s"].to_numpy(), "e2e"),
-        bytes_h2d=rec.demand_bytes + rec.prefetch_bytes, demand_bytes_h2d=rec.demand_bytes,
+        bytes_h2d=rec.demand_bytes + rec.prefetch_bytes, bytes_nvlink=rec.peer_bytes, demand_bytes_h2d=rec.demand_bytes,
         prefetch_bytes_h2d=rec.prefetch_bytes, wasted_prefetch_bytes=float(wasted_prefetch_bytes),
         prefetches_requested=rec.prefetches_requested, prefetches_dropped=rec.prefetches_dropped,
         prefetches_cancelled=rec.prefetches_cancelled, evictions=evictions, stall_s=float(sum(rec.stall_s)),

@@ -83,6 +83,12 @@ class HardwareProfile:
     launch_s: float
     expert_time_s: dict[str, TimeTable] = field(default_factory=dict)
     non_expert_layer_time_s: dict[str, TimeTable] = field(default_factory=dict)
+    num_gpus: int = 1
+    # NVLink between GPU pairs (one copy at a time per direction and pair); None: no NVLink.
+    nvlink: LinkSpec | None = None
+    nvlink_pairs: tuple[tuple[int, int], ...] = ()
+    # The host side's limit on all host->GPU copies together (root complex, CPU memory); None: no limit.
+    host_aggregate_Bps: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -105,13 +111,22 @@ class HardwareProfile:
                                for k, v in (data.get("expert_time_s") or {}).items()},
                 non_expert_layer_time_s={k: TimeTable.from_points(v, f"{where}.non_expert_layer_time_s.{k}")
                                          for k, v in (data.get("non_expert_layer_time_s") or {}).items()},
+                num_gpus=int(data.get("num_gpus", 1)),
+                nvlink=_link(data.get("nvlink"), f"{where}.nvlink"),
+                nvlink_pairs=tuple(tuple(int(g) for g in pair) for pair in (data.get("nvlink") or {}).get("pairs", [])),
+                host_aggregate_Bps=None if data.get("host_aggregate_Bps") is None
+                else _number(data["host_aggregate_Bps"], f"{where}.host_aggregate_Bps"),
                 extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as exc:
             raise ConfigError(f"{where}: missing field {exc}; see conf/hardware/h100.yaml for the layout") from None
 
     def to_dict(self) -> dict[str, Any]:
+        nvlink = None if self.nvlink is None else {
+            "latency_s": self.nvlink.latency_s, "bandwidth_Bps": self.nvlink.bandwidth_Bps,
+            "pairs": [list(pair) for pair in self.nvlink_pairs]}
         return {
+            "num_gpus": self.num_gpus, "nvlink": nvlink, "host_aggregate_Bps": self.host_aggregate_Bps,
             "name": self.name, "description": self.description, "origin": self.origin,
             "gpu_memory_bytes": self.gpu_memory_bytes,
             "host_link": {"latency_s": self.host_link.latency_s, "bandwidth_Bps": self.host_link.bandwidth_Bps},
@@ -144,7 +159,13 @@ class HardwareProfile:
 
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
-           "launch_s", "expert_time_s", "non_expert_layer_time_s"}
+           "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps"}
+
+
+def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:
+    if not data:
+        return None
+    return LinkSpec(_number(data["latency_s"], f"{where}.latency_s"), _number(data["bandwidth_Bps"], f"{where}.bandwidth_Bps"))
 
 
 def known_hardware() -> list[str]:

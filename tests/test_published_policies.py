@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import probs_from_experts, tiny_model, unit_hardware
-from policies import PolicyContext, Step, make_policy
+from policies import PolicyContext, RequestInfo, Step, make_policy
 from policies.finemoe import ExpertMapStore
 from sim.api import simulate
 from sim.cache import ExpertCache
@@ -21,15 +21,20 @@ def run(trace, policy, budget, hardware=None, **kwargs):
 
 
 def bound(name, model, slots, **params):
-    """A policy bound to an empty cache of `slots` experts, to call its hooks directly."""
+    """A policy bound to one GPU's empty cache of `slots` experts, to call its hooks directly."""
     policy = make_policy(name, **params)
-    policy.bind(PolicyContext(model, [ExpertCache(slots * model.bytes_per_expert, lambda b: model.bytes_per_expert)],
-                              [0] * model.num_layers, np.random.default_rng(0)))
+    cache = ExpertCache(slots * model.bytes_per_expert, lambda b: model.bytes_per_expert)
+    policy.bind(PolicyContext(model, [cache], lambda layer, expert: 0, lambda gpu: list(range(model.num_layers)),
+                              np.random.default_rng(0)))
     return policy
 
 
 def decode_step(index=0):
     return Step(index, "decode", (0,), np.zeros(1, dtype=np.intp))
+
+
+def request(embedding=None):
+    return RequestInfo(0, "r0", 0, 1, embedding)
 
 
 # --- FineMoE ---
@@ -62,7 +67,7 @@ def test_finemoe_prefetches_the_cumulative_probability_prefix(similarity, delta,
     policy = bound("finemoe", model, slots=8, delta=delta, distance=1)
     stored = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.3, 0.15, 0.05]], dtype=np.float32)
     policy.store.add(stored[None], None)
-    policy.on_request_start(type("R", (), {"embedding": None, "prompt_tokens": 0})())
+    policy.on_request_start(request())
     policy.on_step_start(decode_step())
     now = np.array([[similarity, np.sqrt(1 - similarity ** 2), 0.0, 0.0]], dtype=np.float32)
     plan = policy.on_layer_start(decode_step(), 0, now, (1,))
@@ -80,7 +85,7 @@ def test_finemoe_semantic_search_predicts_the_first_layers_before_layer_0():
     maps[1, :, 3] = 1.0
     policy.store.add(maps[:1], np.array([1.0, 0.0]))
     policy.store.add(maps[1:], np.array([0.0, 1.0]))
-    policy.on_request_start(type("R", (), {"embedding": np.array([0.1, 2.0]), "prompt_tokens": 0})())
+    policy.on_request_start(request(np.array([0.1, 2.0])))
     plan = policy.on_step_start(decode_step())
     # the nearest prompt is the second; its map predicts layers 0 and 1 (d = 2) at priority p / (j + 1)
     assert [block for block, _ in plan.blocks] == [(0, 3, 0), (1, 3, 0)]
@@ -109,7 +114,7 @@ def test_moe_infinity_decays_future_layers_and_queues_them_by_score():
     policy = bound("moe_infinity", model, slots=16)
     eam = np.array([[3, 0, 0, 0], [1, 1, 0, 0], [4, 0, 0, 0], [0, 0, 0, 2]], dtype=np.float32)
     policy._store(eam)
-    policy.on_request_start(type("R", (), {"prompt_tokens": 0})())
+    policy.on_request_start(request())
     plan = policy.on_layer_start(decode_step(), 0, np.zeros((1, 4)), (0,))
     # row-normalised counts times 1 - (r - l) / (L + 1): layer 1 x 0.8, layer 2 x 0.6, layer 3 x 0.4
     assert plan.replace

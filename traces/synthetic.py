@@ -59,23 +59,27 @@ def _log_dirichlet(rng: np.random.Generator, skew: float, shape: tuple[int, ...]
     return np.log(np.maximum(draws, 1e-9))
 
 
-def generate_routing(model: ModelSpec, params: SyntheticParams) -> dict[str, np.ndarray | list]:
-    """Draw every request's routing; returns arrays per request (see generate_synthetic)."""
-    rng = np.random.default_rng(params.seed)
-    layers, experts, k = model.num_layers, model.num_experts, model.top_k
-    r = params.requests
-    topic_pop = _log_dirichlet(rng, params.skew, (params.topics, layers), experts)
-    transition = _log_dirichlet(rng, params.skew, (layers, experts), experts)
-    centroids = rng.normal(size=(params.topics, params.embedding_dim))
-    topic = rng.integers(params.topics, size=r)
-    embeddings = centroids[topic] + params.embedding_noise * rng.normal(size=(r, params.embedding_dim))
-    prompt = rng.integers(params.prompt_tokens[0], params.prompt_tokens[1] + 1, size=r)
-    output = rng.integers(params.output_tokens[0], params.output_tokens[1] + 1, size=r)
-    # A request runs prefill rows for its prompt tokens, then output - 1 decode rows (the prefill
-    # pass emits the first output token); without a prompt every output token is a decode row.
-    lengths = prompt + np.where(prompt > 0, output - 1, output)
-    steps = int(lengths.max())
+@dataclass(frozen=True)
+class RoutingModel:
+    """What all requests share: per-topic popularity, per-layer transitions, topic centroids."""
 
+    topic_pop: np.ndarray  # [topics, layers, experts] log-probabilities
+    transition: np.ndarray  # [layers, experts (of the layer above), experts] log-probabilities
+    centroids: np.ndarray  # [topics, embedding_dim]
+
+    @classmethod
+    def draw(cls, model: ModelSpec, params: SyntheticParams, rng: np.random.Generator) -> RoutingModel:
+        layers, experts = model.num_layers, model.num_experts
+        return cls(_log_dirichlet(rng, params.skew, (params.topics, layers), experts),
+                   _log_dirichlet(rng, params.skew, (layers, experts), experts),
+                   rng.normal(size=(params.topics, params.embedding_dim)))
+
+
+def generate_routing(model: ModelSpec, params: SyntheticParams, shared: RoutingModel, topic: np.ndarray,
+                     lengths: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Router probabilities [requests, steps, layers, experts] and top-k experts of a group of requests."""
+    layers, experts, k = model.num_layers, model.num_experts, model.top_k
+    r, steps = len(topic), int(lengths.max())
     probs = np.zeros((r, steps, layers, experts), dtype=np.float32)
     chosen = np.zeros((r, steps, layers, k), dtype=np.int64)
     rows = np.arange(r)
@@ -83,9 +87,9 @@ def generate_routing(model: ModelSpec, params: SyntheticParams) -> dict[str, np.
     for t in range(steps):
         upper = None
         for layer in range(layers):
-            logits = params.topic_strength * topic_pop[topic, layer]
+            logits = params.topic_strength * shared.topic_pop[topic, layer]
             if upper is not None:
-                logits = logits + params.layer_correlation * transition[layer, upper]
+                logits = logits + params.layer_correlation * shared.transition[layer, upper]
             logits = logits + params.stickiness * previous[:, layer]
             logits = logits + params.temperature * rng.gumbel(size=(r, experts))
             logits -= logits.max(axis=1, keepdims=True)
@@ -97,30 +101,59 @@ def generate_routing(model: ModelSpec, params: SyntheticParams) -> dict[str, np.
             previous[:, layer] = False
             previous[rows[:, None], layer, top] = True
             upper = top[:, 0]
-    return {"probs": probs, "experts": chosen, "lengths": lengths, "prompt": prompt, "output": output,
-            "topic": topic, "embeddings": embeddings.astype(np.float32)}
+    return probs, chosen
 
 
-def generate_synthetic(out_dir: str | Path, model: ModelSpec, params: SyntheticParams, overwrite: bool = False) -> Path:
-    routing = generate_routing(model, params)
+GROUP = 32  # requests generated together: bounds memory for long traces
+
+
+def generate_synthetic(out_dir: str | Path, model: ModelSpec, params: SyntheticParams, overwrite: bool = False,
+                       lengths: list[tuple[int, int]] | None = None, workload: str | None = None) -> Path:
+    """Write a synthetic trace; `lengths` gives each request's (prompt, output) tokens (else drawn
+    uniformly from the params' ranges), `workload` names where those lengths came from."""
+    rng = np.random.default_rng(params.seed)
+    shared = RoutingModel.draw(model, params, rng)
+    r = params.requests
+    topic = rng.integers(params.topics, size=r)
+    embeddings = (shared.centroids[topic] + params.embedding_noise * rng.normal(size=(r, params.embedding_dim)))
+    if lengths is None:
+        prompt = rng.integers(params.prompt_tokens[0], params.prompt_tokens[1] + 1, size=r)
+        output = rng.integers(params.output_tokens[0], params.output_tokens[1] + 1, size=r)
+        workload = workload or (f"synthetic: prompt {params.prompt_tokens[0]}-{params.prompt_tokens[1]} tokens, "
+                                f"output {params.output_tokens[0]}-{params.output_tokens[1]} tokens")
+    else:
+        if len(lengths) < r:
+            raise UserError(f"synthetic trace: {r} requests but only {len(lengths)} (prompt, output) lengths")
+        prompt, output = (np.asarray(column) for column in zip(*lengths[:r]))
+        if (output < 1).any() or (prompt < 0).any():
+            raise UserError("synthetic trace: every request needs >= 1 output token and >= 0 prompt tokens")
+    # A request runs prefill rows for its prompt tokens, then output - 1 decode rows (the prefill
+    # pass emits the first output token); without a prompt every output token is a decode row.
+    total = prompt + np.where(prompt > 0, output - 1, output)
     source = Provenance(
         model=f"synthetic routing for the {model.name} shape",
         weights_origin="none: parametric generator (traces.synthetic), not fitted to real routing",
-        dataset=f"synthetic: prompt {params.prompt_tokens[0]}-{params.prompt_tokens[1]} tokens, "
-                f"output {params.output_tokens[0]}-{params.output_tokens[1]} tokens",
+        dataset=workload or "given lengths",
         tool="traces.synthetic",
         details={"params": asdict(params)},
     )
+    # Requests of similar length are generated together (little padding); written in their order.
+    routing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    by_length = np.argsort(total, kind="stable")
+    for start in range(0, r, GROUP):
+        group = by_length[start:start + GROUP]
+        probs, chosen = generate_routing(model, params, shared, topic[group], total[group], rng)
+        for j, i in enumerate(group):
+            routing[int(i)] = probs[j, :total[i]].astype(np.float16), chosen[j, :total[i]]
     writer = TraceWriter(out_dir, model, source, default_embedding="topic", overwrite=overwrite)
-    for i in range(params.requests):
-        n = int(routing["lengths"][i])
+    for i in range(r):
+        probs, chosen = routing.pop(i)
         writer.add_request(
-            request_id=f"synthetic-{i}", dataset="synthetic", probs=routing["probs"][i, :n],
-            experts=routing["experts"][i, :n], prefill_iters=int(routing["prompt"][i]),
-            prompt_tokens=int(routing["prompt"][i]), output_tokens=int(routing["output"][i]),
-            embeddings={"topic": routing["embeddings"][i]},
+            request_id=f"synthetic-{i}", dataset="synthetic", probs=probs, experts=chosen,
+            prefill_iters=int(prompt[i]), prompt_tokens=int(prompt[i]), output_tokens=int(output[i]),
+            embeddings={"topic": embeddings[i].astype(np.float32)},
         )
-    return writer.close(extra={"topics": routing["topic"].tolist()})
+    return writer.close(extra={"topics": topic.tolist()})
 
 
 def main(argv: list[str] | None = None) -> None:

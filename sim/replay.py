@@ -1,0 +1,135 @@
+"""The engine-neutral outer half of a replay, shared by the simulator and realrun's executor.
+
+Binding the policy (with the future for the oracles), fixing how experts are split into blocks,
+warming the caches, the requests' arrival times, and each request's timing record (TTFT, the
+gaps between tokens, end-to-end). An engine supplies the clock; the records are identical.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from policies.base import Block, Policy, PolicyContext, RequestInfo, Step
+from sim.cache import ExpertCache
+from sim.errors import ConfigError
+from sim.future import ReplayFuture
+from sim.metrics import Recorder
+from sim.schedule import Pass
+from traces import ModelSpec, Trace
+
+
+def bind_policy(policy: Policy, ctx: PolicyContext, trace: Trace, train_requests: list[int]) -> list[tuple[float, ...]]:
+    """Bind the policy, let it learn from the training split; returns each layer's part fractions."""
+    policy.bind(ctx)
+    if train_requests:
+        policy.fit(trace, train_requests)
+    fractions = []
+    for layer in range(ctx.model.num_layers):
+        parts = tuple(policy.parts(layer))
+        if abs(sum(parts) - 1.0) > 1e-9 or any(f <= 0 for f in parts):
+            raise ConfigError(f"policy '{policy.name}' splits layer {layer} experts into {parts}; "
+                              "parts must be positive and sum to 1")
+        fractions.append(parts)
+    return fractions
+
+
+def policy_future(policy: Policy, trace: Trace, requests: list[int]) -> ReplayFuture | None:
+    """The replay's future, for the policies that may read it; None for the others."""
+    return ReplayFuture(trace, requests) if policy.reads_future else None
+
+
+def part_bytes(model: ModelSpec, fractions: tuple[float, ...]) -> list[int]:
+    return [int(round(model.bytes_per_expert * f)) for f in fractions]
+
+
+def initial_blocks(policy: Policy, ctx: PolicyContext, gpu: int, fractions: list[tuple[float, ...]],
+                   warm_start: bool) -> list[Block]:
+    """What a GPU's cache holds before the first request: every expert homed there (bounds that
+    ignore the budget), the policy's warm set (warm_start), or nothing."""
+    if policy.ignores_budget:
+        return [(l, e, p) for l in ctx.layers_of(gpu) for e in range(ctx.model.num_experts)
+                if ctx.home(l, e) == gpu for p in range(len(fractions[l]))]
+    if warm_start:
+        return policy.warm_blocks(gpu)
+    return []
+
+
+def warm(cache: ExpertCache, policy: Policy, blocks: list[Block]) -> list[Block]:
+    """Place blocks before the first request, through the policy's admission; no copy is charged.
+    Returns the blocks placed (an engine that moves real bytes copies those)."""
+    placed = []
+    for block in blocks:
+        if not cache.holds(block) and cache.admit(block, policy, demand=False):
+            cache.reserve(block)
+            cache.commit(block, prefetched=False)
+            policy.on_copy_done(block, False)
+            placed.append(block)
+    return placed
+
+
+def arrival_times(options, trace: Trace, requests: list[int]) -> np.ndarray | None:
+    """Arrival of each replayed request in seconds from the start (options: arrival, rate_rps, seed);
+    None for a closed loop."""
+    if options.arrival == "closed":
+        return None
+    if options.arrival == "poisson":
+        if options.rate_rps <= 0:
+            raise ConfigError(f"rate_rps must be positive for Poisson arrivals, got {options.rate_rps}")
+        gaps = np.random.default_rng(options.seed).exponential(1.0 / options.rate_rps, len(requests))
+        return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+    if options.arrival != "trace":
+        raise ConfigError(f"arrival '{options.arrival}' unknown; use closed, poisson or trace")
+    times = trace.requests["arrival_s"].to_numpy()[requests]
+    if np.isnan(times).any():
+        raise ConfigError("arrival=trace, but the trace has requests without arrival_s; use closed or poisson")
+    return times - times.min()
+
+
+def request_info(trace: Trace, embeddings: np.ndarray | None, r: int) -> RequestInfo:
+    row = trace.requests.iloc[r]
+    embedding = None
+    if embeddings is not None and not np.isnan(embeddings[r]).any():
+        embedding = np.asarray(embeddings[r])
+    return RequestInfo(r, str(row["request_id"]), int(row["prompt_tokens"]), int(row["output_tokens"]), embedding)
+
+
+class RequestTimer:
+    """One request's timing: call token(now) after each forward pass, finish(now) at its end."""
+
+    def __init__(self, info: RequestInfo, arrival_s: float, start_s: float, recorder: Recorder):
+        self.info = info
+        self.arrival_s = arrival_s
+        self.start_s = start_s
+        self.recorder = recorder
+        self.first_token_s: float | None = None
+        self.last_token_s = start_s
+
+    def token(self, now: float) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = now
+        else:
+            self.recorder.token_latencies.append(now - self.last_token_s)
+        self.last_token_s = now
+
+    def finish(self, now: float) -> None:
+        info = self.info
+        self.recorder.requests.append({
+            "request_id": info.request_id, "prompt_tokens": info.prompt_tokens,
+            "output_tokens": info.output_tokens, "arrival_s": self.arrival_s, "start_s": self.start_s,
+            "first_token_s": self.first_token_s if self.first_token_s is not None else now, "end_s": now,
+        })
+
+
+def pass_step(index: int, spec: Pass, trace: Trace) -> Step:
+    """The policy's view of a forward pass (with the trace's lookahead gates and hidden-state
+    projections where it has them)."""
+    return Step(index, spec.kind, spec.requests, spec.token_request, _rows_view(trace.lookahead, spec.rows),
+                _rows_view(trace.hidden_proj, spec.rows))
+
+
+def _rows_view(table: np.ndarray | None, rows) -> Callable[[int], np.ndarray] | None:
+    """layer -> this pass's rows of an optional per-iteration table."""
+    if table is None or rows is None:
+        return None
+    return lambda layer: np.asarray(table[rows, layer], dtype=np.float32)
