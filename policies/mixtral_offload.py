@@ -4,7 +4,8 @@ The cache is the per-layer LRU of `lru` (the budget split evenly over layers; th
 of Mixtral's 8 experts per layer, offload_per_layer=4 in github dvmazur/mixtral-offloading
 notebooks/demo.ipynb). After layer l's router has run, the top `guesses` experts guessed for layer
 l+1 are prefetched (policies.speculation: the next router applied to this hidden state when the
-trace has those gates, else the previous token's choices at l+1). The paper prefetches the top 1-2
+trace has those gates, else the previous token's choices at l+1), never more than layer l+1's
+share of the cache holds (a second guess would evict the first). The paper prefetches the top 1-2
 guesses; the public code has no speculative loading (README: "Speculative expert prefetching").
 """
 from __future__ import annotations
@@ -32,9 +33,12 @@ class MixtralOffload(LRU):
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         super().on_layer_start(step, layer, probs, experts)
         self.speculation.observe(layer, experts)
-        if layer + 1 == self.ctx.model.num_layers or not self.guesses:
+        following = layer + 1
+        width = self.guesses if self.quota is None or following == self.ctx.model.num_layers \
+            else min(self.guesses, self.quota.quota[self.quota.key((following, 0, 0))])
+        if following == self.ctx.model.num_layers or not width:
             return None
-        return PrefetchPlan([((layer + 1, e, 0), 1.0) for e in self.speculation.guess(step, layer, self.guesses)])
+        return PrefetchPlan([((following, e, 0), 1.0) for e in self.speculation.guess(step, layer, width)])
 
     def describe(self) -> dict:
         return {**super().describe(), "guesses": self.guesses, "guessed_from": self.speculation.source}

@@ -22,7 +22,7 @@ from tqdm import tqdm  # noqa: E402
 
 from sim.api import prepare, simulate  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
-from sim.report import atomic_write_csv, atomic_write_text  # noqa: E402
+from sim.report import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
 from traces.cli import run_cli  # noqa: E402
 
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.2)
@@ -57,9 +57,7 @@ def plot(curve: pd.DataFrame, title: str, out: Path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     for suffix in ("png", "svg"):
-        tmp = out / f".load_curve.tmp.{suffix}"
-        fig.savefig(tmp)
-        tmp.replace(out / f"load_curve.{suffix}")
+        atomic_save_figure(fig, out / f"load_curve.{suffix}")
     plt.close(fig)
 
 

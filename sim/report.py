@@ -31,6 +31,13 @@ def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure (format from the suffix) under a temporary name, then rename."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and value != value:
         return None  # NaN is not JSON
