@@ -109,7 +109,7 @@ class FineMoE(Policy):
         self.store = ExpertMapStore(self.capacity, m.num_layers, m.num_experts, self.distance)
         self.prob = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
         self.freq = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)  # uses since loaded
-        self.candidates: set[Block] = set()
+        self.candidates = np.zeros((m.num_layers, m.num_experts), dtype=bool)  # the latest prefetch plan's
         self._embeds: dict[int, np.ndarray | None] = {}  # running request -> unit prompt embedding
 
     def embedding_source(self) -> str | None:
@@ -142,9 +142,12 @@ class FineMoE(Policy):
         matched maps' (the highest over the batch), for eviction."""
         if not matched:
             return None
-        self.prob[first:last] = np.max([m[first:last] for m in matched], axis=0)
+        self.prob[first:last] = matched[0][first:last] if len(matched) == 1 else \
+            np.max([m[first:last] for m in matched], axis=0)
         plan = union_plan(predictions)
-        self.candidates = {block for block, _ in plan.blocks}
+        self.candidates[:] = False
+        for (layer, expert, _), _ in plan.blocks:
+            self.candidates[layer, expert] = True
         return plan
 
     def on_request_start(self, request: RequestInfo) -> None:
@@ -210,12 +213,8 @@ class FineMoE(Policy):
         self.freq[block[0], block[1]] = 1
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
-        candidates = np.zeros((self.layers, self.experts), dtype=bool)
-        for layer, expert, _ in self.candidates:
-            candidates[layer, expert] = True
-
         def rank(layers, experts, parts):
-            return candidates[layers, experts], self.prob[layers, experts] * self.freq[layers, experts]
+            return self.candidates[layers, experts], self.prob[layers, experts] * self.freq[layers, experts]
 
         victims = lowest_ranked(cache, need_bytes, rank)
         for layer, expert, _ in victims:

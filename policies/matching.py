@@ -23,6 +23,8 @@ def best_match(similarity: np.ndarray, stamps: np.ndarray) -> int:
 def union_plan(predictions: list[list[tuple[Block, float]]]) -> PrefetchPlan | None:
     """One queue-replacing plan for the requests of a batch: every block any of them predicts, at
     the highest priority any gives it, in first-seen order."""
+    if len(predictions) == 1:
+        return PrefetchPlan(predictions[0], replace=True)
     merged: dict[Block, float] = {}
     for blocks in predictions:
         for block, priority in blocks:

@@ -120,12 +120,14 @@ class MoEInfinity(Policy):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.activations[layer, list(experts)] += 1
-        for position, r in enumerate(step.requests):
-            rows = probs[step.token_request == position]
+        requests = step.requests
+        for position, r in enumerate(requests):
+            rows = probs if len(requests) == 1 else probs[step.token_request == position]
             self._eams[r][layer] += pass_counts(step, rows, experts, self.top_k, self._prompt_tokens[r])
         if self.size == 0:
             return None
-        self.score = np.max([self._predict(r, layer) for r in step.requests], axis=0)
+        self.score = self._predict(requests[0], layer) if len(requests) == 1 else \
+            np.max([self._predict(r, layer) for r in requests], axis=0)
         rows, cols = np.nonzero(self.score)
         scores = self.score[rows, cols]
         # The queue never needs more than the caches hold; it is replaced after the next layer anyway.

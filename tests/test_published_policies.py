@@ -103,7 +103,7 @@ def test_finemoe_evicts_the_lowest_probability_times_frequency_first():
     policy.prob[0] = [0.6, 0.3, 0.1, 0.0]
     policy.freq[0] = [1, 5, 2, 0]  # p * freq: 0.6, 1.5, 0.2
     assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 2, 0)]
-    policy.candidates = {(0, 2, 0)}  # the latest prefetch candidates are spared
+    policy.candidates[0, 2] = True  # the latest prefetch candidates are spared
     assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 0, 0)]
 
 
@@ -143,16 +143,18 @@ def test_deepspeed_keeps_two_layers_resident_and_moves_every_expert_every_pass(m
     assert m.bytes_h2d == (m.steps * model.num_layers + 1) * model.num_experts * S
 
 
-def lookahead_trace(tmp_path, steps):
-    """Two layers, top-1: layer 0 always uses expert 0, layer 1 alternates 1, 2; the trace carries
-    layer 1's gates applied to layer 0's hidden state, pointing at the expert layer 1 will use."""
+def lookahead_trace(tmp_path, steps, requests=1, signal="lookahead"):
+    """Two layers, top-1: layer 0 always uses expert 0, layer 1 alternates 1, 2. Only the trace's
+    extra signal tells which: layer 1's gates applied to layer 0's hidden state (lookahead), or a
+    hidden-state projection that encodes it (hidden)."""
     model = tiny_model(layers=2, experts=4)
-    experts = np.array([[[0], [1 + t % 2]] for t in range(steps)])
-    lookahead = np.zeros((steps, 2, 1, 4), dtype=np.float32)
-    lookahead[np.arange(steps), 0, 0, experts[:, 1, 0]] = 1.0
-    writer = TraceWriter(tmp_path / "la", model, Provenance("test", "none", "hand-built", "tests"))
-    writer.add_request(request_id="r0", dataset="test", probs=probs_from_experts(experts, 4), experts=experts,
-                       lookahead=lookahead)
+    writer = TraceWriter(tmp_path / signal, model, Provenance("test", "none", "hand-built", "tests"))
+    for r in range(requests):
+        experts = np.array([[[0], [1 + (t + r) % 2]] for t in range(steps)])
+        extra = np.zeros((steps, 2, 1, 4) if signal == "lookahead" else (steps, 2, 4), dtype=np.float32)
+        extra[np.arange(steps), 0, ..., experts[:, 1, 0]] = 1.0
+        writer.add_request(request_id=f"r{r}", dataset="test", probs=probs_from_experts(experts, 4), experts=experts,
+                           **{"lookahead" if signal == "lookahead" else "hidden_proj": extra})
     return load_trace(writer.close())
 
 
@@ -174,6 +176,15 @@ def test_promoe_learns_a_predictable_next_layer_and_reports_its_precision(make_t
     info = run(trace, "promoe", "6experts", train_fraction=0.5).metrics.policy_info
     assert info["predictor_precision"] == 1.0 and info["predictor_recall"] == 1.0
     assert info["chunks"] == 4
+
+
+@pytest.mark.parametrize("signal, source", [("lookahead", "layer l+1 gates on this hidden state"),
+                                            ("hidden", "hidden state")])
+def test_promoe_reads_the_hidden_state_or_the_next_gates_when_the_trace_has_them(tmp_path, signal, source):
+    trace = lookahead_trace(tmp_path, steps=12, requests=4, signal=signal)
+    info = run(trace, "promoe", "4experts", train_fraction=0.5, policy_params={"width": 1}).metrics.policy_info
+    assert source in info["predictor_inputs"]
+    assert info["predictor_precision"] == 1.0
 
 
 def test_promoe_without_a_training_split_says_how_to_get_one(make_trace):
