@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 
 from conf import CONF_DIR
-from policies import available, policy_class
+from policies import available, make_policy, policy_class
 from sim.api import simulate
 from sim.cli import CLI_ONLY
 from sim.config import SimConfig
@@ -141,8 +142,19 @@ def test_tune_configs_compose_and_name_real_knobs(name):
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.policy.name == policy
     check_objective(cfg.objective)
     accepted = set(inspect.signature(policy_class(policy).__init__).parameters) - {"self"}
-    for key in cfg.hydra.sweeper.params:
-        assert key.startswith("policy.") and key.removeprefix("policy.") in accepted, f"{name}: unknown knob {key}"
+    for key, space in cfg.hydra.sweeper.params.items():
+        knob = key.removeprefix("policy.")
+        assert key.startswith("policy.") and knob in accepted, f"{name}: unknown knob {key}"
+        for value in search_space_ends(f"{key}={space}"):
+            make_policy(policy, **{knob: value})  # the ends of the search space are valid knobs
+
+
+def search_space_ends(override: str) -> list:
+    """The choices of a choice(...), the two ends of an interval(...)."""
+    parsed = OverridesParser.create().parse_override(override)
+    if parsed.is_choice_sweep():
+        return list(parsed.sweep_iterator())
+    return [parsed.value().start, parsed.value().end]
 
 
 def test_the_slurm_launcher_composes_with_documented_settings():
