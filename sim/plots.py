@@ -74,7 +74,7 @@ def metric_vs_budget(runs: pd.DataFrame, metric: str, *, facet: tuple[str, ...] 
     dashed: a second metric of the same unit drawn dashed in the series' colour (e.g. p99 beside mean).
     """
     varying = [c for c in facet if c in runs.columns and runs[c].nunique(dropna=False) > 1]
-    table = runs.assign(series=series_labels(runs, series_columns(runs, exclude=tuple(varying))))
+    table = runs.assign(series=series_labels(runs, series_columns(runs, within=varying)))
     groups = facet_groups(table, varying)
     palette = colors(table["series"].tolist())
     label, scale = axis(metric)

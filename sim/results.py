@@ -24,8 +24,8 @@ from sim.budget import parse_budget
 from sim.config import SimConfig
 from sim.report import CONFIG_FILE, LAYERS_FILE, METRICS_FILE, atomic_write_csv, write_atomically
 from traces.cli import run_cli
-from traces.errors import TraceError, UserError
-from traces.format import META, TraceMeta
+from traces.errors import UserError
+from traces.format import REQUESTS
 
 RESULTS = "results"  # results.parquet, results.csv
 LAYER_RESULTS = "layer_results"
@@ -54,12 +54,12 @@ def _cell(value: Any) -> Any:
 
 @lru_cache(maxsize=None)
 def trace_dataset(trace: str) -> str | None:
-    """The dataset a trace's routing came from (its meta.json), or None where the trace is not here."""
+    """The datasets of a trace's requests ('gsm8k', 'gsm8k+mmlu'), or None where the trace is not here."""
     try:
-        meta_path = Path(trace) / META
-        return TraceMeta.from_json(meta_path.read_text(), str(meta_path)).source.dataset
-    except (OSError, TraceError):
+        names = pd.read_parquet(Path(trace) / REQUESTS, columns=["dataset"])["dataset"]
+    except (OSError, ValueError, KeyError):
         return None
+    return "+".join(sorted(names.dropna().unique())) or None
 
 
 def read_run(run_dir: Path, root: Path) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -125,14 +125,22 @@ def knob_columns(runs: pd.DataFrame) -> list[str]:
     return [c for c in ordered if c in runs.columns]
 
 
-def series_columns(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
-    """The policy, and the identity columns and policy knobs that vary in the sweep: what tells
-    one series of a figure from another. A knob varies when it does within one policy."""
-    identity = [c for c in IDENTITY if c in runs.columns and c != "policy" and runs[c].nunique(dropna=False) > 1]
-    per_policy = runs.groupby("policy", dropna=False)
-    knobs = [c for c in knob_columns(runs)
-             if c.startswith(POLICY_KNOB_PREFIX) and per_policy[c].nunique(dropna=False).max() > 1]
-    return [c for c in ["policy", *identity, *knobs] if c not in exclude]
+def series_columns(runs: pd.DataFrame, within: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The policy, then the identity columns and policy knobs that vary: what tells one series of a
+    figure from another. Within panels (one per value of the `within` columns), a column counts only
+    where it varies inside a panel; a knob, where it varies for one policy; a trace's name, where it
+    varies for one dataset."""
+    within = list(within)
+
+    def varies(column: str, inside: list[str]) -> bool:
+        if not inside:
+            return runs[column].nunique(dropna=False) > 1
+        return runs.groupby(inside, dropna=False)[column].nunique(dropna=False).max() > 1
+
+    identity = [c for c in IDENTITY if c in runs.columns and c != "policy" and c not in within
+                and varies(c, within + (["dataset"] if c == "trace_name" else []))]
+    knobs = [c for c in knob_columns(runs) if c.startswith(POLICY_KNOB_PREFIX) and varies(c, ["policy", *within])]
+    return ["policy", *identity, *knobs]
 
 
 def series_labels(runs: pd.DataFrame, columns: list[str]) -> pd.Series:

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,12 +10,14 @@ import pytest
 
 from sim.api import simulate
 from sim.config import SimConfig
-from sim.plots import axis
+from sim.plots import axis, layer_hit_rate_heatmap, metric_vs_budget
 from sim.report import write_run
 from sim.results import (
     by_budget, gather, knob_columns, load_layer_results, load_results, series_columns, series_labels,
 )
 from traces.defaults import resolve_trace
+from traces.model_spec import load_model_spec
+from traces.synthetic import SyntheticParams, generate_synthetic
 
 FIGURES = ["hit_rate_vs_budget", "tpot_vs_budget", "ttft_vs_budget", "layer_hit_rate_heatmap", "bytes_moved_vs_budget"]
 
@@ -70,6 +73,25 @@ def test_the_budget_axis_is_the_budget_asked_for(tmp_path):
     assert runs.loc["all_resident", "budget_gb"] == runs.loc["lru", "budget_gb"] == 2.0
     assert runs.loc["all_resident", "budget_bytes"] > runs.loc["lru", "budget_bytes"] == 2 * 10**9
     assert series_columns(runs.reset_index()) == ["policy"]  # a knob of lru alone does not vary
+
+
+def test_each_model_and_dataset_gets_a_panel_and_each_policy_a_line(tmp_path):
+    model = load_model_spec("mixtral-8x7b")
+    synthetic = generate_synthetic(tmp_path / "syn", model, SyntheticParams(requests=2, output_tokens=(4, 8), seed=1))
+    for trace in ("default", str(synthetic)):
+        for policy in ("lru", "belady"):
+            for budget in ("2GB", "8GB"):
+                cfg = SimConfig(trace=trace, policy=policy, budget=budget, max_requests=1)
+                write_run(simulate(cfg), tmp_path / "runs" / f"{Path(trace).name}-{policy}-{budget}")
+    results = gather(tmp_path / "runs", progress=False)
+    assert set(results.runs["dataset"]) == {"gsm8k", "synthetic"}
+    fig = metric_vs_budget(results.runs, "hit_rate")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert sorted(ax.get_title() for ax in panels) == ["gsm8k", "synthetic"]  # the facets that vary
+    assert all(sorted(line.get_label() for line in ax.get_lines()) == ["belady", "lru"] for ax in panels)
+    assert all(ax.get_xlabel() == "expert budget (GB)" and ax.get_ylabel() == "expert hit rate (%)" for ax in panels)
+    heatmap = layer_hit_rate_heatmap(results.layers)
+    assert len([ax for ax in heatmap.axes if ax.get_images()]) == 4  # 2 policies x 2 datasets
 
 
 def test_the_cli_writes_tables_and_figures_that_read_back(small_sweep, tmp_path):
