@@ -31,13 +31,9 @@ RESULTS = "results"  # results.parquet, results.csv
 LAYER_RESULTS = "layer_results"
 FIGURES = "figures"
 POLICY_KNOB_PREFIX = "policy_"
-# Settings whose resolved value metrics.json records under the same name (a trace's path for
-# 'default', the model's name for null, a hardware profile's name): the resolved one is kept.
-RESOLVED_IN_METRICS = {"policy", "trace", "model", "hardware", "seed"}
-# Columns that tell runs apart besides the policy's knobs; a series of a figure is a combination
-# of those that vary in a sweep (budget is the x axis, seeds are averaged).
-IDENTITY = ["policy", "model", "dataset", "trace_name", "hardware", "warm_start", "arrival", "rate_rps",
-            "max_requests", "train_fraction"]
+# Knobs that never tell one series of a figure from another: the budget is the x axis, seeds are
+# averaged, a trace's path is told by trace_name and dataset.
+NOT_SERIES = {"policy", "budget", "seed", "trace"}
 
 
 @dataclass
@@ -78,7 +74,7 @@ def read_run(run_dir: Path, root: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     for key, value in config.items():
         if key == "policy_params":
             row.update({f"{POLICY_KNOB_PREFIX}{k}": _cell(v) for k, v in value.items()})
-        elif key not in RESOLVED_IN_METRICS:
+        elif key not in metrics:  # else metrics.json holds the value resolved (a trace's path, a model's name)
             row[key] = _cell(value)
     row.update({key: _cell(value) for key, value in metrics.items()})
     row["trace_name"] = Path(metrics["trace"]).name
@@ -126,8 +122,8 @@ def knob_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def series_columns(runs: pd.DataFrame, within: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The policy, then the identity columns and policy knobs that vary: what tells one series of a
-    figure from another. Within panels (one per value of the `within` columns), a column counts only
+    """The policy, then the settings and policy knobs that vary: what tells one series of a figure
+    from another. Within panels (one per value of the `within` columns), a column counts only
     where it varies inside a panel; a knob, where it varies for one policy; a trace's name, where it
     varies for one dataset."""
     within = list(within)
@@ -137,10 +133,11 @@ def series_columns(runs: pd.DataFrame, within: list[str] | tuple[str, ...] = ())
             return runs[column].nunique(dropna=False) > 1
         return runs.groupby(inside, dropna=False)[column].nunique(dropna=False).max() > 1
 
-    identity = [c for c in IDENTITY if c in runs.columns and c != "policy" and c not in within
-                and varies(c, within + (["dataset"] if c == "trace_name" else []))]
-    knobs = [c for c in knob_columns(runs) if c.startswith(POLICY_KNOB_PREFIX) and varies(c, ["policy", *within])]
-    return ["policy", *identity, *knobs]
+    knobs = knob_columns(runs)
+    policy_knobs = [c for c in knobs if c.startswith(POLICY_KNOB_PREFIX) and varies(c, ["policy", *within])]
+    settings = [c for c in knobs if not c.startswith(POLICY_KNOB_PREFIX) and c not in NOT_SERIES
+                and c not in within and varies(c, within + (["dataset"] if c == "trace_name" else []))]
+    return ["policy", *settings, *policy_knobs]
 
 
 def series_labels(runs: pd.DataFrame, columns: list[str]) -> pd.Series:
