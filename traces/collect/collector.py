@@ -126,13 +126,12 @@ def timing_summary(batches: list[dict[str, Any]]) -> dict[str, Any]:
 
 def collect(cfg: CollectConfig) -> Path:
     """Run the collection cfg describes (resuming its work directory if one exists); returns the trace directory."""
-    import torch
-
     out = cfg.out_dir
     if out.exists() and not cfg.overwrite:
         raise UserError(f"{out} already exists; choose another out= or pass overwrite=true")
     device = runner.resolve_device(cfg.device)
     dtype = runner.resolve_dtype(cfg.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     config, scoring = runner.load_config(cfg.model)
     tokenizer = runner.load_tokenizer(cfg.model)
     selection = PromptSelection(**{name: getattr(cfg, name) for name in PromptSelection.__dataclass_fields__})
@@ -140,29 +139,50 @@ def collect(cfg: CollectConfig) -> Path:
     if len(prompts.requests) < cfg.n_requests:
         print(f"note: only {len(prompts.requests)} of {cfg.n_requests} prompts pass the filters "
               f"({prompts.details['dropped']})", file=sys.stderr)
-    requests = prompts.requests
-    plan = Plan(cfg.recorded_settings(), [r.request_id for r in requests], make_batches(requests, cfg.batch_size))
+    # The resolved device type and dtype too: a resume on other hardware must not mix precisions.
+    settings = {**cfg.recorded_settings(), "resolved_device_type": device.type, "resolved_dtype": dtype_name}
+    plan = Plan(settings, [r.request_id for r in prompts.requests], make_batches(prompts.requests, cfg.batch_size))
     work = out.with_name(out.name + WORK_SUFFIX)
     done = open_work_dir(work, plan)
 
     model = runner.load_model(cfg.model, device, dtype)
     routers = find_routers(model)
     spec = model_spec(model_name(cfg.model), config, len(routers))
-    source = provenance(cfg, config, scoring, [r.decoder_layer for r in routers], prompts, str(device),
-                        str(dtype).removeprefix("torch."))
-    projection = hidden_projection(config.hidden_size, cfg.hidden_proj_dim, cfg.seed) if cfg.hidden_proj_dim else None
+    source = provenance(cfg, config, scoring, [r.decoder_layer for r in routers], prompts, str(device), dtype_name)
+    todo = [b for b in range(len(plan.batches)) if b not in done]
+    if todo:
+        projection = hidden_projection(config.hidden_size, cfg.hidden_proj_dim, cfg.seed) if cfg.hidden_proj_dim else None
+        tap = RouterTap(routers, scoring, spec.num_experts, spec.top_k, lookahead=cfg.lookahead, projection=projection)
+        with tap:
+            run_batches(cfg, model, tokenizer, tap, prompts, plan, todo, work, spec, source)
+
+    shards = [shard_path(work, b) for b in range(len(plan.batches))]
+    batches = [load_trace(s).meta.extra["timing"] for s in shards]
+    merge_traces(shards, out, source=source, order=plan.request_ids, overwrite=cfg.overwrite,
+                 extra={"timing": timing_summary(batches)})
+    shutil.rmtree(work)
+    return out
+
+
+def run_batches(cfg: CollectConfig, model, tokenizer, tap: RouterTap, prompts: PromptSet, plan: Plan,
+                todo: list[int], work: Path, spec: ModelSpec, source: Provenance) -> None:
+    """Run the given batches of the plan, writing each as a shard trace in the work directory."""
+    import torch
+
+    device = next(model.parameters()).device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     embed_text = minilm_embedder(str(device)) if "minilm" in cfg.embedding_sources else None
     generation = runner.Generation(temperature=cfg.temperature, ignore_eos=cfg.ignore_eos)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     eos_ids = _eos_ids(tokenizer, model)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-    todo = [b for b in range(len(plan.batches)) if b not in done]
+    requests = prompts.requests
     # Iterations to run: every prompt token, then every output token after the first.
     total = sum(len(requests[i].input_ids) + requests[i].output_tokens - 1 for b in todo for i in plan.batches[b])
-    tap = RouterTap(model, scoring, spec.num_experts, spec.top_k, lookahead=cfg.lookahead, projection=projection)
-    with tap, tqdm(total=total, unit="tok", unit_scale=True, desc=f"collect {spec.name}",
-                   disable=not cfg.progress) as bar:
+    # One pass that is neither timed nor recorded, so the first batch's timing holds no start-up cost.
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[pad_id]], device=device))
+    tap.take()
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"collect {spec.name}", disable=not cfg.progress) as bar:
         for b in todo:
             bar.set_postfix_str(f"batch {b + 1}/{len(plan.batches)}")
             batch = [requests[i] for i in plan.batches[b]]
@@ -182,13 +202,6 @@ def collect(cfg: CollectConfig) -> Path:
                     prompt_tokens=result.prefill_iters, output_tokens=len(result.output_ids), experts=result.experts,
                     embeddings=embeddings, lookahead=result.lookahead, hidden_proj=result.hidden_proj)
             writer.close(extra={"timing": {**asdict(timing), "requests": len(batch), "device": device_name}})
-
-    shards = [shard_path(work, b) for b in range(len(plan.batches))]
-    batches = [load_trace(s).meta.extra["timing"] for s in shards]
-    merge_traces(shards, out, source=source, order=plan.request_ids, overwrite=cfg.overwrite,
-                 extra={"timing": timing_summary(batches)})
-    shutil.rmtree(work)
-    return out
 
 
 def _eos_ids(tokenizer, model) -> set[int]:

@@ -117,16 +117,16 @@ class PassRouting:
 
 
 class RouterTap:
-    """Forward hooks on every router of a model; take() returns and clears what one forward pass recorded."""
+    """Forward hooks on a model's routers (find_routers); take() returns and clears what one forward pass recorded."""
 
-    def __init__(self, model: nn.Module, scoring: RouterScoring, num_experts: int, top_k: int, *,
+    def __init__(self, routers: list[Router], scoring: RouterScoring, num_experts: int, top_k: int, *,
                  lookahead: int = 0, projection: np.ndarray | None = None):
-        self.routers = find_routers(model)
+        self.routers = routers
         self.scoring = scoring
         self.num_experts = num_experts
         self.top_k = top_k
         self.lookahead = lookahead
-        device = next(model.parameters()).device
+        device = next(routers[0].module.parameters()).device
         self.projection = None if projection is None else torch.from_numpy(projection).to(device)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._nested = False
