@@ -42,6 +42,14 @@ class TinyModel:
     seed: int = 0
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        sizes = ("layers", "hidden", "experts", "top_k", "expert_width", "heads")
+        if min(getattr(self, name) for name in sizes) < 1 or self.dense_layers < 0:
+            raise UserError(f"tiny model: {', '.join(sizes)} must be at least 1 and dense_layers at least 0")
+        if self.top_k > self.experts or self.hidden % self.heads:
+            raise UserError(f"tiny model: top_k={self.top_k} must not exceed experts={self.experts}, "
+                            f"and heads={self.heads} must divide hidden={self.hidden}")
+
 
 def _config(spec: TinyModel):
     import transformers as tf
