@@ -31,19 +31,30 @@ def collect(model, arch: str, generation: Generation = Generation(), batch_seed:
 
 
 def reference_pass(model, tokens: list[int]) -> list[dict]:
-    """Every router's input, logits, weights and expert ids for one sequence, without batching or a KV cache."""
-    seen = []
-    handles = [r.module.register_forward_hook(
-        lambda module, args, output: seen.append({"module": module, "hidden": args[0].reshape(-1, args[0].shape[-1]),
-                                                  "logits": output[0], "weights": output[1], "chosen": output[2]}))
-        for r in find_routers(model)]
+    """Each MoE layer's router input, logits, weights and expert ids, and the expert ids its experts module
+    received, for one sequence without batching or a KV cache."""
+    seen, ran = [], []
+
+    def on_router(module, args, output):
+        seen.append({"module": module, "hidden": args[0].reshape(-1, args[0].shape[-1]),
+                     "logits": output[0], "weights": output[1], "chosen": output[2]})
+
+    def on_experts(module, args, kwargs):
+        ran.append(next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and not a.is_floating_point()))
+
+    modules = dict(model.named_modules())
+    handles = []
+    for router in find_routers(model):
+        handles.append(router.module.register_forward_hook(on_router))
+        block = modules[router.name.rpartition(".")[0]]
+        handles.append(block.experts.register_forward_pre_hook(on_experts, with_kwargs=True))
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([tokens]))
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return [{**layer, "ran": experts} for layer, experts in zip(seen, ran, strict=True)]
 
 
 def by_hand(router: torch.nn.Module, hidden: torch.Tensor, function: str) -> np.ndarray:
@@ -68,8 +79,8 @@ def test_recorded_routing_equals_the_routers_own_outputs(arch):
         for layer, ref in enumerate(layers):
             # Probabilities: the router's own logits through the architecture's scoring function.
             np.testing.assert_allclose(result.probs[:, layer], score(ref["logits"], function).numpy(), atol=1e-5)
-            # Experts: exactly the ones the router chose (and so the block ran).
-            assert (np.sort(result.experts[:, layer], -1) == np.sort(ref["chosen"].numpy(), -1)).all()
+            # Experts: exactly the ones the layer's experts module was given to run.
+            assert (np.sort(result.experts[:, layer], -1) == np.sort(ref["ran"].numpy(), -1)).all()
             # ...which for these configs are also the top-k of the recorded vectors.
             top = np.argsort(-result.probs[:, layer], axis=-1, kind="stable")[:, :TOP_K]
             assert (np.sort(top, -1) == np.sort(result.experts[:, layer], -1)).all()
