@@ -66,7 +66,10 @@ def open_work_dir(work: Path, plan: Plan) -> list[int]:
         tmp.write_text(json.dumps(asdict(plan), indent=1))
         tmp.rename(plan_path)
     for leftover in work.glob(".*.tmp-*"):  # a shard or plan whose writing was cut off
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
     return [b for b in range(len(plan.batches)) if (shard_path(work, b) / META).is_file()]
 
 

@@ -190,7 +190,7 @@ def conversation_record(row: dict[str, Any], fallback_id: str) -> dict[str, Any]
 
 
 def json_file_records(path: Path) -> list[dict[str, Any]]:
-    """A .json prompt file: a list of records, a list of [prompt, prompt_tokens, output_tokens], or dataset-viewer rows."""
+    """A .json prompt file: records, [prompt, prompt_tokens, output_tokens] rows, strings, or dataset-viewer rows."""
     data = _read_json(path)
     if isinstance(data, dict) and isinstance(data.get("rows"), list):
         data = [entry.get("row", entry) for entry in data["rows"]]
@@ -219,7 +219,8 @@ def file_conversations(path: Path) -> Conversations:
         import datasets
 
         try:
-            rows = datasets.load_dataset("json" if suffix == ".jsonl" else "parquet", data_files=str(path), split="train")
+            builder = "json" if suffix == ".jsonl" else "parquet"
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:  # datasets raises many types for a malformed file
             raise UserError(f"{path}: cannot read as {suffix[1:]} ({type(exc).__name__}: {exc}); fix the file") from None
         records = [conversation_record(row, f"{i}") for i, row in enumerate(rows)]
@@ -249,12 +250,16 @@ def split_turns(messages: list[dict[str, str]], turns: str) -> tuple[list[dict[s
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
         return [], None
-    last = users[0] if turns == "first" else users[-1]
-    # Leading assistant turns (some ShareGPT logs start mid-conversation) break most chat templates.
-    first = next(i for i, m in enumerate(messages) if m["role"] != "assistant")
-    context = messages[first:last + 1] if turns == "all" else [m for m in messages[:last] if m["role"] == "system"][:1] + [messages[last]]
-    answer = messages[last + 1]["content"] if last + 1 < len(messages) and messages[last + 1]["role"] == "assistant" else None
-    return context, answer
+    if turns == "first":
+        last = users[0]
+        context = [m for m in messages[:last] if m["role"] == "system"][:1] + [messages[last]]
+    else:
+        last = users[-1]
+        # Leading assistant turns (some ShareGPT logs start mid-conversation) break most chat templates.
+        first = next(i for i, m in enumerate(messages) if m["role"] != "assistant")
+        context = messages[first:last + 1]
+    reply = messages[last + 1] if last + 1 < len(messages) else None
+    return context, reply["content"] if reply is not None and reply["role"] == "assistant" else None
 
 
 class Renderer:
@@ -322,7 +327,8 @@ def select_prompts(dataset: str, tokenizer, selection: PromptSelection) -> Promp
         if row["dropped"]:
             dropped[row["dropped"]] += 1
             continue
-        requests.append(PromptRequest(f"{name}-{row['id']}", row["prompt"], tuple(row["input_ids"]), row["output_tokens"]))
+        requests.append(PromptRequest(f"{name}-{row['id']}", row["prompt"], tuple(row["input_ids"]),
+                                      row["output_tokens"]))
         if len(requests) == selection.n_requests:
             break
     if not requests:

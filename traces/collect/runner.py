@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from traces.collect.prompts import PromptRequest
-from traces.collect.routers import PassRouting, RouterScoring, RouterTap, check_architecture
+from traces.collect.routers import PassRouting, RouterTap, check_architecture
 from traces.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
