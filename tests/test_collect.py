@@ -150,11 +150,12 @@ def other_models(tmp_path_factory):
     (["model={model}", "dataset=nope"], "unknown dataset 'nope'"),
     (["model={model}", "dataset={prompts}", "out={prompts}"], "already exists"),
     (["model={model}", "dataset={prompts}", "device=cuda:7"], "no CUDA GPU here"),
+    (["model={model}", "dataset={prompts}", "n_requests=2", "topm=1"], "topm=1 must lie between top_k 2"),
 ])
 def test_bad_input_gets_one_line(args, message, model_dir, prompt_file, other_models, tmp_path, capsys):
     args = [a.format(other=other_models, model=model_dir, prompts=prompt_file) for a in args]
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, f"out={tmp_path / 'never'}" if not any(a.startswith("out=") for a in args) else "progress=false"])
+        main([f"out={tmp_path / 'never'}", "progress=false", "embeddings=token_mean", *args])  # later keys win
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
-    assert not (tmp_path / "never").exists() and not (tmp_path / "never.work").exists()
+    assert not (tmp_path / "never").exists()

@@ -189,12 +189,12 @@ def run_batches(cfg: CollectConfig, model, tokenizer, tap: RouterTap, prompts: P
         for b in todo:
             bar.set_postfix_str(f"batch {b + 1}/{len(plan.batches)}")
             batch = [requests[i] for i in plan.batches[b]]
+            writer = TraceWriter(shard_path(work, b), spec, source, topm=cfg.topm,
+                                 default_embedding=(cfg.embedding_sources or [None])[0], overwrite=True)
             seed = int(np.random.SeedSequence([cfg.seed, b]).generate_state(1)[0])
             results, timing = runner.run_batch(model, tap, batch, generation, batch_seed=seed, pad_id=pad_id,
                                                eos_ids=eos_ids, on_tokens=bar.update)
             sentences = embed_text([r.prompt for r in batch]) if embed_text else None
-            writer = TraceWriter(shard_path(work, b), spec, source, topm=cfg.topm,
-                                 default_embedding=(cfg.embedding_sources or [None])[0], overwrite=True)
             for j, result in enumerate(results):
                 embeddings = {"token_mean": result.token_mean} if "token_mean" in cfg.embedding_sources else {}
                 if sentences is not None:

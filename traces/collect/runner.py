@@ -100,6 +100,9 @@ def load_tokenizer(name: str):
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the collection's own bar is the one to watch
 
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
