@@ -1,7 +1,11 @@
 """python -m sim +policy=lru +budget=6GB [trace=PATH] [hardware=h100] [model=NAME] [key=value ...]
 
-Sweeps: python -m sim -m +policy=lru,belady +budget=2GB,6GB. Each run writes metrics.json,
-requests.csv, layers.csv and run_config.json into its Hydra output directory.
+Sweeps: python -m sim -m +policy=lru,belady +budget=2GB,6GB, in parallel on this machine's cores
+(hydra/launcher=local, the default) or on Slurm (hydra/launcher=slurm), into multirun/NAME named
+after the sweep's overrides. Each run writes metrics.json, requests.csv, layers.csv and
+run_config.json into its Hydra output directory; a run whose directory already holds its complete
+results is skipped (skip_complete=false runs it again), so a restarted sweep runs only what is
+missing. A run returns its `objective` metric to the sweeper (Optuna: +tune=NAME).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from policies import available
 from sim.api import execute, prepare
 from sim.cli import config_from_hydra
 from sim.report import print_run, write_run
+from sim.sweep import check_objective, completed_metrics, objective_value, runs_side_by_side, with_stable_sweep_dir
 from traces.cli import run_cli
 from traces.errors import UserError
 
@@ -32,22 +37,31 @@ def check_policy_names(argv: list[str]) -> None:
             raise UserError(f"unknown policy '{unknown[0]}'; known policies: {', '.join(available())}")
 
 
-def run(cfg: DictConfig) -> None:
-    prepared = prepare(config_from_hydra(cfg))
-    out_dir = HydraConfig.get().runtime.output_dir
+def run(cfg: DictConfig) -> float:
+    sim_cfg = config_from_hydra(cfg)
+    objective = check_objective(cfg.objective)
+    hydra_cfg = HydraConfig.get()
+    out_dir = hydra_cfg.runtime.output_dir
+    done = completed_metrics(out_dir, sim_cfg.to_dict()) if cfg.skip_complete else None
+    if done is not None:
+        print(f"skipped, already complete: {out_dir}")
+        return objective_value(done, objective)
+    prepared = prepare(sim_cfg)
     with tqdm(total=len(prepared.replay), desc=f"{prepared.cfg.policy} {prepared.cfg.budget}", unit="req",
-              disable=not cfg.get("progress", True), leave=False) as bar:
+              disable=not cfg.progress or runs_side_by_side(hydra_cfg), leave=False) as bar:
         result = execute(prepared, on_request_done=lambda _r: bar.update())
     write_run(result, out_dir)
     print_run(result)
     print(f"results: {out_dir}")
+    return objective_value(result.metrics.to_dict(), objective)
 
 
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    run_cli(lambda: run(cfg))
+def main(cfg: DictConfig) -> float:
+    return run_cli(lambda: run(cfg))
 
 
 if __name__ == "__main__":
     run_cli(lambda: check_policy_names(sys.argv[1:]))
+    sys.argv = [sys.argv[0], *with_stable_sweep_dir(sys.argv[1:])]
     main()

@@ -9,7 +9,7 @@ from sim.config import SimConfig
 
 DEFAULT_POLICY = "lru"
 DEFAULT_BUDGET = "6GB"
-CLI_ONLY = {"progress"}
+CLI_ONLY = {"progress", "skip_complete", "objective"}  # how a run is driven, not what it simulates
 
 
 def config_from_hydra(cfg: DictConfig) -> SimConfig:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sim.api import RunResult
@@ -19,16 +20,22 @@ LAYERS_FILE = "layers.csv"
 CONFIG_FILE = "run_config.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(temporary path), then rename it to path: a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def atomic_save_figure(fig, path: Path) -> None:
@@ -50,11 +57,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def config_json(config: dict[str, Any]) -> str:
+    """A run's config as run_config.json holds it (sim.sweep compares a new run's config with it)."""
+    return json.dumps(_jsonable(config), indent=2, sort_keys=True)
+
+
 def write_run(result: RunResult, out_dir: str | Path) -> Path:
     """metrics.json, requests.csv, layers.csv and the run's config; metrics.json last (marks a complete run)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(_jsonable(result.config), indent=2, sort_keys=True))
+    atomic_write_text(out / CONFIG_FILE, config_json(result.config))
     atomic_write_csv(out / REQUESTS_FILE, result.per_request)
     atomic_write_csv(out / LAYERS_FILE, result.per_layer)
     atomic_write_text(out / METRICS_FILE, json.dumps(_jsonable({**result.metrics.to_dict(), "wall_s": result.wall_s}),
@@ -70,7 +82,7 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
     console = console or Console()
     m = result.metrics
     reuse = "unknown" if m.trace_token_reuse is None else f"{m.trace_token_reuse:.1%}"
-    console.print(f"[bold]trace[/]: {m.trace}\n[bold]routing from[/]: {m.trace_origin}\n"
+    console.print(f"[bold]trace[/]: {escape(m.trace)}\n[bold]routing from[/]: {escape(m.trace_origin)}\n"
                   f"[bold]token-to-token expert reuse[/]: {reuse} (real Mixtral-8x7B decode: 37.5%)")
     table = Table(title=f"{m.policy} | budget {format_bytes(m.budget_bytes)} ({m.budget_experts:.1f} experts) | "
                         f"{m.model} on {m.hardware}")

@@ -1,6 +1,8 @@
 """Shared builders for small, hand-made traces and profiles."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,16 @@ def make_trace(tmp_path):
         return load_trace(write_trace(tmp_path / f"trace{next(counter)}", model, requests, **kwargs))
 
     return make
+
+
+SMALL_SWEEP = ["+policy=lru,belady", "+budget=2GB,8GB", "policy.scope=per_layer,global", "max_requests=1"]
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory) -> Path:
+    """A finished 8-run sweep (2 policies x 2 scopes x 2 budgets, one request each), one process."""
+    root = tmp_path_factory.mktemp("small_sweep")
+    done = subprocess.run([sys.executable, "-m", "sim", "-m", *SMALL_SWEEP, "progress=false", "hydra/launcher=basic",
+                           f"hydra.sweep.dir={root / 'sweep'}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return root / "sweep"
