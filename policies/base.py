@@ -146,8 +146,8 @@ class Policy:
     def fit(self, trace: Trace, requests: list[int]) -> None:
         """Offline learning on the training split of a trace (disjoint from the replayed requests)."""
 
-    def embedding_source(self) -> str | None:
-        """Which of the trace's prompt embeddings RequestInfo carries; None: the trace's default."""
+    def embedding_source(self, available: list[str]) -> str | None:
+        """Which of the trace's prompt embeddings (`available`) RequestInfo carries; None: the trace's default."""
         return None
 
     def parts(self, layer: int) -> tuple[float, ...]:

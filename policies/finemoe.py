@@ -25,8 +25,10 @@ Defaults and rules from the artifact, github IntelliSys-Lab/FineMoE-EuroSys26 @5
 Where the artifact departs from the paper, the paper's rule is the default and the artifact's a
 knob: trajectory_window="artifact" predicts layers l+1+d..L-1 (model_offload.py traj_prefetch)
 instead of l+1..l+d. The artifact embeds each token with the model's own input embedding; traces
-carry one embedding per prompt, so every iteration of a request searches with its prompt's
-(`embedding` names which of the trace's embeddings; default: the trace's default). Ties between
+carry one embedding per prompt, so every iteration of a request searches with its prompt's:
+`embedding` names which of the trace's; by default the mean of the model's input embeddings over
+the prompt ("token_mean", as traces.collect records it) when the trace has it, else the trace's
+default embedding. Ties between
 equally similar maps (every iteration of one request shares an embedding) go to the most recent.
 Prefills match on their last prompt token's trajectory, as the artifact does.
 """
@@ -41,6 +43,9 @@ from policies.victims import lowest_ranked
 from traces import Trace
 
 WINDOWS = ("paper", "artifact")
+# The artifact embeds with the model's own input embeddings (modeling_qwen2_moe.py, embed_prefetch of
+# inputs_embeds); traces.collect records their mean over the prompt under this name.
+ARTIFACT_EMBEDDING = "token_mean"
 
 
 class ExpertMapStore:
@@ -112,12 +117,14 @@ class FineMoE(Policy):
         self.candidates = np.zeros((m.num_layers, m.num_experts), dtype=bool)  # the latest prefetch plan's
         self._embeds: dict[int, np.ndarray | None] = {}  # running request -> unit prompt embedding
 
-    def embedding_source(self) -> str | None:
+    def embedding_source(self, available: list[str]) -> str | None:
+        if self.embedding is None and ARTIFACT_EMBEDDING in available:
+            return ARTIFACT_EMBEDDING
         return self.embedding
 
     def fit(self, trace: Trace, requests: list[int]) -> None:
         """Fill the store with the training split's maps, as the artifact's prepare_data run does."""
-        embeddings = trace.embedding(self.embedding)
+        embeddings = trace.embedding(self.embedding_source(trace.embedding_names))
         for r in requests:
             offset, prefill, decode = trace.rows(r)
             embed = None if embeddings is None or np.isnan(embeddings[r]).any() else unit(embeddings[r])

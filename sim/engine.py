@@ -107,7 +107,7 @@ class Simulation:
         self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
                                    self.links) for g in range(topo.num_gpus))
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
-        self._embeddings = trace.embedding(policy.embedding_source())
+        self._embeddings = trace.embedding(policy.embedding_source(trace.embedding_names))
         self._step_index = 0
         self._waiting: deque[Active] = deque()
         self._running: list[Active] = []

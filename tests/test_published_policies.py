@@ -92,6 +92,12 @@ def test_finemoe_semantic_search_predicts_the_first_layers_before_layer_0():
     assert [p for _, p in plan.blocks] == pytest.approx([1.0, 0.5])
 
 
+def test_finemoe_searches_with_the_models_token_embeddings_when_the_trace_has_them():
+    assert make_policy("finemoe").embedding_source(["minilm", "token_mean"]) == "token_mean"  # the artifact's
+    assert make_policy("finemoe").embedding_source(["minilm"]) is None  # the trace's default
+    assert make_policy("finemoe", embedding="minilm").embedding_source(["minilm", "token_mean"]) == "minilm"
+
+
 def test_finemoe_evicts_the_lowest_probability_times_frequency_first():
     model = tiny_model(layers=2, experts=4)
     policy = bound("finemoe", model, slots=3)
