@@ -16,7 +16,7 @@ from sim.metrics import RunMetrics, summarize
 from sim.profiles import HardwareProfile, load_hardware
 from traces import ModelSpec, Trace, load_trace
 from traces.defaults import resolve_trace
-from traces.locality import trace_reuse
+from traces.stats import trace_reuse
 from traces.model_spec import load_model_spec
 
 

@@ -2,33 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from sim.api import RunResult
 from sim.budget import format_bytes
+from traces.atomic import atomic_write_csv, atomic_write_text
 
 METRICS_FILE = "metrics.json"
 REQUESTS_FILE = "requests.csv"
 LAYERS_FILE = "layers.csv"
 CONFIG_FILE = "run_config.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:

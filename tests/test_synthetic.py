@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from traces import UserError, load_trace
-from traces.locality import token_reuse
+from traces.stats import token_reuse
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
 
