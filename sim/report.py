@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sim.api import RunResult
@@ -50,7 +51,8 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
     console = console or Console()
     m = result.metrics
     reuse = "unknown" if m.trace_token_reuse is None else f"{m.trace_token_reuse:.1%}"
-    console.print(f"[bold]trace[/]: {m.trace}\n[bold]routing from[/]: {m.trace_origin}\n"
+    # The origin names the weights' origin in brackets, which rich would take for markup.
+    console.print(f"[bold]trace[/]: {escape(m.trace)}\n[bold]routing from[/]: {escape(m.trace_origin)}\n"
                   f"[bold]token-to-token expert reuse[/]: {reuse} (real Mixtral-8x7B decode: 37.5%)")
     table = Table(title=f"{m.policy} | budget {format_bytes(m.budget_bytes)} ({m.budget_experts:.1f} experts) | "
                         f"{m.model} on {m.hardware}")
