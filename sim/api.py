@@ -99,6 +99,7 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
         bytes_per_expert=model.bytes_per_expert, high_water_bytes=cache.high_water_bytes,
         evictions=cache.evictions, wasted_prefetch_bytes=cache.wasted_prefetch_bytes,
         makespan_s=state.makespan_s, seed=cfg.seed, trace_token_reuse=trace_reuse(trace),
+        trace_distance_to_real=trace.meta.realism.get("distance_to_real"),
         policy_info={**run.policy.describe(),
                      "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v]},
     )

@@ -13,6 +13,8 @@ compares with it; 'all' adds every prompt token as an iteration, as FineMoE coun
   map); iteration-level entropy: of one iteration's router probabilities (fine);
 - token reuse: share of an iteration's experts also chosen by the previous iteration of the
   request, same layer (uniform random top-k of E gives k/E);
+- popularity divergence: total-variation distance between two requests' expert popularity (how
+  much requests, e.g. of different topics, differ);
 - next-layer recall: share of layer l+1's experts predicted by the k experts that co-occurred most
   with layer l's choices, the co-occurrences counted on the other half of the requests (2-fold
   cross-fitting, so a small trace gains nothing from predicting itself), beside the recall of
@@ -118,6 +120,21 @@ def iteration_entropy(trace: Trace, phase: str = "decode") -> np.ndarray:
             total += entropy_bits(chunk).sum(axis=0)
             count += len(chunk)
     return total / count if count else np.full(trace.model.num_layers, np.nan)
+
+
+def popularity_divergence(segments: list[np.ndarray], num_experts: int, max_requests: int = 64) -> np.ndarray:
+    """[layers]: total-variation distance between two requests' expert popularity, mean over pairs
+    of the first `max_requests` requests (NaN with fewer than two): how much requests differ."""
+    shares = []
+    for seg in segments:
+        if len(seg) and len(shares) < max_requests:
+            counts = tally_experts(seg, num_experts).astype(np.float64)
+            shares.append(counts / counts.sum(axis=1, keepdims=True))
+    if len(shares) < 2:
+        return np.full(segments[0].shape[1] if segments else 0, np.nan)
+    shares = np.stack(shares)
+    i, j = np.triu_indices(len(shares), k=1)
+    return 0.5 * np.abs(shares[i] - shares[j]).sum(axis=-1).mean(axis=0)
 
 
 # --- token-to-token reuse ---
@@ -289,6 +306,7 @@ def layer_stats(trace: Trace, phase: str = "decode") -> pd.DataFrame:
         "top_expert_share": popularity.max(axis=1),
         "popularity_entropy_bits": entropy_bits(np.nan_to_num(popularity)),
         "request_entropy_bits": request_entropy(trace, phase),
+        "request_divergence": popularity_divergence(routing_segments(trace, phase), trace.model.num_experts),
         "iteration_entropy_bits": iteration_entropy(trace, phase),
         "token_reuse": layer_reuse(trace, phase),
         "next_layer_recall": np.append(recall, np.nan),
@@ -318,6 +336,7 @@ def _own_figures(trace: Trace) -> dict[str, Any]:
         "belady_hit_rate": {str(s): _mean(rates.loc[s, "belady_hit_rate"]) for s in slots},
         "top_expert_share": _mean(per_layer["top_expert_share"]),
         "request_entropy_bits": _mean(per_layer["request_entropy_bits"]),
+        "request_divergence": _mean(per_layer["request_divergence"]),
         "iteration_entropy_bits": _mean(per_layer["iteration_entropy_bits"]),
         "next_layer_recall": _mean(per_layer["next_layer_recall"]),
         "next_layer_recall_popularity": _mean(per_layer["next_layer_recall_popularity"]),
@@ -379,6 +398,7 @@ def summary_rows(trace: Trace, per_layer: pd.DataFrame, rates: pd.DataFrame, pha
         row[f"Belady hit rate, {s} slots"] = float(means.loc[s, "belady_hit_rate"])
     row["request-level entropy (bits)"] = _mean(per_layer["request_entropy_bits"])
     row["iteration-level entropy (bits)"] = _mean(per_layer["iteration_entropy_bits"])
+    row["popularity divergence between requests"] = _mean(per_layer["request_divergence"])
     row["top expert share"] = _mean(per_layer["top_expert_share"])
     row["next-layer recall (popularity only)"] = (_mean(per_layer["next_layer_recall"]),
                                                   _mean(per_layer["next_layer_recall_popularity"]))
@@ -409,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def work() -> None:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         from traces.stats_plot import plot_stats
@@ -427,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
             per_layer.append(layers)
             rates.append(hit)
             summaries[label] = summary_rows(trace, layers, hit, args.phase)
-            console.print(f"[bold]{label}[/]: {trace.path} — routing from {trace.source.label()}")
+            console.print(f"[bold]{escape(label)}[/]: {escape(str(trace.path))} — routing from "
+                          f"{escape(trace.source.label())}")
         table = Table(title=f"routing statistics ({args.phase} iterations; means over layers)")
         table.add_column("figure")
         for label in labels:

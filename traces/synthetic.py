@@ -52,6 +52,12 @@ class SyntheticParams:
             raise UserError("synthetic trace: skew, topic_strength, layer_correlation, stickiness and temperature must be >= 0")
 
 
+def decode_iterations(prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+    """Decode rows of requests: the prefill pass emits the first output token, so a request with a
+    prompt decodes output - 1 tokens; without a prompt every output token is a decode row."""
+    return np.where(prompt_tokens > 0, output_tokens - 1, output_tokens)
+
+
 def _log_dirichlet(rng: np.random.Generator, skew: float, shape: tuple[int, ...], experts: int) -> np.ndarray:
     if skew == 0:
         return np.full(shape + (experts,), -np.log(experts))
@@ -71,9 +77,7 @@ def generate_routing(model: ModelSpec, params: SyntheticParams) -> dict[str, np.
     embeddings = centroids[topic] + params.embedding_noise * rng.normal(size=(r, params.embedding_dim))
     prompt = rng.integers(params.prompt_tokens[0], params.prompt_tokens[1] + 1, size=r)
     output = rng.integers(params.output_tokens[0], params.output_tokens[1] + 1, size=r)
-    # A request runs prefill rows for its prompt tokens, then output - 1 decode rows (the prefill
-    # pass emits the first output token); without a prompt every output token is a decode row.
-    lengths = prompt + np.where(prompt > 0, output - 1, output)
+    lengths = prompt + decode_iterations(prompt, output)
     steps = int(lengths.max())
 
     probs = np.zeros((r, steps, layers, experts), dtype=np.float32)
