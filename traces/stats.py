@@ -181,7 +181,8 @@ def _two_folds(segments: list[np.ndarray]) -> list[np.ndarray]:
     if len(nonempty) == 1:
         half = len(nonempty[0]) // 2
         nonempty = [nonempty[0][:half], nonempty[0][half:]]
-    return [np.concatenate(nonempty[i::2]) for i in range(2) if nonempty[i::2]]
+    folds = [np.concatenate(nonempty[i::2]) for i in range(2) if nonempty[i::2]]
+    return [fold for fold in folds if len(fold)]
 
 
 def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:

@@ -129,10 +129,11 @@ def _topics(workload: Workload, options: SynthOptions, rows: np.ndarray, rng: np
 
 
 def synthesize(source: FittedSource, out_dir: str | Path, options: SynthOptions, overwrite: bool = False,
-               progress: bool = True) -> Path:
+               progress: bool = True, workload: Workload | None = None) -> Path:
+    """Write a trace of options.requests requests drawn from the workload (options.lengths unless given)."""
     model, spec = source.model, source.trace.model
     rng = np.random.default_rng(options.seed)
-    workload = load_workload(options.lengths)
+    workload = workload or load_workload(options.lengths)
     rows = _draw_requests(workload, options, rng)
     prompt = workload.prompt_tokens[rows]
     output = workload.output_tokens[rows]
