@@ -1,6 +1,7 @@
 """traces.synth: the fitted routing model, its match with real routing (in sample and cross-validated),
 the traces it writes, the shipped workloads and the default trace."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_same_seed_same_trace_and_counts_mode_tallies_the_same_prompt_routing(tm
     options = SynthOptions(requests=4, lengths="lmsys", max_output_tokens=8, max_prompt_tokens=30, seed=5)
     rows = load_trace(synthesize(real_source, tmp_path / "rows", options, progress=False))
     again = load_trace(synthesize(real_source, tmp_path / "again", options, progress=False))
-    counts = load_trace(synthesize(real_source, tmp_path / "counts", SynthOptions(**{**options.__dict__, "prefill": "counts"}),
+    counts = load_trace(synthesize(real_source, tmp_path / "counts", replace(options, prefill="counts"),
                                    progress=False))
     np.testing.assert_array_equal(rows.experts, again.experts)
     np.testing.assert_array_equal(rows.prefill_counts, counts.prefill_counts)

@@ -7,14 +7,15 @@ the logits
                + recency[l, 0] * [e chosen at t-1, layer l]      token-to-token stickiness
                + sum_j recency[l, 1 + j] * h_j[t, l, e]          drift: h_j = decayed history of e's choices
                + sum_{e' chosen at t, layer l-1} cross[l, e', e] transition across layers
-               + offset[request, l, e]                           the request's topic (given, not fitted)
+               + offset[request, l, e]                           the request's own (and its topic's) bias
 
 the history h_j[t] = decay_j * h_j[t-1] + (1 - decay_j) * [e chosen at t-1] starting at 0 with each
 request. Given the recorded history the model is a conditional logit, so each layer's fit is a
 convex problem (ridge-penalised negative log-likelihood of the recorded ordered top-k, L-BFGS).
-Sampling runs the same recursion forward. The top-k weights written with the experts are
-softmax(temperature[l] * perturbed logits) over the chosen k; the temperature matches the mean log
-ratio of consecutive top-k weights of the fitted trace.
+Sampling runs the same recursion forward. Offsets are drawn per request: fit_request_spread picks
+their spread so that generated requests differ from one another as much as the recorded ones do.
+The top-k weights written with the experts are softmax(temperature[l] * perturbed logits) over the
+chosen k; the temperature matches the mean log ratio of consecutive top-k weights of the fitted trace.
 """
 from __future__ import annotations
 

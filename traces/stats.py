@@ -51,28 +51,24 @@ PHASES = ("decode", "all")
 # The real routing each routing shape (layers, experts, top-k) is measured against.
 REAL_REFERENCES = {(32, 8, 2): "mixtral-8x7b-gsm8k"}
 REALISM_SHARES = (0.25, 0.5, 0.75)  # slots as shares of a layer's experts: 2, 4, 6 of Mixtral's 8
-_CHUNK_ROWS = 4096
+_CHUNK_VALUES = 1 << 22  # router probabilities read at a time (16 MB of float32)
 
 
 # --- the routing of a phase ---
-def routing_segments(trace: Trace, phase: str = "decode") -> list[np.ndarray]:
-    """Per request, the experts its iterations of the phase ran: int64 [iterations, layers, top_k]."""
+def phase_rows(trace: Trace, phase: str = "decode") -> list[slice]:
+    """Per request, the trace rows of its iterations of the phase ('decode' or 'all')."""
     if phase not in PHASES:
         raise UserError(f"phase '{phase}' unknown; use one of {', '.join(PHASES)}")
-    segments = []
-    for r in range(trace.num_requests):
-        offset, prefill, decode = trace.rows(r)
-        start = offset + prefill if phase == "decode" else offset
-        segments.append(np.asarray(trace.experts[start: offset + prefill + decode], dtype=np.int64))
-    return segments
-
-
-def _phase_rows(trace: Trace, phase: str) -> list[slice]:
     rows = []
     for r in range(trace.num_requests):
         offset, prefill, decode = trace.rows(r)
         rows.append(slice(offset + prefill if phase == "decode" else offset, offset + prefill + decode))
     return rows
+
+
+def routing_segments(trace: Trace, phase: str = "decode") -> list[np.ndarray]:
+    """Per request, the experts its iterations of the phase ran: int64 [iterations, layers, top_k]."""
+    return [np.asarray(trace.experts[rows], dtype=np.int64) for rows in phase_rows(trace, phase)]
 
 
 def choice_mask(experts: np.ndarray, num_experts: int) -> np.ndarray:
@@ -114,9 +110,10 @@ def iteration_entropy(trace: Trace, phase: str = "decode") -> np.ndarray:
     """
     total = np.zeros(trace.model.num_layers)
     count = 0
-    for rows in _phase_rows(trace, phase):
-        for start in range(rows.start, rows.stop, _CHUNK_ROWS):
-            chunk = trace.probs(slice(start, min(start + _CHUNK_ROWS, rows.stop)))
+    step = max(1, _CHUNK_VALUES // (trace.model.num_layers * trace.model.num_experts))
+    for rows in phase_rows(trace, phase):
+        for start in range(rows.start, rows.stop, step):
+            chunk = trace.probs(slice(start, min(start + step, rows.stop)))
             total += entropy_bits(chunk).sum(axis=0)
             count += len(chunk)
     return total / count if count else np.full(trace.model.num_layers, np.nan)
