@@ -16,7 +16,7 @@ from sim.metrics import RunMetrics, summarize
 from sim.profiles import HardwareProfile, load_hardware
 from traces import ModelSpec, Trace, load_trace
 from traces.defaults import resolve_trace
-from traces.locality import trace_reuse
+from traces.stats import trace_reuse
 from traces.model_spec import load_model_spec
 
 
@@ -101,6 +101,7 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
         bytes_per_expert=model.bytes_per_expert, high_water_bytes=max(c.high_water_bytes for c in caches),
         evictions=sum(c.evictions for c in caches), wasted_prefetch_bytes=sum(c.wasted_prefetch_bytes for c in caches),
         makespan_s=state.makespan_s, seed=cfg.seed, trace_token_reuse=trace_reuse(trace),
+        trace_distance_to_real=trace.meta.realism.get("distance_to_real"),
         policy_info={**run.policy.describe(),
                      "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v]},
     )

@@ -8,8 +8,8 @@ budgets and prints, per run, layer-iterations per second and the ratio to the 10
 --profile, one LRU run is profiled and its time split by component (SimPy core, engine, link and
 copy queue, cache, policy, other).
 
---scale: ShareGPT-length requests (1,000 by default) arriving by a Poisson process on the paper's
-6x RTX 3090 testbed with continuous batching; prints wall time and simulated output tokens per
+--scale: ShareGPT-length requests (1,000 by default; routing fitted to the real Mixtral sample by
+traces.synth) arriving by a Poisson process on the paper's 6x RTX 3090 testbed with continuous batching; prints wall time and simulated output tokens per
 wall-clock second, then how the cost grows with the number of requests, of GPUs and the batch cap.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from sim.config import SimConfig
 from traces import load_trace
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
-from traces.workloads import sample_lengths
+from traces.defaults import resolve_trace
+from traces.synth import SynthOptions, fit_source, synthesize
 
 AIM_PER_S = 100_000
 RUNS = [("lru", "6GB"), ("lru", "128experts"), ("belady", "128experts"), ("all_resident", "6GB")]
@@ -51,12 +52,10 @@ def component_times(stats: pstats.Stats) -> dict[str, float]:
 def scale(requests: int, rate_rps: float, console: Console) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        lengths = sample_lengths("sharegpt", requests, seed=0)
-        trace = load_trace(generate_synthetic(Path(tmp) / "scale", load_model_spec("mixtral-8x7b"),
-                                              SyntheticParams(requests=requests, seed=0), lengths=lengths,
-                                              workload="ShareGPT lengths (traces/data/workloads)"))
-        console.print(f"generated {requests} ShareGPT-length requests ({trace.num_iterations:,} iterations) "
-                      f"in {time.perf_counter() - started:.0f} s")
+        source = fit_source(load_trace(resolve_trace("mixtral-8x7b-gsm8k")))
+        trace = load_trace(synthesize(source, Path(tmp) / "scale", SynthOptions(requests=requests, prefill="counts")))
+        console.print(f"generated {requests} ShareGPT-length requests with routing fitted to real Mixtral "
+                      f"({trace.num_iterations:,} iterations) in {time.perf_counter() - started:.0f} s")
         base = SimConfig(trace=tmp, policy="lru", budget="6GB", hardware="rtx3090x6", arrival="poisson",
                          rate_rps=rate_rps, max_batch=16, seed=0)
         table = Table(title=f"rtx3090x6, lru 6GB per GPU, Poisson {rate_rps} req/s")

@@ -110,6 +110,7 @@ class RunMetrics:
     throughput_tokens_per_s: float
     gpu_mem_high_water_bytes: int  # of the fullest GPU's expert cache
     trace_token_reuse: float | None = None
+    trace_distance_to_real: float | None = None  # traces.stats: relative error of reuse and LRU/Belady vs real
     seed: int = 0
     policy_info: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +121,7 @@ class RunMetrics:
 def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, model: str, hardware: str, gpus: int,
               budget_bytes: int, bytes_per_expert: int, high_water_bytes: int, evictions: int,
               wasted_prefetch_bytes: float, makespan_s: float, seed: int, trace_token_reuse: float | None,
+              trace_distance_to_real: float | None = None,
               policy_info: dict[str, Any]) -> tuple[RunMetrics, pd.DataFrame, pd.DataFrame]:
     per_request = pd.DataFrame(rec.requests, columns=[
         "request_id", "prompt_tokens", "output_tokens", "arrival_s", "start_s", "first_token_s", "end_s"])
@@ -165,7 +167,8 @@ def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, mode
         prefetches_requested=rec.prefetches_requested, prefetches_dropped=rec.prefetches_dropped,
         prefetches_cancelled=rec.prefetches_cancelled, evictions=evictions, stall_s=float(sum(rec.stall_s)),
         makespan_s=makespan_s, throughput_tokens_per_s=tokens / makespan_s if makespan_s > 0 else float("nan"),
-        gpu_mem_high_water_bytes=int(high_water_bytes), trace_token_reuse=trace_token_reuse, seed=seed,
+        gpu_mem_high_water_bytes=int(high_water_bytes), trace_token_reuse=trace_token_reuse,
+        trace_distance_to_real=trace_distance_to_real, seed=seed,
         policy_info=policy_info,
     )
     return metrics, per_request, per_layer

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from sim.api import RunResult
 from sim.budget import format_bytes
+from traces.atomic import atomic_write_csv, atomic_write_text, write_atomically  # noqa: F401 (re-exported)
 
 METRICS_FILE = "metrics.json"
 REQUESTS_FILE = "requests.csv"
@@ -20,29 +19,9 @@ LAYERS_FILE = "layers.csv"
 CONFIG_FILE = "run_config.json"
 
 
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(temporary path), then rename it to path: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
-    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
 def atomic_save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure (format from the suffix) under a temporary name, then rename."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    """Save a matplotlib figure, in the format its suffix names, without ever leaving half a file."""
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
 
 
 def _jsonable(value: Any) -> Any:
@@ -82,8 +61,14 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
     console = console or Console()
     m = result.metrics
     reuse = "unknown" if m.trace_token_reuse is None else f"{m.trace_token_reuse:.1%}"
+    distance = ("unknown (no real trace of this routing shape)" if m.trace_distance_to_real is None
+                else f"{m.trace_distance_to_real:.1%}")
+    # The origin names the weights' origin in brackets, which rich would take for markup.
     console.print(f"[bold]trace[/]: {escape(m.trace)}\n[bold]routing from[/]: {escape(m.trace_origin)}\n"
-                  f"[bold]token-to-token expert reuse[/]: {reuse} (real Mixtral-8x7B decode: 37.5%)")
+                  f"[bold]token-to-token expert reuse[/]: {reuse} (real Mixtral-8x7B decode: 34.4% on the shipped "
+                  f"sample, 37.5% on routing-realism.md's four sequences)\n"
+                  f"[bold]distance to real routing[/]: {distance} (largest relative error of the reuse and of "
+                  f"per-layer LRU/Belady hit rates at 1/4, 1/2, 3/4 of the experts, python -m traces.stats)")
     table = Table(title=f"{m.policy} | budget {format_bytes(m.budget_bytes)} ({m.budget_experts:.1f} experts) | "
                         f"{m.model} on {m.hardware}")
     for column in ("metric", "value"):

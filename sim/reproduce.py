@@ -39,7 +39,7 @@ from traces import Trace, load_trace  # noqa: E402
 from traces.cli import run_cli  # noqa: E402
 from traces.defaults import resolve_trace, shipped_traces  # noqa: E402
 from traces.errors import UserError  # noqa: E402
-from traces.locality import trace_reuse  # noqa: E402
+from traces.stats import trace_reuse  # noqa: E402
 from traces.model_spec import ModelSpec, known_models, load_model_spec  # noqa: E402
 
 BUDGETS = ("2GB", "4GB", "6GB", "8GB", "12GB", "24GB")

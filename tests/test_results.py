@@ -15,6 +15,7 @@ from sim.report import write_run
 from sim.results import (
     by_budget, gather, knob_columns, load_layer_results, load_results, series_columns, series_labels,
 )
+from traces import load_trace
 from traces.defaults import resolve_trace
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
@@ -33,7 +34,7 @@ def test_one_row_per_run_with_every_knob_and_metric(small_sweep):
     assert len(runs) == 8 and not results.incomplete
     assert runs["run_dir"].is_unique
     assert knob_columns(runs)[:6] == ["trace", "trace_name", "dataset", "policy", "policy_scope", "budget"]
-    assert set(runs["dataset"]) == {"gsm8k"}
+    assert set(runs["dataset"]) == set(load_trace(resolve_trace("default")).requests["dataset"])
     assert {Path(t).name for t in runs["trace"]} == {resolve_trace("default").name}
     assert sorted(runs["budget_gb"].unique()) == [2.0, 8.0] and set(runs["max_requests"]) == {1}
     for _, row in runs.iterrows():
@@ -79,7 +80,7 @@ def test_the_budget_axis_is_the_budget_asked_for(tmp_path):
 def test_each_model_and_dataset_gets_a_panel_and_each_policy_a_line(tmp_path):
     model = load_model_spec("mixtral-8x7b")
     synthetic = generate_synthetic(tmp_path / "syn", model, SyntheticParams(requests=2, output_tokens=(4, 8), seed=1))
-    for trace in ("default", str(synthetic)):
+    for trace in ("mixtral-8x7b-gsm8k", str(synthetic)):
         for policy in ("lru", "belady"):
             for budget in ("2GB", "8GB"):
                 cfg = SimConfig(trace=trace, policy=policy, budget=budget, max_requests=1)

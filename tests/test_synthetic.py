@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from traces import UserError, load_trace
-from traces.locality import token_reuse
+from traces.stats import token_reuse
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
 
@@ -45,14 +45,3 @@ def test_bad_parameters_are_rejected():
     with pytest.raises(UserError, match="output_tokens"):
         SyntheticParams(output_tokens=(5, 2))
 
-
-def test_workload_lengths_are_shipped_and_sampled_deterministically():
-    from traces.workloads import known_workloads, load_lengths, sample_lengths
-
-    assert {"sharegpt", "lmsys"} <= set(known_workloads())
-    table = load_lengths("sharegpt")
-    assert len(table) == 1500 and 250 < table["prompt_tokens"].mean() < 330  # ShareGPT prompts: 289 on average
-    assert sample_lengths("sharegpt", 5, seed=1) == sample_lengths("sharegpt", 5, seed=1)
-    assert all(o <= 64 for _, o in sample_lengths("lmsys", 50, seed=0, max_output=64))
-    with pytest.raises(UserError, match="unknown workload"):
-        load_lengths("nope")

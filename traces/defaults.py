@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DEFAULT_TRACE = "mixtral-8x7b-gsm8k"
+DEFAULT_TRACE = "mixtral-8x7b-sharegpt-synth"  # why: docs/realism.md
 
 
 def shipped_traces() -> list[str]:

@@ -397,6 +397,7 @@ class TraceWriter:
         self._iterations += n
 
     def close(self, realism: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write the trace; its realism figures are computed (traces.stats) unless given."""
         if not self._rows:
             raise UserError(f"{self.out_dir}: no requests were added; nothing to write")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +407,10 @@ class TraceWriter:
         tmp.mkdir()
         try:
             self._write(tmp, realism or {}, extra or {})
+            if realism is None:
+                from traces.stats import annotate  # stats reads traces: imported here, not at the top
+
+                annotate(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

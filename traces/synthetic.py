@@ -52,6 +52,12 @@ class SyntheticParams:
             raise UserError("synthetic trace: skew, topic_strength, layer_correlation, stickiness and temperature must be >= 0")
 
 
+def decode_iterations(prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+    """Decode rows of requests: the prefill pass emits the first output token, so a request with a
+    prompt decodes output - 1 tokens; without a prompt every output token is a decode row."""
+    return np.where(prompt_tokens > 0, output_tokens - 1, output_tokens)
+
+
 def _log_dirichlet(rng: np.random.Generator, skew: float, shape: tuple[int, ...], experts: int) -> np.ndarray:
     if skew == 0:
         return np.full(shape + (experts,), -np.log(experts))
@@ -127,9 +133,7 @@ def generate_synthetic(out_dir: str | Path, model: ModelSpec, params: SyntheticP
         prompt, output = (np.asarray(column) for column in zip(*lengths[:r]))
         if (output < 1).any() or (prompt < 0).any():
             raise UserError("synthetic trace: every request needs >= 1 output token and >= 0 prompt tokens")
-    # A request runs prefill rows for its prompt tokens, then output - 1 decode rows (the prefill
-    # pass emits the first output token); without a prompt every output token is a decode row.
-    total = prompt + np.where(prompt > 0, output - 1, output)
+    total = prompt + decode_iterations(prompt, output)
     source = Provenance(
         model=f"synthetic routing for the {model.name} shape",
         weights_origin="none: parametric generator (traces.synthetic), not fitted to real routing",
