@@ -159,7 +159,7 @@ def why(metric: str, f: dict[str, Any], fine: pd.Series, best: pd.Series) -> str
     if not f["embeddings"]:
         data.append("no prompt embeddings (no semantic search)")
     if f["topk_only"]:
-        data.append("only top-k router probabilities (maps no richer than counts)")
+        data.append("only top-k router probabilities (FineMoE's maps, and its p x freq eviction, see 0 for the other experts)")
     if not f["prefill"]:
         data.append("no prefill")
     if f["requests"] < 20:
