@@ -79,8 +79,8 @@ def budget_bytes(label: str, trace_model: ModelSpec) -> tuple[int, float]:
     return int(fraction * trace_model.total_expert_bytes), fraction
 
 
-def plan_runs(traces: list[Trace], policies: list[str], budgets: list[str], hardware: str, train_requests: int,
-              replay_requests: int, seed: int) -> list[Run]:
+def plan_runs(traces: list[Trace], policies: list[str], budgets: list[str], hardware: str, budget_scope: str,
+              train_requests: int, replay_requests: int, seed: int) -> list[Run]:
     runs = []
     for trace in traces:
         n = trace.num_requests
@@ -92,7 +92,8 @@ def plan_runs(traces: list[Trace], policies: list[str], budgets: list[str], hard
                 continue  # below one expert of this trace's model
             for policy in policies:
                 cfg = SimConfig(trace=str(trace.path), policy=policy, budget=f"{nbytes}B", hardware=hardware,
-                                train_fraction=fraction_train, max_requests=replay_requests, seed=seed)
+                                budget_scope=budget_scope, train_fraction=fraction_train, max_requests=replay_requests,
+                                seed=seed)
                 runs.append(Run(trace.path.name, policy, label, nbytes, fraction, cfg))
     return runs
 
@@ -140,7 +141,7 @@ def facts(trace: Trace, hardware: str) -> dict[str, Any]:
     sample = trace.probs(slice(0, min(trace.num_iterations, 256)))
     return {
         "requests": trace.num_requests,
-        "prefill": bool(trace.prefill_iters.sum()),
+        "prefill": "per token" if trace.prefill_iters.sum() else "as counts only" if trace.prefill_counts.any() else "none",
         "embeddings": bool(trace.embedding_names),
         "topk_only": bool((np.count_nonzero(sample, axis=-1) <= model.top_k).all()),
         "lookahead": trace.lookahead is not None,
@@ -148,6 +149,7 @@ def facts(trace: Trace, hardware: str) -> dict[str, Any]:
         "layer_bytes": model.num_experts * model.bytes_per_expert * reference_model(model).total_expert_bytes
         / model.total_expert_bytes,  # in the paper's units, like the budgets
         "reuse": trace_reuse(trace),
+        "next_layer_recall": trace.meta.realism.get("next_layer_recall"),
         "source": trace.source.label(),
     }
 
@@ -160,18 +162,23 @@ def why(metric: str, f: dict[str, Any], fine: pd.Series, best: pd.Series) -> str
         data.append("no prompt embeddings (no semantic search)")
     if f["topk_only"]:
         data.append("only top-k router probabilities (FineMoE's maps, and its p x freq eviction, see 0 for the other experts)")
-    if not f["prefill"]:
-        data.append("no prefill")
+    if f["prefill"] != "per token":
+        data.append("no per-token prefill iterations" if f["prefill"] == "none" else "prefills known only as counts")
     if f["requests"] < 20:
         data.append(f"{f['requests']} requests (a nearly empty map store)")
+    if f["next_layer_recall"] is not None:
+        data.append(f"routing of which the layer before predicts {f['next_layer_recall']:.0%} (next-layer recall)")
     tail = f"; and the trace has {', '.join(data)}" if data else ""
-    late = f"{fine['late_prefetch_rate']:.0%} of FineMoE's expert uses found their copy still in flight"
+    def outcome(row: pd.Series) -> str:
+        late = row["late_prefetch_rate"]
+        return f"{late:.0%} late, {1 - row['hit_rate'] - late:.0%} missed"
+
     if metric == "hit_rate_gain":
-        return (f"A hit needs its copy landed before the router and a copy takes {f['copy_over_layer']:.0f}x a "
-                f"layer's compute here, so FineMoE's prefetches a few layers ahead land late ({late}, "
-                f"{best['policy']}'s {best['late_prefetch_rate']:.0%}){tail}.")
+        return (f"A hit needs its copy landed before the router, and a copy takes {f['copy_over_layer']:.0f}x a "
+                f"layer's compute here: FineMoE's expert uses were {outcome(fine)}, {best['policy']}'s "
+                f"{outcome(best)}{tail}.")
     return (f"A copy takes {f['copy_over_layer']:.0f}x a layer's compute here, so late and wrong prefetches "
-            f"delay the demand copies queued behind them ({late}){tail}.")
+            f"delay the demand copies queued behind them (FineMoE's expert uses: {outcome(fine)}){tail}.")
 
 
 def comparison(frame: pd.DataFrame, trace: str) -> pd.DataFrame | None:
@@ -216,7 +223,7 @@ def markdown(frame: pd.DataFrame, trace_facts: dict[str, dict[str, Any]], hardwa
         f = trace_facts[trace]
         lines += [f"## {trace}", "",
                   f"Routing: {f['source']}. {f['requests']} requests ({split[trace]}); token-to-token expert reuse "
-                  f"{percent(f['reuse'])} (real Mixtral decode: 37.5%); prefill {'yes' if f['prefill'] else 'no'}; "
+                  f"{percent(f['reuse'])} (real Mixtral decode: 37.5%); prefill routing {f['prefill']}; "
                   f"prompt embeddings {'yes' if f['embeddings'] else 'no'}; full router probabilities "
                   f"{'no (top-k only)' if f['topk_only'] else 'yes'}; lookahead gates "
                   f"{'yes' if f['lookahead'] else 'no'}. One expert copy = {f['copy_over_layer']:.1f}x a decode "
@@ -276,7 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sim.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/reproduce"))
-    parser.add_argument("--hardware", default="rtx3090", help="the paper's GPU by default (one PCIe 4.0 link)")
+    parser.add_argument("--hardware", default="rtx3090", help="the paper's GPU by default (one PCIe 4.0 link); "
+                        "rtx3090x6 is its whole testbed")
+    parser.add_argument("--budget-scope", default="per_gpu", choices=("per_gpu", "total"),
+                        help="with several GPUs: each GPU's budget, or the total split evenly")
     parser.add_argument("--budgets", default=",".join(BUDGETS), help="paper sizes, comma-separated (include 6GB)")
     parser.add_argument("--traces", help="comma-separated shipped trace names or trace directories (default: all shipped)")
     parser.add_argument("--policies", help="comma-separated (default: every registered policy)")
@@ -299,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         for label in budgets:
             budget_bytes(label, traces[0].model)  # one clear error for a malformed size
         replay = 2 if args.quick else args.replay_requests
-        runs = plan_runs(traces, policies, budgets, args.hardware, args.train_requests, replay, args.seed)
+        runs = plan_runs(traces, policies, budgets, args.hardware, args.budget_scope, args.train_requests, replay,
+                         args.seed)
         for run in {r.cfg.policy: r for r in runs}.values():
             prepare(run.cfg)  # one clear error for a bad policy, hardware or trace, before any run
         frame = run_all(runs, args.jobs)
@@ -311,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
             train, replayed = split_requests(t.num_requests, first.cfg.train_fraction, first.cfg.max_requests)
             split[t.path.name] = f"{len(train)} train, {len(replayed)} replayed"
         atomic_write_csv(args.out / "runs.csv", frame)
-        atomic_write_text(args.out / "reproduction.md", markdown(frame, trace_facts, args.hardware, split))
+        setup = args.hardware if resolve_hardware(args.hardware).num_gpus == 1 else \
+            f"{args.hardware}, budgets {args.budget_scope.replace('_', ' ')}"
+        atomic_write_text(args.out / "reproduction.md", markdown(frame, trace_facts, setup, split))
         for t in trace_facts:
             plot(frame, t, "hit_rate", "expert hit rate", args.out / f"{t}_hit_rate.png")
             plot(frame, t, "tpot_mean_s", "TPOT (ms)", args.out / f"{t}_tpot.png")
