@@ -9,7 +9,7 @@ same layers; the best predicts layers l+1..l+d. In each predicted layer the expe
 descending probability while their cumulative probability stays within delta (at least top-k, at
 most all) and prefetched at priority p / (j - l_now), replacing the queue. Eviction removes the
 lowest p * freq first (p: the latest predicted probability of the expert, freq: its uses since it
-was loaded; ties, common when maps hold only top-k probabilities, to the least recently used),
+was loaded; ties, common when maps hold only top-k probabilities, in layer and expert order),
 sparing the latest prefetch candidates. A full store replaces the stored map of
 highest redundancy RDY = (d/L) * semantic similarity + ((L-d)/L) * trajectory similarity.
 
@@ -115,8 +115,6 @@ class FineMoE(Policy):
         self.store = ExpertMapStore(self.capacity, m.num_layers, m.num_experts, self.distance)
         self.prob = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
         self.freq = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)  # uses since loaded
-        self.last_use = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)  # layer-iteration of the last use
-        self._layer_iterations = 0
         self.candidates = np.zeros((m.num_layers, m.num_experts), dtype=bool)  # the latest prefetch plan's
         self._embeds: dict[int, np.ndarray | None] = {}  # running request -> unit prompt embedding
 
@@ -186,8 +184,6 @@ class FineMoE(Policy):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
-        self._layer_iterations += 1
-        self.last_use[layer, list(experts)] = self._layer_iterations
         rows = probs[self._rows]
         self._current[:, layer] = rows
         if step.kind == "prefill" and len(probs) > 1:
@@ -226,8 +222,7 @@ class FineMoE(Policy):
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
         def rank(layers, experts, parts):
-            return (self.candidates[layers, experts], self.prob[layers, experts] * self.freq[layers, experts],
-                    self.last_use[layers, experts])
+            return self.candidates[layers, experts], self.prob[layers, experts] * self.freq[layers, experts]
 
         victims = lowest_ranked(cache, need_bytes, rank)
         for layer, expert, _ in victims:
