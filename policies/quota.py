@@ -19,7 +19,8 @@ class LayerQuota:
         self.home = ctx.home
         self.quota: dict[tuple[int, int], int] = {}
         self.count: dict[tuple[int, int], int] = {}
-        self.num_over = 0  # (GPU, layer) pairs above their quota: when 0, no search for them
+        self.over_keys: set[tuple[int, int]] = set()  # (GPU, layer) pairs above their quota
+        self._keys: dict[Block, tuple[int, int]] = {}
         for gpu, cache in enumerate(ctx.caches):
             layers = ctx.layers_of(gpu)
             if not layers:
@@ -35,21 +36,25 @@ class LayerQuota:
                 self.count[gpu, layer] = 0
 
     def key(self, block: Block) -> tuple[int, int]:
-        return self.home(block[0], block[1]), block[0]
+        key = self._keys.get(block)
+        if key is None:
+            key = self._keys[block] = (self.home(block[0], block[1]), block[0])
+        return key
 
     def full(self, block: Block) -> bool:
         key = self.key(block)
         return self.count[key] >= self.quota[key]
 
     def over(self, block: Block) -> bool:
-        key = self.key(block)
-        return self.count[key] > self.quota[key]
+        return self.key(block) in self.over_keys
 
     def add(self, block: Block, delta: int) -> None:
         key = self.key(block)
-        was_over = self.count[key] > self.quota[key]
         self.count[key] += delta
-        self.num_over += (self.count[key] > self.quota[key]) - was_over
+        if self.count[key] > self.quota[key]:
+            self.over_keys.add(key)
+        else:
+            self.over_keys.discard(key)
 
 
 def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: LayerQuota | None,
@@ -65,7 +70,7 @@ def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: Laye
 
     def first(blocks: Iterable[Block], over_quota_only: bool) -> Block | None:
         for block in blocks:
-            if cache.is_evictable(block) and block not in victims and (not over_quota_only or quota.over(block)):
+            if (not over_quota_only or quota.over(block)) and cache.is_evictable(block) and block not in victims:
                 return block
         return None
 
@@ -81,7 +86,7 @@ def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: Laye
         if own is not None:
             take(own)
     while free < need_bytes:
-        block = first(ranked_all(), True) if quota is not None and quota.num_over else None
+        block = first(ranked_all(), True) if quota is not None and quota.over_keys else None
         if block is None:
             block = first(ranked_all(), False)
         if block is None:
