@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pandas as pd
@@ -10,7 +10,7 @@ import pandas as pd
 from policies import Policy, make_policy
 from sim.budget import parse_budget
 from sim.config import SimConfig
-from sim.engine import SimOptions, Simulation
+from sim.engine import RunState, SimOptions, Simulation
 from sim.errors import ConfigError
 from sim.metrics import RunMetrics, summarize
 from sim.profiles import HardwareProfile, load_hardware
@@ -27,6 +27,7 @@ class RunResult:
     per_layer: pd.DataFrame
     config: dict[str, Any]
     wall_s: float
+    token_latencies_s: list[float] = field(default_factory=list)  # every TPOT sample, in order
 
 
 def resolve_model(trace: Trace, model: str | dict[str, Any] | None) -> ModelSpec:
@@ -84,28 +85,36 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
 
 
 def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None) -> RunResult:
-    cfg, trace, model, hardware = run.cfg, run.trace, run.model, run.hardware
+    cfg = run.cfg
     options = SimOptions(warm_start=cfg.warm_start, arrival=cfg.arrival, clients=cfg.clients, rate_rps=cfg.rate_rps,
                          max_batch=cfg.max_batch, gpus=cfg.gpus, placement=cfg.placement,
                          budget_scope=cfg.budget_scope, seed=cfg.seed)
     started = time.perf_counter()
-    sim = Simulation(trace, run.policy, model, hardware, run.budget_bytes, run.replay, options, on_request_done)
+    sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay, options,
+                     on_request_done)
     sim.prepare(run.train)
     state = sim.run()
-    wall = time.perf_counter() - started
+    return run_result(run, state, time.perf_counter() - started)
 
+
+def run_result(run: PreparedRun, state: RunState, wall_s: float, hardware_name: str | None = None,
+               extra_info: dict[str, Any] | None = None) -> RunResult:
+    """Summarise a finished run of any engine (the simulator, realrun) into the same metrics."""
+    cfg, trace, model, hardware = run.cfg, run.trace, run.model, run.hardware
     caches = state.caches
     metrics, per_request, per_layer = summarize(
         state.recorder, policy=cfg.policy, trace=str(trace.path), trace_origin=trace.source.label(),
-        model=model.name, hardware=hardware.name, gpus=len(caches), budget_bytes=caches[0].capacity_bytes,
-        bytes_per_expert=model.bytes_per_expert, high_water_bytes=max(c.high_water_bytes for c in caches),
-        evictions=sum(c.evictions for c in caches), wasted_prefetch_bytes=sum(c.wasted_prefetch_bytes for c in caches),
+        model=model.name, hardware=hardware_name or hardware.name, gpus=len(caches),
+        budget_bytes=caches[0].capacity_bytes, bytes_per_expert=model.bytes_per_expert,
+        high_water_bytes=max(c.high_water_bytes for c in caches), evictions=sum(c.evictions for c in caches),
+        wasted_prefetch_bytes=sum(c.wasted_prefetch_bytes for c in caches),
         makespan_s=state.makespan_s, seed=cfg.seed, trace_token_reuse=trace_reuse(trace),
         trace_distance_to_real=trace.meta.realism.get("distance_to_real"),
         policy_info={**run.policy.describe(),
-                     "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v]},
+                     "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v],
+                     **(extra_info or {})},
     )
-    return RunResult(metrics, per_request, per_layer, cfg.to_dict(), wall)
+    return RunResult(metrics, per_request, per_layer, cfg.to_dict(), wall_s, list(state.recorder.token_latencies))
 
 
 def simulate(cfg: SimConfig, trace: Trace | None = None,
