@@ -1,6 +1,7 @@
 """Hardware profiles: links and compute times, as data in conf/hardware/NAME.yaml.
 
-Copy time is a fixed latency plus bytes over bandwidth; compute comes from measured tables
+Copy time is a fixed latency plus bytes over bandwidth, or, where the profile has one, a measured
+curve of copy time by size (realrun.calibrate writes it); compute comes from measured tables
 (tokens -> seconds) per expert shape and per model's non-expert layer, interpolated piecewise
 linearly. Shapes missing from the tables fall back to a roofline estimate (weight bytes over
 memory bandwidth, or FLOPs over the matrix rate, plus kernel launches), and the report says so.
@@ -33,21 +34,22 @@ def _number(value: Any, where: str) -> float:
 
 @dataclass(frozen=True)
 class TimeTable:
-    """Seconds by token count, piecewise linear; linear extrapolation past the last point."""
+    """Seconds by token count (or by bytes, for copies), piecewise linear; linear extrapolation past
+    the last point."""
 
     tokens: tuple[float, ...]
     seconds: tuple[float, ...]
 
     @classmethod
-    def from_points(cls, points: Any, where: str) -> TimeTable:
+    def from_points(cls, points: Any, where: str, unit: str = "tokens") -> TimeTable:
         if isinstance(points, dict):
             points = list(points.items())
         try:
             pairs = sorted((_number(t, where), _number(s, where)) for t, s in points)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected [[tokens, seconds], ...]") from None
+            raise ConfigError(f"{where}: expected [[{unit}, seconds], ...]") from None
         if not pairs or any(t <= 0 or s < 0 for t, s in pairs):
-            raise ConfigError(f"{where}: needs at least one [tokens > 0, seconds >= 0] point")
+            raise ConfigError(f"{where}: needs at least one [{unit} > 0, seconds >= 0] point")
         return cls(tuple(t for t, _ in pairs), tuple(s for _, s in pairs))
 
     def __call__(self, tokens: float) -> float:
@@ -64,11 +66,32 @@ class TimeTable:
 
 @dataclass(frozen=True)
 class LinkSpec:
+    """A copy costs latency_s + bytes / bandwidth_Bps; where a measured curve (bytes -> seconds,
+    realrun.calibrate) covers the size, the curve is interpolated instead: small copies pay more
+    than a fixed latency says."""
+
     latency_s: float
     bandwidth_Bps: float
+    measured: TimeTable | None = None
 
     def copy_time(self, nbytes: float) -> float:
+        measured = self.measured
+        if measured is not None and nbytes >= measured.tokens[0]:
+            return measured(nbytes)
         return self.latency_s + nbytes / self.bandwidth_Bps
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> LinkSpec:
+        curve = data.get("copy_time_s")
+        return cls(_number(data["latency_s"], f"{where}.latency_s"),
+                   _number(data["bandwidth_Bps"], f"{where}.bandwidth_Bps"),
+                   None if not curve else TimeTable.from_points(curve, f"{where}.copy_time_s", unit="bytes"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"latency_s": self.latency_s, "bandwidth_Bps": self.bandwidth_Bps}
+        if self.measured is not None:
+            data["copy_time_s"] = self.measured.to_points()
+        return data
 
 
 @dataclass(frozen=True)
@@ -96,14 +119,12 @@ class HardwareProfile:
         name = data.get("name", "?")
         where = f"hardware '{name}'"
         try:
-            link = data["host_link"]
             return cls(
                 name=str(name),
                 description=str(data.get("description", "")),
                 origin=str(data.get("origin", "")),
                 gpu_memory_bytes=_number(data["gpu_memory_bytes"], f"{where}.gpu_memory_bytes"),
-                host_link=LinkSpec(_number(link["latency_s"], f"{where}.host_link.latency_s"),
-                                   _number(link["bandwidth_Bps"], f"{where}.host_link.bandwidth_Bps")),
+                host_link=LinkSpec.from_dict(data["host_link"], f"{where}.host_link"),
                 mem_bandwidth_Bps=_number(data["mem_bandwidth_Bps"], f"{where}.mem_bandwidth_Bps"),
                 matmul_flops=_number(data["matmul_flops"], f"{where}.matmul_flops"),
                 launch_s=_number(data.get("launch_s", 0.0), f"{where}.launch_s"),
@@ -123,13 +144,12 @@ class HardwareProfile:
 
     def to_dict(self) -> dict[str, Any]:
         nvlink = None if self.nvlink is None else {
-            "latency_s": self.nvlink.latency_s, "bandwidth_Bps": self.nvlink.bandwidth_Bps,
-            "pairs": [list(pair) for pair in self.nvlink_pairs]}
+            **self.nvlink.to_dict(), "pairs": [list(pair) for pair in self.nvlink_pairs]}
         return {
             "num_gpus": self.num_gpus, "nvlink": nvlink, "host_aggregate_Bps": self.host_aggregate_Bps,
             "name": self.name, "description": self.description, "origin": self.origin,
             "gpu_memory_bytes": self.gpu_memory_bytes,
-            "host_link": {"latency_s": self.host_link.latency_s, "bandwidth_Bps": self.host_link.bandwidth_Bps},
+            "host_link": self.host_link.to_dict(),
             "mem_bandwidth_Bps": self.mem_bandwidth_Bps, "matmul_flops": self.matmul_flops, "launch_s": self.launch_s,
             "expert_time_s": {k: v.to_points() for k, v in self.expert_time_s.items()},
             "non_expert_layer_time_s": {k: v.to_points() for k, v in self.non_expert_layer_time_s.items()},
@@ -163,9 +183,7 @@ _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "me
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:
-    if not data:
-        return None
-    return LinkSpec(_number(data["latency_s"], f"{where}.latency_s"), _number(data["bandwidth_Bps"], f"{where}.bandwidth_Bps"))
+    return LinkSpec.from_dict(data, where) if data else None
 
 
 def known_hardware() -> list[str]:
