@@ -84,14 +84,17 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     return PreparedRun(cfg, trace, model, hardware, budget, policy, train, replay)
 
 
+def replay_options(cfg: SimConfig) -> SimOptions:
+    """How requests are served (arrivals, batching, GPUs), as every engine takes it."""
+    return SimOptions(warm_start=cfg.warm_start, arrival=cfg.arrival, clients=cfg.clients, rate_rps=cfg.rate_rps,
+                      max_batch=cfg.max_batch, gpus=cfg.gpus, placement=cfg.placement,
+                      budget_scope=cfg.budget_scope, seed=cfg.seed)
+
+
 def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None) -> RunResult:
-    cfg = run.cfg
-    options = SimOptions(warm_start=cfg.warm_start, arrival=cfg.arrival, clients=cfg.clients, rate_rps=cfg.rate_rps,
-                         max_batch=cfg.max_batch, gpus=cfg.gpus, placement=cfg.placement,
-                         budget_scope=cfg.budget_scope, seed=cfg.seed)
     started = time.perf_counter()
-    sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay, options,
-                     on_request_done)
+    sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
+                     replay_options(run.cfg), on_request_done)
     sim.prepare(run.train)
     state = sim.run()
     return run_result(run, state, time.perf_counter() - started)

@@ -1,0 +1,234 @@
+"""python -m realrun.compare [--policies all] [--budgets auto] [--layers 8] [--hardware h100-measured] [--out DIR]
+
+Runs the same trace, policies and budgets through the simulator (on the calibrated hardware
+profile) and through realrun's executor on this machine's GPU, and writes:
+    runs.csv      every metric of every run, one row per (engine, policy, budget)
+    compare.csv   simulated against measured TTFT, TPOT (mean, p50, p99), hit rate, bytes moved,
+                  with relative errors (hit rate: difference in points) and whether the targets hold
+    compare.md    the same as a Markdown table (printed last)
+Targets: mean TPOT within 5% of the measured one, hit rate within 1 point.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from policies import available, policy_class
+from realrun.api import execute_real
+from realrun.calibrate import profile_name
+from realrun.executor import Machine, RealOptions
+from realrun.subset import first_layers
+from sim.api import RunResult, execute, prepare
+from sim.budget import format_bytes, parse_budget
+from sim.config import SimConfig
+from sim.profiles import known_hardware, load_hardware
+from sim.report import atomic_write_csv, atomic_write_text
+from traces import Trace, load_trace
+from traces.cli import run_cli
+from traces.defaults import resolve_trace
+from traces.errors import UserError
+
+TPOT_TARGET = 0.05  # relative
+HIT_TARGET_POINTS = 1.0
+BUDGET_FRACTIONS = (0.25, 0.5, 0.75)  # of all experts, for --budgets auto
+TIMES = ("ttft_mean_s", "tpot_mean_s", "tpot_p50_s", "tpot_p99_s")
+RUNS, LAYERS, TOKENS = "runs.csv", "layers.csv", "tokens.csv"
+
+
+def auto_budgets(trace: Trace) -> list[str]:
+    total = trace.model.num_layers * trace.model.num_experts
+    return [f"{max(1, round(total * f))}experts" for f in BUDGET_FRACTIONS]
+
+
+def _relative(sim: float, real: float) -> float:
+    return (sim - real) / real if real and not math.isnan(real) else float("nan")
+
+
+def comparison_row(sim: dict, real: dict) -> dict:
+    """One line of the table from two runs' flat metrics (see flat_metrics)."""
+    row = {"policy": sim["policy"], "budget": sim["budget"], "budget_experts": sim["budget_experts"],
+           "budget_bytes": sim["budget_bytes"]}
+    for key in TIMES:
+        row[f"{key}_sim"], row[f"{key}_real"] = sim[key], real[key]
+        row[f"{key.removesuffix('_s')}_rel_err"] = _relative(sim[key], real[key])
+    row["hit_rate_sim"], row["hit_rate_real"] = sim["hit_rate"], real["hit_rate"]
+    row["hit_rate_diff_pts"] = 100.0 * (sim["hit_rate"] - real["hit_rate"])
+    row["bytes_h2d_sim"], row["bytes_h2d_real"] = sim["bytes_h2d"], real["bytes_h2d"]
+    row["bytes_h2d_rel_err"] = _relative(sim["bytes_h2d"], real["bytes_h2d"]) if real["bytes_h2d"] \
+        else float(sim["bytes_h2d"] != 0)
+    row["stall_s_sim"], row["stall_s_real"] = sim["stall_s"], real["stall_s"]
+    row["targets_met"] = bool(abs(row["tpot_mean_rel_err"]) <= TPOT_TARGET
+                              and abs(row["hit_rate_diff_pts"]) <= HIT_TARGET_POINTS)
+    return row
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:+.1%}"
+
+
+def markdown(table: pd.DataFrame, header: list[str]) -> str:
+    lines = [*header, "",
+             "| policy | budget | TTFT ms sim / real (err) | TPOT mean ms sim / real (err) | TPOT p50 err | TPOT p99 err "
+             "| hit rate sim / real (pts) | moved sim / real | targets |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in table.itertuples():
+        budget = "all (ignores it)" if row.budget_bytes == 0 \
+            else f"{row.budget_experts:.0f} experts ({format_bytes(row.budget_bytes)})"
+        lines.append(
+            f"| {row.policy} | {budget} "
+            f"| {row.ttft_mean_s_sim * 1e3:.1f} / {row.ttft_mean_s_real * 1e3:.1f} ({_pct(row.ttft_mean_rel_err)}) "
+            f"| {row.tpot_mean_s_sim * 1e3:.2f} / {row.tpot_mean_s_real * 1e3:.2f} ({_pct(row.tpot_mean_rel_err)}) "
+            f"| {_pct(row.tpot_p50_rel_err)} | {_pct(row.tpot_p99_rel_err)} "
+            f"| {row.hit_rate_sim:.1%} / {row.hit_rate_real:.1%} ({row.hit_rate_diff_pts:+.2f}) "
+            f"| {format_bytes(row.bytes_h2d_sim)} / {format_bytes(row.bytes_h2d_real)} "
+            f"| {'met' if row.targets_met else 'MISSED'} |")
+    met = int(table["targets_met"].sum())
+    lines += ["", f"Targets (mean TPOT within {TPOT_TARGET:.0%}, hit rate within {HIT_TARGET_POINTS:g} point): "
+              f"met by {met} of {len(table)} runs."]
+    return "\n".join(lines)
+
+
+def flat_metrics(result: RunResult, engine: str, budget: str) -> dict:
+    data = result.metrics.to_dict()
+    info = data.pop("policy_info")
+    return {"engine": engine, "budget": budget, **data, "realrun": " | ".join(info.get("realrun", [])),
+            "wall_s": result.wall_s}
+
+
+class StoredRuns:
+    """The measured side of an earlier compare (its runs.csv, layers.csv, tokens.csv), to re-join
+    with a simulator changed since: the simulator is deterministic and needs no GPU."""
+
+    def __init__(self, directory: Path):
+        try:
+            self.runs = pd.read_csv(directory / RUNS).query("engine == 'real'")
+            self.layers = pd.read_csv(directory / LAYERS).query("engine == 'real'")
+            self.tokens = pd.read_csv(directory / TOKENS).query("engine == 'real'")
+        except (OSError, pd.errors.ParserError) as exc:
+            raise UserError(f"--real-from {directory}: cannot read an earlier compare's results ({exc})") from None
+
+    def get(self, policy: str, budget: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+        def pick(frame: pd.DataFrame) -> pd.DataFrame:
+            return frame[(frame["policy"] == policy) & (frame["budget"] == budget)]
+        runs = pick(self.runs)
+        if runs.empty:
+            raise UserError(f"--real-from has no measured run of {policy} at {budget}; run it on the GPU")
+        return runs.iloc[0].to_dict(), pick(self.layers), pick(self.tokens)
+
+
+def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.DataFrame:
+    return frame.assign(engine=engine, policy=policy, budget=budget)[["engine", "policy", "budget", *frame.columns]]
+
+
+def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
+                out_dir: Path, max_requests: int | None = None, warm_start: bool = False,
+                header: list[str] | None = None, stored: StoredRuns | None = None) -> pd.DataFrame:
+    """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
+    and compare.md. With `stored`, the measured side comes from an earlier compare instead."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profile = load_hardware(hardware)
+    bytes_per_expert = trace.model.bytes_per_expert
+    jobs = []
+    for policy in policies:
+        if policy_class(policy).ignores_budget:
+            jobs.append((policy, budgets[0]))  # its budget is everything: one run
+        else:
+            jobs.extend((policy, b) for b in sorted(budgets, key=lambda b: parse_budget(b, bytes_per_expert)))
+    rows, runs, layers, tokens = [], [], [], []
+    for policy, budget in tqdm(jobs, desc="sim vs real", unit="run"):
+        cfg = SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=profile.to_dict(),
+                        max_requests=max_requests, warm_start=warm_start)
+        sim = execute(prepare(cfg, trace))
+        sim_flat = flat_metrics(sim, "sim", budget)
+        if stored is None:
+            run = prepare(cfg, trace)
+            with tqdm(total=len(run.replay), desc=f"{policy} {budget} on {machine.device_name}", unit="req",
+                      leave=False) as bar:
+                real = execute_real(run, machine, on_request_done=lambda _r: bar.update())
+            real_flat, real_layers = flat_metrics(real, "real", budget), real.per_layer
+            real_tokens = pd.DataFrame({"token": range(len(real.token_latencies_s)),
+                                        "latency_s": real.token_latencies_s})
+        else:
+            real_flat, real_layers, real_tokens = stored.get(policy, budget)
+            real_layers, real_tokens = real_layers.drop(columns=["engine", "policy", "budget"]), \
+                real_tokens.drop(columns=["engine", "policy", "budget"])
+        row = comparison_row(sim_flat, real_flat)
+        if policy_class(policy).ignores_budget:
+            row["budget"], row["budget_bytes"], row["budget_experts"] = "all", 0, float("nan")
+        rows.append(row)
+        runs += [sim_flat, real_flat]
+        layers += [_tagged(sim.per_layer, "sim", policy, budget), _tagged(real_layers, "real", policy, budget)]
+        sim_tokens = pd.DataFrame({"token": range(len(sim.token_latencies_s)), "latency_s": sim.token_latencies_s})
+        tokens += [_tagged(sim_tokens, "sim", policy, budget), _tagged(real_tokens, "real", policy, budget)]
+        # Kept up to date after every run: a long comparison may be cut short.
+        atomic_write_csv(out_dir / RUNS, pd.DataFrame(runs))
+        atomic_write_csv(out_dir / LAYERS, pd.concat(layers, ignore_index=True))
+        atomic_write_csv(out_dir / TOKENS, pd.concat(tokens, ignore_index=True))
+    table = pd.DataFrame(rows)
+    atomic_write_csv(out_dir / "compare.csv", table)
+    atomic_write_text(out_dir / "compare.md", markdown(table, header or []) + "\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m realrun.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", default="default", help="'default', a shipped trace, or a trace directory")
+    parser.add_argument("--policies", default="all", help="comma-separated, or 'all' registered policies")
+    parser.add_argument("--budgets", default="auto",
+                        help="comma-separated (6GB, 32experts...), or 'auto': 1/4, 1/2, 3/4 of all experts")
+    parser.add_argument("--layers", type=int, default=None, help="run only the first N layers (host memory, time)")
+    parser.add_argument("--max-requests", type=int, default=None)
+    parser.add_argument("--hardware", default=None, help="profile for the simulator (default: this GPU's -measured)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
+    parser.add_argument("--kv-tokens", type=int, default=512)
+    parser.add_argument("--warm-start", action="store_true")
+    parser.add_argument("--real-from", default=None,
+                        help="directory of an earlier compare: reuse its measured runs, re-run only the simulator")
+    parser.add_argument("--out", default="results/compare")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        out = Path(args.out)
+        trace = load_trace(resolve_trace(args.trace))
+        full_layers = trace.model.num_layers
+        if args.layers is not None:
+            trace = first_layers(trace, args.layers, out / f"trace-{args.layers}-layers")
+        policies = [p for p in available() if not p.startswith("test_")] if args.policies == "all" \
+            else [p for p in args.policies.split(",") if p]
+        for p in policies:
+            policy_class(p)  # unknown names fail here, in one line
+        budgets = auto_budgets(trace) if args.budgets == "auto" else [b for b in args.budgets.split(",") if b]
+        stored = machine = None
+        if args.real_from:
+            stored = StoredRuns(Path(args.real_from))
+            notes = str(stored.runs["realrun"].iloc[0]).split(" | ") if len(stored.runs) else []
+            device = stored.runs["hardware"].iloc[0].removeprefix("real: ") if len(stored.runs) else "?"
+            if args.hardware is None:
+                raise UserError("--real-from needs --hardware: the profile the simulator runs on")
+        else:
+            options = RealOptions(device=args.device, host_sources=args.host_sources, kv_tokens=args.kv_tokens)
+            machine = Machine(trace.model, options)
+            notes, device = machine.notes(), machine.device_name
+        hardware = args.hardware or profile_name(device)
+        if args.hardware is None and hardware not in known_hardware():
+            raise UserError(f"no profile '{hardware}' for this GPU: run python -m realrun.calibrate first, "
+                            "or give --hardware NAME")
+        subset = " (a subset: host memory and time)" if trace.model.num_layers < full_layers else ""
+        header = [f"# Simulated ({hardware}) against measured ({device})", "",
+                  f"Trace: {args.trace} ({trace.source.label()}); model {trace.model.name}, "
+                  f"{trace.model.num_layers} of {full_layers} layers{subset}; requests: {args.max_requests or 'all'}",
+                  *[f"- {note}" for note in notes]]
+        table = run_compare(trace, policies, budgets, hardware, machine, out, args.max_requests, args.warm_start, header,
+                            stored)
+        print(f"results: {out}")
+        print(markdown(table, header))
+    run_cli(work)
+
+
+if __name__ == "__main__":
+    main()

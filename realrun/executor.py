@@ -1,0 +1,350 @@
+"""Offloaded MoE inference on real devices: the simulator's replay, with real kernels and copies.
+
+The order of calls is sim/engine.py's, call for call (request start; per pass: step start, and per
+layer: non-expert kernels, on_layer_start once the router's output has reached the host,
+start_layer, the experts in its order, each launched as soon as its blocks are resident, unpin;
+step end; request end), through the same engine-neutral pieces (sim.replay, sim.schedule,
+sim.layer_protocol, sim.cache, sim.copy_queue via the copy engine), and requests are served as
+the simulator serves them (a waiting request starts with its prefill pass alone while the running
+batch has room, otherwise one decode pass for the whole batch). So a policy whose decisions do not
+depend on timing (lru, belady) makes exactly the same hits and misses as in the simulator, with
+C clients and batching too (closed loop).
+
+One thread drives everything cooperatively: kernels are launched asynchronously on the compute
+stream, and while the host waits (for the router's output, a block, the end of a token) it polls
+the copy engine, which starts the next copy or chunk as soon as the last one lands.
+
+Layers are split in order over the devices (placement "layers", like a device_map), each with its
+own expert cache, slot pool and copy engine; the hidden state moves to the next device at the
+boundaries. Not made here (yet): expert-parallel placement and NVLink peer fetches.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan
+from realrun.backend import DONE, Backend, Event
+from realrun.cache import SlottedCache
+from realrun.copy_engine import CopyEngine
+from realrun.kernels import NonExpertLayer, expert_weights, swiglu
+from realrun.memory import HostExperts, SlotPool
+from sim.engine import Active, RunState, SimOptions
+from sim.layer_protocol import apply_plan, start_layer
+from sim.metrics import Recorder
+from sim.replay import (RequestTimer, arrival_times, bind_policy, initial_blocks, part_bytes, pass_step,
+                        policy_future, request_info, warm)
+from sim.schedule import Pass, merge_decode, request_passes
+from sim.topology import Topology
+from traces import ModelSpec, Trace
+from traces.errors import UserError
+
+
+@dataclass
+class RealOptions:
+    device: str = "auto"  # auto (CUDA if present, else CPU), cpu, cuda, cuda:N
+    gpus: int = 1  # devices the layers are split over, in order
+    host_sources: int = 8  # pinned host buffers the experts share; 0: one per expert
+    kv_tokens: int = 512  # KV-cache length each decode token attends to
+    seed: int = 0
+
+
+def device_names(options: RealOptions) -> list[str]:
+    n = options.gpus
+    if n < 1:
+        raise UserError(f"gpus={n}: need at least one device")
+    if n == 1 or options.device == "cpu":
+        return [options.device] * n
+    if options.device not in ("auto", "cuda"):
+        raise UserError(f"gpus={n} with device '{options.device}': give device=cuda (devices cuda:0..{n - 1}) or cpu")
+    if torch.cuda.device_count() < n:
+        raise UserError(f"gpus={n}, but this machine has {torch.cuda.device_count()} CUDA devices")
+    return [f"cuda:{i}" for i in range(n)]
+
+
+class Machine:
+    """What every run of one model shares: devices, non-expert weights, and the experts' host copies."""
+
+    def __init__(self, model: ModelSpec, options: RealOptions | None = None):
+        self.model = model
+        self.options = options = options or RealOptions()
+        self.backends = [Backend(d) for d in device_names(options)]
+        n, layers = len(self.backends), model.num_layers
+        if n > layers:
+            raise UserError(f"gpus={n} for {layers} layers: use at most one device per layer")
+        # The simulator's "layers" placement; no NVLink peers (realrun makes host copies only).
+        self.topology = Topology(n, "layers", tuple(l * n // layers for l in range(layers)), ((),) * n)
+        generators = [torch.Generator(b.device).manual_seed(options.seed + i) for i, b in enumerate(self.backends)]
+        self.layers = [NonExpertLayer(model, self.backends[g].device, options.kv_tokens, generators[g])
+                       for g in self.topology.layer_gpu]
+        self.host = HostExperts(self.backends[0], model, options.host_sources, options.seed)
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._warm_tokens: set[int] = set()
+
+    @property
+    def device_name(self) -> str:
+        names = sorted({b.name for b in self.backends})
+        return f"{len(self.backends)} x {names[0]}" if len(self.backends) > 1 else names[0]
+
+    def layers_of(self, gpu: int) -> list[int]:
+        return self.topology.layers_of(gpu)
+
+    def input(self, tokens: int) -> torch.Tensor:
+        """The hidden state entering layer 0 for a pass of `tokens` tokens (random, reused)."""
+        x = self._inputs.get(tokens)
+        if x is None:
+            g = torch.Generator(self.backends[0].device).manual_seed(tokens)
+            x = self._inputs[tokens] = torch.randn(tokens, self.model.hidden_size, generator=g, device=g.device,
+                                                   dtype=torch.float32).to(torch.bfloat16)
+        return x
+
+    def warm_up(self, token_counts: set[int], expert_bytes: int) -> None:
+        """Run every kernel shape once before timing (library handles, kernel selection)."""
+        todo = sorted(set(token_counts) - self._warm_tokens)
+        if not todo:
+            return
+        for gpu, backend in enumerate(self.backends):
+            layer = self.layers[self.layers_of(gpu)[0]]
+            scratch = expert_weights(backend.empty(expert_bytes))
+            scratch.normal_(0.0, 0.02)
+            backend.synchronize()  # made on the default stream, read on the compute stream
+            with backend.on_compute():
+                for tokens in todo:
+                    _, y = layer.forward(self.input(tokens).to(backend.device))
+                    swiglu(y, scratch, self.model.hidden_size)
+            with backend.on_copy():
+                source = self.host.buffers[0]
+                backend.empty(source.numel()).copy_(source, non_blocking=True)
+            backend.synchronize()
+            del scratch
+        self._warm_tokens.update(todo)
+
+    def notes(self) -> list[str]:
+        opts = self.options
+        return [f"device: {self.device_name} (torch {torch.__version__})",
+                f"host experts: {self.host.describe()}",
+                f"attention over a KV cache of {opts.kv_tokens} tokens"]
+
+
+class Executor:
+    def __init__(self, machine: Machine, trace: Trace, policy: Policy, model: ModelSpec, budget_bytes: int,
+                 requests: list[int], options: SimOptions | None = None,
+                 on_request_done: Callable[[int], None] | None = None):
+        opts = self.options = options or SimOptions()
+        if model.num_layers != machine.model.num_layers or model.expert_shape_key != machine.model.expert_shape_key:
+            raise UserError(f"the machine was built for {machine.model.name} ({machine.model.num_layers} layers), "
+                            f"the run needs {model.name} ({model.num_layers} layers)")
+        topo = machine.topology
+        if opts.placement != "layers" or opts.gpus not in (None, topo.num_gpus):
+            raise UserError(f"realrun runs placement=layers on the machine's {topo.num_gpus} device(s); "
+                            f"asked for placement={opts.placement}, gpus={opts.gpus}")
+        if policy.reads_future and (opts.max_batch > 1 or (opts.arrival == "closed" and opts.clients > 1)):
+            raise UserError(f"policy '{policy.name}' reads the future, which is defined on one request at a time: "
+                            "use max_batch=1 and clients=1")
+        self.machine = machine
+        self.trace = trace
+        self.policy = policy
+        self.model = model
+        self.requests = list(requests)
+        self.on_request_done = on_request_done
+        self.recorder = Recorder(model.num_layers)
+        self.topology = topo
+        self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
+        self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
+        per_gpu = budget_bytes if opts.budget_scope == "per_gpu" else budget_bytes // topo.num_gpus
+        self.caches = [SlottedCache(model.bytes_per_expert * model.num_experts * len(topo.layers_of(g))
+                                    if policy.ignores_budget else per_gpu, self._block_bytes, None)
+                       for g in range(topo.num_gpus)]
+        self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of)
+                      for g, backend in enumerate(machine.backends)]
+        self._embeddings = trace.embedding()
+        self._step_index = 0
+        self._t0 = 0.0
+        self._waiting: deque[Active] = deque()
+        self._running: list[Active] = []
+        self._issued = 0
+        self._done = 0
+
+    def _block_bytes(self, block: Block) -> int:
+        return self._part_bytes[block[0]][block[2]]
+
+    def _part_bytes_of(self, layer: int) -> list[int]:
+        return self._part_bytes[layer]
+
+    def prepare(self, train_requests: list[int]) -> None:
+        """Bind the policy, let it learn, fix expert splits, give each cache its memory, warm it."""
+        machine, model, topo = self.machine, self.model, self.topology
+        ctx = PolicyContext(model, self.caches, topo.home, topo.layers_of, np.random.default_rng(self.options.seed),
+                            policy_future(self.policy, self.trace, self.requests))
+        self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
+        self._part_bytes = [part_bytes(model, f) for f in self._part_fractions]
+        smallest = min(min(b) for b in self._part_bytes)
+        for gpu, cache in enumerate(self.caches):
+            cache.pool = SlotPool(machine.backends[gpu], cache.capacity_bytes, smallest)
+            placed = warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions,
+                                                             self.options.warm_start))
+            for block in placed:
+                if cache.is_resident(block):
+                    cache.pool.view(block).copy_(machine.host.block(block, self._part_bytes[block[0]]))
+        passes = [spec for r in self.requests for spec in request_passes(self.trace, r)]
+        tokens = {spec.tokens for spec in passes} | {t for spec in passes for l in (spec.expert_tokens or []) for t in l}
+        if self.options.max_batch > 1:
+            tokens |= set(range(1, self.options.max_batch + 1))
+        machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
+
+    # --- waiting: the host polls the copy engines whenever it has nothing else to do ---
+    def _now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _poll(self) -> bool:
+        landed = False
+        for link in self.links:
+            landed |= link.poll()
+        return landed
+
+    def _wait(self, event: Event) -> None:
+        while not event.query():
+            self._poll()
+
+    def _wait_block(self, link: CopyEngine, block: Block) -> None:
+        cache = link.cache
+        while not cache.is_resident(block):
+            if not self._poll() and link.current is None:
+                raise RuntimeError(f"block {block} is neither resident nor on its link, and nothing is copying: "
+                                   "the copy engine stalled (a bug)")
+
+    # --- requests: served as sim.engine serves them ---
+    def run(self) -> RunState:
+        for backend in self.machine.backends:
+            backend.synchronize()
+        opts = self.options
+        arrivals = arrival_times(opts, self.trace, self.requests)
+        self._t0 = time.perf_counter()
+        if arrivals is None:
+            for _ in range(min(opts.clients, len(self.requests))):
+                self._arrive(0.0)
+        while self._done < len(self.requests):
+            while arrivals is not None and self._issued < len(arrivals) and arrivals[self._issued] <= self._now():
+                self._arrive(float(arrivals[self._issued]))
+            if self._waiting and len(self._running) < opts.max_batch:
+                self._start(self._waiting.popleft())
+            elif self._running:
+                self._decode_batch()
+            else:
+                self._poll()  # idle until the next arrival
+        makespan = self._now()
+        for backend in self.machine.backends:
+            backend.synchronize()  # a prefetch still copying must not spill into the next run
+        return RunState(self.recorder, list(self.caches), makespan)
+
+    def _arrive(self, when: float) -> None:
+        r = self.requests[self._issued]
+        self._issued += 1
+        self._waiting.append(Active(r, request_info(self.trace, self._embeddings, r), when))
+
+    def _start(self, active: Active) -> None:
+        active.timer = RequestTimer(active.info, active.arrival, self._now(), self.recorder)
+        self._apply(self.policy.on_request_start(active.info))
+        active.passes = request_passes(self.trace, active.index)
+        active.next_pass = next(active.passes, None)
+        if active.next_pass is not None and active.next_pass.kind == "prefill":
+            self._pass(active.next_pass)
+            active.timer.token(self._now())
+            active.next_pass = next(active.passes, None)
+        if active.next_pass is None:
+            self._finish(active)
+        else:
+            self._running.append(active)
+
+    def _decode_batch(self) -> None:
+        batch = list(self._running)
+        self._pass(merge_decode([a.next_pass for a in batch]))
+        now = self._now()
+        for active in batch:
+            active.timer.token(now)
+            active.next_pass = next(active.passes, None)
+            if active.next_pass is None:
+                self._running.remove(active)
+                self._finish(active)
+
+    def _finish(self, active: Active) -> None:
+        self.policy.on_request_end(active.info)
+        active.timer.finish(self._now())
+        self._done += 1
+        if self.on_request_done is not None:
+            self.on_request_done(active.index)
+        if self.options.arrival == "closed" and self._issued < len(self.requests):
+            self._arrive(self._now())
+
+    # --- forward passes ---
+    def _apply(self, plan: PrefetchPlan | None) -> None:
+        apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
+
+    def _pass(self, spec: Pass) -> None:
+        machine, policy = self.machine, self.policy
+        step = pass_step(self._step_index, spec, self.trace)
+        self._step_index += 1
+        self.recorder.steps += 1
+        self._apply(policy.on_step_start(step))
+        probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
+        x = machine.input(spec.tokens)
+        backend = machine.backends[self.topology.layer_gpu[0]]
+        for layer in range(self.model.num_layers):
+            previous, backend = backend, machine.backends[self.topology.layer_gpu[layer]]
+            if backend is not previous:
+                backend.compute_waits_for(previous.record_compute())
+            with backend.on_compute():
+                x, y = machine.layers[layer].forward(x.to(backend.device, non_blocking=True))
+                router_done = backend.record_compute()
+            self._wait(router_done)  # the router's choice reaches the host
+            plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
+            self._run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan,
+                              x, y)
+        self._wait(backend.record_compute())  # the token is out
+        policy.on_step_end(step)
+
+    def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None,
+                     x: torch.Tensor, y: torch.Tensor) -> None:
+        """Run one layer's experts, adding their outputs to x; tokens[i]: how many tokens expert i serves."""
+        gpu = self.topology.layer_gpu[layer]
+        cache, link, backend = self.caches[gpu], self.links[gpu], self.machine.backends[gpu]
+        blocks, order = start_layer(layer, experts, [gpu] * len(experts), len(self._part_fractions[layer]),
+                                    self.caches, self.links, self.recorder, self.policy, self.model.bytes_per_expert,
+                                    plan, self.model.num_layers, self.topology.home)
+        hidden = self.model.hidden_size
+        computed: list[Block] = []
+        stall = 0.0
+        for i in order:
+            rows = 1 if tokens is None else min(tokens[i], x.shape[0])
+            for b in blocks[i]:
+                if not cache.is_resident(b):
+                    if computed:
+                        finished = backend.record_compute()
+                        self._wait(finished)
+                        self._unpin(gpu, computed, finished)
+                    if not cache.is_resident(b):
+                        waited_from = self._now()
+                        self._wait_block(link, b)
+                        stall += self._now() - waited_from
+                cache.mark_used(b)
+                with backend.on_compute():
+                    x[:rows] += swiglu(y[:rows], expert_weights(cache.pool.view(b)), hidden)
+                computed.append(b)
+        if computed:
+            # No wait here: the next copy into these slots waits for this event on the GPU instead.
+            self._unpin(gpu, computed, backend.record_compute())
+        self.recorder.stall_s[layer] += stall
+
+    def _unpin(self, gpu: int, blocks: list[Block], read_done: Event) -> None:
+        cache, link = self.caches[gpu], self.links[gpu]
+        link.slots_released = None if read_done is DONE else read_done
+        for b in blocks:
+            cache.unpin(b)
+        blocks.clear()
+        if link.blocked:
+            link.kick()

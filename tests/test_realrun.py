@@ -1,0 +1,259 @@
+"""realrun on the CPU (no GPU in CI; on a GPU machine every device test also runs on CUDA): the
+executor takes the simulator's decisions, keeps the budget, and its copy engine queues, chunks,
+preempts and cancels like the simulator's link."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_model, unit_hardware
+from policies import DEMAND_PRIORITY, Policy, PrefetchPlan, register
+from realrun.api import execute_real
+from realrun.backend import Backend
+from realrun.cache import SlottedCache
+from realrun.compare import StoredRuns, run_compare
+from realrun.copy_engine import CopyEngine
+from realrun.executor import Machine, RealOptions
+from realrun.memory import FragmentedError, HostExperts, SlotPool
+from realrun.subset import first_layers
+from sim.api import execute, prepare
+from sim.config import SimConfig
+from sim.metrics import Recorder
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DECISIONS = ["hits", "prefetch_hits", "late_prefetches", "misses", "bytes_h2d"]
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """Three layers of four experts, top-2; one request with a 3-token prefill, two decode-only ones."""
+    from conftest import write_trace
+    from traces import load_trace
+
+    rng = np.random.default_rng(7)
+    requests = [[[list(rng.choice(4, 2, replace=False)) for _ in range(3)] for _ in range(n)] for n in (9, 7, 6)]
+    path = write_trace(tmp_path_factory.mktemp("t") / "trace", tiny_model(layers=3, experts=4, top_k=2), requests,
+                       prefill=[3, 0, 0])
+    return load_trace(path)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def machine(routed, request):
+    return Machine(routed.model, RealOptions(device=request.param, kv_tokens=8, host_sources=5))
+
+
+def both(trace, machine, **cfg):
+    config = SimConfig(trace=str(trace.path), hardware=unit_hardware().to_dict(), **cfg)
+    return execute(prepare(config, trace)), execute_real(prepare(config, trace), machine)
+
+
+@pytest.mark.parametrize("policy, params", [("lru", {}), ("lru", {"scope": "global"}), ("belady", {}),
+                                            ("belady", {"scope": "per_layer"})])
+@pytest.mark.parametrize("budget", ["1expert", "2experts", "3experts", "5experts", "8experts"])
+def test_same_hits_and_misses_per_layer_as_the_simulator(routed, machine, policy, params, budget):
+    sim, real = both(routed, machine, policy=policy, policy_params=params, budget=budget)
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    assert real.metrics.evictions == sim.metrics.evictions
+    assert real.metrics.gpu_mem_high_water_bytes <= real.metrics.budget_bytes
+    assert real.metrics.steps == sim.metrics.steps and real.metrics.expert_uses == sim.metrics.expert_uses
+
+
+def test_all_resident_and_warm_start_agree_too(routed, machine):
+    for kwargs in ({"policy": "all_resident"}, {"policy": "lru", "budget": "4experts", "warm_start": True}):
+        sim, real = both(routed, machine, **kwargs)
+        pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+
+
+def test_same_metric_keys_and_tables_as_the_simulator(routed, machine):
+    sim, real = both(routed, machine, policy="lru", budget="3experts")
+    assert sim.metrics.to_dict().keys() == real.metrics.to_dict().keys()
+    assert list(sim.per_request.columns) == list(real.per_request.columns)
+    assert list(sim.per_layer.columns) == list(real.per_layer.columns)
+    m = real.metrics
+    assert m.ttft_mean_s > 0 and m.tpot_mean_s > 0 and m.hardware == f"real: {machine.device_name}"
+    assert any("host experts" in note for note in m.policy_info["realrun"])
+
+
+class ChunkedLookahead(Policy):
+    """Test policy: prefetch the two most likely experts of the next layer, in 3 chunks, replacing
+    the queue every other layer; experts split in two equal parts."""
+
+    copy_chunks = 3
+    compute_order = "availability"
+
+    def parts(self, layer):
+        return (0.5, 0.5)
+
+    def on_layer_start(self, step, layer, probs, experts):
+        if layer + 1 >= self.ctx.model.num_layers:
+            return None
+        likely = np.argsort(-probs[0])[:2]
+        return PrefetchPlan([((layer + 1, int(e), p), 2.0 - i) for i, e in enumerate(likely) for p in (0, 1)],
+                            replace=layer % 2 == 0)
+
+
+register("test_chunked_lookahead")(ChunkedLookahead)
+
+
+@pytest.mark.parametrize("budget", ["1expert", "3experts"])
+def test_prefetching_chunked_split_policy_keeps_the_budget_and_lands_the_right_bytes(routed, machine, budget):
+    config = SimConfig(trace=str(routed.path), policy="test_chunked_lookahead", budget=budget,
+                       hardware=unit_hardware().to_dict())
+    run = prepare(config, routed)
+    from realrun.executor import Executor
+    executor = Executor(machine, routed, run.policy, run.model, run.budget_bytes, run.replay)
+    executor.prepare(run.train)
+    state = executor.run()
+    cache, rec = state.caches[0], state.recorder
+    assert cache.high_water_bytes <= cache.capacity_bytes
+    assert cache.pool.allocated_bytes() == cache.used_bytes
+    assert sum(rec.hits) + sum(rec.late) + sum(rec.misses) == sum(rec.uses)
+    assert rec.prefetches_requested > 0 and rec.prefetch_bytes > 0
+    for block in cache.resident_blocks():  # every resident block holds exactly its host bytes
+        assert torch.equal(cache.pool.view(block).cpu(), machine.host.block(block, executor._part_bytes[block[0]]))
+
+
+class Recency(Policy):
+    """Demand-only test policy evicting the lowest block id (the base class's order)."""
+
+
+def engine_for(device, slots=2, chunks=4):
+    backend = Backend(device)
+    model = tiny_model(layers=1, experts=6)
+    host = HostExperts(backend, model, sources=0)
+    policy = Recency()
+    policy.copy_chunks = chunks
+    cache = SlottedCache(slots * model.bytes_per_expert, lambda b: model.bytes_per_expert, None)
+    cache.pool = SlotPool(backend, cache.capacity_bytes, model.bytes_per_expert)
+    engine = CopyEngine(0, backend, [cache], policy, Recorder(1), host, lambda layer: [model.bytes_per_expert])
+    return engine, cache, host, model
+
+
+def drain(engine):
+    while engine.current is not None:
+        engine.poll()
+
+
+def land_one(engine):
+    while not engine.poll():
+        pass
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_engine_chunks_preempts_between_chunks_and_cancels_a_started_prefetch(device):
+    engine, cache, host, model = engine_for(device)
+    prefetch, demand = (0, 1, 0), (0, 2, 0)
+    engine.fetch(prefetch, 1.0)  # starts its first chunk at once: memory reserved
+    assert cache.is_in_flight(prefetch) and engine.current.block == prefetch
+    engine.fetch(demand, DEMAND_PRIORITY)
+    land_one(engine)  # chunk 1 of 4 of the prefetch lands; the demand preempts the rest
+    assert engine.current.block == demand and prefetch in engine.queue
+    engine.cancel_prefetches()  # the partly copied prefetch is dropped and its memory released
+    assert not cache.holds(prefetch) and cache.wasted_prefetch_bytes == model.bytes_per_expert // 4
+    drain(engine)
+    assert cache.is_resident(demand)
+    assert torch.equal(cache.pool.view(demand).cpu(), host.block(demand, [model.bytes_per_expert]))
+    rec = engine.recorder
+    assert rec.prefetches_cancelled == 1 and rec.demand_bytes == model.bytes_per_expert
+    assert rec.prefetch_bytes == model.bytes_per_expert / 4
+    assert cache.pool.allocated_bytes() == cache.used_bytes == model.bytes_per_expert
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_engine_drops_a_prefetch_without_room_and_a_demand_waits_for_an_unpin(device):
+    engine, cache, host, model = engine_for(device, slots=1, chunks=1)
+    engine.fetch((0, 0, 0), DEMAND_PRIORITY)
+    drain(engine)
+    cache.pin((0, 0, 0))
+    engine.fetch((0, 1, 0), 1.0)  # no evictable memory: dropped
+    assert engine.recorder.prefetches_dropped == 1 and engine.current is None
+    engine.fetch((0, 2, 0), DEMAND_PRIORITY)  # waits, blocked
+    assert engine.blocked and engine.current is None
+    cache.unpin((0, 0, 0))
+    engine.kick()
+    drain(engine)
+    assert cache.is_resident((0, 2, 0)) and not cache.holds((0, 0, 0))
+    assert torch.equal(cache.pool.view((0, 2, 0)).cpu(), host.expert(0, 2))
+
+
+def test_slot_pool_reuses_freed_slots_and_names_fragmentation():
+    pool = SlotPool(Backend("cpu"), 3 * 1000, 1000)
+    for e in range(3):
+        pool.alloc((0, e, 0), 1000)
+    pool.free((0, 1, 0))
+    pool.alloc((0, 3, 0), 1000)  # the freed slot is reused: never more than the budget's blocks
+    assert pool.allocated_bytes() == 3000
+    pool.free((0, 0, 0))
+    pool.free((0, 2, 0))
+    with pytest.raises(FragmentedError, match="fragmented"):
+        pool.alloc((0, 4, 0), 2000)  # 2 KB free in all, but split in two
+    pool.free((0, 3, 0))
+    pool.alloc((0, 4, 0), 2000)  # coalesced again
+
+
+def test_shared_host_buffers_are_said_and_layer_subset_keeps_routing(routed, tmp_path):
+    host = HostExperts(Backend("cpu"), routed.model, sources=5)
+    assert len(host.buffers) == 5 and "shared" in host.describe()
+    assert host.pinned_bytes == 5 * routed.model.bytes_per_expert
+    cut = first_layers(routed, 2, tmp_path / "cut")
+    assert cut.model.num_layers == 2 and "first 2 of 3 layers" in cut.source.notes
+    np.testing.assert_array_equal(np.asarray(cut.experts), np.asarray(routed.experts)[:, :2])
+    np.testing.assert_array_equal(np.asarray(cut.prefill_counts), np.asarray(routed.prefill_counts)[:, :2])
+
+
+def test_two_devices_split_the_layers_each_with_its_own_budget_as_in_the_simulator(routed):
+    machine = Machine(routed.model, RealOptions(device="cpu", gpus=2, kv_tokens=8))
+    assert machine.topology.layer_gpu == (0, 0, 1)
+    for budget in ("1expert", "2experts", "3experts"):
+        sim, real = both(routed, machine, policy="lru", budget=budget, gpus=2)
+        pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+        assert real.metrics.gpus == 2 and real.metrics.gpu_mem_high_water_bytes <= real.metrics.budget_bytes
+
+
+@pytest.mark.parametrize("clients, max_batch", [(2, 2), (3, 2)])
+def test_closed_loop_batching_serves_and_decides_as_the_simulator(routed, machine, clients, max_batch):
+    sim, real = both(routed, machine, policy="lru", budget="3experts", clients=clients, max_batch=max_batch)
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    assert real.metrics.steps == sim.metrics.steps < 20  # decode passes were shared
+    assert list(real.per_request["request_id"]) == list(sim.per_request["request_id"])
+
+
+def test_compare_writes_the_table_and_rejoins_stored_measurements(routed, machine, tmp_path):
+    profile = tmp_path / "unit.yaml"
+    profile.write_text(yaml.safe_dump(unit_hardware().to_dict()))
+    table = run_compare(routed, ["lru", "belady", "all_resident"], ["2experts", "5experts"], str(profile), machine,
+                        tmp_path / "out")
+    assert len(table) == 5  # all_resident once
+    assert (table["hit_rate_diff_pts"] == 0).all() and (table["bytes_h2d_rel_err"] == 0).all()
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert sorted(runs["engine"].unique()) == ["real", "sim"] and len(runs) == 10
+    tokens = pd.read_csv(tmp_path / "out" / "tokens.csv")
+    assert len(tokens) == 2 * 5 * (20 - 3)  # every TPOT sample of both engines (3 first tokens are TTFT)
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "| lru | 2 experts" in text and "targets" in text
+    again = run_compare(routed, ["lru", "belady", "all_resident"], ["2experts", "5experts"], str(profile), None,
+                        tmp_path / "again", stored=StoredRuns(tmp_path / "out"))
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_cli_mirrors_the_simulators(routed, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "realrun", "+policy=lru", "+budget=2experts", f"trace={routed.path}",
+                           "realrun.device=cpu", "realrun.layers=2", "realrun.kv_tokens=8", "progress=false",
+                           f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["hardware"] == "real: cpu" and metrics["steps"] == 20
+    assert "only the first 2 of 3 layers ran" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "realrun", "+policy=nope"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown policy" in bad.stderr
