@@ -70,7 +70,10 @@ def device_names(options: RealOptions) -> list[str]:
 class Machine:
     """What every run of one model shares: devices, non-expert weights, and the experts' host copies."""
 
-    def __init__(self, model: ModelSpec, options: RealOptions | None = None):
+    def __init__(self, model: ModelSpec, options: RealOptions | None = None, non_expert: bool = True,
+                 random_experts: bool = True):
+        """non_expert=False: no non-expert weights (a live model brings its own); random_experts=False:
+        host buffers left for the caller to fill, one per expert."""
         self.model = model
         self.options = options = options or RealOptions()
         self.backends = [Backend(d) for d in device_names(options)]
@@ -81,8 +84,9 @@ class Machine:
         self.topology = Topology(n, "layers", tuple(l * n // layers for l in range(layers)), ((),) * n)
         generators = [torch.Generator(b.device).manual_seed(options.seed + i) for i, b in enumerate(self.backends)]
         self.layers = [NonExpertLayer(model, self.backends[g].device, options.kv_tokens, generators[g])
-                       for g in self.topology.layer_gpu]
-        self.host = HostExperts(self.backends[0], model, options.host_sources, options.seed)
+                       for g in self.topology.layer_gpu] if non_expert else []
+        self.host = HostExperts(self.backends[0], model, options.host_sources if random_experts else 0, options.seed,
+                                fill=random_experts)
         self._inputs: dict[int, torch.Tensor] = {}
         self._warm_tokens: set[int] = set()
 
@@ -109,13 +113,14 @@ class Machine:
         if not todo:
             return
         for gpu, backend in enumerate(self.backends):
-            layer = self.layers[self.layers_of(gpu)[0]]
             scratch = expert_weights(backend.empty(expert_bytes))
             scratch.normal_(0.0, 0.02)
             backend.synchronize()  # made on the default stream, read on the compute stream
             with backend.on_compute():
                 for tokens in todo:
-                    _, y = layer.forward(self.input(tokens).to(backend.device))
+                    y = self.input(tokens).to(backend.device)
+                    if self.layers:
+                        _, y = self.layers[self.layers_of(gpu)[0]].forward(y)
                     swiglu(y, scratch, self.model.hidden_size)
             with backend.on_copy():
                 source = self.host.buffers[0]
@@ -126,9 +131,10 @@ class Machine:
 
     def notes(self) -> list[str]:
         opts = self.options
-        return [f"device: {self.device_name} (torch {torch.__version__})",
-                f"host experts: {self.host.describe()}",
-                f"attention over a KV cache of {opts.kv_tokens} tokens"]
+        notes = [f"device: {self.device_name} (torch {torch.__version__})", f"host experts: {self.host.describe()}"]
+        if self.layers:
+            notes.append(f"attention over a KV cache of {opts.kv_tokens} tokens")
+        return notes
 
 
 class Executor:
@@ -162,7 +168,7 @@ class Executor:
                        for g in range(topo.num_gpus)]
         self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of)
                       for g, backend in enumerate(machine.backends)]
-        self._embeddings = trace.embedding()
+        self._embeddings = trace.embedding() if trace is not None else None
         self._step_index = 0
         self._t0 = 0.0
         self._waiting: deque[Active] = deque()
@@ -191,10 +197,9 @@ class Executor:
             for block in placed:
                 if cache.is_resident(block):
                     cache.pool.view(block).copy_(machine.host.block(block, self._part_bytes[block[0]]))
-        passes = [spec for r in self.requests for spec in request_passes(self.trace, r)]
+        passes = [spec for r in self.requests for spec in request_passes(self.trace, r)] if self.trace else []
         tokens = {spec.tokens for spec in passes} | {t for spec in passes for l in (spec.expert_tokens or []) for t in l}
-        if self.options.max_batch > 1:
-            tokens |= set(range(1, self.options.max_batch + 1))
+        tokens |= set(range(1, self.options.max_batch + 1))
         machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
 
     # --- waiting: the host polls the copy engines whenever it has nothing else to do ---
@@ -303,24 +308,27 @@ class Executor:
                 router_done = backend.record_compute()
             self._wait(router_done)  # the router's choice reaches the host
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
-            self._run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan,
-                              x, y)
+            tokens = None if expert_tokens is None else expert_tokens[layer]
+
+            def launch(i: int, weights: torch.Tensor, x=x, y=y, tokens=tokens) -> None:
+                rows = 1 if tokens is None else min(tokens[i], x.shape[0])
+                x[:rows] += swiglu(y[:rows], weights, self.model.hidden_size)
+            self.run_experts(layer, experts[layer], plan, launch)
         self._wait(backend.record_compute())  # the token is out
         policy.on_step_end(step)
 
-    def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None,
-                     x: torch.Tensor, y: torch.Tensor) -> None:
-        """Run one layer's experts, adding their outputs to x; tokens[i]: how many tokens expert i serves."""
+    def run_experts(self, layer: int, experts: tuple[int, ...], plan: PrefetchPlan | None,
+                    launch: Callable[[int, torch.Tensor], None]) -> None:
+        """Run one layer's experts, each as soon as its blocks are resident: launch(i, weights) puts
+        the compute of expert i (or of one of its parts) on the compute stream."""
         gpu = self.topology.layer_gpu[layer]
         cache, link, backend = self.caches[gpu], self.links[gpu], self.machine.backends[gpu]
         blocks, order = start_layer(layer, experts, [gpu] * len(experts), len(self._part_fractions[layer]),
                                     self.caches, self.links, self.recorder, self.policy, self.model.bytes_per_expert,
                                     plan, self.model.num_layers, self.topology.home)
-        hidden = self.model.hidden_size
         computed: list[Block] = []
         stall = 0.0
         for i in order:
-            rows = 1 if tokens is None else min(tokens[i], x.shape[0])
             for b in blocks[i]:
                 if not cache.is_resident(b):
                     if computed:
@@ -333,7 +341,7 @@ class Executor:
                         stall += self._now() - waited_from
                 cache.mark_used(b)
                 with backend.on_compute():
-                    x[:rows] += swiglu(y[:rows], expert_weights(cache.pool.view(b)), hidden)
+                    launch(i, expert_weights(cache.pool.view(b)))
                 computed.append(b)
         if computed:
             # No wait here: the next copy into these slots waits for this event on the GPU instead.

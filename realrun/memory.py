@@ -87,7 +87,7 @@ class HostExperts:
 
     PATTERN_ELEMENTS = 1 << 20  # a random pattern tiled over each buffer: filling GBs stays fast
 
-    def __init__(self, backend: Backend, model: ModelSpec, sources: int = 0, seed: int = 0):
+    def __init__(self, backend: Backend, model: ModelSpec, sources: int = 0, seed: int = 0, fill: bool = True):
         self.model = model
         self.num_experts_total = model.num_layers * model.num_experts
         self.shared = 0 < sources < self.num_experts_total
@@ -96,13 +96,15 @@ class HostExperts:
         numel = model.bytes_per_expert // 2
         self.buffers = []
         for i in range(count):
-            pattern = random_bf16(generator, min(self.PATTERN_ELEMENTS, numel))
             buffer = backend.pinned(model.bytes_per_expert)
+            self.buffers.append(buffer)
+            if not fill:
+                continue
+            pattern = random_bf16(generator, min(self.PATTERN_ELEMENTS, numel))
             values = buffer[: numel * 2].view(torch.bfloat16)
             for start in range(0, numel, len(pattern)):
                 chunk = values[start: start + len(pattern)]
                 chunk.copy_(pattern[: len(chunk)])
-            self.buffers.append(buffer)
 
     @property
     def pinned_bytes(self) -> int:

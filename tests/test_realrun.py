@@ -257,3 +257,17 @@ def test_cli_mirrors_the_simulators(routed, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "realrun", "+policy=nope"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown policy" in bad.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_live_transformers_model_decides_as_the_simulator_replaying_its_routing(tmp_path, device):
+    from realrun.live import run_live
+
+    spec = tiny_model(layers=2, experts=4, top_k=2)
+    real, sim = run_live(spec, "lru", "3experts", requests=2, prompt_tokens=5, output_tokens=6,
+                         hardware=unit_hardware().to_dict(), options=RealOptions(device=device), out=tmp_path)
+    assert real.metrics.steps == sim.metrics.steps == 2 * 6  # a prefill pass and five decode passes each
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    assert real.metrics.expert_uses > 2 * 6 * 2  # prefill passes need the union of their tokens' experts
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "trace" / "meta.json").is_file()
+    assert "Live Mixtral run" in (tmp_path / "compare.md").read_text()
