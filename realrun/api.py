@@ -20,5 +20,6 @@ def execute_real(run: PreparedRun, machine: Machine, on_request_done: Callable[[
     executor.prepare(run.train)
     state = executor.run()
     wall = time.perf_counter() - started
+    executor.release()
     return run_result(run, state, wall, hardware_name=f"real: {machine.device_name}",
                       extra_info={"compute_estimated": [], "realrun": machine.notes() + list(notes or [])})

@@ -20,6 +20,7 @@ boundaries. Not made here (yet): expert-parallel placement and NVLink peer fetch
 """
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -201,6 +202,14 @@ class Executor:
         tokens = {spec.tokens for spec in passes} | {t for spec in passes for l in (spec.expert_tokens or []) for t in l}
         tokens |= set(range(1, self.options.max_batch + 1))
         machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
+
+    def release(self) -> None:
+        """Give the caches' device memory back now (the next run's pool may need all of it)."""
+        for cache in self.caches:
+            cache.pool = None
+        gc.collect()
+        if any(b.is_cuda for b in self.machine.backends):
+            torch.cuda.empty_cache()
 
     # --- waiting: the host polls the copy engines whenever it has nothing else to do ---
     def _now(self) -> float:
