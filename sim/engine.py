@@ -221,7 +221,7 @@ class Simulation:
         step = pass_step(self._step_index, spec, self.trace)
         self._step_index += 1
         self.recorder.steps += 1
-        policy, advance, run_experts = self.policy, self._advance, self._run_experts
+        policy, advance, run_experts, run = self.policy, self._advance, self._run_experts, self.compute.run
         apply_plan(policy.on_step_start(step), policy, self.model.num_layers, self.links, self.topology.home)
         non_expert = self.compute.non_expert_time(spec.tokens)
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
@@ -231,7 +231,7 @@ class Simulation:
             if layer and layer_gpu[layer] != layer_gpu[layer - 1]:
                 yield from advance(self.topology.transfer_time(self.hardware, layer_gpu[layer - 1], layer_gpu[layer],
                                                                hidden_bytes))
-            yield from advance(non_expert)
+            yield from advance(run(layer_gpu[layer], self.env.now, non_expert))
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
             yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan)
         policy.on_step_end(step)
@@ -277,7 +277,7 @@ class Simulation:
             for p, b in enumerate(blocks[i]):
                 if not cache.is_resident(b):
                     if busy:
-                        yield from self._advance(busy)
+                        yield from self._advance(self.compute.run(gpu, env.now, busy))
                         busy = 0.0
                         self._unpin(gpu, computed)
                     if not cache.is_resident(b):
@@ -289,7 +289,7 @@ class Simulation:
                 busy += seconds * fractions[p]
                 computed.append(b)
         if busy:
-            yield from self._advance(busy)
+            yield from self._advance(self.compute.run(gpu, env.now, busy))
         self._unpin(gpu, computed)
         rec.stall_s[layer] += stall
         if dispatch and gpu != hidden:

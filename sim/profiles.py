@@ -95,6 +95,27 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class ClockSpec:
+    """GPU clocks drop while the GPU waits (for copies, say) and recover under load. Compute that
+    starts fully cold takes cold_factor times its (hot) table time; busy time warms the GPU up, to
+    hot after warm_up_s, idle time cools it down, to cold after cool_down_s (both linear)."""
+
+    cold_factor: float
+    warm_up_s: float
+    cool_down_s: float
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> ClockSpec:
+        spec = cls(*(_number(data[k], f"{where}.{k}") for k in ("cold_factor", "warm_up_s", "cool_down_s")))
+        if spec.cold_factor < 1.0 or spec.warm_up_s <= 0 or spec.cool_down_s <= 0:
+            raise ConfigError(f"{where}: needs cold_factor >= 1 and positive warm_up_s, cool_down_s")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cold_factor": self.cold_factor, "warm_up_s": self.warm_up_s, "cool_down_s": self.cool_down_s}
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     description: str
@@ -112,6 +133,7 @@ class HardwareProfile:
     nvlink_pairs: tuple[tuple[int, int], ...] = ()
     # The host side's limit on all host->GPU copies together (root complex, CPU memory); None: no limit.
     host_aggregate_Bps: float | None = None
+    clock: ClockSpec | None = None  # None: compute always takes its table time
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -137,6 +159,7 @@ class HardwareProfile:
                 nvlink_pairs=tuple(tuple(int(g) for g in pair) for pair in (data.get("nvlink") or {}).get("pairs", [])),
                 host_aggregate_Bps=None if data.get("host_aggregate_Bps") is None
                 else _number(data["host_aggregate_Bps"], f"{where}.host_aggregate_Bps"),
+                clock=ClockSpec.from_dict(data["clock"], f"{where}.clock") if data.get("clock") else None,
                 extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as exc:
@@ -153,6 +176,7 @@ class HardwareProfile:
             "mem_bandwidth_Bps": self.mem_bandwidth_Bps, "matmul_flops": self.matmul_flops, "launch_s": self.launch_s,
             "expert_time_s": {k: v.to_points() for k, v in self.expert_time_s.items()},
             "non_expert_layer_time_s": {k: v.to_points() for k, v in self.non_expert_layer_time_s.items()},
+            **({"clock": self.clock.to_dict()} if self.clock is not None else {}),
             **self.extra,
         }
 
@@ -179,7 +203,8 @@ class HardwareProfile:
 
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
-           "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps"}
+           "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps",
+           "clock"}
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:

@@ -22,3 +22,30 @@ def test_profile_round_trip_keeps_the_curve_and_rejects_a_bad_one():
     data["host_link"]["copy_time_s"] = [[0, 1e-3]]
     with pytest.raises(ConfigError, match="bytes > 0"):
         HardwareProfile.from_dict(data)
+
+
+def test_clock_model_slows_compute_that_starts_cold_and_recovers_under_load(make_trace):
+    from conftest import tiny_model, unit_hardware
+    from sim.api import simulate
+    from sim.compute import ComputeModel
+    from sim.config import SimConfig
+    from sim.profiles import ClockSpec
+
+    hot = unit_hardware().to_dict()
+    compute = ComputeModel(HardwareProfile.from_dict({**hot, "clock": {"cold_factor": 2.0, "warm_up_s": 1.0,
+                                                                        "cool_down_s": 0.5}}), tiny_model())
+    assert compute.run(0, 0.0, 0.1) == pytest.approx(0.2)  # starts cold
+    assert compute.run(0, 0.2, 0.1) == pytest.approx(0.1 * (1 + 0.8))  # warmed by 0.2 s of work
+    assert compute.run(0, 10.0, 0.1) == pytest.approx(0.2)  # cold again after a long idle
+    assert compute.run(1, 0.0, 0.1) == pytest.approx(0.2)  # each GPU has its own clocks
+    assert ComputeModel(HardwareProfile.from_dict(hot), tiny_model()).run(0, 0.0, 0.1) == 0.1
+    with pytest.raises(ConfigError, match="cold_factor"):
+        ClockSpec.from_dict({"cold_factor": 0.5, "warm_up_s": 1, "cool_down_s": 1}, "clock")
+
+    trace = make_trace(tiny_model(), [[[[0]]] * 5])
+    def tpot(clock):
+        hardware = {**hot, "clock": clock} if clock else hot
+        return simulate(SimConfig(policy="all_resident", hardware=hardware), trace=trace).metrics.tpot_mean_s
+    never_warm = {"cold_factor": 3.0, "warm_up_s": 1e9, "cool_down_s": 1.0}
+    assert tpot(never_warm) == pytest.approx(3 * tpot(None))
+    assert tpot({**never_warm, "warm_up_s": 1e-9}) == pytest.approx(tpot(None))
