@@ -50,7 +50,7 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for, but this torch ({torch.__version__}) sees no CUDA device; "
                         "use device=cpu (decisions only, timings meaningless) or run on a GPU machine")
-    return name
+    return "cuda:0" if name == "cuda" else name
 
 
 class Backend:

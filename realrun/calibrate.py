@@ -42,7 +42,7 @@ from realrun.memory import HostExperts, SlotPool, random_bf16
 from sim.api import prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
-from sim.profiles import HardwareProfile, LinkSpec, TimeTable
+from sim.profiles import ClockSpec, HardwareProfile, LinkSpec, TimeTable
 from sim.report import atomic_write_text
 from traces import ModelSpec, load_trace
 from traces.cli import run_cli
@@ -55,7 +55,7 @@ COPY_SIZES = [MIB << i for i in range(10)]  # 1 MiB .. 512 MiB
 TOKENS = [1 << i for i in range(10)]  # 1 .. 512
 FIT_FROM_BYTES = 8 * MIB
 OVERHEAD_LAYERS = (2, 6)  # layer counts of the all-resident runs that measure the per-layer host time
-OVERHEAD_STEPS = 32
+OVERHEAD_STEPS = 150  # decode steps of the larger run; the smaller runs as long
 
 
 def _median_time(run: Callable[[], None], sync: Callable[[], None], trials: int, reps: int) -> float:
@@ -78,18 +78,19 @@ def copy_curve(backend: Backend, sizes: list[int], reps: int) -> tuple[list[list
     """[[bytes, seconds per copy through the copy engine]], [[bytes, bare DMA seconds]] (medians)."""
     engine_points, dma_points = [], []
     for size in tqdm(sizes, desc="copies", unit="size", leave=False):
-        n = max(5, min(reps, int(4 * 512 * MIB // size)))
-        model = ModelSpec(name="copy", num_layers=1, num_experts=n + 1, top_k=1, hidden_size=1,
+        n = max(12, min(reps, int(8 * 512 * MIB // size)))
+        model = ModelSpec(name="copy", num_layers=1, num_experts=n + 2, top_k=1, hidden_size=1,
                           expert_intermediate_size=1, bytes_per_expert_override=size)
         host = HostExperts(backend, model, sources=2)
         cache = SlottedCache(2 * size, lambda block: size, None)
         cache.pool = SlotPool(backend, cache.capacity_bytes, size)
         engine = CopyEngine(0, backend, [cache], Policy(), Recorder(1), host, lambda layer: [size])
         landed = []
-        engine.fetch((0, 0, 0), DEMAND_PRIORITY)  # warm-up copy
-        while engine.current is not None:
-            engine.poll()
-        for e in range(1, n + 1):
+        for e in range(2):  # warm-up copies, one from each source buffer (first touches cost more)
+            engine.fetch((0, n + e, 0), DEMAND_PRIORITY)
+            while engine.current is not None:
+                engine.poll()
+        for e in range(n):
             engine.fetch((0, e, 0), DEMAND_PRIORITY)
         started = time.perf_counter()
         while engine.current is not None:
@@ -97,7 +98,7 @@ def copy_curve(backend: Backend, sizes: list[int], reps: int) -> tuple[list[list
                 landed.append(time.perf_counter())
         gaps = np.diff([started] + landed)
         engine_points.append([size, float(np.median(gaps))])
-        dma_points.append([size, _dma_time(backend, cache.pool.buffer[:size], host.buffers[0], n)])
+        dma_points.append([size, _dma_time(backend, cache.pool.buffer[:size], host.buffers[1], n)])
         del engine, cache, host
     return engine_points, dma_points
 
@@ -184,19 +185,21 @@ def non_expert_times(backend: Backend, model: ModelSpec, tokens: list[int], kv_t
 def layer_host_overhead(model: ModelSpec, options: RealOptions, non_expert_1: float, expert_1: float,
                         work_dir: Path) -> tuple[float, float]:
     """The executor's time per decode layer beyond its kernels, and per token beyond its layers: the
-    slope and intercept of an all-resident run's token time over its layer count."""
+    slope and intercept of an all-resident run's token time over its layer count (medians of the
+    second half of each run, when the GPU's clocks are up)."""
     counts = sorted({min(c, model.num_layers) for c in OVERHEAD_LAYERS})
     if len(counts) < 2:
         return 0.0, 0.0
     tpot = []
     for layers in counts:
         small = dataclasses.replace(model, num_layers=layers)
-        params = SyntheticParams(requests=1, prompt_tokens=(0, 0), output_tokens=(OVERHEAD_STEPS, OVERHEAD_STEPS))
+        steps = OVERHEAD_STEPS * max(OVERHEAD_LAYERS) // layers
+        params = SyntheticParams(requests=1, prompt_tokens=(0, 0), output_tokens=(steps, steps))
         trace = load_trace(generate_synthetic(work_dir / f"overhead-{model.name}-{layers}", small, params,
                                               overwrite=True))
         machine = Machine(small, dataclasses.replace(options, host_sources=2))
         result = execute_real(prepare(SimConfig(trace=str(trace.path), policy="all_resident"), trace), machine)
-        tpot.append(result.metrics.tpot_p50_s)
+        tpot.append(statistics.median(result.token_latencies_s[len(result.token_latencies_s) // 2:]))
         del machine
     per_layer = (tpot[-1] - tpot[0]) / (counts[-1] - counts[0])
     return per_layer - non_expert_1 - model.top_k * expert_1, tpot[0] - counts[0] * per_layer
@@ -223,6 +226,88 @@ def copy_under_compute(backend: Backend, model: ModelSpec, reps: int = 5) -> tup
         busy.append(_dma_time(backend, dst, src, 1))
         backend.synchronize()
     return idle, statistics.median(busy)
+
+
+# --- clocks ---
+IDLE_GAPS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3)
+
+
+def _spin(seconds: float) -> None:
+    """Keep the host busy and the GPU idle (what a copy stall looks like to the GPU's compute)."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+def clock_response(backend: Backend, model: ModelSpec, kv_tokens: int) -> dict:
+    """How one decode layer of `model` (non-expert work and top-k experts) slows after the GPU has
+    idled: its time when hot, the first layer after idle gaps, and the ramp back after a long idle
+    (GPU times, CUDA events). Empty on the CPU."""
+    if not backend.is_cuda:
+        return {}
+    generator = torch.Generator(backend.device).manual_seed(5)
+    layer = NonExpertLayer(model, backend.device, kv_tokens, generator)
+    weights = [random_bf16(generator, model.bytes_per_expert // 2) for _ in range(2 * model.top_k)]
+    x = torch.randn(1, model.hidden_size, generator=generator, device=backend.device).to(torch.bfloat16)
+    backend.synchronize()
+    counter = iter(range(1 << 62))
+
+    def launch() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with backend.on_compute():
+            start.record(backend.compute_stream)
+            h, y = layer.forward(x)
+            for _ in range(model.top_k):
+                h = h + swiglu(y, weights[next(counter) % len(weights)], model.hidden_size)
+            end.record(backend.compute_stream)
+        return start, end
+
+    def timed(n: int) -> list[float]:
+        events = [launch() for _ in range(n)]
+        backend.synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in events]
+
+    def heat(seconds: float) -> None:
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            timed(20)
+
+    heat(0.5)
+    hot = statistics.median(timed(100))
+    gaps = []
+    for gap in IDLE_GAPS_S:
+        firsts = []
+        for _ in range(3):
+            heat(0.2)
+            _spin(gap)
+            firsts.append(timed(1)[0])
+        gaps.append([gap, statistics.median(firsts) / hot])
+    _spin(1.0)
+    ramp = timed(1500)
+    busy, points = 0.0, []
+    for i in range(0, len(ramp), 10):
+        points.append([busy, statistics.median(ramp[i: i + 10]) / hot])
+        busy += sum(ramp[i: i + 10])
+    return {"hot_layer_s": hot, "first_layer_after_idle": gaps, "ramp_after_1s_idle": points}
+
+
+def fit_clock(response: dict) -> ClockSpec | None:
+    """cold_factor, warm_up_s, cool_down_s of the linear heat model (sim.profiles.ClockSpec) that
+    best fit the measured response; None when idling does not slow the GPU measurably."""
+    if not response:
+        return None
+    ramp, gaps = response["ramp_after_1s_idle"], response["first_layer_after_idle"]
+    cold = max(statistics.median([f for _, f in ramp[:3]]), max(f for _, f in gaps))
+    if cold < 1.05:
+        return None
+    grid = np.geomspace(1e-4, 10.0, 400)
+
+    def best(points: list[list[float]], model: Callable[[float, float], float]) -> float:
+        errors = [sum((model(t, g) - f) ** 2 for t, f in points) for g in grid]
+        return float(grid[int(np.argmin(errors))])
+    cool = best(gaps, lambda gap, c: 1 + (cold - 1) * min(1.0, gap / c))
+    warm = best(ramp, lambda t, w: 1 + (cold - 1) * max(0.0, 1 - t / w))
+    return ClockSpec(cold, warm, cool)
 
 
 # --- the profile ---
@@ -281,12 +366,14 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                                                       TimeTable.from_points(expert_tables[m.expert_shape_key], "e")(1),
                                                       Path(tmp))
             overheads[m.name], token_overheads[m.name] = overhead, per_token
-            non_expert_tables[m.name] = [[t, s + max(0.0, overhead)] for t, s in points]
+            non_expert_tables[m.name] = [[t, max(0.0, s + overhead)] for t, s in points]
             if backend.is_cuda:
                 torch.cuda.empty_cache()
 
     largest = max(models, key=lambda m: m.bytes_per_expert)
     copy_idle, copy_busy = copy_under_compute(backend, largest)
+    response = clock_response(backend, largest, kv_tokens)
+    clock = fit_clock(response)
     fitted = LinkSpec(latency, bandwidth)
     worst = max(copy_points, key=lambda p: abs(fitted.copy_time(p[0]) / p[1] - 1.0))
     notes = [f"copies: {latency * 1e6:.1f} us + bytes / {bandwidth / 1e9:.2f} GB/s fitted on >= {FIT_FROM_BYTES // MIB} MiB; "
@@ -295,6 +382,10 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
              "the simulator interpolates the measured curve (host_link.copy_time_s)",
              f"one {largest.name} expert copy: {copy_idle * 1e3:.3f} ms with the GPU idle, {copy_busy * 1e3:.3f} ms "
              "while expert FFNs run",
+             "clocks: " + ("idling does not slow compute measurably" if clock is None else
+                           f"a {largest.name} decode layer takes {clock.cold_factor:.2f}x as long when the GPU "
+                           f"starts it cold; hot again after {clock.warm_up_s * 1e3:.0f} ms of work, cold after "
+                           f"{clock.cool_down_s * 1e3:.1f} ms idle (sim.profiles.ClockSpec)"),
              *[f"executor host time per layer, {m}: {v * 1e6:.1f} us (added to its non-expert layer time); "
                f"per token: {token_overheads[m] * 1e6:.1f} us (not modelled)" for m, v in overheads.items()]]
     torch_version = str(torch.__version__)
@@ -309,11 +400,13 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         "mem_bandwidth_Bps": mem_bw, "matmul_flops": flops, "launch_s": launch,
         "expert_time_s": expert_tables,
         "non_expert_layer_time_s": non_expert_tables,
+        **({"clock": clock.to_dict()} if clock is not None else {}),
         "calibration": {"torch": torch_version, "gpu": gpu, "kv_tokens": kv_tokens,
                         "copy_dma_s": dma_points, "layer_host_overhead_s": overheads,
                         "token_host_overhead_s": token_overheads,
                         "copy_under_compute_s": {"bytes": largest.bytes_per_expert, "idle": copy_idle,
                                                  "busy": copy_busy},
+                        "clock_response": response,
                         "models": [m.name for m in models]},
     })
     return Calibration(profile, notes)

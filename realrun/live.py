@@ -28,7 +28,7 @@ from tqdm import tqdm
 from policies import RequestInfo, Step, make_policy
 from realrun.backend import Backend
 from realrun.compare import comparison_row, flat_metrics, markdown
-from realrun.executor import Executor, Machine, RealOptions
+from realrun.executor import Executor, Machine, RealOptions, collector_paused
 from realrun.kernels import swiglu
 from sim.api import PreparedRun, execute, prepare, run_result
 from sim.budget import parse_budget
@@ -183,6 +183,10 @@ class LiveRun:
     def generate(self, prompts: list[torch.Tensor], output_tokens: int, on_request_done=None) -> tuple[RunState, list]:
         """Greedy generation of each prompt; returns the run's state and each request's routing
         (probs [iterations, layers, experts], experts [iterations, layers, k])."""
+        with collector_paused():
+            return self._generate(prompts, output_tokens, on_request_done)
+
+    def _generate(self, prompts: list[torch.Tensor], output_tokens: int, on_request_done) -> tuple[RunState, list]:
         from transformers import DynamicCache
 
         executor, policy, rec = self.executor, self.policy, self.executor.recorder

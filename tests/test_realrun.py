@@ -271,3 +271,16 @@ def test_live_transformers_model_decides_as_the_simulator_replaying_its_routing(
     assert real.metrics.expert_uses > 2 * 6 * 2  # prefill passes need the union of their tokens' experts
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "trace" / "meta.json").is_file()
     assert "Live Mixtral run" in (tmp_path / "compare.md").read_text()
+
+
+def test_fit_clock_recovers_the_linear_heat_model_and_ignores_a_flat_response():
+    from realrun.calibrate import IDLE_GAPS_S, fit_clock
+
+    cold, warm, cool = 1.8, 0.25, 0.02
+    gaps = [[g, 1 + (cold - 1) * min(1.0, g / cool)] for g in IDLE_GAPS_S]
+    ramp = [[t, 1 + (cold - 1) * max(0.0, 1 - t / warm)] for t in np.linspace(0, 0.8, 80)]
+    spec = fit_clock({"hot_layer_s": 1e-3, "first_layer_after_idle": gaps, "ramp_after_1s_idle": ramp})
+    assert spec.cold_factor == pytest.approx(cold)
+    assert spec.warm_up_s == pytest.approx(warm, rel=0.03) and spec.cool_down_s == pytest.approx(cool, rel=0.03)
+    flat = {"first_layer_after_idle": [[g, 1.0] for g in IDLE_GAPS_S], "ramp_after_1s_idle": [[0.0, 1.01]]}
+    assert fit_clock(flat) is None and fit_clock({}) is None
