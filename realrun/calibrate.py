@@ -54,8 +54,8 @@ MIB = 1 << 20
 COPY_SIZES = [MIB << i for i in range(10)]  # 1 MiB .. 512 MiB
 TOKENS = [1 << i for i in range(10)]  # 1 .. 512
 FIT_FROM_BYTES = 8 * MIB
-OVERHEAD_LAYERS = (2, 6)  # layer counts of the all-resident runs that measure the per-layer host time
-OVERHEAD_STEPS = 150  # decode steps of the larger run; the smaller runs as long
+OVERHEAD_LAYERS = 8  # layers of the all-resident run that measures the executor's per-layer host time
+OVERHEAD_STEPS = 200
 
 
 def _median_time(run: Callable[[], None], sync: Callable[[], None], trials: int, reps: int) -> float:
@@ -183,26 +183,19 @@ def non_expert_times(backend: Backend, model: ModelSpec, tokens: list[int], kv_t
 
 
 def layer_host_overhead(model: ModelSpec, options: RealOptions, non_expert_1: float, expert_1: float,
-                        work_dir: Path) -> tuple[float, float]:
-    """The executor's time per decode layer beyond its kernels, and per token beyond its layers: the
-    slope and intercept of an all-resident run's token time over its layer count (medians of the
-    second half of each run, when the GPU's clocks are up)."""
-    counts = sorted({min(c, model.num_layers) for c in OVERHEAD_LAYERS})
-    if len(counts) < 2:
-        return 0.0, 0.0
-    tpot = []
-    for layers in counts:
-        small = dataclasses.replace(model, num_layers=layers)
-        steps = OVERHEAD_STEPS * max(OVERHEAD_LAYERS) // layers
-        params = SyntheticParams(requests=1, prompt_tokens=(0, 0), output_tokens=(steps, steps))
-        trace = load_trace(generate_synthetic(work_dir / f"overhead-{model.name}-{layers}", small, params,
-                                              overwrite=True))
-        machine = Machine(small, dataclasses.replace(options, host_sources=2))
-        result = execute_real(prepare(SimConfig(trace=str(trace.path), policy="all_resident"), trace), machine)
-        tpot.append(statistics.median(result.token_latencies_s[len(result.token_latencies_s) // 2:]))
-        del machine
-    per_layer = (tpot[-1] - tpot[0]) / (counts[-1] - counts[0])
-    return per_layer - non_expert_1 - model.top_k * expert_1, tpot[0] - counts[0] * per_layer
+                        work_dir: Path) -> float:
+    """The executor's time per decode layer beyond its kernels (launches, the wait for the router,
+    policy calls, the layer protocol): an all-resident run of a few layers of the model, its token
+    time per layer (median of the second half, once the GPU's clocks are up) less the kernels' times."""
+    layers = min(OVERHEAD_LAYERS, model.num_layers)
+    small = dataclasses.replace(model, num_layers=layers)
+    params = SyntheticParams(requests=1, prompt_tokens=(0, 0), output_tokens=(OVERHEAD_STEPS, OVERHEAD_STEPS))
+    trace = load_trace(generate_synthetic(work_dir / f"overhead-{model.name}", small, params, overwrite=True))
+    machine = Machine(small, dataclasses.replace(options, host_sources=2))
+    result = execute_real(prepare(SimConfig(trace=str(trace.path), policy="all_resident"), trace), machine)
+    del machine
+    tpot = statistics.median(result.token_latencies_s[len(result.token_latencies_s) // 2:])
+    return tpot / layers - non_expert_1 - model.top_k * expert_1
 
 
 def copy_under_compute(backend: Backend, model: ModelSpec, reps: int = 5) -> tuple[float, float]:
@@ -229,85 +222,109 @@ def copy_under_compute(backend: Backend, model: ModelSpec, reps: int = 5) -> tup
 
 
 # --- clocks ---
-IDLE_GAPS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3)
+STALL_BYTES = (64 * MIB, 176 * MIB, 352 * MIB, 704 * MIB)  # copies of about 1, 3, 7 and 13 ms
+LAYERS_AFTER_STALL = 16
+REPEATS = 5
 
 
 def _spin(seconds: float) -> None:
-    """Keep the host busy and the GPU idle (what a copy stall looks like to the GPU's compute)."""
+    """Keep the host busy and the GPU idle."""
     until = time.perf_counter() + seconds
     while time.perf_counter() < until:
         pass
 
 
 def clock_response(backend: Backend, model: ModelSpec, kv_tokens: int) -> dict:
-    """How one decode layer of `model` (non-expert work and top-k experts) slows after the GPU has
-    idled: its time when hot, the first layer after idle gaps, and the ramp back after a long idle
-    (GPU times, CUDA events). Empty on the CPU."""
+    """How decode layers of `model` slow down after the GPU's compute has waited for a copy.
+
+    Layers run as the executor runs them (non-expert kernels, a wait for the router's output,
+    then the top-k experts); a layer's time is the host time between two router outputs. Measured:
+    the hot layer time; the 16 layers after a stall on a host-to-GPU copy of 64..704 MiB (the GPU's
+    compute idle, its copy engine busy); and 64 layers after 1 s of idle. Empty on the CPU."""
     if not backend.is_cuda:
         return {}
     generator = torch.Generator(backend.device).manual_seed(5)
-    layer = NonExpertLayer(model, backend.device, kv_tokens, generator)
+    per_layer = model.non_expert_params_per_layer * model.bytes_per_param
+    layers = [NonExpertLayer(model, backend.device, kv_tokens, generator) for _ in range(_copies_beyond_cache(per_layer))]
     weights = [random_bf16(generator, model.bytes_per_expert // 2) for _ in range(2 * model.top_k)]
     x = torch.randn(1, model.hidden_size, generator=generator, device=backend.device).to(torch.bfloat16)
+    src, dst = backend.pinned(max(STALL_BYTES)), backend.empty(max(STALL_BYTES))
     backend.synchronize()
     counter = iter(range(1 << 62))
 
-    def launch() -> tuple[torch.cuda.Event, torch.cuda.Event]:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with backend.on_compute():
-            start.record(backend.compute_stream)
-            h, y = layer.forward(x)
-            for _ in range(model.top_k):
-                h = h + swiglu(y, weights[next(counter) % len(weights)], model.hidden_size)
-            end.record(backend.compute_stream)
-        return start, end
+    def decode_layers(n: int) -> list[float]:
+        marks = [time.perf_counter()]
+        for i in range(n):
+            with backend.on_compute():
+                h, y = layers[i % len(layers)].forward(x)
+                router = backend.record_compute()
+            while not router.query():
+                pass
+            marks.append(time.perf_counter())
+            with backend.on_compute():
+                for _ in range(model.top_k):
+                    h = h + swiglu(y, weights[next(counter) % len(weights)], model.hidden_size)
+        done = backend.record_compute()
+        while not done.query():
+            pass
+        marks.append(time.perf_counter())
+        return list(np.diff(marks[1:]))  # router to router: experts of one layer, non-expert work of the next
 
-    def timed(n: int) -> list[float]:
-        events = [launch() for _ in range(n)]
-        backend.synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in events]
+    def stall(nbytes: int) -> float:
+        started = time.perf_counter()
+        with backend.on_copy():
+            dst[:nbytes].copy_(src[:nbytes], non_blocking=True)
+            landed = backend.record_copy()
+        while not landed.query():
+            pass
+        return time.perf_counter() - started
 
     def heat(seconds: float) -> None:
         until = time.perf_counter() + seconds
         while time.perf_counter() < until:
-            timed(20)
+            decode_layers(16)
 
     heat(0.5)
-    hot = statistics.median(timed(100))
-    gaps = []
-    for gap in IDLE_GAPS_S:
-        firsts = []
-        for _ in range(3):
-            heat(0.2)
-            _spin(gap)
-            firsts.append(timed(1)[0])
-        gaps.append([gap, statistics.median(firsts) / hot])
+    hot = statistics.median(decode_layers(128))
+    after_stall = []
+    for nbytes in STALL_BYTES:
+        gaps, profiles = [], []
+        for _ in range(REPEATS):
+            heat(0.05)
+            gaps.append(stall(nbytes))
+            profiles.append(decode_layers(LAYERS_AFTER_STALL))
+        factors = np.median(np.asarray(profiles), axis=0) / hot
+        after_stall.append({"idle_s": statistics.median(gaps), "layer_factors": [float(f) for f in factors]})
     _spin(1.0)
-    ramp = timed(1500)
-    busy, points = 0.0, []
-    for i in range(0, len(ramp), 10):
-        points.append([busy, statistics.median(ramp[i: i + 10]) / hot])
-        busy += sum(ramp[i: i + 10])
-    return {"hot_layer_s": hot, "first_layer_after_idle": gaps, "ramp_after_1s_idle": points}
+    cold = [float(f) for f in np.asarray(decode_layers(64)) / hot]
+    return {"hot_layer_s": hot, "after_copy_stall": after_stall, "after_1s_idle": {"idle_s": 1.0, "layer_factors": cold}}
 
 
 def fit_clock(response: dict) -> ClockSpec | None:
     """cold_factor, warm_up_s, cool_down_s of the linear heat model (sim.profiles.ClockSpec) that
-    best fit the measured response; None when idling does not slow the GPU measurably."""
+    best reproduce the measured layer times after each idle period (the GPU hot before it); None
+    when idling does not slow the GPU measurably."""
     if not response:
         return None
-    ramp, gaps = response["ramp_after_1s_idle"], response["first_layer_after_idle"]
-    cold = max(statistics.median([f for _, f in ramp[:3]]), max(f for _, f in gaps))
-    if cold < 1.05:
+    hot = response["hot_layer_s"]
+    series = [*response["after_copy_stall"], response["after_1s_idle"]]
+    worst = max(max(s["layer_factors"][:2]) for s in series)
+    if worst < 1.05:
         return None
-    grid = np.geomspace(1e-4, 10.0, 400)
-
-    def best(points: list[list[float]], model: Callable[[float, float], float]) -> float:
-        errors = [sum((model(t, g) - f) ** 2 for t, f in points) for g in grid]
-        return float(grid[int(np.argmin(errors))])
-    cool = best(gaps, lambda gap, c: 1 + (cold - 1) * min(1.0, gap / c))
-    warm = best(ramp, lambda t, w: 1 + (cold - 1) * max(0.0, 1 - t / w))
-    return ClockSpec(cold, warm, cool)
+    colds = np.linspace(1.0, worst * 1.2, 40)[:, None, None]
+    warms = np.geomspace(1e-4, 1.0, 60)[None, :, None]
+    cools = np.geomspace(1e-4, 1.0, 60)[None, None, :]
+    error = np.zeros((40, 60, 60))
+    for s in series:
+        heat = np.broadcast_to(np.maximum(0.0, 1.0 - s["idle_s"] / cools), error.shape).copy()
+        for measured in s["layer_factors"]:
+            factor = 1.0 + (colds - 1.0) * (1.0 - heat)
+            error += (factor - measured) ** 2
+            heat = np.minimum(1.0, heat + hot * factor / warms)
+    i, j, k = np.unravel_index(int(np.argmin(error)), error.shape)
+    if colds[i, 0, 0] < 1.05:
+        return None
+    return ClockSpec(float(colds[i, 0, 0]), float(warms[0, j, 0]), float(cools[0, 0, k]))
 
 
 # --- the profile ---
@@ -358,14 +375,13 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
     expert_tables = {key: expert_times(backend, m, tokens, trials, reps)
                      for key, m in tqdm(shapes.items(), desc="expert FFNs", unit="shape", leave=False)}
     options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens)
-    non_expert_tables, overheads, token_overheads = {}, {}, {}
+    non_expert_tables, overheads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in tqdm(models, desc="non-expert layers", unit="model", leave=False):
             points = non_expert_times(backend, m, tokens, kv_tokens, trials)
-            overhead, per_token = layer_host_overhead(m, options, TimeTable.from_points(points, "ne")(1),
-                                                      TimeTable.from_points(expert_tables[m.expert_shape_key], "e")(1),
-                                                      Path(tmp))
-            overheads[m.name], token_overheads[m.name] = overhead, per_token
+            overhead = layer_host_overhead(m, options, TimeTable.from_points(points, "ne")(1),
+                                           TimeTable.from_points(expert_tables[m.expert_shape_key], "e")(1), Path(tmp))
+            overheads[m.name] = overhead
             non_expert_tables[m.name] = [[t, max(0.0, s + overhead)] for t, s in points]
             if backend.is_cuda:
                 torch.cuda.empty_cache()
@@ -383,11 +399,12 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
              f"one {largest.name} expert copy: {copy_idle * 1e3:.3f} ms with the GPU idle, {copy_busy * 1e3:.3f} ms "
              "while expert FFNs run",
              "clocks: " + ("idling does not slow compute measurably" if clock is None else
-                           f"a {largest.name} decode layer takes {clock.cold_factor:.2f}x as long when the GPU "
-                           f"starts it cold; hot again after {clock.warm_up_s * 1e3:.0f} ms of work, cold after "
-                           f"{clock.cool_down_s * 1e3:.1f} ms idle (sim.profiles.ClockSpec)"),
-             *[f"executor host time per layer, {m}: {v * 1e6:.1f} us (added to its non-expert layer time); "
-               f"per token: {token_overheads[m] * 1e6:.1f} us (not modelled)" for m, v in overheads.items()]]
+                           f"{largest.name} decode layers take {clock.cold_factor:.2f}x as long when the GPU "
+                           f"starts them cold; hot again after {clock.warm_up_s * 1e3:.1f} ms of work, cold after "
+                           f"{clock.cool_down_s * 1e3:.1f} ms idle (sim.profiles.ClockSpec, fitted to the layers "
+                           "after copy stalls)"),
+             *[f"executor host time per decode layer, {m}: {v * 1e6:+.1f} us (added to its non-expert layer time)"
+               for m, v in overheads.items()]]
     torch_version = str(torch.__version__)
     profile = HardwareProfile.from_dict({
         "name": name,
@@ -403,7 +420,6 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         **({"clock": clock.to_dict()} if clock is not None else {}),
         "calibration": {"torch": torch_version, "gpu": gpu, "kv_tokens": kv_tokens,
                         "copy_dma_s": dma_points, "layer_host_overhead_s": overheads,
-                        "token_host_overhead_s": token_overheads,
                         "copy_under_compute_s": {"bytes": largest.bytes_per_expert, "idle": copy_idle,
                                                  "busy": copy_busy},
                         "clock_response": response,

@@ -274,13 +274,20 @@ def test_live_transformers_model_decides_as_the_simulator_replaying_its_routing(
 
 
 def test_fit_clock_recovers_the_linear_heat_model_and_ignores_a_flat_response():
-    from realrun.calibrate import IDLE_GAPS_S, fit_clock
+    from realrun.calibrate import fit_clock
 
-    cold, warm, cool = 1.8, 0.25, 0.02
-    gaps = [[g, 1 + (cold - 1) * min(1.0, g / cool)] for g in IDLE_GAPS_S]
-    ramp = [[t, 1 + (cold - 1) * max(0.0, 1 - t / warm)] for t in np.linspace(0, 0.8, 80)]
-    spec = fit_clock({"hot_layer_s": 1e-3, "first_layer_after_idle": gaps, "ramp_after_1s_idle": ramp})
-    assert spec.cold_factor == pytest.approx(cold)
-    assert spec.warm_up_s == pytest.approx(warm, rel=0.03) and spec.cool_down_s == pytest.approx(cool, rel=0.03)
-    flat = {"first_layer_after_idle": [[g, 1.0] for g in IDLE_GAPS_S], "ramp_after_1s_idle": [[0.0, 1.01]]}
+    cold, warm, cool, hot = 1.8, 0.004, 0.006, 0.0005
+
+    def after(idle):  # what the linear heat model predicts for 16 layers after an idle period
+        heat, factors = max(0.0, 1 - idle / cool), []
+        for _ in range(16):
+            factors.append(1 + (cold - 1) * (1 - heat))
+            heat = min(1.0, heat + hot * factors[-1] / warm)
+        return {"idle_s": idle, "layer_factors": factors}
+    response = {"hot_layer_s": hot, "after_copy_stall": [after(g) for g in (0.001, 0.003, 0.007, 0.013)],
+                "after_1s_idle": after(1.0)}
+    spec = fit_clock(response)
+    assert spec.cold_factor == pytest.approx(cold, rel=0.05)
+    assert spec.warm_up_s == pytest.approx(warm, rel=0.2) and spec.cool_down_s == pytest.approx(cool, rel=0.2)
+    flat = {**response, "after_copy_stall": [], "after_1s_idle": {"idle_s": 1.0, "layer_factors": [1.01] * 16}}
     assert fit_clock(flat) is None and fit_clock({}) is None
