@@ -49,3 +49,14 @@ def test_clock_model_slows_compute_that_starts_cold_and_recovers_under_load(make
     never_warm = {"cold_factor": 3.0, "warm_up_s": 1e9, "cool_down_s": 1.0}
     assert tpot(never_warm) == pytest.approx(3 * tpot(None))
     assert tpot({**never_warm, "warm_up_s": 1e-9}) == pytest.approx(tpot(None))
+
+
+def test_the_shipped_measured_profile_has_every_table_the_simulator_needs():
+    from sim.profiles import load_hardware
+    from traces.model_spec import known_models, load_model_spec
+
+    profile = load_hardware("h100-measured")
+    assert profile.host_link.measured is not None and profile.clock is not None
+    for name in known_models():
+        assert all(profile.measured_for(load_model_spec(name)).values()), name
+    assert 6e-3 < profile.host_link.copy_time(352_321_536) < 7e-3  # one Mixtral expert, as measured
