@@ -43,7 +43,7 @@ from sim.api import prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
 from sim.profiles import ClockSpec, HardwareProfile, LinkSpec, TimeTable
-from sim.report import atomic_write_text
+from traces.atomic import atomic_write_text
 from traces import ModelSpec, load_trace
 from traces.cli import run_cli
 from traces.errors import UserError

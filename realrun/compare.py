@@ -26,7 +26,7 @@ from sim.api import RunResult, execute, prepare
 from sim.budget import format_bytes, parse_budget
 from sim.config import SimConfig
 from sim.profiles import known_hardware, load_hardware
-from sim.report import atomic_write_csv, atomic_write_text
+from traces.atomic import atomic_write_csv, atomic_write_text
 from traces import Trace, load_trace
 from traces.cli import run_cli
 from traces.defaults import resolve_trace

@@ -35,7 +35,8 @@ from sim.budget import parse_budget
 from sim.config import SimConfig
 from sim.engine import RunState
 from sim.replay import RequestTimer
-from sim.report import atomic_write_text, print_run, write_run
+from sim.report import print_run, write_run
+from traces.atomic import atomic_write_text
 from traces import ModelSpec, Provenance, TraceWriter, load_trace
 from traces.cli import run_cli
 from traces.errors import UserError

@@ -45,5 +45,5 @@ def first_layers(trace: Trace, num_layers: int, out_dir: Path) -> Trace:
             embeddings={name: e[r] for name, e in embeddings.items() if not np.isnan(e[r]).any()} or None,
             lookahead=None if trace.lookahead is None else np.asarray(trace.lookahead[rows, cut]),
             hidden_proj=None if trace.hidden_proj is None else np.asarray(trace.hidden_proj[rows, cut]))
-    writer.close(realism=trace.meta.realism, extra={**trace.meta.extra, "layers_of": model.num_layers})
+    writer.close(extra={**trace.meta.extra, "layers_of": model.num_layers})  # realism recomputed for the cut
     return load_trace(out_dir)
