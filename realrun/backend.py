@@ -86,17 +86,17 @@ class Backend:
 
     def record_compute(self) -> Event:
         """An event that completes when the compute work launched so far has finished."""
-        if not self.is_cuda:
-            return DONE
-        event = torch.cuda.Event()
-        event.record(self.compute_stream)
-        return event
+        return self._record(self.compute_stream)
 
     def record_copy(self) -> Event:
+        """An event that completes when the copies issued so far have landed."""
+        return self._record(self.copy_stream)
+
+    def _record(self, stream) -> Event:
         if not self.is_cuda:
             return DONE
         event = torch.cuda.Event()
-        event.record(self.copy_stream)
+        event.record(stream)
         return event
 
     def copy_waits_for(self, event: Event | None) -> None:

@@ -39,8 +39,8 @@ from realrun.memory import HostExperts, SlotPool
 from sim.engine import Active, RunState, SimOptions
 from sim.layer_protocol import apply_plan, start_layer
 from sim.metrics import Recorder
-from sim.replay import (RequestTimer, arrival_times, bind_policy, initial_blocks, part_bytes, pass_step,
-                        policy_future, request_info, warm)
+from sim.replay import (RequestTimer, arrival_times, bind_policy, check_options, initial_blocks, part_bytes,
+                        pass_step, policy_future, request_info, warm)
 from sim.schedule import Pass, merge_decode, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
@@ -165,9 +165,7 @@ class Executor:
         if opts.placement != "layers" or opts.gpus not in (None, topo.num_gpus):
             raise UserError(f"realrun runs placement=layers on the machine's {topo.num_gpus} device(s); "
                             f"asked for placement={opts.placement}, gpus={opts.gpus}")
-        if policy.reads_future and (opts.max_batch > 1 or (opts.arrival == "closed" and opts.clients > 1)):
-            raise UserError(f"policy '{policy.name}' reads the future, which is defined on one request at a time: "
-                            "use max_batch=1 and clients=1")
+        check_options(opts, policy)
         self.machine = machine
         self.trace = trace
         self.policy = policy

@@ -24,18 +24,16 @@ import simpy
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
-from sim.errors import ConfigError
 from sim.layer_protocol import apply_plan, start_layer
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (RequestTimer, arrival_times, bind_policy, initial_blocks, pass_step, part_bytes,
-                        policy_future, request_info, warm)
+from sim.replay import (RequestTimer, arrival_times, bind_policy, check_options, initial_blocks, pass_step,
+                        part_bytes, policy_future, request_info, warm)
 from sim.schedule import Pass, merge_decode, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
-BUDGET_SCOPES = ("per_gpu", "total")
 
 
 @dataclass
@@ -77,13 +75,7 @@ class Simulation:
                  requests: list[int], options: SimOptions | None = None,
                  on_request_done: Callable[[int], None] | None = None):
         opts = self.options = options or SimOptions()
-        if opts.budget_scope not in BUDGET_SCOPES:
-            raise ConfigError(f"budget_scope '{opts.budget_scope}' unknown; use {' or '.join(BUDGET_SCOPES)}")
-        if opts.max_batch < 1 or opts.clients < 1:
-            raise ConfigError(f"max_batch ({opts.max_batch}) and clients ({opts.clients}) must be at least 1")
-        if policy.reads_future and (opts.max_batch > 1 or (opts.arrival == "closed" and opts.clients > 1)):
-            raise ConfigError(f"policy '{policy.name}' reads the future, which is defined on one request at a "
-                              "time: use max_batch=1 and clients=1")
+        check_options(opts, policy)
         self.trace = trace
         self.policy = policy
         self.model = model

@@ -19,6 +19,20 @@ from sim.schedule import Pass
 from traces import ModelSpec, Trace
 
 
+BUDGET_SCOPES = ("per_gpu", "total")
+
+
+def check_options(options, policy: Policy) -> None:
+    """Serving options every engine refuses alike (options: budget_scope, max_batch, clients, arrival)."""
+    if options.budget_scope not in BUDGET_SCOPES:
+        raise ConfigError(f"budget_scope '{options.budget_scope}' unknown; use {' or '.join(BUDGET_SCOPES)}")
+    if options.max_batch < 1 or options.clients < 1:
+        raise ConfigError(f"max_batch ({options.max_batch}) and clients ({options.clients}) must be at least 1")
+    if policy.reads_future and (options.max_batch > 1 or (options.arrival == "closed" and options.clients > 1)):
+        raise ConfigError(f"policy '{policy.name}' reads the future, which is defined on one request at a "
+                          "time: use max_batch=1 and clients=1")
+
+
 def bind_policy(policy: Policy, ctx: PolicyContext, trace: Trace, train_requests: list[int]) -> list[tuple[float, ...]]:
     """Bind the policy, let it learn from the training split; returns each layer's part fractions."""
     policy.bind(ctx)
