@@ -10,16 +10,23 @@ from typing import Callable
 
 from realrun.executor import Executor, Machine
 from sim.api import PreparedRun, RunResult, replay_options, run_result
+from sim.budget import format_bytes
 
 
 def execute_real(run: PreparedRun, machine: Machine, on_request_done: Callable[[int], None] | None = None,
                  notes: list[str] | None = None) -> RunResult:
     started = time.perf_counter()
-    executor = Executor(machine, run.trace, run.policy, run.model, run.budget_bytes, run.replay,
+    executor = Executor(machine, run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
                         replay_options(run.cfg), on_request_done)
     executor.prepare(run.train)
     state = executor.run()
     wall = time.perf_counter() - started
+    notes = machine.notes() + list(notes or [])
+    compactions = sum(c.pool.compactions for c in executor.caches)
+    if compactions:
+        moved = sum(c.pool.moved_bytes for c in executor.caches)
+        notes.append(f"unequal expert parts fragmented the cache {compactions} times: {format_bytes(moved)} moved on "
+                     "the GPU to join the gaps (work the simulator does not model)")
     executor.release()
     return run_result(run, state, wall, hardware_name=f"real: {machine.device_name}",
-                      extra_info={"compute_estimated": [], "realrun": machine.notes() + list(notes or [])})
+                      extra_info={"compute_estimated": [], "realrun": notes})

@@ -31,7 +31,6 @@ class CopyEngine(HostLink):
         self.backend = backend
         self.host = host
         self.part_bytes = part_bytes  # layer -> bytes of each part of its experts
-        self.slots_released: Event | None = None  # compute that last read any slot given up since
         self._landing: Event | None = None
 
     def _start(self, job: CopyJob) -> None:
@@ -45,7 +44,7 @@ class CopyEngine(HostLink):
         with backend.on_copy():
             if chunk == 0:
                 # The slot may have been another block's, still read by compute launched earlier.
-                backend.copy_waits_for(self.slots_released)
+                backend.copy_waits_for(self.cache.pool.reads_done)
             dst[lo:hi].copy_(src[lo:hi], non_blocking=True)
             self._landing = backend.record_copy()
 

@@ -30,15 +30,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from policies.base import Block, Policy, PolicyContext, PrefetchPlan
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from realrun.backend import DONE, Backend, Event
 from realrun.cache import SlottedCache
 from realrun.copy_engine import CopyEngine
 from realrun.kernels import NonExpertLayer, expert_weights, swiglu
 from realrun.memory import HostExperts, SlotPool
+from sim.compute import ComputeModel
 from sim.engine import Active, RunState, SimOptions
 from sim.layer_protocol import apply_plan, start_layer
 from sim.metrics import Recorder
+from sim.profiles import HardwareProfile
 from sim.replay import (RequestTimer, arrival_times, bind_policy, check_options, initial_blocks, part_bytes,
                         pass_step, policy_future, request_info, warm)
 from sim.schedule import Pass, merge_decode, request_passes
@@ -154,9 +156,11 @@ def collector_paused():
 
 
 class Executor:
-    def __init__(self, machine: Machine, trace: Trace, policy: Policy, model: ModelSpec, budget_bytes: int,
-                 requests: list[int], options: SimOptions | None = None,
+    def __init__(self, machine: Machine, trace: Trace | None, policy: Policy, model: ModelSpec,
+                 hardware: HardwareProfile, budget_bytes: int, requests: list[int], options: SimOptions | None = None,
                  on_request_done: Callable[[int], None] | None = None):
+        """`hardware` is the profile the simulator runs the same replay on: a policy that plans with
+        profiled costs (ctx.timing) must see the same numbers in both engines."""
         opts = self.options = options or SimOptions()
         if model.num_layers != machine.model.num_layers or model.expert_shape_key != machine.model.expert_shape_key:
             raise UserError(f"the machine was built for {machine.model.name} ({machine.model.num_layers} layers), "
@@ -170,6 +174,7 @@ class Executor:
         self.trace = trace
         self.policy = policy
         self.model = model
+        self.hardware = hardware
         self.requests = list(requests)
         self.on_request_done = on_request_done
         self.recorder = Recorder(model.num_layers)
@@ -182,7 +187,7 @@ class Executor:
                        for g in range(topo.num_gpus)]
         self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of)
                       for g, backend in enumerate(machine.backends)]
-        self._embeddings = trace.embedding() if trace is not None else None
+        self._embeddings = None if trace is None else trace.embedding(policy.embedding_source(trace.embedding_names))
         self._step_index = 0
         self._t0 = 0.0
         self._waiting: deque[Active] = deque()
@@ -199,8 +204,10 @@ class Executor:
     def prepare(self, train_requests: list[int]) -> None:
         """Bind the policy, let it learn, fix expert splits, give each cache its memory, warm it."""
         machine, model, topo = self.machine, self.model, self.topology
+        compute = ComputeModel(self.hardware, model)
+        timing = Timing(self.hardware.host_link.copy_time, compute.expert_time, compute.non_expert_time)
         ctx = PolicyContext(model, self.caches, topo.home, topo.layers_of, np.random.default_rng(self.options.seed),
-                            policy_future(self.policy, self.trace, self.requests))
+                            policy_future(self.policy, self.trace, self.requests), timing)
         self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
         self._part_bytes = [part_bytes(model, f) for f in self._part_fractions]
         smallest = min(min(b) for b in self._part_bytes)
@@ -353,21 +360,27 @@ class Executor:
                                     self.caches, self.links, self.recorder, self.policy, self.model.bytes_per_expert,
                                     plan, self.model.num_layers, self.topology.home)
         computed: list[Block] = []
-        stall = 0.0
+        routed, launched, stall = len(experts), False, 0.0  # blocks past `routed`: a whole-layer gather
         for i in order:
             for b in blocks[i]:
                 if not cache.is_resident(b):
-                    if computed:
+                    if launched:
                         finished = backend.record_compute()
                         self._wait(finished)
                         self._unpin(gpu, computed, finished)
+                        launched = False
                     if not cache.is_resident(b):
                         waited_from = self._now()
                         self._wait_block(link, b)
                         stall += self._now() - waited_from
-                cache.mark_used(b)
-                with backend.on_compute():
-                    launch(i, expert_weights(cache.pool.view(b)))
+                if i < routed:
+                    cache.mark_used(b)
+                    if cache.pool.moved is not None:  # blocks slid down to make room: read them after
+                        backend.compute_waits_for(cache.pool.moved)
+                        cache.pool.moved = None
+                    with backend.on_compute():
+                        launch(i, expert_weights(cache.pool.view(b)))
+                    launched = True
                 computed.append(b)
         if computed:
             # No wait here: the next copy into these slots waits for this event on the GPU instead.
@@ -376,7 +389,7 @@ class Executor:
 
     def _unpin(self, gpu: int, blocks: list[Block], read_done: Event) -> None:
         cache, link = self.caches[gpu], self.links[gpu]
-        link.slots_released = None if read_done is DONE else read_done
+        cache.pool.reads_done = None if read_done is DONE else read_done
         for b in blocks:
             cache.unpin(b)
         blocks.clear()

@@ -30,10 +30,11 @@ from realrun.backend import Backend
 from realrun.compare import comparison_row, flat_metrics, markdown
 from realrun.executor import Executor, Machine, RealOptions, collector_paused
 from realrun.kernels import swiglu
-from sim.api import PreparedRun, execute, prepare, run_result
+from sim.api import PreparedRun, execute, prepare, resolve_hardware, run_result
 from sim.budget import parse_budget
 from sim.config import SimConfig
 from sim.engine import RunState
+from sim.profiles import HardwareProfile
 from sim.replay import RequestTimer
 from sim.report import print_run, write_run
 from traces.atomic import atomic_write_text
@@ -107,7 +108,7 @@ class OffloadedExperts(nn.Module):
 
 class LiveRun:
     def __init__(self, spec: ModelSpec, policy_name: str, policy_params: dict[str, Any], budget: str,
-                 options: RealOptions):
+                 options: RealOptions, hardware: HardwareProfile):
         self.spec = spec
         self.machine = Machine(spec, options, non_expert=False, random_experts=False)
         self.backend = self.machine.backends[0]
@@ -117,7 +118,7 @@ class LiveRun:
             raise UserError(f"policy '{policy_name}' reads the trace's future; a live run has none")
         self.budget_bytes = parse_budget(budget, spec.bytes_per_expert)
         self._offload()
-        self.executor = Executor(self.machine, None, self.policy, spec, self.budget_bytes, [])
+        self.executor = Executor(self.machine, None, self.policy, spec, hardware, self.budget_bytes, [])
         self.step: Step | None = None
         self.routing: list[tuple[np.ndarray, np.ndarray]] = []  # per layer of the running pass
         self.bypass = False
@@ -245,7 +246,7 @@ def run_live(spec: ModelSpec, policy: str, budget: str, requests: int, prompt_to
     """A live run and the simulator's replay of its routing: (real RunResult, simulated RunResult)."""
     if prompt_tokens < 1 or output_tokens < 1 or requests < 1:
         raise UserError("requests, prompt tokens and output tokens must be at least 1")
-    live = LiveRun(spec, policy, policy_params or {}, budget, options)
+    live = LiveRun(spec, policy, policy_params or {}, budget, options, resolve_hardware(hardware))
     live.warm_up(prompt_tokens)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (prompt_tokens,), generator=generator) for _ in range(requests)]

@@ -2,8 +2,10 @@
 
 SlotPool is one device buffer of the cache's budget (plus at most ALIGN bytes of padding per
 block), allocated once: blocks are placed first-fit and never grow it. Blocks of one size (whole
-experts, or equal parts) always fit while the cache's byte count says they do; unequal parts
-could fragment it, which raises an error naming the problem rather than exceeding the budget.
+experts, or equal parts) always fit while the cache's byte count says they do. Unequal parts
+(MoEpic) can fragment it: then the resident blocks no layer is using slide down, on the copy
+stream (device to device, through a small staging buffer), to join the gaps; such moves are
+real work the simulator does not model, so they are counted (`compactions`, `moved_bytes`).
 
 HostExperts holds every expert's weights in pinned host memory, or, when host memory is short,
 `sources` pinned buffers that experts of the same layer shape share round-robin: a copy's speed
@@ -12,11 +14,12 @@ does not depend on which host buffer it reads, and the values are random anyway.
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 import torch
 
 from policies.base import Block
-from realrun.backend import Backend
+from realrun.backend import Backend, Event
 from traces import ModelSpec
 
 ALIGN = 256  # bytes: slot starts aligned for wide loads
@@ -30,6 +33,9 @@ class FragmentedError(RuntimeError):
     pass
 
 
+STAGING_BYTES = 64 << 20
+
+
 class SlotPool:
     def __init__(self, backend: Backend, capacity_bytes: int, smallest_block_bytes: int):
         self.backend = backend
@@ -39,12 +45,25 @@ class SlotPool:
         self.buffer = backend.empty(self.arena_bytes)
         self._free: list[tuple[int, int]] = [(0, self.arena_bytes)]  # (offset, size), sorted, coalesced
         self._where: dict[Block, tuple[int, int]] = {}  # block -> (offset, nbytes)
+        self.reads_done: Event | None = None  # compute that last read any slot given up since
+        self.moved: Event | None = None  # moves that compute must wait for before reading a slot
+        self.compactions = 0
+        self.moved_bytes = 0
+        self._staging: torch.Tensor | None = None
 
     def __contains__(self, block: Block) -> bool:
         return block in self._where
 
-    def alloc(self, block: Block, nbytes: int) -> None:
+    def alloc(self, block: Block, nbytes: int, movable: Callable[[Block], bool] = lambda b: False) -> None:
+        """Place a block; when no gap is large enough, slide the `movable` blocks down first."""
         size = _aligned(nbytes)
+        if not self._place(block, size, nbytes):
+            self._compact(movable)
+            if not self._place(block, size, nbytes):
+                raise FragmentedError(f"the expert cache's memory is fragmented around blocks in use: no "
+                                      f"contiguous {size:,} bytes for {block} even after compaction")
+
+    def _place(self, block: Block, size: int, nbytes: int) -> bool:
         for i, (offset, free) in enumerate(self._free):
             if free >= size:
                 if free == size:
@@ -52,9 +71,47 @@ class SlotPool:
                 else:
                     self._free[i] = (offset + size, free - size)
                 self._where[block] = (offset, int(nbytes))
-                return
-        raise FragmentedError(f"the expert cache's memory is fragmented: no contiguous {size:,} bytes for {block} "
-                              "(blocks of unequal sizes); give the policy equal parts")
+                return True
+        return False
+
+    def _compact(self, movable: Callable[[Block], bool]) -> None:
+        """Slide movable blocks down, in address order, past no block in use (pinned or in flight)."""
+        placed = sorted(self._where.items(), key=lambda item: item[1][0])
+        fixed = [offset for block, (offset, _) in placed if not movable(block)]
+        backend, cursor, moves = self.backend, 0, []
+        for block, (offset, nbytes) in placed:
+            size = _aligned(nbytes)
+            if movable(block):
+                limit = next((f for f in fixed if f >= cursor), self.arena_bytes)
+                if offset > cursor and cursor + size <= limit:
+                    moves.append((offset, cursor, nbytes))
+                    self._where[block] = (cursor, nbytes)
+                    offset = cursor
+            cursor = offset + size
+        if not moves:
+            return
+        with backend.on_copy():
+            backend.copy_waits_for(self.reads_done)  # compute may still read the old places
+            for src, dst, nbytes in moves:
+                self._move(src, dst, nbytes)
+            self.moved = backend.record_copy()
+        ends = sorted((o, o + _aligned(n)) for o, n in self._where.values())
+        self._free, start = [], 0
+        for begin, end in ends + [(self.arena_bytes, self.arena_bytes)]:
+            if begin > start:
+                self._free.append((start, begin - start))
+            start = max(start, end)
+        self.compactions += 1
+        self.moved_bytes += sum(n for _, _, n in moves)
+
+    def _move(self, src: int, dst: int, nbytes: int) -> None:
+        """Copy down (dst < src) through a staging buffer: safe where the two ranges overlap."""
+        if self._staging is None:
+            self._staging = self.backend.empty(STAGING_BYTES)
+        for done in range(0, nbytes, STAGING_BYTES):
+            n = min(STAGING_BYTES, nbytes - done)
+            self._staging[:n].copy_(self.buffer[src + done: src + done + n], non_blocking=True)
+            self.buffer[dst + done: dst + done + n].copy_(self._staging[:n], non_blocking=True)
 
     def free(self, block: Block) -> None:
         offset, nbytes = self._where.pop(block)

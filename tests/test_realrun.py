@@ -109,7 +109,7 @@ def test_prefetching_chunked_split_policy_keeps_the_budget_and_lands_the_right_b
                        hardware=unit_hardware().to_dict())
     run = prepare(config, routed)
     from realrun.executor import Executor
-    executor = Executor(machine, routed, run.policy, run.model, run.budget_bytes, run.replay)
+    executor = Executor(machine, routed, run.policy, run.model, run.hardware, run.budget_bytes, run.replay)
     executor.prepare(run.train)
     state = executor.run()
     cache, rec = state.caches[0], state.recorder
@@ -119,6 +119,41 @@ def test_prefetching_chunked_split_policy_keeps_the_budget_and_lands_the_right_b
     assert rec.prefetches_requested > 0 and rec.prefetch_bytes > 0
     for block in cache.resident_blocks():  # every resident block holds exactly its host bytes
         assert torch.equal(cache.pool.view(block).cpu(), machine.host.block(block, executor._part_bytes[block[0]]))
+
+
+class UnevenSplit(Policy):
+    """Test policy: demand-only, experts cut unevenly, differently per layer (MoEpic-like sizes)."""
+
+    def parts(self, layer):
+        return ((0.3, 0.7), (0.6, 0.4), (0.8, 0.2))[layer % 3]
+
+
+class WholeLayer(Policy):
+    """Test policy: demand-only, each layer gathers all its experts before computing (DeepSpeed-like)."""
+
+    loads_whole_layer = True
+
+
+register("test_uneven_split")(UnevenSplit)
+register("test_whole_layer")(WholeLayer)
+
+
+@pytest.mark.parametrize("policy", ["test_uneven_split", "test_whole_layer"])
+@pytest.mark.parametrize("budget", ["1expert", "2experts", "5experts"])
+def test_uneven_parts_and_whole_layer_gathers_decide_as_the_simulator(routed, machine, policy, budget):
+    sim, real = both(routed, machine, policy=policy, budget=budget)
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    assert real.metrics.gpu_mem_high_water_bytes <= real.metrics.budget_bytes
+
+
+@pytest.mark.parametrize("policy", ["deepspeed", "moepic", "finemoe", "moe_infinity", "promoe", "mixtral_offload"])
+def test_published_policies_run_within_the_budget(routed, machine, policy):
+    config = SimConfig(trace=str(routed.path), policy=policy, budget="5experts", hardware=unit_hardware().to_dict(),
+                       train_fraction=0.34)
+    real = execute_real(prepare(config, routed), machine)
+    m = real.metrics
+    assert m.gpu_mem_high_water_bytes <= m.budget_bytes and m.expert_uses > 0
+    assert m.hit_rate + m.late_prefetch_rate + m.miss_rate == pytest.approx(1.0)
 
 
 class Recency(Policy):
@@ -184,19 +219,23 @@ def test_copy_engine_drops_a_prefetch_without_room_and_a_demand_waits_for_an_unp
     assert torch.equal(cache.pool.view((0, 2, 0)).cpu(), host.expert(0, 2))
 
 
-def test_slot_pool_reuses_freed_slots_and_names_fragmentation():
-    pool = SlotPool(Backend("cpu"), 3 * 1000, 1000)
+@pytest.mark.parametrize("device", DEVICES)
+def test_slot_pool_reuses_freed_slots_and_compacts_around_blocks_in_use(device):
+    pool = SlotPool(Backend(device), 3 * 1000, 1000)
     for e in range(3):
         pool.alloc((0, e, 0), 1000)
     pool.free((0, 1, 0))
     pool.alloc((0, 3, 0), 1000)  # the freed slot is reused: never more than the budget's blocks
     assert pool.allocated_bytes() == 3000
+    pool.view((0, 3, 0)).copy_(torch.arange(1000, dtype=torch.int32).to(torch.uint8))
     pool.free((0, 0, 0))
     pool.free((0, 2, 0))
     with pytest.raises(FragmentedError, match="fragmented"):
-        pool.alloc((0, 4, 0), 2000)  # 2 KB free in all, but split in two
-    pool.free((0, 3, 0))
-    pool.alloc((0, 4, 0), 2000)  # coalesced again
+        pool.alloc((0, 4, 0), 2000)  # 2 KB free in all, split around a block in use
+    pool.alloc((0, 4, 0), 2000, movable=lambda block: True)  # the block slides down, bytes and all
+    assert pool.compactions == 1 and pool.moved_bytes == 1000
+    torch.testing.assert_close(pool.view((0, 3, 0)).cpu(), torch.arange(1000, dtype=torch.int32).to(torch.uint8))
+    assert pool.allocated_bytes() == 3000
 
 
 def test_shared_host_buffers_are_said_and_layer_subset_keeps_routing(routed, tmp_path):
