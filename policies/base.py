@@ -136,6 +136,7 @@ class Policy:
     # True: a layer gathers all its experts before computing, routed or not, as parameter-offloading
     # engines do (DeepSpeed ZeRO-Inference); ignored when the budget cannot hold a whole layer.
     loads_whole_layer: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = False  # learns offline in fit(): a run needs a training split
 
     ctx: PolicyContext
 

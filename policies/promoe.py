@@ -70,6 +70,7 @@ class LayerMLPs:
 @register("promoe")
 class ProMoE(LRU):
     compute_order = "availability"
+    needs_training = True
 
     def __init__(self, stride: int = 1, width: int | None = None, chunks: int = 4, hidden_units: int = 32,
                  train_steps: int = 150, max_samples: int = 8192):
@@ -79,7 +80,6 @@ class ProMoE(LRU):
         self.stride, self.width, self.copy_chunks = stride, width, chunks
         self.hidden_units, self.train_steps, self.max_samples = hidden_units, train_steps, max_samples
         self.predictor: LayerMLPs | None = None
-        self.fitted = False
         self._use_gates = False
         self.inputs: list[str] = []
         self.judged = {"true_positives": 0, "predicted": 0, "actual": 0}
@@ -99,7 +99,6 @@ class ProMoE(LRU):
         """Train on every per-token iteration of the training split: layer l's inputs -> l+stride's experts."""
         model = trace.model
         targets = model.num_layers - self.stride
-        self.fitted = True
         if targets < 1:
             return  # no layer lies `stride` ahead of another: nothing to predict
         rows = np.concatenate([np.arange(o, o + p + d) for o, p, d in (trace.rows(r) for r in requests)]
@@ -134,10 +133,6 @@ class ProMoE(LRU):
         return {int(e) for e in top.ravel()}  # a prefill needs the union of its tokens' experts
 
     # --- the replay ---
-    def on_request_start(self, request) -> None:
-        if not self.fitted:
-            raise UserError("promoe learns its predictor from a training split; set train_fraction (e.g. 0.5)")
-
     def on_step_start(self, step: Step) -> None:
         self._pending.clear()
 

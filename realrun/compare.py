@@ -125,7 +125,7 @@ def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.Da
 
 
 def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
-                out_dir: Path, max_requests: int | None = None, warm_start: bool = False,
+                out_dir: Path, max_requests: int | None = None, warm_start: bool = False, train_fraction: float = 0.0,
                 header: list[str] | None = None, stored: StoredRuns | None = None) -> pd.DataFrame:
     """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
     and compare.md. With `stored`, the measured side comes from an earlier compare instead."""
@@ -141,7 +141,7 @@ def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware:
     rows, runs, layers, tokens = [], [], [], []
     for policy, budget in tqdm(jobs, desc="sim vs real", unit="run"):
         cfg = SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=profile.to_dict(),
-                        max_requests=max_requests, warm_start=warm_start)
+                        max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction)
         sim = execute(prepare(cfg, trace))
         sim_flat = flat_metrics(sim, "sim", budget)
         if stored is None:
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
     parser.add_argument("--kv-tokens", type=int, default=512)
     parser.add_argument("--warm-start", action="store_true")
+    parser.add_argument("--train-fraction", type=float, default=0.0,
+                        help="leading share of requests for policies' offline training (needed by promoe)")
     parser.add_argument("--real-from", default=None,
                         help="directory of an earlier compare: reuse its measured runs, re-run only the simulator")
     parser.add_argument("--out", default="results/compare")
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"Trace: {args.trace} ({trace.source.label()}); model {trace.model.name}, "
                   f"{trace.model.num_layers} of {full_layers} layers{subset}; requests: {args.max_requests or 'all'}",
                   *[f"- {note}" for note in notes]]
-        table = run_compare(trace, policies, budgets, hardware, machine, out, args.max_requests, args.warm_start, header,
-                            stored)
+        table = run_compare(trace, policies, budgets, hardware, machine, out, args.max_requests, args.warm_start,
+                            args.train_fraction, header, stored)
         print(f"results: {out}")
         print(markdown(table, header))
     run_cli(work)

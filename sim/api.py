@@ -81,6 +81,9 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     budget = parse_budget(cfg.budget, model.bytes_per_expert)
     policy = make_policy(cfg.policy, **dict(cfg.policy_params))
     train, replay = split_requests(trace.num_requests, cfg.train_fraction, cfg.max_requests)
+    if policy.needs_training and not train:
+        raise ConfigError(f"policy '{cfg.policy}' learns offline from a training split of the trace; "
+                          f"set train_fraction (e.g. train_fraction=0.5)")
     return PreparedRun(cfg, trace, model, hardware, budget, policy, train, replay)
 
 
