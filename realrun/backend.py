@@ -17,12 +17,6 @@ from traces.errors import UserError
 
 class Event(Protocol):
     def query(self) -> bool: ...
-    def compute_waits_for(self, event: Event) -> None:
-        """Later compute starts only after `event` (another device's work on the hidden state)."""
-        if self.is_cuda and event is not DONE:
-            self.compute_stream.wait_event(event)
-
-    def synchronize(self) -> None: ...
 
 
 class DoneEvent:
@@ -30,14 +24,6 @@ class DoneEvent:
 
     def query(self) -> bool:
         return True
-
-    def compute_waits_for(self, event: Event) -> None:
-        """Later compute starts only after `event` (another device's work on the hidden state)."""
-        if self.is_cuda and event is not DONE:
-            self.compute_stream.wait_event(event)
-
-    def synchronize(self) -> None:
-        pass
 
 
 DONE = DoneEvent()

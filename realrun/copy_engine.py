@@ -43,8 +43,9 @@ class CopyEngine(HostLink):
         backend = self.backend
         with backend.on_copy():
             if chunk == 0:
-                # The slot may have been another block's, still read by compute launched earlier.
-                backend.copy_waits_for(self.cache.pool.reads_done)
+                # The place may have been another block's, still read by compute launched earlier.
+                for event in self.cache.pool.take_waits(block):
+                    backend.copy_waits_for(event)
             dst[lo:hi].copy_(src[lo:hi], non_blocking=True)
             self._landing = backend.record_copy()
 

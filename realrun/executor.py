@@ -389,7 +389,8 @@ class Executor:
 
     def _unpin(self, gpu: int, blocks: list[Block], read_done: Event) -> None:
         cache, link = self.caches[gpu], self.links[gpu]
-        cache.pool.reads_done = None if read_done is DONE else read_done
+        if read_done is not DONE:
+            cache.pool.read_by(blocks, read_done)
         for b in blocks:
             cache.unpin(b)
         blocks.clear()

@@ -45,8 +45,13 @@ class SlotPool:
         self.buffer = backend.empty(self.arena_bytes)
         self._free: list[tuple[int, int]] = [(0, self.arena_bytes)]  # (offset, size), sorted, coalesced
         self._where: dict[Block, tuple[int, int]] = {}  # block -> (offset, nbytes)
-        self.reads_done: Event | None = None  # compute that last read any slot given up since
+        self.reads_done: Event | None = None  # the compute that last read any block (compaction waits for it)
         self.moved: Event | None = None  # moves that compute must wait for before reading a slot
+        # A copy into memory another block gave up waits only for the compute that last read that
+        # block, not for compute launched since: prefetches overlap the running layer, as simulated.
+        self._last_read: dict[Block, Event] = {}
+        self._released: list[tuple[int, int, Event]] = []  # (start, end, last read) of freed places
+        self._waits: dict[Block, list[Event]] = {}
         self.compactions = 0
         self.moved_bytes = 0
         self._staging: torch.Tensor | None = None
@@ -71,8 +76,20 @@ class SlotPool:
                 else:
                     self._free[i] = (offset + size, free - size)
                 self._where[block] = (offset, int(nbytes))
+                self._released = [r for r in self._released if not r[2].query()]
+                self._waits[block] = [e for lo, hi, e in self._released if lo < offset + size and offset < hi]
                 return True
         return False
+
+    def read_by(self, blocks: list[Block], event: Event) -> None:
+        """Compute launched so far (ending with `event`) read these blocks."""
+        for block in blocks:
+            self._last_read[block] = event
+        self.reads_done = event
+
+    def take_waits(self, block: Block) -> list[Event]:
+        """What a copy into the block's place must wait for: the last readers of what was there."""
+        return self._waits.pop(block, [])
 
     def _compact(self, movable: Callable[[Block], bool]) -> None:
         """Slide movable blocks down, in address order, past no block in use (pinned or in flight)."""
@@ -116,6 +133,10 @@ class SlotPool:
     def free(self, block: Block) -> None:
         offset, nbytes = self._where.pop(block)
         size = _aligned(nbytes)
+        self._waits.pop(block, None)
+        last_read = self._last_read.pop(block, None)
+        if last_read is not None:
+            self._released.append((offset, offset + size, last_read))
         i = bisect.bisect_left(self._free, (offset, 0))
         if i < len(self._free) and offset + size == self._free[i][0]:
             size += self._free.pop(i)[1]
