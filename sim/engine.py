@@ -238,11 +238,12 @@ class Simulation:
         blocks, order = start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
                                     self.recorder, self.policy, self.model.bytes_per_expert, plan,
                                     self.model.num_layers, topo.home)
-        gpus = sorted(set(homes))
         routed = len(experts)
-        if len(gpus) == 1:
-            yield from self._compute_on(gpus[0], layer, [i for i in order], blocks, tokens, routed, dispatch=False)
+        if topo.placement == "layers":
+            yield from self._compute_on(homes[0] if homes else topo.layer_gpu[layer], layer, order, blocks, tokens,
+                                        routed, dispatch=False)
             return
+        gpus = sorted(set(homes))
         # Expert-parallel: each GPU runs its share of the layer's experts at the same time.
         work = [self.env.process(self._compute_on(g, layer, [i for i in order if homes[i] == g], blocks, tokens,
                                                   routed, dispatch=True)) for g in gpus]
@@ -252,13 +253,14 @@ class Simulation:
                     routed: int, dispatch: bool):
         """One GPU computes its experts of a layer in order, each once its blocks are resident (the
         first `routed` entries of `blocks`; later ones, a whole-layer gather, are only waited for)."""
-        order_routed = [i for i in order if i < routed]
         env, cache, link, rec = self.env, self.caches[gpu], self.links[gpu], self.recorder
         fractions = self._part_fractions[layer]
         hidden = self.topology.layer_gpu[layer]
-        moved = (len(order_routed) if tokens is None else sum(tokens[i] for i in order_routed)) \
-            * self.activation_bytes_per_token
-        if dispatch and gpu != hidden:  # tokens travel to this GPU's experts and back
+        remote = dispatch and gpu != hidden
+        if remote:  # tokens travel to this GPU's experts and back
+            order_routed = [i for i in order if i < routed]
+            moved = (len(order_routed) if tokens is None else sum(tokens[i] for i in order_routed)) \
+                * self.activation_bytes_per_token
             yield from self._advance(self.topology.transfer_time(self.hardware, hidden, gpu, moved))
         busy = 0.0
         computed: list[Block] = []
@@ -284,7 +286,7 @@ class Simulation:
             yield from self._advance(self.compute.run(gpu, env.now, busy))
         self._unpin(gpu, computed)
         rec.stall_s[layer] += stall
-        if dispatch and gpu != hidden:
+        if remote:
             yield from self._advance(self.topology.transfer_time(self.hardware, gpu, hidden, moved))
 
     def _unpin(self, gpu: int, blocks: list[Block]) -> None:

@@ -64,7 +64,7 @@ def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: 
     for expert_blocks, gpu in zip(blocks, homes):
         cache = caches[gpu]
         states = [cache.state(b) for b in expert_blocks]
-        if all(s == RESIDENT for s in states):
+        if states.count(RESIDENT) == nparts:
             rec.hits[layer] += 1
             if not cache.unused_prefetched.isdisjoint(expert_blocks):
                 rec.prefetch_hits[layer] += 1
