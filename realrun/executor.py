@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,12 +36,12 @@ from realrun.copy_engine import CopyEngine
 from realrun.kernels import NonExpertLayer, expert_weights, swiglu
 from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
-from sim.engine import Active, RunState, SimOptions
+from sim.engine import RunState, SimOptions
 from sim.layer_protocol import apply_plan, start_layer
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (RequestTimer, arrival_times, bind_policy, check_options, initial_blocks, part_bytes,
-                        pass_step, policy_future, request_info, warm)
+from sim.replay import (Active, Serving, arrival_times, bind_policy, check_options, initial_blocks, part_bytes,
+                        pass_step, policy_future, warm)
 from sim.schedule import Pass, merge_decode, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
@@ -155,7 +154,7 @@ def collector_paused():
         gc.unfreeze()
 
 
-class Executor:
+class Executor(Serving):
     def __init__(self, machine: Machine, trace: Trace | None, policy: Policy, model: ModelSpec,
                  hardware: HardwareProfile, budget_bytes: int, requests: list[int], options: SimOptions | None = None,
                  on_request_done: Callable[[int], None] | None = None):
@@ -176,7 +175,6 @@ class Executor:
         self.model = model
         self.hardware = hardware
         self.requests = list(requests)
-        self.on_request_done = on_request_done
         self.recorder = Recorder(model.num_layers)
         self.topology = topo
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
@@ -187,13 +185,9 @@ class Executor:
                        for g in range(topo.num_gpus)]
         self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of)
                       for g, backend in enumerate(machine.backends)]
-        self._embeddings = None if trace is None else trace.embedding(policy.embedding_source(trace.embedding_names))
+        self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done)
         self._step_index = 0
         self._t0 = 0.0
-        self._waiting: deque[Active] = deque()
-        self._running: list[Active] = []
-        self._issued = 0
-        self._done = 0
 
     def _block_bytes(self, block: Block) -> int:
         return self._part_bytes[block[0]][block[2]]
@@ -232,7 +226,7 @@ class Executor:
             torch.cuda.empty_cache()
 
     # --- waiting: the host polls the copy engines whenever it has nothing else to do ---
-    def _now(self) -> float:
+    def now(self) -> float:
         return time.perf_counter() - self._t0
 
     def _poll(self) -> bool:
@@ -260,14 +254,13 @@ class Executor:
             return self._serve()
 
     def _serve(self) -> RunState:
-        opts = self.options
-        arrivals = arrival_times(opts, self.trace, self.requests)
+        opts, arrivals = self.options, self._arrivals
         self._t0 = time.perf_counter()
         if arrivals is None:
             for _ in range(min(opts.clients, len(self.requests))):
                 self._arrive(0.0)
         while self._done < len(self.requests):
-            while arrivals is not None and self._issued < len(arrivals) and arrivals[self._issued] <= self._now():
+            while arrivals is not None and self._issued < len(arrivals) and arrivals[self._issued] <= self.now():
                 self._arrive(float(arrivals[self._issued]))
             if self._waiting and len(self._running) < opts.max_batch:
                 self._start(self._waiting.popleft())
@@ -275,49 +268,21 @@ class Executor:
                 self._decode_batch()
             else:
                 self._poll()  # idle until the next arrival
-        makespan = self._now()
+        makespan = self.now()
         for backend in self.machine.backends:
             backend.synchronize()  # a prefetch still copying must not spill into the next run
         return RunState(self.recorder, list(self.caches), makespan)
 
-    def _arrive(self, when: float) -> None:
-        r = self.requests[self._issued]
-        self._issued += 1
-        self._waiting.append(Active(r, request_info(self.trace, self._embeddings, r), when))
-
     def _start(self, active: Active) -> None:
-        active.timer = RequestTimer(active.info, active.arrival, self._now(), self.recorder)
-        self._apply(self.policy.on_request_start(active.info))
-        active.passes = request_passes(self.trace, active.index)
-        active.next_pass = next(active.passes, None)
-        if active.next_pass is not None and active.next_pass.kind == "prefill":
-            self._pass(active.next_pass)
-            active.timer.token(self._now())
-            active.next_pass = next(active.passes, None)
-        if active.next_pass is None:
-            self._finish(active)
-        else:
-            self._running.append(active)
+        prefill = self._begin(active)
+        if prefill is not None:
+            self._pass(prefill)
+        self._admit(active, prefilled=prefill is not None)
 
     def _decode_batch(self) -> None:
         batch = list(self._running)
         self._pass(merge_decode([a.next_pass for a in batch]))
-        now = self._now()
-        for active in batch:
-            active.timer.token(now)
-            active.next_pass = next(active.passes, None)
-            if active.next_pass is None:
-                self._running.remove(active)
-                self._finish(active)
-
-    def _finish(self, active: Active) -> None:
-        self.policy.on_request_end(active.info)
-        active.timer.finish(self._now())
-        self._done += 1
-        if self.on_request_done is not None:
-            self.on_request_done(active.index)
-        if self.options.arrival == "closed" and self._issued < len(self.requests):
-            self._arrive(self._now())
+        self._tokens_out(batch)
 
     # --- forward passes ---
     def _apply(self, plan: PrefetchPlan | None) -> None:
@@ -370,9 +335,9 @@ class Executor:
                         self._unpin(gpu, computed, finished)
                         launched = False
                     if not cache.is_resident(b):
-                        waited_from = self._now()
+                        waited_from = self.now()
                         self._wait_block(link, b)
-                        stall += self._now() - waited_from
+                        stall += self.now() - waited_from
                 if i < routed:
                     cache.mark_used(b)
                     if cache.pool.moved is not None:  # blocks slid down to make room: read them after

@@ -196,7 +196,7 @@ class LiveRun:
         executor._t0 = time.perf_counter()
         for r, prompt in enumerate(prompts):
             info = RequestInfo(r, f"live-{r}", len(prompt), output_tokens, None)
-            timer = RequestTimer(info, executor._now(), executor._now(), rec)
+            timer = RequestTimer(info, executor.now(), executor.now(), rec)
             executor._apply(policy.on_request_start(info))
             cache, ids, rows = DynamicCache(), prompt[None].to(self.backend.device), []
             for t in range(output_tokens):
@@ -210,14 +210,14 @@ class LiveRun:
                 ids = self._forward(ids, cache)
                 executor._wait(self.backend.record_compute())  # the token is out
                 policy.on_step_end(self.step)
-                timer.token(executor._now())
+                timer.token(executor.now())
                 rows.append(self.routing)
             policy.on_request_end(info)
-            timer.finish(executor._now())
+            timer.finish(executor.now())
             routings.append(rows)
             if on_request_done is not None:
                 on_request_done(r)
-        makespan = executor._now()
+        makespan = executor.now()
         self.backend.synchronize()
         return RunState(rec, list(executor.caches), makespan), [self._stack(rows) for rows in routings]
 

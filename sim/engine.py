@@ -14,23 +14,22 @@ Time is simulated; the result depends only on the trace, the policy, the profile
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import simpy
 
-from policies.base import Block, Policy, PolicyContext, PrefetchPlan, RequestInfo, Timing
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
 from sim.layer_protocol import apply_plan, start_layer
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (RequestTimer, arrival_times, bind_policy, check_options, initial_blocks, pass_step,
-                        part_bytes, policy_future, request_info, warm)
-from sim.schedule import Pass, merge_decode, request_passes
+from sim.replay import (Active, Serving, arrival_times, bind_policy, check_options, initial_blocks, pass_step,
+                        part_bytes, policy_future, warm)
+from sim.schedule import Pass, merge_decode
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
@@ -58,19 +57,7 @@ class RunState:
     makespan_s: float
 
 
-@dataclass(eq=False)
-class Active:
-    """A request between arrival and completion."""
-
-    index: int
-    info: RequestInfo
-    arrival: float
-    timer: RequestTimer | None = None  # from its start
-    passes: Iterator[Pass] | None = None
-    next_pass: Pass | None = None
-
-
-class Simulation:
+class Simulation(Serving):
     def __init__(self, trace: Trace, policy: Policy, model: ModelSpec, hardware: HardwareProfile, budget_bytes: int,
                  requests: list[int], options: SimOptions | None = None,
                  on_request_done: Callable[[int], None] | None = None):
@@ -81,8 +68,6 @@ class Simulation:
         self.model = model
         self.hardware = hardware
         self.requests = list(requests)
-        self._arrivals = arrival_times(opts, trace, self.requests)  # None: closed loop
-        self.on_request_done = on_request_done
         self.topology = topo = Topology.build(hardware, model, opts.gpus, opts.placement)
         self.env = simpy.Environment()
         self.recorder = Recorder(model.num_layers)
@@ -99,13 +84,9 @@ class Simulation:
         self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
                                    self.links) for g in range(topo.num_gpus))
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
-        self._embeddings = trace.embedding(policy.embedding_source(trace.embedding_names))
+        self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
         self._step_index = 0
-        self._waiting: deque[Active] = deque()
-        self._running: list[Active] = []
         self._wake: simpy.Event | None = None
-        self._issued = 0
-        self._done = 0
 
     def _block_bytes(self, block: Block) -> int:
         return self._part_bytes[block[0]][block[2]]
@@ -144,10 +125,13 @@ class Simulation:
                 yield self.env.timeout(when - self.env.now)
             self._arrive()
 
-    def _arrive(self) -> None:
-        r = self.requests[self._issued]
-        self._issued += 1
-        self._waiting.append(Active(r, request_info(self.trace, self._embeddings, r), self.env.now))
+    def now(self) -> float:
+        return self.env.now
+
+    def _apply(self, plan: PrefetchPlan | None) -> None:
+        apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
+
+    def _woken(self) -> None:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
@@ -164,38 +148,15 @@ class Simulation:
                 self._wake = None
 
     def _start(self, active: Active):
-        active.timer = RequestTimer(active.info, active.arrival, self.env.now, self.recorder)
-        apply_plan(self.policy.on_request_start(active.info), self.policy, self.model.num_layers, self.links,
-                   self.topology.home)
-        active.passes = request_passes(self.trace, active.index)
-        active.next_pass = next(active.passes, None)
-        if active.next_pass is not None and active.next_pass.kind == "prefill":
-            yield from self._pass(active.next_pass)
-            active.timer.token(self.env.now)
-            active.next_pass = next(active.passes, None)
-        if active.next_pass is None:
-            self._finish(active)
-        else:
-            self._running.append(active)
+        prefill = self._begin(active)
+        if prefill is not None:
+            yield from self._pass(prefill)
+        self._admit(active, prefilled=prefill is not None)
 
     def _decode_batch(self):
         batch = list(self._running)
         yield from self._pass(merge_decode([a.next_pass for a in batch]))
-        for active in batch:
-            active.timer.token(self.env.now)
-            active.next_pass = next(active.passes, None)
-            if active.next_pass is None:
-                self._running.remove(active)
-                self._finish(active)
-
-    def _finish(self, active: Active) -> None:
-        self.policy.on_request_end(active.info)
-        active.timer.finish(self.env.now)
-        self._done += 1
-        if self.on_request_done is not None:
-            self.on_request_done(active.index)
-        if self._arrivals is None and self._issued < len(self.requests):
-            self._arrive()
+        self._tokens_out(batch)
 
     # --- forward passes ---
     def _advance(self, seconds: float):
@@ -214,7 +175,7 @@ class Simulation:
         self._step_index += 1
         self.recorder.steps += 1
         policy, advance, run_experts, run = self.policy, self._advance, self._run_experts, self.compute.run
-        apply_plan(policy.on_step_start(step), policy, self.model.num_layers, self.links, self.topology.home)
+        self._apply(policy.on_step_start(step))
         non_expert = self.compute.non_expert_time(spec.tokens)
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         layer_gpu = self.topology.layer_gpu

@@ -6,7 +6,9 @@ gaps between tokens, end-to-end). An engine supplies the clock; the records are 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -15,7 +17,7 @@ from sim.cache import ExpertCache
 from sim.errors import ConfigError
 from sim.future import ReplayFuture
 from sim.metrics import Recorder
-from sim.schedule import Pass
+from sim.schedule import Pass, request_passes
 from traces import ModelSpec, Trace
 
 
@@ -147,3 +149,88 @@ def _rows_view(table: np.ndarray | None, rows) -> Callable[[int], np.ndarray] | 
     if table is None or rows is None:
         return None
     return lambda layer: np.asarray(table[rows, layer], dtype=np.float32)
+
+
+@dataclass(eq=False)
+class Active:
+    """A request between arrival and completion."""
+
+    index: int
+    info: RequestInfo
+    arrival: float
+    timer: RequestTimer | None = None  # from its start
+    passes: Iterator[Pass] | None = None
+    next_pass: Pass | None = None
+
+
+class Serving:
+    """The request bookkeeping both engines share around their forward passes: arrivals, the start
+    of a request (its prefill runs alone), tokens out after a pass, completion. An engine provides
+    now(), _apply(plan) and the state set up by serving_state(); it runs the passes itself."""
+
+    trace: Trace
+    policy: Policy
+    recorder: Recorder
+    requests: list[int]
+
+    def serving_state(self, arrivals: np.ndarray | None, on_request_done) -> None:
+        self._arrivals = arrivals  # None: closed loop
+        self.on_request_done = on_request_done
+        trace = self.trace
+        self._embeddings = None if trace is None else trace.embedding(self.policy.embedding_source(trace.embedding_names))
+        self._waiting: deque[Active] = deque()
+        self._running: list[Active] = []
+        self._issued = 0
+        self._done = 0
+
+    def now(self) -> float:
+        raise NotImplementedError
+
+    def _apply(self, plan) -> None:
+        raise NotImplementedError
+
+    def _woken(self) -> None:
+        """A request arrived (an engine whose server sleeps wakes it here)."""
+
+    def _arrive(self, when: float | None = None) -> None:
+        r = self.requests[self._issued]
+        self._issued += 1
+        self._waiting.append(Active(r, request_info(self.trace, self._embeddings, r), self.now() if when is None else when))
+        self._woken()
+
+    def _begin(self, active: Active) -> Pass | None:
+        """Start a request; returns its prefill pass, which the engine runs (alone), or None."""
+        active.timer = RequestTimer(active.info, active.arrival, self.now(), self.recorder)
+        self._apply(self.policy.on_request_start(active.info))
+        active.passes = request_passes(self.trace, active.index)
+        active.next_pass = next(active.passes, None)
+        return active.next_pass if active.next_pass is not None and active.next_pass.kind == "prefill" else None
+
+    def _admit(self, active: Active, prefilled: bool) -> None:
+        """After its prefill (if any): the request joins the running batch, or is done."""
+        if prefilled:
+            active.timer.token(self.now())
+            active.next_pass = next(active.passes, None)
+        if active.next_pass is None:
+            self._finish(active)
+        else:
+            self._running.append(active)
+
+    def _tokens_out(self, batch: list[Active]) -> None:
+        """After a decode pass: each request of the batch has a token; finished ones leave."""
+        now = self.now()
+        for active in batch:
+            active.timer.token(now)
+            active.next_pass = next(active.passes, None)
+            if active.next_pass is None:
+                self._running.remove(active)
+                self._finish(active)
+
+    def _finish(self, active: Active) -> None:
+        self.policy.on_request_end(active.info)
+        active.timer.finish(self.now())
+        self._done += 1
+        if self.on_request_done is not None:
+            self.on_request_done(active.index)
+        if self._arrivals is None and self._issued < len(self.requests):
+            self._arrive()
