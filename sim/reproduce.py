@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from policies import available  # noqa: E402
+from policies import available, policy_class  # noqa: E402
 from sim.api import prepare, resolve_hardware, simulate, split_requests  # noqa: E402
 from sim.budget import format_bytes, parse_budget  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
@@ -271,6 +271,9 @@ def plot(frame: pd.DataFrame, trace: str, column: str, ylabel: str, out: Path) -
         ax.plot(rows["budget_bytes"] / 1e9, rows[column] * (1e3 if column.endswith("_s") else 1), style, marker="o",
                 label=policy, linewidth=2.5 if policy == "finemoe" else 1.2)
     ax.set(xlabel="expert memory budget (GB)", ylabel=ylabel, title=f"{trace}: {ylabel} against budget", xscale="log")
+    budgets_gb = sorted({b / 1e9 for p, b in zip(part["policy"], part["budget_bytes"]) if not policy_class(p).ignores_budget})
+    ax.set_xticks(budgets_gb, [f"{b:g}" for b in budgets_gb])
+    ax.minorticks_off()
     if column.endswith("_s"):
         ax.set_yscale("log")
     ax.legend(fontsize=8, ncol=2)
