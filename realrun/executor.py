@@ -40,8 +40,8 @@ from sim.engine import RunState, SimOptions
 from sim.layer_protocol import apply_plan, start_layer
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, check_options, initial_blocks, part_bytes,
-                        pass_step, policy_future, warm)
+from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, initial_blocks,
+                        part_bytes, pass_step, policy_future, warm)
 from sim.schedule import Pass, merge_decode, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
@@ -179,10 +179,8 @@ class Executor(Serving):
         self.topology = topo
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
-        per_gpu = budget_bytes if opts.budget_scope == "per_gpu" else budget_bytes // topo.num_gpus
-        self.caches = [SlottedCache(model.bytes_per_expert * model.num_experts * len(topo.layers_of(g))
-                                    if policy.ignores_budget else per_gpu, self._block_bytes, None)
-                       for g in range(topo.num_gpus)]
+        self.caches = [SlottedCache(capacity, self._block_bytes, None)
+                       for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
         self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of)
                       for g, backend in enumerate(machine.backends)]
         self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done)

@@ -55,11 +55,6 @@ class NonExpertLayer:
         shared = model.num_shared_experts * model.shared_expert_intermediate_size
         self.shared = param(3 * shared * h) if shared else None
 
-    @property
-    def weight_bytes(self) -> int:
-        tensors = [self.qkv, self.out, self.router, self.keys, self.values, self.input_norm, self.post_norm]
-        return sum(t.numel() * t.element_size() for t in tensors + ([self.shared] if self.shared is not None else []))
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> (residual stream after attention, normalised input of the experts)."""
         tokens, h = x.shape

@@ -27,8 +27,8 @@ from sim.layer_protocol import apply_plan, start_layer
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, check_options, initial_blocks, pass_step,
-                        part_bytes, policy_future, warm)
+from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, initial_blocks,
+                        pass_step, part_bytes, policy_future, warm)
 from sim.schedule import Pass, merge_decode
 from sim.topology import Topology
 from traces import ModelSpec, Trace
@@ -74,9 +74,8 @@ class Simulation(Serving):
         self.compute = ComputeModel(hardware, model)
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
-        per_gpu = budget_bytes if opts.budget_scope == "per_gpu" else budget_bytes // topo.num_gpus
-        self.caches = [ExpertCache(self._all_expert_bytes(g) if policy.ignores_budget else per_gpu, self._block_bytes)
-                       for g in range(topo.num_gpus)]
+        self.caches = [ExpertCache(capacity, self._block_bytes)
+                       for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
         host_limited = hardware.host_aggregate_Bps is not None and \
             hardware.host_aggregate_Bps < topo.num_gpus * hardware.host_link.bandwidth_Bps
         fabric = HostFabric(self.env, hardware.host_aggregate_Bps) if host_limited else None
@@ -90,11 +89,6 @@ class Simulation(Serving):
 
     def _block_bytes(self, block: Block) -> int:
         return self._part_bytes[block[0]][block[2]]
-
-    def _all_expert_bytes(self, gpu: int) -> int:
-        """Every expert homed on a GPU (what all-resident needs there)."""
-        topo, m = self.topology, self.model
-        return sum(m.bytes_per_expert for l in range(m.num_layers) for e in range(m.num_experts) if topo.home(l, e) == gpu)
 
     def prepare(self, train_requests: list[int]) -> None:
         """Bind the policy, let it learn from the training split, fix expert splits, warm the caches."""

@@ -90,10 +90,6 @@ class HostLink:
         self._waiters: dict[Block, simpy.Event] = {}
         self._chunks = max(1, int(policy.copy_chunks))
 
-    def is_pending(self, block: Block) -> bool:
-        """Queued or on the link."""
-        return block in self.queue or (self.current is not None and self.current.block == block)
-
     def fetch(self, block: Block, priority: float) -> None:
         """Ask for a block; a block already queued or copying is only re-prioritised."""
         current = self.current

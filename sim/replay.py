@@ -59,6 +59,16 @@ def part_bytes(model: ModelSpec, fractions: tuple[float, ...]) -> list[int]:
     return [int(round(model.bytes_per_expert * f)) for f in fractions]
 
 
+def cache_capacities(policy: Policy, model: ModelSpec, topology, budget_bytes: int, budget_scope: str) -> list[int]:
+    """Each GPU's expert-cache bytes: the budget per GPU (or the total split evenly), or, for bounds
+    that ignore the budget, every expert homed on that GPU."""
+    if policy.ignores_budget:
+        return [sum(model.bytes_per_expert for l in range(model.num_layers) for e in range(model.num_experts)
+                    if topology.home(l, e) == gpu) for gpu in range(topology.num_gpus)]
+    per_gpu = budget_bytes if budget_scope == "per_gpu" else budget_bytes // topology.num_gpus
+    return [per_gpu] * topology.num_gpus
+
+
 def initial_blocks(policy: Policy, ctx: PolicyContext, gpu: int, fractions: list[tuple[float, ...]],
                    warm_start: bool) -> list[Block]:
     """What a GPU's cache holds before the first request: every expert homed there (bounds that
