@@ -19,7 +19,7 @@ class SlottedCache(ExpertCache):
 
     def reserve(self, block: Block) -> None:
         super().reserve(block)
-        self.pool.alloc(block, self.block_bytes(block), movable=self.is_evictable)
+        self.pool.alloc(block, self.block_bytes(block))
 
     def evict(self, block: Block) -> None:
         super().evict(block)

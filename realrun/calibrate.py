@@ -83,7 +83,7 @@ def copy_curve(backend: Backend, sizes: list[int], reps: int) -> tuple[list[list
                           expert_intermediate_size=1, bytes_per_expert_override=size)
         host = HostExperts(backend, model, sources=2)
         cache = SlottedCache(2 * size, lambda block: size, None)
-        cache.pool = SlotPool(backend, cache.capacity_bytes, size)
+        cache.pool = SlotPool(backend, cache.capacity_bytes, {size})
         engine = CopyEngine(0, backend, [cache], Policy(), Recorder(1), host, lambda layer: [size])
         landed = []
         for e in range(2):  # warm-up copies, one from each source buffer (first touches cost more)

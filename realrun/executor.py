@@ -202,14 +202,16 @@ class Executor(Serving):
                             policy_future(self.policy, self.trace, self.requests), timing)
         self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
         self._part_bytes = [part_bytes(model, f) for f in self._part_fractions]
-        smallest = min(min(b) for b in self._part_bytes)
+        sizes = {n for parts in self._part_bytes for n in parts}
         for gpu, cache in enumerate(self.caches):
-            cache.pool = SlotPool(machine.backends[gpu], cache.capacity_bytes, smallest)
+            backend = machine.backends[gpu]
+            cache.pool = SlotPool(backend, cache.capacity_bytes, sizes)
             placed = warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions,
                                                              self.options.warm_start))
-            for block in placed:
-                if cache.is_resident(block):
-                    cache.pool.view(block).copy_(machine.host.block(block, self._part_bytes[block[0]]))
+            with backend.on_copy():  # after any slide that warming made room with
+                for block in placed:
+                    if cache.is_resident(block):
+                        cache.pool.view(block).copy_(machine.host.block(block, self._part_bytes[block[0]]))
         passes = [spec for r in self.requests for spec in request_passes(self.trace, r)] if self.trace else []
         tokens = {spec.tokens for spec in passes} | {t for spec in passes for l in (spec.expert_tokens or []) for t in l}
         tokens |= set(range(1, self.options.max_batch + 1))
@@ -235,6 +237,12 @@ class Executor(Serving):
 
     def _wait(self, event: Event) -> None:
         while not event.query():
+            self._poll()
+
+    def drain(self) -> None:
+        """Land every copy still queued after the last request, as the simulator does (its clock runs
+        until no event is left): both engines then count the same prefetched bytes."""
+        while any(link.current is not None for link in self.links):
             self._poll()
 
     def _wait_block(self, link: CopyEngine, block: Block) -> None:
@@ -266,6 +274,7 @@ class Executor(Serving):
                 self._decode_batch()
             else:
                 self._poll()  # idle until the next arrival
+        self.drain()
         makespan = self.now()
         for backend in self.machine.backends:
             backend.synchronize()  # a prefetch still copying must not spill into the next run

@@ -217,6 +217,7 @@ class LiveRun:
             routings.append(rows)
             if on_request_done is not None:
                 on_request_done(r)
+        executor.drain()
         makespan = executor.now()
         self.backend.synchronize()
         return RunState(rec, list(executor.caches), makespan), [self._stack(rows) for rows in routings]

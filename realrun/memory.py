@@ -2,10 +2,14 @@
 
 SlotPool is one device buffer of the cache's budget (plus at most ALIGN bytes of padding per
 block), allocated once: blocks are placed first-fit and never grow it. Blocks of one size (whole
-experts, or equal parts) always fit while the cache's byte count says they do. Unequal parts
-(MoEpic) can fragment it: then the resident blocks no layer is using slide down, on the copy
-stream (device to device, through a small staging buffer), to join the gaps; such moves are
-real work the simulator does not model, so they are counted (`compactions`, `moved_bytes`).
+experts, or equal parts) always find a gap while the cache's byte count says they fit. Unequal
+parts (MoEpic) can leave the free bytes split into gaps too small for the next block: then the
+blocks between the consecutive gaps that together hold it (the run with the fewest bytes between)
+slide down to join them, device to device on the copy stream, through a staging buffer made with
+the pool (at most 64 MiB, and only when sizes differ). Any block may slide, resident, pinned by the
+running layer or half copied, so a block fits here exactly when the simulator's cache (sim.cache:
+one byte count against the budget) says it does, and both engines decide alike. Slides are real
+work the simulator does not model, so they are counted (`compactions`, `moved_bytes`).
 
 HostExperts holds every expert's weights in pinned host memory, or, when host memory is short,
 `sources` pinned buffers that experts of the same layer shape share round-robin: a copy's speed
@@ -14,7 +18,6 @@ does not depend on which host buffer it reads, and the values are random anyway.
 from __future__ import annotations
 
 import bisect
-from typing import Callable
 
 import torch
 
@@ -23,30 +26,27 @@ from realrun.backend import Backend, Event
 from traces import ModelSpec
 
 ALIGN = 256  # bytes: slot starts aligned for wide loads
+STAGING_BYTES = 64 << 20  # at most: a block slides down through it in pieces
 
 
 def _aligned(nbytes: int) -> int:
     return -(-int(nbytes) // ALIGN) * ALIGN
 
 
-class FragmentedError(RuntimeError):
-    pass
-
-
-STAGING_BYTES = 64 << 20
-
-
 class SlotPool:
-    def __init__(self, backend: Backend, capacity_bytes: int, smallest_block_bytes: int):
+    def __init__(self, backend: Backend, capacity_bytes: int, block_sizes: set[int]):
+        """block_sizes: the bytes of every block the pool will hold (whole experts, or each part)."""
         self.backend = backend
         self.capacity_bytes = int(capacity_bytes)
-        max_blocks = self.capacity_bytes // max(1, int(smallest_block_bytes))
+        max_blocks = self.capacity_bytes // max(1, min(block_sizes))
         self.arena_bytes = self.capacity_bytes + ALIGN * (max_blocks + 1)
         self.buffer = backend.empty(self.arena_bytes)
+        # Only blocks of unequal sizes can fragment, and only they need room to slide through.
+        unequal = len({_aligned(n) for n in block_sizes}) > 1
+        self._staging = backend.empty(min(STAGING_BYTES, max(block_sizes))) if unequal else None
         self._free: list[tuple[int, int]] = [(0, self.arena_bytes)]  # (offset, size), sorted, coalesced
         self._where: dict[Block, tuple[int, int]] = {}  # block -> (offset, nbytes)
-        self.reads_done: Event | None = None  # the compute that last read any block (compaction waits for it)
-        self.moved: Event | None = None  # moves that compute must wait for before reading a slot
+        self.moved: Event | None = None  # slides that compute must wait for before reading a slot
         # A copy into memory another block gave up waits only for the compute that last read that
         # block, not for compute launched since: prefetches overlap the running layer, as simulated.
         self._last_read: dict[Block, Event] = {}
@@ -54,81 +54,90 @@ class SlotPool:
         self._waits: dict[Block, list[Event]] = {}
         self.compactions = 0
         self.moved_bytes = 0
-        self._staging: torch.Tensor | None = None
 
     def __contains__(self, block: Block) -> bool:
         return block in self._where
 
-    def alloc(self, block: Block, nbytes: int, movable: Callable[[Block], bool] = lambda b: False) -> None:
-        """Place a block; when no gap is large enough, slide the `movable` blocks down first."""
+    def alloc(self, block: Block, nbytes: int) -> None:
+        """Place a block in the first gap large enough; when there is none, slide blocks down first.
+        The arena holds every block's padding, so this succeeds whenever the cache's budget does."""
         size = _aligned(nbytes)
-        if not self._place(block, size, nbytes):
-            self._compact(movable)
-            if not self._place(block, size, nbytes):
-                raise FragmentedError(f"the expert cache's memory is fragmented around blocks in use: no "
-                                      f"contiguous {size:,} bytes for {block} even after compaction")
-
-    def _place(self, block: Block, size: int, nbytes: int) -> bool:
-        for i, (offset, free) in enumerate(self._free):
-            if free >= size:
-                if free == size:
-                    del self._free[i]
-                else:
-                    self._free[i] = (offset + size, free - size)
-                self._where[block] = (offset, int(nbytes))
-                self._released = [r for r in self._released if not r[2].query()]
-                self._waits[block] = [e for lo, hi, e in self._released if lo < offset + size and offset < hi]
-                return True
-        return False
+        i = next((i for i, (_, free) in enumerate(self._free) if free >= size), None)
+        if i is None:
+            i = self._compact(size)
+        offset, free = self._free[i]
+        if free == size:
+            del self._free[i]
+        else:
+            self._free[i] = (offset + size, free - size)
+        self._where[block] = (offset, int(nbytes))
+        self._released = [r for r in self._released if not r[2].query()]
+        self._waits[block] = [e for lo, hi, e in self._released if lo < offset + size and offset < hi]
 
     def read_by(self, blocks: list[Block], event: Event) -> None:
         """Compute launched so far (ending with `event`) read these blocks."""
         for block in blocks:
             self._last_read[block] = event
-        self.reads_done = event
 
     def take_waits(self, block: Block) -> list[Event]:
         """What a copy into the block's place must wait for: the last readers of what was there."""
         return self._waits.pop(block, [])
 
-    def _compact(self, movable: Callable[[Block], bool]) -> None:
-        """Slide movable blocks down, in address order, past no block in use (pinned or in flight)."""
-        placed = sorted(self._where.items(), key=lambda item: item[1][0])
-        fixed = [offset for block, (offset, _) in placed if not movable(block)]
-        backend, cursor, moves = self.backend, 0, []
-        for block, (offset, nbytes) in placed:
-            size = _aligned(nbytes)
-            if movable(block):
-                limit = next((f for f in fixed if f >= cursor), self.arena_bytes)
-                if offset > cursor and cursor + size <= limit:
-                    moves.append((offset, cursor, nbytes))
-                    self._where[block] = (cursor, nbytes)
-                    offset = cursor
-            cursor = offset + size
-        if not moves:
-            return
+    def _compact(self, size: int) -> int:
+        """Join the run of consecutive gaps that holds `size` bytes with the fewest bytes of blocks
+        between them, by sliding those blocks down; returns the joined gap's index in the free list.
+        The slides run on the copy stream after every copy issued so far (a half-copied block moves
+        with the bytes it has) and after all compute launched so far (a block being read keeps its
+        bytes until the read ends); compute waits for `moved` before reading any block."""
+        i, j = self._cheapest_run(size)
+        start, end = self._free[i][0], self._free[j][0]
+        cursor, moves = start, []
+        for block, (offset, nbytes) in sorted(self._where.items(), key=lambda item: item[1][0]):
+            if start < offset < end:
+                moves.append((offset, cursor, nbytes))
+                self._where[block] = (cursor, nbytes)
+                cursor += _aligned(nbytes)
+        self._free[i: j + 1] = [(cursor, sum(free for _, free in self._free[i: j + 1]))]
+        backend = self.backend
         with backend.on_copy():
-            backend.copy_waits_for(self.reads_done)  # compute may still read the old places
+            backend.copy_waits_for(backend.record_compute())
             for src, dst, nbytes in moves:
                 self._move(src, dst, nbytes)
             self.moved = backend.record_copy()
-        ends = sorted((o, o + _aligned(n)) for o, n in self._where.values())
-        self._free, start = [], 0
-        for begin, end in ends + [(self.arena_bytes, self.arena_bytes)]:
-            if begin > start:
-                self._free.append((start, begin - start))
-            start = max(start, end)
+        # Every earlier read and copy is now behind the slides on the copy stream.
+        self._last_read.clear()
+        self._released.clear()
+        self._waits.clear()
         self.compactions += 1
         self.moved_bytes += sum(n for _, _, n in moves)
+        return i
+
+    def _cheapest_run(self, size: int) -> tuple[int, int]:
+        """Gaps i..j of the free list: together at least `size` bytes, with the fewest bytes of
+        blocks between them (for each last gap j, the shortest run ending there is the cheapest)."""
+        best, i, free = None, 0, 0
+        for j, (offset, gap) in enumerate(self._free):
+            free += gap
+            while free - self._free[i][1] >= size:
+                free -= self._free[i][1]
+                i += 1
+            if free >= size:
+                first_end = self._free[i][0] + self._free[i][1]
+                between = offset - first_end - (free - self._free[i][1] - gap)
+                if best is None or between < best[0]:
+                    best = (between, i, j)
+        if best is None:
+            raise RuntimeError(f"{size:,} bytes asked of a pool with fewer free: the cache let blocks past "
+                               "the pool's arena (a bug)")
+        return best[1], best[2]
 
     def _move(self, src: int, dst: int, nbytes: int) -> None:
-        """Copy down (dst < src) through a staging buffer: safe where the two ranges overlap."""
-        if self._staging is None:
-            self._staging = self.backend.empty(STAGING_BYTES)
-        for done in range(0, nbytes, STAGING_BYTES):
-            n = min(STAGING_BYTES, nbytes - done)
-            self._staging[:n].copy_(self.buffer[src + done: src + done + n], non_blocking=True)
-            self.buffer[dst + done: dst + done + n].copy_(self._staging[:n], non_blocking=True)
+        """Copy down (dst < src) through the staging buffer: safe where the two ranges overlap."""
+        staging = self._staging
+        for done in range(0, nbytes, len(staging)):
+            n = min(len(staging), nbytes - done)
+            staging[:n].copy_(self.buffer[src + done: src + done + n], non_blocking=True)
+            self.buffer[dst + done: dst + done + n].copy_(staging[:n], non_blocking=True)
 
     def free(self, block: Block) -> None:
         offset, nbytes = self._where.pop(block)

@@ -21,7 +21,7 @@ from realrun.cache import SlottedCache
 from realrun.compare import StoredRuns, run_compare
 from realrun.copy_engine import CopyEngine
 from realrun.executor import Machine, RealOptions
-from realrun.memory import FragmentedError, HostExperts, SlotPool
+from realrun.memory import HostExperts, SlotPool
 from realrun.subset import first_layers
 from sim.api import execute, prepare
 from sim.config import SimConfig
@@ -50,8 +50,8 @@ def machine(routed, request):
     return Machine(routed.model, RealOptions(device=request.param, kv_tokens=8, host_sources=5))
 
 
-def both(trace, machine, **cfg):
-    config = SimConfig(trace=str(trace.path), hardware=unit_hardware().to_dict(), **cfg)
+def both(trace, machine, hardware=None, **cfg):
+    config = SimConfig(trace=str(trace.path), hardware=hardware or unit_hardware().to_dict(), **cfg)
     return execute(prepare(config, trace)), execute_real(prepare(config, trace), machine)
 
 
@@ -100,13 +100,22 @@ class ChunkedLookahead(Policy):
                             replace=layer % 2 == 0)
 
 
+class UnevenChunkedLookahead(ChunkedLookahead):
+    """The same with MoEpic's default split: the cache fragments, and blocks slide half copied."""
+
+    def parts(self, layer):
+        return (0.4, 0.6)
+
+
 register("test_chunked_lookahead")(ChunkedLookahead)
+register("test_uneven_chunked_lookahead")(UnevenChunkedLookahead)
 
 
-@pytest.mark.parametrize("budget", ["1expert", "3experts"])
-def test_prefetching_chunked_split_policy_keeps_the_budget_and_lands_the_right_bytes(routed, machine, budget):
-    config = SimConfig(trace=str(routed.path), policy="test_chunked_lookahead", budget=budget,
-                       hardware=unit_hardware().to_dict())
+@pytest.mark.parametrize("policy, budget", [("test_chunked_lookahead", "1expert"),
+                                            ("test_chunked_lookahead", "3experts"),
+                                            ("test_uneven_chunked_lookahead", "4experts")])
+def test_prefetching_chunked_split_policy_keeps_the_budget_and_lands_the_right_bytes(routed, machine, policy, budget):
+    config = SimConfig(trace=str(routed.path), policy=policy, budget=budget, hardware=unit_hardware().to_dict())
     run = prepare(config, routed)
     from realrun.executor import Executor
     executor = Executor(machine, routed, run.policy, run.model, run.hardware, run.budget_bytes, run.replay)
@@ -117,6 +126,7 @@ def test_prefetching_chunked_split_policy_keeps_the_budget_and_lands_the_right_b
     assert cache.pool.allocated_bytes() == cache.used_bytes
     assert sum(rec.hits) + sum(rec.late) + sum(rec.misses) == sum(rec.uses)
     assert rec.prefetches_requested > 0 and rec.prefetch_bytes > 0
+    assert (cache.pool.compactions > 0) == (policy == "test_uneven_chunked_lookahead")
     for block in cache.resident_blocks():  # every resident block holds exactly its host bytes
         assert torch.equal(cache.pool.view(block).cpu(), machine.host.block(block, executor._part_bytes[block[0]]))
 
@@ -146,6 +156,52 @@ def test_uneven_parts_and_whole_layer_gathers_decide_as_the_simulator(routed, ma
     assert real.metrics.gpu_mem_high_water_bytes <= real.metrics.budget_bytes
 
 
+class CheckedPool(SlotPool):
+    """A SlotPool that checks every placement: blocks never overlap or leave the buffer allocated at
+    the start; it keeps the most bytes it held at once."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.address = self.buffer.data_ptr()
+        self.high_water_bytes = 0
+
+    def alloc(self, block, nbytes):
+        super().alloc(block, nbytes)
+        spans = sorted((offset, offset + n) for offset, n in self._where.values())
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])) and spans[-1][1] <= self.arena_bytes
+        assert self.buffer.data_ptr() == self.address
+        self.high_water_bytes = max(self.high_water_bytes, self.allocated_bytes())
+
+
+@pytest.fixture
+def checked_pools(monkeypatch):
+    """The executor's pools are CheckedPools; the list of those it made."""
+    pools = []
+
+    def make(*args):
+        pools.append(CheckedPool(*args))
+        return pools[-1]
+    monkeypatch.setattr("realrun.executor.SlotPool", make)
+    return pools
+
+
+# Copies that outlast all compute: a simulated copy then lands only while a layer waits for it, as
+# on the CPU backend (its copies land when the executor next polls, which it does while it waits),
+# so even a prefetching policy decides alike in both engines.
+SLOW_COPIES = unit_hardware(copy_s=1e6).to_dict()
+
+
+@pytest.mark.parametrize("budget, slides", [("4experts", True), ("5experts", True), ("8experts", False)])
+def test_moepic_unequal_segments_decide_as_the_simulator_within_the_budget(routed, machine, checked_pools, budget,
+                                                                           slides):
+    sim, real = both(routed, machine, hardware=SLOW_COPIES, policy="moepic", budget=budget)
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])  # hits, misses, bytes
+    m = real.metrics
+    assert m.evictions == sim.metrics.evictions and m.gpu_mem_high_water_bytes <= m.budget_bytes
+    assert len(checked_pools) == 1 and checked_pools[0].high_water_bytes <= m.budget_bytes
+    assert any("fragmented the cache" in note for note in m.policy_info["realrun"]) == slides
+
+
 @pytest.mark.parametrize("policy", ["deepspeed", "moepic", "finemoe", "moe_infinity", "promoe", "mixtral_offload"])
 def test_published_policies_run_within_the_budget(routed, machine, policy):
     config = SimConfig(trace=str(routed.path), policy=policy, budget="5experts", hardware=unit_hardware().to_dict(),
@@ -167,7 +223,7 @@ def engine_for(device, slots=2, chunks=4):
     policy = Recency()
     policy.copy_chunks = chunks
     cache = SlottedCache(slots * model.bytes_per_expert, lambda b: model.bytes_per_expert, None)
-    cache.pool = SlotPool(backend, cache.capacity_bytes, model.bytes_per_expert)
+    cache.pool = SlotPool(backend, cache.capacity_bytes, {model.bytes_per_expert})
     engine = CopyEngine(0, backend, [cache], policy, Recorder(1), host, lambda layer: [model.bytes_per_expert])
     return engine, cache, host, model
 
@@ -220,22 +276,47 @@ def test_copy_engine_drops_a_prefetch_without_room_and_a_demand_waits_for_an_unp
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_slot_pool_reuses_freed_slots_and_compacts_around_blocks_in_use(device):
-    pool = SlotPool(Backend(device), 3 * 1000, 1000)
+def test_slot_pool_reuses_freed_slots_and_slides_the_fewest_bytes_to_join_gaps(device):
+    backend = Backend(device)
+    pool = SlotPool(backend, 3 * 1024, {1024})
     for e in range(3):
-        pool.alloc((0, e, 0), 1000)
+        pool.alloc((0, e, 0), 1024)
     pool.free((0, 1, 0))
-    pool.alloc((0, 3, 0), 1000)  # the freed slot is reused: never more than the budget's blocks
-    assert pool.allocated_bytes() == 3000
-    pool.view((0, 3, 0)).copy_(torch.arange(1000, dtype=torch.int32).to(torch.uint8))
-    pool.free((0, 0, 0))
-    pool.free((0, 2, 0))
-    with pytest.raises(FragmentedError, match="fragmented"):
-        pool.alloc((0, 4, 0), 2000)  # 2 KB free in all, split around a block in use
-    pool.alloc((0, 4, 0), 2000, movable=lambda block: True)  # the block slides down, bytes and all
-    assert pool.compactions == 1 and pool.moved_bytes == 1000
-    torch.testing.assert_close(pool.view((0, 3, 0)).cpu(), torch.arange(1000, dtype=torch.int32).to(torch.uint8))
-    assert pool.allocated_bytes() == 3000
+    pool.alloc((0, 3, 0), 1024)  # the freed slot is reused: equal blocks never fragment
+    assert pool.allocated_bytes() == 3 * 1024 and pool.compactions == 0
+
+    pool = SlotPool(backend, 5 * 1024, {1024, 2048})  # 5 KB, plus 256 B of padding per block: 6.5 KB
+    a, b, c, d, e = [(0, i, 0) for i in range(5)]
+    for block, nbytes in ((a, 1024), (b, 2048), (c, 1024), (d, 1024)):
+        pool.alloc(block, nbytes)
+    pattern = torch.arange(1024, dtype=torch.int32).to(torch.uint8).to(backend.device)
+    pool.view(d).copy_(pattern)
+    backend.synchronize()
+    pool.free(a)
+    pool.free(c)  # free: 1 KB, 1 KB and the 1.5 KB tail, around b (2 KB) and d (1 KB)
+    pool.alloc(e, 2048)  # d slides down next to b, not both to the start
+    backend.synchronize()
+    assert pool.compactions == 1 and pool.moved_bytes == 1024 and pool.allocated_bytes() == 5 * 1024
+    torch.testing.assert_close(pool.view(d), pattern)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slot_pool_places_whatever_the_budget_admits_and_keeps_every_blocks_bytes(device):
+    backend, capacity, sizes, rng = Backend(device), 8000, [700, 1000, 1300, 1900], np.random.default_rng(0)
+    pool, held = CheckedPool(backend, capacity, set(sizes)), {}
+    for step in range(300):
+        nbytes = int(rng.choice(sizes))
+        while sum(held.values()) + nbytes > capacity:  # evict at random, as a policy might
+            victim = list(held)[rng.integers(len(held))]
+            pool.free(victim)
+            del held[victim]
+        block = (0, step, 0)
+        pool.alloc(block, nbytes)
+        pool.view(block).fill_(step % 251)
+        held[block] = nbytes
+        backend.synchronize()
+        assert all(bool((pool.view(b) == b[1] % 251).all()) for b in held)
+    assert pool.compactions > 0 and pool.high_water_bytes <= capacity
 
 
 def test_shared_host_buffers_are_said_and_layer_subset_keeps_routing(routed, tmp_path):
