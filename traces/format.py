@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -289,6 +289,21 @@ def replace_directory(tmp: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+
+
+def write_directory(out: Path, fill: Callable[[Path], Any], overwrite: bool) -> Path:
+    """Build a directory with fill(tmp) under a temporary name, then move it into place: a failure
+    or a crash never leaves it half-written."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_directory(tmp, out, overwrite)
+    return out
 
 
 class TraceWriter:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from traces.errors import UserError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
@@ -308,9 +310,6 @@ class Renderer:
 
 def select_prompts(dataset: str, tokenizer, selection: PromptSelection) -> PromptSet:
     """The first n conversations, in seeded shuffled order, that pass the length filters."""
-    import datasets
-
-    datasets.disable_progress_bars()
     name, conversations = load_conversations(dataset)
     if not conversations.records:
         raise UserError(f"dataset '{dataset}' holds no prompts")
@@ -319,15 +318,18 @@ def select_prompts(dataset: str, tokenizer, selection: PromptSelection) -> Promp
     for i, record in enumerate(conversations.records):
         if counts[record["id"]] > 1:
             record["id"] = f"{record['id']}#{i}"
-    shuffled = datasets.Dataset.from_list(conversations.records).shuffle(seed=selection.seed)
+    # The order `datasets.Dataset.shuffle(seed)` gives, without needing that library.
+    order = np.random.default_rng(selection.seed).permutation(len(conversations.records))
     render = Renderer(tokenizer, selection)
     requests: list[PromptRequest] = []
     dropped: Counter[str] = Counter()
-    for row in shuffled.to_iterable_dataset().map(lambda record: {"id": record["id"], **render(record)}):
+    for index in order:
+        record = conversations.records[index]
+        row = render(record)
         if row["dropped"]:
             dropped[row["dropped"]] += 1
             continue
-        requests.append(PromptRequest(f"{name}-{row['id']}", row["prompt"], tuple(row["input_ids"]),
+        requests.append(PromptRequest(f"{name}-{record['id']}", row["prompt"], tuple(row["input_ids"]),
                                       row["output_tokens"]))
         if len(requests) == selection.n_requests:
             break

@@ -8,15 +8,13 @@ the directory's weights_origin.txt says so, and every trace collected from it ca
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from traces.cli import parse_key_values, run_cli
 from traces.errors import UserError
-from traces.format import replace_directory
+from traces.format import write_directory
 
 BOS, EOS, PAD = 256, 257, 258
 VOCAB = 259  # the 256 bytes and three special tokens
@@ -51,50 +49,60 @@ class TinyModel:
                             f"and heads={self.heads} must divide hidden={self.hidden}")
 
 
-def _config(spec: TinyModel):
+def moe_config(arch: str, *, layers: int, hidden: int, heads: int, experts: int, top_k: int, expert_width: int,
+               shared_width: int | None = None, dense_layers: int = 0, vocab_size: int = VOCAB,
+               special: tuple[int, int, int] = (BOS, EOS, PAD), **extra):
+    """A transformers config of the given MoE architecture and shape (shared experts default to 2x the width)."""
     import transformers as tf
 
     from traces.collect.routers import supported_architectures
 
-    head_dim = spec.hidden // spec.heads
-    common = dict(vocab_size=VOCAB, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
-                  num_attention_heads=spec.heads, num_key_value_heads=max(1, spec.heads // 2),
-                  max_position_embeddings=4096, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-                  tie_word_embeddings=False)
-    e, k, w = spec.experts, spec.top_k, spec.expert_width
-    mla = dict(num_key_value_heads=spec.heads, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=head_dim,
+    head_dim = hidden // heads
+    bos, eos, pad = special
+    shared = 2 * expert_width if shared_width is None else shared_width
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                  max_position_embeddings=4096, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                  tie_word_embeddings=False, **extra)
+    e, k, w = experts, top_k, expert_width
+    mla = dict(num_key_value_heads=heads, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=head_dim,
                qk_rope_head_dim=head_dim, v_head_dim=head_dim, n_shared_experts=1, n_routed_experts=e,
-               num_experts_per_tok=k, moe_intermediate_size=w, intermediate_size=2 * w)
+               num_experts_per_tok=k, moe_intermediate_size=w, intermediate_size=shared)
     builders = {
         "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=e, num_experts_per_tok=k, intermediate_size=w),
         "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, num_experts=e, num_experts_per_tok=k, moe_intermediate_size=w,
-                                               shared_expert_intermediate_size=2 * w, intermediate_size=2 * w),
+                                               shared_expert_intermediate_size=shared, intermediate_size=shared),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, num_experts=e, num_experts_per_tok=k, moe_intermediate_size=w,
-                                               intermediate_size=2 * w, head_dim=head_dim, norm_topk_prob=True),
+                                               intermediate_size=shared, head_dim=head_dim, norm_topk_prob=True),
         "olmoe": lambda: tf.OlmoeConfig(**common, num_experts=e, num_experts_per_tok=k, intermediate_size=w),
         "phimoe": lambda: tf.PhimoeConfig(**common, num_local_experts=e, num_experts_per_tok=k, intermediate_size=w),
         "deepseek_v2": lambda: tf.DeepseekV2Config(**{**common, **mla}, topk_method="greedy"),
         "deepseek_v3": lambda: tf.DeepseekV3Config(**{**common, **mla, "q_lora_rank": 24}, n_group=1, topk_group=1),
         "glm4_moe": lambda: tf.Glm4MoeConfig(**common, n_routed_experts=e, num_experts_per_tok=k, n_shared_experts=1,
-                                             moe_intermediate_size=w, intermediate_size=2 * w, head_dim=head_dim,
+                                             moe_intermediate_size=w, intermediate_size=shared, head_dim=head_dim,
                                              n_group=1, topk_group=1),
         "granitemoe": lambda: tf.GraniteMoeConfig(**common, num_local_experts=e, num_experts_per_tok=k,
                                                   intermediate_size=w),
         "gpt_oss": lambda: tf.GptOssConfig(**common, num_local_experts=e, num_experts_per_tok=k, intermediate_size=w,
                                            head_dim=head_dim),
     }
-    if spec.arch not in builders:
-        raise UserError(f"arch={spec.arch}: choose one of {supported_architectures()}")
-    config = builders[spec.arch]()
-    if spec.dense_layers:
-        key = DENSE_LAYER_KEY.get(spec.arch)
-        if key is None or spec.dense_layers >= spec.layers:
-            raise UserError(f"dense_layers={spec.dense_layers}: only {', '.join(DENSE_LAYER_KEY)} have dense layers, "
-                            f"and fewer than layers={spec.layers}")
-        setattr(config, key, spec.dense_layers if key == "first_k_dense_replace" else list(range(spec.dense_layers)))
-    elif spec.arch in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+    if arch not in builders:
+        raise UserError(f"arch={arch}: choose one of {supported_architectures()}")
+    config = builders[arch]()
+    if dense_layers:
+        key = DENSE_LAYER_KEY.get(arch)
+        if key is None or dense_layers >= layers:
+            raise UserError(f"dense_layers={dense_layers}: only {', '.join(DENSE_LAYER_KEY)} have dense layers, "
+                            f"and fewer than layers={layers}")
+        setattr(config, key, dense_layers if key == "first_k_dense_replace" else list(range(dense_layers)))
+    elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
         config.first_k_dense_replace = 0
     return config
+
+
+def _config(spec: TinyModel):
+    return moe_config(spec.arch, layers=spec.layers, hidden=spec.hidden, heads=spec.heads, experts=spec.experts,
+                      top_k=spec.top_k, expert_width=spec.expert_width, dense_layers=spec.dense_layers)
 
 
 def byte_tokenizer():
@@ -146,19 +154,15 @@ def write_model(spec: TinyModel) -> Path:
     if out.exists() and not spec.overwrite:
         raise UserError(f"{out} already exists; choose another out= or pass overwrite=true")
     model = build_model(spec)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         byte_tokenizer().save_pretrained(tmp)
         (tmp / WEIGHTS_ORIGIN_FILE).write_text(
             f"random initialisation by traces.collect.tiny (arch={spec.arch}, seed={spec.seed}, "
             f"router_scale={spec.router_scale}): not a trained model, routing is not realistic\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_directory(tmp, out, spec.overwrite)
-    return out
+
+    return write_directory(out, fill, spec.overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
