@@ -7,8 +7,14 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TRACE = "mixtral-8x7b-sharegpt-synth"  # why: docs/realism.md
 
 
+STANDIN_DIR = "standin"  # traces of the stand-in models trained here (traces.standin), named standin/NAME
+
+
 def shipped_traces() -> list[str]:
-    return sorted(p.name for p in DATA_DIR.iterdir() if (p / "meta.json").is_file()) if DATA_DIR.is_dir() else []
+    if not DATA_DIR.is_dir():
+        return []
+    return sorted(str(meta.parent.relative_to(DATA_DIR)) for meta in DATA_DIR.glob("*/meta.json")) + \
+        sorted(str(meta.parent.relative_to(DATA_DIR)) for meta in DATA_DIR.glob(f"{STANDIN_DIR}/*/meta.json"))
 
 
 def resolve_trace(name_or_path: str) -> Path:
