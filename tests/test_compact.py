@@ -72,3 +72,14 @@ def test_shipped_stand_in_traces_are_labelled_compact_and_named():
         assert trace.meta.default_embedding == "minilm" and trace.num_requests >= 100
     total = sum(f.stat().st_size for f in (DATA_DIR / "standin").rglob("*") if f.is_file())
     assert total <= 25e6
+
+
+def test_the_default_trace_is_the_shipped_trace_closest_to_real_routing():
+    from traces.defaults import DEFAULT_TRACE
+    from traces.stats import REAL_REFERENCES
+
+    real = set(REAL_REFERENCES.values())
+    distances = {name: load_trace(DATA_DIR / name).meta.realism.get("distance_to_real") for name in shipped_traces()
+                 if name not in real}
+    measured = {name: d for name, d in distances.items() if d is not None}
+    assert min(measured, key=measured.get) == DEFAULT_TRACE
