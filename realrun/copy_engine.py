@@ -2,7 +2,8 @@
 
 It IS sim.link.HostLink (same copy queue, same priorities, demand before prefetch, cancellation,
 chunking and preemption between chunks, same admission and reservation points: memory is reserved
-when a copy starts, a prefetch is dropped when no room can be made, a demand waits for an unpin),
+when a copy starts, a prefetch is dropped when no room can be made, a demand waits for an unpin, or
+makes room when no unpin could),
 with one change: a chunk is a cudaMemcpyAsync on the copy stream, and the executor learns that it
 landed by polling its event (`poll()`), instead of a SimPy timeout firing.
 """

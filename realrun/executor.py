@@ -37,11 +37,12 @@ from realrun.kernels import NonExpertLayer, expert_weights, swiglu
 from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
 from sim.engine import RunState, SimOptions
+from sim.errors import StallError
 from sim.layer_protocol import apply_plan, start_layer
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, initial_blocks,
-                        part_bytes, pass_step, policy_future, warm)
+from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
+                        initial_blocks, part_bytes, pass_step, policy_future, warm)
 from sim.schedule import Pass, merge_decode, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
@@ -202,6 +203,7 @@ class Executor(Serving):
                             policy_future(self.policy, self.trace, self.requests), timing)
         self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
         self._part_bytes = [part_bytes(model, f) for f in self._part_fractions]
+        check_room(self.policy, self.caches, self._part_bytes, self.options.budget_scope)
         sizes = {n for parts in self._part_bytes for n in parts}
         for gpu, cache in enumerate(self.caches):
             backend = machine.backends[gpu]
@@ -249,8 +251,8 @@ class Executor(Serving):
         cache = link.cache
         while not cache.is_resident(block):
             if not self._poll() and link.current is None:
-                raise RuntimeError(f"block {block} is neither resident nor on its link, and nothing is copying: "
-                                   "the copy engine stalled (a bug)")
+                raise StallError(f"the layer waits for block {block}, but nothing is copying and nothing "
+                                 f"will: {link.describe_wait()}; this is a bug in the engine or the policy")
 
     # --- requests: served as sim.engine serves them ---
     def run(self) -> RunState:

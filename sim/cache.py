@@ -7,13 +7,44 @@ more than its capacity.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from policies.base import Block, Policy
 from sim.errors import PolicyError
 
 RESIDENT = 1
 IN_FLIGHT = 2
+
+
+class RunningLayer(NamedTuple):
+    """The layer being computed, as layer_protocol.start_layer planned it (seen from one GPU)."""
+
+    order: list[int]  # compute order of the entries of `blocks`
+    blocks: list[list[Block]]  # per expert; entries from `routed` on are a whole-layer gather's
+    homes: list[int]  # GPU of each entry
+    gpu: int  # the GPU of this cache
+    routed: int
+
+    def pinned_while_waiting(self, block: Block) -> tuple[list[Block], list[Block]]:
+        """(before, after): this GPU's blocks of the layer still pinned when its compute waits for
+        `block`. After: those it reaches later, in that order. Before: none, as the compute unpins
+        what it has run before it waits; but a whole-layer gather waits for every block (its own
+        queued after the routed experts') before it runs anything, so there all of them. Both empty
+        when `block` is not one of the layer's."""
+        mine = [i for i in self.order if self.homes[i] == self.gpu]
+        sequence = [b for i in mine for b in self.blocks[i]]
+        if block not in sequence:
+            return [], []
+        k = sequence.index(block)
+        gathers = any(i >= self.routed for i in mine)
+        return (sequence[:k] if gathers else []), sequence[k + 1:]
+
+    def demand_rank(self, block: Block) -> int:
+        """The rank start_layer gave the block's demand copy: routed experts' blocks in compute
+        order, then a gather's."""
+        ranked = [b for i in self.order if i < self.routed for b in self.blocks[i]] + \
+            [b for i in self.order if i >= self.routed for b in self.blocks[i]]
+        return ranked.index(block)
 
 
 class ExpertCache:
@@ -29,6 +60,7 @@ class ExpertCache:
         self.high_water_bytes = 0
         self.evictions = 0
         self.wasted_prefetch_bytes = 0
+        self.running_layer: RunningLayer | None = None
 
     # --- what a policy may see (policies.base.CacheView) ---
     def free_bytes(self) -> int:
@@ -60,6 +92,9 @@ class ExpertCache:
 
     def evictable_bytes(self) -> int:
         return self.resident_bytes - self.pinned_resident_bytes
+
+    def pin_count(self, block: Block) -> int:
+        return self._pins.get(block, 0)
 
     def reserve(self, block: Block) -> None:
         nbytes = self._block_bytes(block)

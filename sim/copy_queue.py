@@ -1,7 +1,8 @@
 """The host-to-GPU copy queue: priorities, demand before prefetch, cancellation, chunked copies.
 
 Engine-neutral, like the cache: the simulator's link and realrun's copy engine both take the next
-copy from here. Among equal priorities the earlier request goes first.
+copy from here. Among equal priorities the lower rank goes first (a layer's demand copies are ranked
+in the order its compute waits for them), then the earlier request.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class CopyJob:
     started: bool = False  # memory reserved; part of it may already be copied
     valid: bool = True
     source: int | None = None  # None: host memory; else the peer GPU it is copied from
+    rank: float = 0.0  # among equal priorities, lower first
 
     @property
     def demand(self) -> bool:
@@ -38,7 +40,7 @@ class CopyJob:
 
 class CopyQueue:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, CopyJob]] = []
+        self._heap: list[tuple[float, float, int, CopyJob]] = []
         self._jobs: dict[Block, CopyJob] = {}
         self._seq = itertools.count()
 
@@ -51,35 +53,40 @@ class CopyQueue:
     def get(self, block: Block) -> CopyJob | None:
         return self._jobs.get(block)
 
-    def push(self, block: Block, priority: float, nbytes: int, chunks: int = 1) -> CopyJob:
+    def jobs(self) -> list[CopyJob]:
+        """The queued jobs, in the order they were queued."""
+        return list(self._jobs.values())
+
+    def push(self, block: Block, priority: float, nbytes: int, chunks: int = 1, rank: float = 0.0) -> CopyJob:
         """Queue a copy; a block already queued keeps one job, at the higher of the two priorities."""
         job = self._jobs.get(block)
         if job is not None:
             if priority > job.priority:
-                self._reprioritise(job, priority)
+                self._reprioritise(job, priority, rank)
             return job
-        job = CopyJob(block, priority, nbytes, chunks, chunks)
+        job = CopyJob(block, priority, nbytes, chunks, chunks, rank=rank)
         self._jobs[block] = job
-        heapq.heappush(self._heap, (-priority, next(self._seq), job))
+        heapq.heappush(self._heap, (-priority, rank, next(self._seq), job))
         return job
 
     def requeue(self, job: CopyJob) -> None:
         """Put a partly copied job back (a demand preempted it between chunks)."""
         self._jobs[job.block] = job
         job.valid = True
-        heapq.heappush(self._heap, (-job.priority, next(self._seq), job))
+        heapq.heappush(self._heap, (-job.priority, job.rank, next(self._seq), job))
 
-    def _reprioritise(self, job: CopyJob, priority: float) -> None:
+    def _reprioritise(self, job: CopyJob, priority: float, rank: float) -> None:
         job.valid = False
-        fresh = CopyJob(job.block, priority, job.nbytes, job.chunks, job.chunks_left, job.started, source=job.source)
+        fresh = CopyJob(job.block, priority, job.nbytes, job.chunks, job.chunks_left, job.started, source=job.source,
+                        rank=rank)
         self._jobs[job.block] = fresh
-        heapq.heappush(self._heap, (-priority, next(self._seq), fresh))
+        heapq.heappush(self._heap, (-priority, rank, next(self._seq), fresh))
 
     def peek(self) -> CopyJob | None:
         heap = self._heap
-        while heap and not heap[0][2].valid:
+        while heap and not heap[0][3].valid:
             heapq.heappop(heap)
-        return heap[0][2] if heap else None
+        return heap[0][3] if heap else None
 
     def pop(self) -> CopyJob | None:
         job = self.peek()
@@ -87,6 +94,11 @@ class CopyQueue:
             heapq.heappop(self._heap)
             del self._jobs[job.block]
         return job
+
+    def discard(self, job: CopyJob) -> None:
+        """Drop one queued job (its memory, if started, is the caller's to release)."""
+        job.valid = False
+        del self._jobs[job.block]
 
     def cancel_prefetches(self) -> list[CopyJob]:
         """Drop every queued prefetch; returns them (started ones hold memory the caller must release)."""

@@ -23,12 +23,13 @@ import simpy
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
+from sim.errors import StallError
 from sim.layer_protocol import apply_plan, start_layer
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, initial_blocks,
-                        pass_step, part_bytes, policy_future, warm)
+from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
+                        initial_blocks, pass_step, part_bytes, policy_future, warm)
 from sim.schedule import Pass, merge_decode
 from sim.topology import Topology
 from traces import ModelSpec, Trace
@@ -99,6 +100,7 @@ class Simulation(Serving):
                             timing)
         self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
         self._part_bytes = [part_bytes(self.model, f) for f in self._part_fractions]
+        check_room(self.policy, self.caches, self._part_bytes, self.options.budget_scope)
         for gpu, cache in enumerate(self.caches):
             warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions, self.options.warm_start))
 
@@ -110,6 +112,11 @@ class Simulation(Serving):
         else:
             self.env.process(self._open_arrivals())
         self.env.run()
+        if self._done < len(self.requests):
+            raise StallError(f"the simulation stopped at t={self.env.now:.6g}s with {self._done} of "
+                             f"{len(self.requests)} requests served (step {self._step_index}): "
+                             f"{'; '.join(link.describe_wait() for link in self.links)}. Nothing was left to "
+                             "happen, so the metrics would be partial; this is a bug in the engine or the policy")
         return RunState(self.recorder, self.caches, self.env.now)
 
     # --- requests ---

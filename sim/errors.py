@@ -8,3 +8,7 @@ class ConfigError(UserError):
 
 class PolicyError(RuntimeError):
     """A policy broke the contract (evicted what it may not, freed too little): a bug in the policy."""
+
+
+class StallError(RuntimeError):
+    """A replay stopped before serving every request: a bug in an engine or a policy, not a setting."""

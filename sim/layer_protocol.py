@@ -7,7 +7,13 @@ in the returned order (each engine its own way: simulated time or CUDA events), 
 Keeping this here is what makes the two engines take the same decisions for the same trace and
 policy.
 
-A `link` is anything with the copy engine's surface: fetch(block, priority), cancel_prefetches(),
+Progress: a layer pins all its blocks until it computes them, and its demand copies are queued in
+the order it computes them (their rank), so a copy needs room beside the blocks held for experts it
+computes later. When the compute order leaves no room for that (experts in parts, partly resident
+or half copied, under a budget of a few experts), start_layer computes the experts holding memory
+first; what still cannot fit is released by the link when the copy comes up (sim.link).
+
+A `link` is anything with the copy engine's surface: fetch(block, priority, rank), cancel_prefetches(),
 and a `queue` supporting `block in queue`. There is one cache and one link per GPU; `homes[i]` is
 the GPU whose cache serves experts[i].
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 from policies.base import DEMAND_PRIORITY, Block, Policy, PrefetchPlan
-from sim.cache import IN_FLIGHT, RESIDENT, ExpertCache
+from sim.cache import IN_FLIGHT, RESIDENT, ExpertCache, RunningLayer
 from sim.errors import PolicyError
 from sim.metrics import Recorder
 
@@ -26,7 +32,7 @@ HIT, LATE, MISS = 0, 1, 2
 class CopyEngine(Protocol):
     queue: object
 
-    def fetch(self, block: Block, priority: float) -> None: ...
+    def fetch(self, block: Block, priority: float, rank: float = 0.0) -> None: ...
     def cancel_prefetches(self) -> None: ...
 
 
@@ -87,23 +93,74 @@ def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: 
             # Resident first, then in flight, then missing: overlaps compute with copies, and never
             # waits on a copy that needs memory held by a later expert of the same layer.
             order.sort(key=rank.__getitem__)
+        if any(homes.count(g) * (bytes_per_expert + nparts) > caches[g].capacity_bytes for g in set(homes)) \
+                and not _completes(order, blocks, homes, caches):  # (parts may round up to a byte each)
+            # Experts in parts: a partly resident expert ranks as missing, a queued prefetch as in
+            # flight; the order above would wait for a copy with no room left beside what later
+            # experts hold. Those holding memory go first then.
+            order = _held_first(order, blocks, homes, caches)
+    routed = len(experts)
+    if policy.loads_whole_layer:
+        order = _gather_entries(layer, experts, homes, nparts, caches, bytes_per_expert, policy, home, blocks) + order
+    if len(order) > routed or any(rank):  # copies to wait for: the links see the layer's plan (sim.link)
+        for g in set(homes):
+            caches[g].running_layer = RunningLayer(order, blocks, homes, g, routed)
+    position = 0  # demand copies are ranked in the order the layer waits for them, a gather's last
+    if any(rank):
         for i in order:
-            if rank[i] != HIT:
+            if i < routed:
                 cache = caches[homes[i]]
                 for b in blocks[i]:
-                    if not cache.is_resident(b):
-                        links[homes[i]].fetch(b, DEMAND_PRIORITY)
-    if policy.loads_whole_layer:
-        order = _gather_layer(layer, experts, homes, nparts, caches, links, bytes_per_expert, policy, home, blocks) + order
+                    if rank[i] != HIT and not cache.is_resident(b):
+                        links[homes[i]].fetch(b, DEMAND_PRIORITY, position)
+                    position += 1
+    else:
+        position = sum(len(blocks[i]) for i in range(routed))
+    for i in order[:len(order) - routed]:  # a whole-layer gather: pinned and demanded after the routed experts
+        cache = caches[homes[i]]
+        for b in blocks[i]:
+            cache.pin(b)
+            if not cache.is_resident(b):
+                links[homes[i]].fetch(b, DEMAND_PRIORITY, position)
+            position += 1
     apply_plan(plan, policy, num_layers, links, home)
     return blocks, order
 
 
-def _gather_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: int,
-                  caches: Sequence[ExpertCache], links: Sequence[CopyEngine], bytes_per_expert: int, policy: Policy,
-                  home, blocks: list[list[Block]]) -> list[int]:
-    """Pin and demand the layer's experts its router did not pick (when each GPU can hold its share
-    of the layer); returns their indices in `blocks`, to be waited for first."""
+def _completes(order: list[int], blocks: list[list[Block]], homes: list[int], caches: Sequence[ExpertCache]) -> bool:
+    """Whether each block still to copy fits beside the blocks held (resident or being copied, and
+    pinned until computed) for the experts computed after it, on every GPU: otherwise the layer
+    could never finish in this order."""
+    later: dict[int, int] = {}
+    for i in reversed(order):
+        cache = caches[homes[i]]
+        held = later.get(homes[i], 0)
+        for b in reversed(blocks[i]):
+            nbytes = cache.block_bytes(b)
+            if cache.holds(b):
+                held += nbytes
+            elif nbytes + held > cache.capacity_bytes:
+                return False
+        later[homes[i]] = held
+    return True
+
+
+def _held_first(order: list[int], blocks: list[list[Block]], homes: list[int],
+                caches: Sequence[ExpertCache]) -> list[int]:
+    """The order with experts whose blocks are all held first, then those partly held (most held
+    bytes first), then the rest; otherwise as before."""
+    def key(i: int) -> tuple[int, int]:
+        cache = caches[homes[i]]
+        held = sum(cache.block_bytes(b) for b in blocks[i] if cache.holds(b))
+        return (0 if all(cache.holds(b) for b in blocks[i]) else 1 if held else 2, -held)
+    return sorted(order, key=key)
+
+
+def _gather_entries(layer: int, experts: tuple[int, ...], homes: list[int], nparts: int,
+                    caches: Sequence[ExpertCache], bytes_per_expert: int, policy: Policy, home,
+                    blocks: list[list[Block]]) -> list[int]:
+    """Add the layer's experts its router did not pick to `blocks` and `homes` (when each GPU can
+    hold its share of the layer); returns their indices in `blocks`, to be waited for first."""
     routed = set(experts)
     others = [e for e in range(policy.ctx.model.num_experts) if e not in routed]
     gpus = [home(layer, e) for e in others]
@@ -112,11 +169,6 @@ def _gather_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts
         return []
     first = len(blocks)
     for e, gpu in zip(others, gpus):
-        expert_blocks = [(layer, e, p) for p in range(nparts)]
-        blocks.append(expert_blocks)
+        blocks.append([(layer, e, p) for p in range(nparts)])
         homes.append(gpu)
-        for b in expert_blocks:
-            caches[gpu].pin(b)
-            if not caches[gpu].is_resident(b):
-                links[gpu].fetch(b, DEMAND_PRIORITY)
     return list(range(first, len(blocks)))

@@ -69,6 +69,22 @@ def cache_capacities(policy: Policy, model: ModelSpec, topology, budget_bytes: i
     return [per_gpu] * topology.num_gpus
 
 
+def check_room(policy: Policy, caches: list[ExpertCache], part_bytes: list[list[int]], budget_scope: str) -> None:
+    """Refuse a cache too small for some block: no copy of it could ever start, and the replay
+    would stop at its first use."""
+    if policy.ignores_budget:
+        return
+    largest, layer = max(((n, l) for l, parts in enumerate(part_bytes) for n in parts), key=lambda t: (t[0], -t[1]))
+    capacity = min(cache.capacity_bytes for cache in caches)
+    if largest > capacity:
+        gpus = len(caches)
+        split = f" (budget_scope=total splits the budget over {gpus} GPUs)" if budget_scope == "total" else ""
+        at_least = largest * gpus if budget_scope == "total" else largest
+        raise ConfigError(f"the budget gives each GPU {capacity:,} bytes{split}, fewer than layer {layer}'s largest "
+                          f"expert part ({largest:,} bytes), which could never be copied; raise the budget to at "
+                          f"least {at_least:,} bytes")
+
+
 def initial_blocks(policy: Policy, ctx: PolicyContext, gpu: int, fractions: list[tuple[float, ...]],
                    warm_start: bool) -> list[Block]:
     """What a GPU's cache holds before the first request: every expert homed there (bounds that
