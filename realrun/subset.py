@@ -29,18 +29,12 @@ def first_layers(trace: Trace, num_layers: int, out_dir: Path) -> Trace:
     writer = TraceWriter(out_dir, dataclasses.replace(model, num_layers=num_layers), provenance,
                          topm=trace.meta.topm or None, default_embedding=trace.meta.default_embedding, overwrite=True)
     embeddings = {name: trace.embedding(name) for name in trace.embedding_names}
-    requests = trace.requests
     for r in range(trace.num_requests):
         offset, prefill, decode = trace.rows(r)
         rows = slice(offset, offset + prefill + decode)
-        row = requests.iloc[r]
-        arrival = row["arrival_s"]
         writer.add_request(
-            request_id=str(row["request_id"]), dataset=str(row["dataset"]),
-            prompt=row["prompt"] if isinstance(row["prompt"], str) else None,
+            **trace.request_fields(r),
             probs=trace.probs(rows)[:, cut], experts=np.asarray(trace.experts[rows, cut]), prefill_iters=prefill,
-            prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
-            arrival_s=None if np.isnan(arrival) else float(arrival),
             prefill_counts=np.asarray(trace.prefill_counts[r, cut]),
             embeddings={name: e[r] for name, e in embeddings.items() if not np.isnan(e[r]).any()} or None,
             lookahead=None if trace.lookahead is None else np.asarray(trace.lookahead[rows, cut]),

@@ -101,12 +101,10 @@ def compact_trace(cfg: CompactConfig) -> Path:
                          overwrite=cfg.overwrite)
     for r in range(count):
         rows, dropped = _kept_rows(trace, r, cfg.decode_iters)
-        row = trace.requests.iloc[r]
+        fields = trace.request_fields(r)
+        fields["output_tokens"] -= dropped
         writer.add_request(
-            request_id=row["request_id"], dataset=row["dataset"], probs=trace.probs(rows), prefill_iters=0,
-            prompt=row["prompt"] if isinstance(row["prompt"], str) else None, prompt_tokens=int(row["prompt_tokens"]),
-            output_tokens=int(row["output_tokens"]) - dropped,
-            arrival_s=None if np.isnan(row["arrival_s"]) else float(row["arrival_s"]),
+            **fields, probs=trace.probs(rows), prefill_iters=0,
             experts=trace.experts[rows], prefill_counts=trace.prefill_counts[r],
             embeddings={name: v[r] for name, v in embeddings.items() if not np.isnan(v[r]).all()})
     extra = {key: value for key, value in trace.meta.extra.items() if key != "timing"}

@@ -166,6 +166,15 @@ class Trace:
     def num_iterations(self) -> int:
         return self.meta.num_iterations
 
+    def request_fields(self, request: int) -> dict[str, Any]:
+        """A request's row as TraceWriter.add_request takes it (missing prompt and arrival as None), for
+        tools that copy requests into a new trace."""
+        row = self.requests.iloc[request]
+        return {"request_id": str(row["request_id"]), "dataset": str(row["dataset"]),
+                "prompt": row["prompt"] if isinstance(row["prompt"], str) else None,
+                "prompt_tokens": int(row["prompt_tokens"]), "output_tokens": int(row["output_tokens"]),
+                "arrival_s": None if np.isnan(row["arrival_s"]) else float(row["arrival_s"])}
+
     def rows(self, request: int) -> tuple[int, int, int]:
         """(first iteration row, prefill iterations, decode iterations) of a request."""
         return int(self.iter_offset[request]), int(self.prefill_iters[request]), int(self.decode_iters[request])

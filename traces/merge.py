@@ -51,12 +51,9 @@ def merge_traces(paths: Sequence[str | Path], out_dir: str | Path, *, source: Pr
 def _copy_request(writer: TraceWriter, part: Trace, r: int) -> None:
     offset, prefill, decode = part.rows(r)
     rows = slice(offset, offset + prefill + decode)
-    row = part.requests.iloc[r]
     embeddings = {name: part.embedding(name)[r] for name in part.embedding_names}
     writer.add_request(
-        request_id=row["request_id"], dataset=row["dataset"], probs=part.probs(rows), prefill_iters=prefill,
-        prompt=row["prompt"], prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
-        arrival_s=None if np.isnan(row["arrival_s"]) else float(row["arrival_s"]),
+        **part.request_fields(r), probs=part.probs(rows), prefill_iters=prefill,
         experts=part.experts[rows], prefill_counts=part.prefill_counts[r],
         embeddings={name: vector for name, vector in embeddings.items() if not np.isnan(vector).all()},
         lookahead=None if part.lookahead is None else part.lookahead[rows],
