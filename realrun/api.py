@@ -8,16 +8,17 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from realrun.executor import Executor, Machine
+from realrun.executor import Executor, Machine, Timeline
 from sim.api import PreparedRun, RunResult, replay_options, run_result
 from sim.budget import format_bytes
 
 
 def execute_real(run: PreparedRun, machine: Machine, on_request_done: Callable[[int], None] | None = None,
-                 notes: list[str] | None = None) -> RunResult:
+                 notes: list[str] | None = None, timeline: Timeline | None = None) -> RunResult:
+    """`timeline`, when given, is filled with the run's kernel groups and waits (Timeline.frame())."""
     started = time.perf_counter()
     executor = Executor(machine, run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
-                        replay_options(run.cfg), on_request_done)
+                        replay_options(run.cfg), on_request_done, timeline)
     executor.prepare(run.train)
     state = executor.run()
     wall = time.perf_counter() - started

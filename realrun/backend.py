@@ -18,12 +18,17 @@ from traces.errors import UserError
 class Event(Protocol):
     def query(self) -> bool: ...
 
+    def synchronize(self) -> None: ...
+
 
 class DoneEvent:
     """What a CPU backend records: work on the CPU is finished when the call returns."""
 
     def query(self) -> bool:
         return True
+
+    def synchronize(self) -> None:
+        pass
 
 
 DONE = DoneEvent()
@@ -74,14 +79,15 @@ class Backend:
         """An event that completes when the compute work launched so far has finished."""
         return self._record(self.compute_stream)
 
-    def record_copy(self) -> Event:
-        """An event that completes when the copies issued so far have landed."""
-        return self._record(self.copy_stream)
+    def record_copy(self, blocking: bool = False) -> Event:
+        """An event that completes when the copies issued so far have landed; `blocking`: one that
+        the host can sleep on (event.synchronize() then yields the thread instead of spinning)."""
+        return self._record(self.copy_stream, blocking)
 
-    def _record(self, stream) -> Event:
+    def _record(self, stream, blocking: bool = False) -> Event:
         if not self.is_cuda:
             return DONE
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=blocking)
         event.record(stream)
         return event
 

@@ -12,6 +12,8 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
 - non-expert layer time by token count for every model: launched, then waited for (the executor
   waits for the router's output every layer), plus the executor's own per-layer host time (policy
   calls, the layer protocol), measured on an all-resident run of a few layers of the model.
+- how much slower the executor's work runs right after the GPU waited for a copy, and how fast it
+  recovers (after_wait_response), fitted to sim.profiles.AfterWaitSpec.
 """
 from __future__ import annotations
 
@@ -35,14 +37,15 @@ from policies.base import DEMAND_PRIORITY, Policy
 from realrun.api import execute_real
 from realrun.backend import Backend
 from realrun.cache import SlottedCache
+from realrun.clock_probe import DecodeLoop
 from realrun.copy_engine import CopyEngine
 from realrun.executor import Machine, RealOptions
-from realrun.kernels import NonExpertLayer, swiglu
+from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
 from realrun.memory import HostExperts, SlotPool, random_bf16
 from sim.api import prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
-from sim.profiles import ClockSpec, HardwareProfile, LinkSpec, TimeTable
+from sim.profiles import AfterWaitSpec, HardwareProfile, LinkSpec, TimeTable
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, load_trace
 from traces.cli import run_cli
@@ -74,8 +77,10 @@ def _median_time(run: Callable[[], None], sync: Callable[[], None], trials: int,
 
 
 # --- copies ---
-def copy_curve(backend: Backend, sizes: list[int], reps: int) -> tuple[list[list[float]], list[list[float]]]:
-    """[[bytes, seconds per copy through the copy engine]], [[bytes, bare DMA seconds]] (medians)."""
+def copy_curve(backend: Backend, sizes: list[int], reps: int,
+               copy_wait: str = "spin") -> tuple[list[list[float]], list[list[float]]]:
+    """[[bytes, seconds per copy through the copy engine]], [[bytes, bare DMA seconds]] (medians);
+    the host waits for each copy as the executor will (copy_wait)."""
     engine_points, dma_points = [], []
     for size in tqdm(sizes, desc="copies", unit="size", leave=False):
         n = max(12, min(reps, int(8 * 512 * MIB // size)))
@@ -84,7 +89,8 @@ def copy_curve(backend: Backend, sizes: list[int], reps: int) -> tuple[list[list
         host = HostExperts(backend, model, sources=2)
         cache = SlottedCache(2 * size, lambda block: size, None)
         cache.pool = SlotPool(backend, cache.capacity_bytes, {size})
-        engine = CopyEngine(0, backend, [cache], Policy(), Recorder(1), host, lambda layer: [size])
+        engine = CopyEngine(0, backend, [cache], Policy(), Recorder(1), host, lambda layer: [size],
+                            sleep_on_copies=copy_wait == "sleep")
         landed = []
         for e in range(2):  # warm-up copies, one from each source buffer (first touches cost more)
             engine.fetch((0, n + e, 0), DEMAND_PRIORITY)
@@ -94,6 +100,8 @@ def copy_curve(backend: Backend, sizes: list[int], reps: int) -> tuple[list[list
             engine.fetch((0, e, 0), DEMAND_PRIORITY)
         started = time.perf_counter()
         while engine.current is not None:
+            if engine.sleep_on_copies:
+                engine.sleep_until_landed()
             if engine.poll():
                 landed.append(time.perf_counter())
         gaps = np.diff([started] + landed)
@@ -141,14 +149,10 @@ def _rotating(count: int, make: Callable[[], object]) -> Callable[[], object]:
     return next_item
 
 
-def _copies_beyond_cache(nbytes: int) -> int:
-    return max(2, min(16, -(-256 * MIB // max(1, nbytes))))
-
-
 def expert_times(backend: Backend, model: ModelSpec, tokens: list[int], trials: int, reps: int) -> list[list[float]]:
     h = model.hidden_size
     generator = torch.Generator(backend.device).manual_seed(1)
-    weights = _rotating(_copies_beyond_cache(model.bytes_per_expert),
+    weights = _rotating(copies_beyond_cache(model.bytes_per_expert),
                         lambda: random_bf16(generator, model.bytes_per_expert // 2))
     backend.synchronize()
     points = []
@@ -166,7 +170,7 @@ def expert_times(backend: Backend, model: ModelSpec, tokens: list[int], trials: 
 def non_expert_times(backend: Backend, model: ModelSpec, tokens: list[int], kv_tokens: int, trials: int) -> list[list[float]]:
     generator = torch.Generator(backend.device).manual_seed(2)
     per_layer = model.non_expert_params_per_layer * model.bytes_per_param
-    layer = _rotating(_copies_beyond_cache(per_layer), lambda: NonExpertLayer(model, backend.device, kv_tokens, generator))
+    layer = _rotating(copies_beyond_cache(per_layer), lambda: NonExpertLayer(model, backend.device, kv_tokens, generator))
     backend.synchronize()
     points = []
     for t in tokens:
@@ -186,7 +190,7 @@ def layer_host_overhead(model: ModelSpec, options: RealOptions, non_expert_1: fl
                         work_dir: Path) -> float:
     """The executor's time per decode layer beyond its kernels (launches, the wait for the router,
     policy calls, the layer protocol): an all-resident run of a few layers of the model, its token
-    time per layer (median of the second half, once the GPU's clocks are up) less the kernels' times."""
+    time per layer (median of the second half, once warm) less the kernels' times."""
     layers = min(OVERHEAD_LAYERS, model.num_layers)
     small = dataclasses.replace(model, num_layers=layers)
     params = SyntheticParams(requests=1, prompt_tokens=(0, 0), output_tokens=(OVERHEAD_STEPS, OVERHEAD_STEPS))
@@ -221,110 +225,70 @@ def copy_under_compute(backend: Backend, model: ModelSpec, reps: int = 5) -> tup
     return idle, statistics.median(busy)
 
 
-# --- clocks ---
-STALL_BYTES = (64 * MIB, 176 * MIB, 352 * MIB, 704 * MIB)  # copies of about 1, 3, 7 and 13 ms
-LAYERS_AFTER_STALL = 16
-REPEATS = 5
+# --- work after a wait ---
+WAIT_BYTES = (8 * MIB, 32 * MIB, 64 * MIB, 176 * MIB, 352 * MIB, 704 * MIB)  # copies of 0.2 .. 15 ms
+LAYERS_AFTER_WAIT = 8
+REPEATS = 9
 
 
-def _spin(seconds: float) -> None:
-    """Keep the host busy and the GPU idle."""
-    until = time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        pass
+def after_wait_response(backend: Backend, model: ModelSpec, kv_tokens: int, copy_wait: str = "spin") -> dict:
+    """How the executor's work slows down after the GPU has waited for a copy.
 
-
-def clock_response(backend: Backend, model: ModelSpec, kv_tokens: int) -> dict:
-    """How decode layers of `model` slow down after the GPU's compute has waited for a copy.
-
-    Layers run as the executor runs them (non-expert kernels, a wait for the router's output,
-    then the top-k experts); a layer's time is the host time between two router outputs. Measured:
-    the hot layer time; the 16 layers after a stall on a host-to-GPU copy of 64..704 MiB (the GPU's
-    compute idle, its copy engine busy); and 64 layers after 1 s of idle. Empty on the CPU."""
+    Decode layers run as the executor runs them (realrun.clock_probe.DecodeLoop: a layer's experts,
+    the next non-expert kernels, a wait for the router), and the host time of each launch group is
+    measured: warm (back to back), then in the 8 layers after waiting for a host-to-GPU copy of
+    8..704 MiB (as the executor waits, RealOptions.copy_wait), and after 1 s of idle. Medians over
+    9 repeats, as factors of the warm times, in the order the groups ran (experts, non-expert,
+    experts, ...). Empty on the CPU."""
     if not backend.is_cuda:
         return {}
-    generator = torch.Generator(backend.device).manual_seed(5)
-    per_layer = model.non_expert_params_per_layer * model.bytes_per_param
-    layers = [NonExpertLayer(model, backend.device, kv_tokens, generator) for _ in range(_copies_beyond_cache(per_layer))]
-    weights = [random_bf16(generator, model.bytes_per_expert // 2) for _ in range(2 * model.top_k)]
-    x = torch.randn(1, model.hidden_size, generator=generator, device=backend.device).to(torch.bfloat16)
-    src, dst = backend.pinned(max(STALL_BYTES)), backend.empty(max(STALL_BYTES))
-    backend.synchronize()
-    counter = iter(range(1 << 62))
+    loop = DecodeLoop(backend, model, kv_tokens, max(WAIT_BYTES))
 
-    def decode_layers(n: int) -> list[float]:
-        marks = [time.perf_counter()]
-        for i in range(n):
-            with backend.on_compute():
-                h, y = layers[i % len(layers)].forward(x)
-                router = backend.record_compute()
-            while not router.query():
-                pass
-            marks.append(time.perf_counter())
-            with backend.on_compute():
-                for _ in range(model.top_k):
-                    h = h + swiglu(y, weights[next(counter) % len(weights)], model.hidden_size)
-        done = backend.record_compute()
-        while not done.query():
-            pass
-        marks.append(time.perf_counter())
-        return list(np.diff(marks[1:]))  # router to router: experts of one layer, non-expert work of the next
+    def factors(layers: list[tuple[float, float, float, float]], warm: tuple[float, float]) -> list[float]:
+        return [f for _, _, experts, non_expert in layers for f in (experts / warm[0], non_expert / warm[1])]
 
-    def stall(nbytes: int) -> float:
-        started = time.perf_counter()
-        with backend.on_copy():
-            dst[:nbytes].copy_(src[:nbytes], non_blocking=True)
-            landed = backend.record_copy()
-        while not landed.query():
-            pass
-        return time.perf_counter() - started
-
-    def heat(seconds: float) -> None:
-        until = time.perf_counter() + seconds
-        while time.perf_counter() < until:
-            decode_layers(16)
-
-    heat(0.5)
-    hot = statistics.median(decode_layers(128))
-    after_stall = []
-    for nbytes in STALL_BYTES:
-        gaps, profiles = [], []
+    loop.heat(0.5)
+    layers = loop.run(256)
+    warm = (statistics.median(r[2] for r in layers), statistics.median(r[3] for r in layers))
+    after_wait = []
+    for nbytes in WAIT_BYTES:
+        waits, series = [], []
         for _ in range(REPEATS):
-            heat(0.05)
-            gaps.append(stall(nbytes))
-            profiles.append(decode_layers(LAYERS_AFTER_STALL))
-        factors = np.median(np.asarray(profiles), axis=0) / hot
-        after_stall.append({"idle_s": statistics.median(gaps), "layer_factors": [float(f) for f in factors]})
-    _spin(1.0)
-    cold = [float(f) for f in np.asarray(decode_layers(64)) / hot]
-    return {"hot_layer_s": hot, "after_copy_stall": after_stall, "after_1s_idle": {"idle_s": 1.0, "layer_factors": cold}}
+            loop.heat(0.05)
+            waits.append(loop.stall(nbytes, copy_wait))
+            series.append(factors(loop.run(LAYERS_AFTER_WAIT), warm))
+        after_wait.append({"wait_s": statistics.median(waits),
+                           "factors": [float(f) for f in np.median(np.asarray(series), axis=0)]})
+    loop.heat(0.05)
+    loop.spin(1.0)
+    return {"warm_experts_s": warm[0], "warm_non_expert_s": warm[1], "after_copy_wait": after_wait,
+            "after_1s_idle": {"wait_s": 1.0, "factors": factors(loop.run(LAYERS_AFTER_WAIT), warm)}}
 
 
-def fit_clock(response: dict) -> ClockSpec | None:
-    """cold_factor, warm_up_s, cool_down_s of the linear heat model (sim.profiles.ClockSpec) that
-    best reproduce the measured layer times after each idle period (the GPU hot before it); None
-    when idling does not slow the GPU measurably."""
+def fit_after_wait(response: dict) -> AfterWaitSpec | None:
+    """cold_factor, warm_up_s, cool_down_s of sim.profiles.AfterWaitSpec that best reproduce the
+    measured launch groups after each wait (warm before it; its own step function, on a grid);
+    None when waiting does not slow the work measurably."""
     if not response:
         return None
-    hot = response["hot_layer_s"]
-    series = [*response["after_copy_stall"], response["after_1s_idle"]]
-    worst = max(max(s["layer_factors"][:2]) for s in series)
+    series = [*response["after_copy_wait"], response["after_1s_idle"]]
+    worst = max(max(s["factors"][:2]) for s in series)
     if worst < 1.05:
         return None
-    colds = np.linspace(1.0, worst * 1.2, 40)[:, None, None]
-    warms = np.geomspace(1e-4, 1.0, 60)[None, :, None]
-    cools = np.geomspace(1e-4, 1.0, 60)[None, None, :]
-    error = np.zeros((40, 60, 60))
+    grid = AfterWaitSpec(np.linspace(1.0, worst * 1.2, 40)[:, None, None], np.geomspace(1e-5, 1.0, 50)[None, :, None],
+                         np.geomspace(1e-5, 1.0, 50)[None, None, :])
+    warm_s = (response["warm_experts_s"], response["warm_non_expert_s"])
+    error = np.zeros((40, 50, 50))
     for s in series:
-        heat = np.broadcast_to(np.maximum(0.0, 1.0 - s["idle_s"] / cools), error.shape).copy()
-        for measured in s["layer_factors"]:
-            factor = 1.0 + (colds - 1.0) * (1.0 - heat)
-            error += (factor - measured) ** 2
-            heat = np.minimum(1.0, heat + hot * factor / warms)
+        warmth, waited = np.ones_like(error), s["wait_s"]
+        for i, measured in enumerate(s["factors"]):
+            wall, warmth = grid.step(warmth, waited, warm_s[i % 2])
+            error += (wall / warm_s[i % 2] - measured) ** 2
+            waited = 0.0
     i, j, k = np.unravel_index(int(np.argmin(error)), error.shape)
-    if colds[i, 0, 0] < 1.05:
-        return None
-    return ClockSpec(float(colds[i, 0, 0]), float(warms[0, j, 0]), float(cools[0, 0, k]))
+    spec = AfterWaitSpec(float(grid.cold_factor[i, 0, 0]), float(grid.warm_up_s[0, j, 0]),
+                         float(grid.cool_down_s[0, 0, k]))
+    return spec if spec.cold_factor >= 1.05 else None
 
 
 # --- the profile ---
@@ -362,19 +326,19 @@ class Calibration:
 
 def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
               tokens: list[int] | None = None, kv_tokens: int = 512, trials: int = 7, reps: int = 20,
-              copy_reps: int = 30) -> Calibration:
+              copy_reps: int = 30, copy_wait: str = "spin") -> Calibration:
     tokens = tokens or TOKENS
     gpu = backend.name
     name = name or profile_name(gpu)
     sizes = sorted(set(copy_sizes or COPY_SIZES) | {m.bytes_per_expert for m in models})
-    copy_points, dma_points = copy_curve(backend, sizes, copy_reps)
+    copy_points, dma_points = copy_curve(backend, sizes, copy_reps, copy_wait)
     latency, bandwidth = fit_link(copy_points)
     mem_bw, flops, launch = device_ceilings(backend)
 
     shapes = {m.expert_shape_key: m for m in models}
     expert_tables = {key: expert_times(backend, m, tokens, trials, reps)
                      for key, m in tqdm(shapes.items(), desc="expert FFNs", unit="shape", leave=False)}
-    options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens)
+    options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens, copy_wait=copy_wait)
     non_expert_tables, overheads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in tqdm(models, desc="non-expert layers", unit="model", leave=False):
@@ -388,8 +352,8 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
 
     largest = max(models, key=lambda m: m.bytes_per_expert)
     copy_idle, copy_busy = copy_under_compute(backend, largest)
-    response = clock_response(backend, largest, kv_tokens)
-    clock = fit_clock(response)
+    response = after_wait_response(backend, largest, kv_tokens, copy_wait)
+    after_wait = fit_after_wait(response)
     fitted = LinkSpec(latency, bandwidth)
     worst = max(copy_points, key=lambda p: abs(fitted.copy_time(p[0]) / p[1] - 1.0))
     notes = [f"copies: {latency * 1e6:.1f} us + bytes / {bandwidth / 1e9:.2f} GB/s fitted on >= {FIT_FROM_BYTES // MIB} MiB; "
@@ -398,11 +362,12 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
              "the simulator interpolates the measured curve (host_link.copy_time_s)",
              f"one {largest.name} expert copy: {copy_idle * 1e3:.3f} ms with the GPU idle, {copy_busy * 1e3:.3f} ms "
              "while expert FFNs run",
-             "clocks: " + ("idling does not slow compute measurably" if clock is None else
-                           f"{largest.name} decode layers take {clock.cold_factor:.2f}x as long when the GPU "
-                           f"starts them cold; hot again after {clock.warm_up_s * 1e3:.1f} ms of work, cold after "
-                           f"{clock.cool_down_s * 1e3:.1f} ms idle (sim.profiles.ClockSpec, fitted to the layers "
-                           "after copy stalls)"),
+             "after a wait: " + ("waiting does not slow the work measurably" if after_wait is None else
+                                 f"{largest.name} decode layers take up to {after_wait.cold_factor:.2f}x as long "
+                                 f"right after a long wait; warmth returns with time constant "
+                                 f"{after_wait.warm_up_s * 1e3:.2f} ms of work and leaves with "
+                                 f"{after_wait.cool_down_s * 1e3:.2f} ms of waiting (sim.profiles.AfterWaitSpec, "
+                                 "fitted to the launch groups after copy waits of 0.2..15 ms)"),
              *[f"executor host time per decode layer, {m}: {v * 1e6:+.1f} us (added to its non-expert layer time)"
                for m, v in overheads.items()]]
     torch_version = str(torch.__version__)
@@ -417,12 +382,12 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         "mem_bandwidth_Bps": mem_bw, "matmul_flops": flops, "launch_s": launch,
         "expert_time_s": expert_tables,
         "non_expert_layer_time_s": non_expert_tables,
-        **({"clock": clock.to_dict()} if clock is not None else {}),
-        "calibration": {"torch": torch_version, "gpu": gpu, "kv_tokens": kv_tokens,
+        **({"after_wait": after_wait.to_dict()} if after_wait is not None else {}),
+        "calibration": {"torch": torch_version, "gpu": gpu, "kv_tokens": kv_tokens, "copy_wait": copy_wait,
                         "copy_dma_s": dma_points, "layer_host_overhead_s": overheads,
                         "copy_under_compute_s": {"bytes": largest.bytes_per_expert, "idle": copy_idle,
                                                  "busy": copy_busy},
-                        "clock_response": response,
+                        "after_wait_response": response,
                         "models": [m.name for m in models]},
     })
     return Calibration(profile, notes)
@@ -456,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="all", help="comma-separated model profiles, or 'all' (conf/model)")
     parser.add_argument("--out", default=None, help="YAML path (default: conf/hardware/NAME.yaml)")
     parser.add_argument("--kv-tokens", type=int, default=512)
+    parser.add_argument("--copy-wait", default="spin", choices=("spin", "sleep"),
+                        help="how the executor will wait for blocks (realrun copy_wait): the after-wait slowdown depends on it")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
     args = parser.parse_args(argv)
 
@@ -466,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("--models names no model; give profiles of conf/model or 'all'")
         backend = Backend(args.device)
         quick = dict(copy_sizes=COPY_SIZES[::3], tokens=[1, 8, 64, 512], trials=3, reps=5, copy_reps=8) if args.quick else {}
-        result = calibrate(backend, models, args.name, kv_tokens=args.kv_tokens, **quick)
+        result = calibrate(backend, models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile

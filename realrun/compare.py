@@ -6,6 +6,10 @@ profile) and through realrun's executor on this machine's GPU, and writes:
     compare.csv   simulated against measured TTFT, TPOT (mean, p50, p99), hit rate, bytes moved,
                   with relative errors (hit rate: difference in points) and whether the targets hold
     compare.md    the same as a Markdown table (printed last)
+  with --timeline (measured runs only; two timing events per kernel group, about 30 us each):
+    timeline.csv  every kernel group and wait: host launch, GPU start and end (realrun.executor.Timeline)
+  with --clocks (NVML read every 0.2 ms by another process, which slows the executor's host down):
+    clocks.csv    the GPU's SM clock over the whole comparison, on the same clock (realrun.gpu_clocks)
 Targets: mean TPOT within 5% of the measured one, hit rate within 1 point.
 """
 from __future__ import annotations
@@ -20,7 +24,8 @@ from tqdm import tqdm
 from policies import available, policy_class
 from realrun.api import execute_real
 from realrun.calibrate import profile_name
-from realrun.executor import Machine, RealOptions
+from realrun.executor import Machine, RealOptions, Timeline
+from realrun.gpu_clocks import ClockLog
 from realrun.subset import first_layers
 from sim.api import RunResult, execute, prepare
 from sim.budget import format_bytes, parse_budget
@@ -36,7 +41,7 @@ TPOT_TARGET = 0.05  # relative
 HIT_TARGET_POINTS = 1.0
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)  # of all experts, for --budgets auto
 TIMES = ("ttft_mean_s", "tpot_mean_s", "tpot_p50_s", "tpot_p99_s")
-RUNS, LAYERS, TOKENS = "runs.csv", "layers.csv", "tokens.csv"
+RUNS, LAYERS, TOKENS, TIMELINE, CLOCKS = "runs.csv", "layers.csv", "tokens.csv", "timeline.csv", "clocks.csv"
 
 
 def auto_budgets(trace: Trace) -> list[str]:
@@ -126,10 +131,24 @@ def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.Da
 
 def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
                 out_dir: Path, max_requests: int | None = None, warm_start: bool = False, train_fraction: float = 0.0,
-                header: list[str] | None = None, stored: StoredRuns | None = None) -> pd.DataFrame:
+                header: list[str] | None = None, stored: StoredRuns | None = None, timeline: bool = False,
+                clocks: bool = False) -> pd.DataFrame:
     """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
-    and compare.md. With `stored`, the measured side comes from an earlier compare instead."""
+    and compare.md. With `stored`, the measured side comes from an earlier compare instead. With
+    `timeline`, every measured run's kernel groups are recorded too; with `clocks`, the GPU's clock."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    clocks = clocks and stored is None and machine.backends[0].is_cuda
+    with ClockLog(enabled=clocks) as log:
+        table = _compare_runs(trace, policies, budgets, hardware, machine, out_dir, max_requests, warm_start,
+                              train_fraction, header, stored, timeline)
+    if clocks:
+        atomic_write_csv(out_dir / CLOCKS, log.samples)
+    return table
+
+
+def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
+                  out_dir: Path, max_requests: int | None, warm_start: bool, train_fraction: float,
+                  header: list[str] | None, stored: StoredRuns | None, timeline: bool) -> pd.DataFrame:
     profile = load_hardware(hardware)
     bytes_per_expert = trace.model.bytes_per_expert
     jobs = []
@@ -138,7 +157,7 @@ def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware:
             jobs.append((policy, budgets[0]))  # its budget is everything: one run
         else:
             jobs.extend((policy, b) for b in sorted(budgets, key=lambda b: parse_budget(b, bytes_per_expert)))
-    rows, runs, layers, tokens = [], [], [], []
+    rows, runs, layers, tokens, timelines = [], [], [], [], []
     for policy, budget in tqdm(jobs, desc="sim vs real", unit="run"):
         cfg = SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=profile.to_dict(),
                         max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction)
@@ -146,9 +165,13 @@ def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware:
         sim_flat = flat_metrics(sim, "sim", budget)
         if stored is None:
             run = prepare(cfg, trace)
+            recorder = Timeline() if timeline else None
             with tqdm(total=len(run.replay), desc=f"{policy} {budget} on {machine.device_name}", unit="req",
                       leave=False) as bar:
-                real = execute_real(run, machine, on_request_done=lambda _r: bar.update())
+                real = execute_real(run, machine, on_request_done=lambda _r: bar.update(), timeline=recorder)
+            if recorder is not None:
+                timelines.append(_tagged(recorder.frame(), "real", policy, budget))
+                atomic_write_csv(out_dir / TIMELINE, pd.concat(timelines, ignore_index=True))
             real_flat, real_layers = flat_metrics(real, "real", budget), real.per_layer
             real_tokens = pd.DataFrame({"token": range(len(real.token_latencies_s)),
                                         "latency_s": real.token_latencies_s})
@@ -186,11 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
     parser.add_argument("--kv-tokens", type=int, default=512)
+    parser.add_argument("--copy-wait", default="spin", choices=("spin", "sleep"),
+                        help="how the executor waits for a block: poll its copy's event, or sleep until it lands")
     parser.add_argument("--warm-start", action="store_true")
     parser.add_argument("--train-fraction", type=float, default=0.0,
                         help="leading share of requests for policies' offline training (needed by promoe)")
     parser.add_argument("--real-from", default=None,
                         help="directory of an earlier compare: reuse its measured runs, re-run only the simulator")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also record every kernel group's host and GPU times (timeline.csv)")
+    parser.add_argument("--clocks", action="store_true",
+                        help="also read the GPU's SM clock throughout (clocks.csv; perturbs the host's timing)")
     parser.add_argument("--out", default="results/compare")
     args = parser.parse_args(argv)
 
@@ -213,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.hardware is None:
                 raise UserError("--real-from needs --hardware: the profile the simulator runs on")
         else:
-            options = RealOptions(device=args.device, host_sources=args.host_sources, kv_tokens=args.kv_tokens)
+            options = RealOptions(device=args.device, host_sources=args.host_sources, kv_tokens=args.kv_tokens,
+                                  copy_wait=args.copy_wait)
             machine = Machine(trace.model, options)
             notes, device = machine.notes(), machine.device_name
         hardware = args.hardware or profile_name(device)
@@ -226,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{trace.model.num_layers} of {full_layers} layers{subset}; requests: {args.max_requests or 'all'}",
                   *[f"- {note}" for note in notes]]
         table = run_compare(trace, policies, budgets, hardware, machine, out, args.max_requests, args.warm_start,
-                            args.train_fraction, header, stored)
+                            args.train_fraction, header, stored, args.timeline, args.clocks)
         print(f"results: {out}")
         print(markdown(table, header))
     run_cli(work)

@@ -27,8 +27,9 @@ REAL_LINK = SimpleNamespace(host_link=None, nvlink=None)
 
 class CopyEngine(HostLink):
     def __init__(self, gpu: int, backend: Backend, caches: list[SlottedCache], policy: Policy, recorder: Recorder,
-                 host: HostExperts, part_bytes: Callable[[int], list[int]]):
+                 host: HostExperts, part_bytes: Callable[[int], list[int]], sleep_on_copies: bool = False):
         super().__init__(None, gpu, caches, policy, REAL_LINK, (), recorder)
+        self.sleep_on_copies = sleep_on_copies
         self.backend = backend
         self.host = host
         self.part_bytes = part_bytes  # layer -> bytes of each part of its experts
@@ -48,10 +49,15 @@ class CopyEngine(HostLink):
                 for event in self.cache.pool.take_waits(block):
                     backend.copy_waits_for(event)
             dst[lo:hi].copy_(src[lo:hi], non_blocking=True)
-            self._landing = backend.record_copy()
+            self._landing = backend.record_copy(blocking=self.sleep_on_copies)
 
     def ready(self, block: Block):
         raise TypeError("realrun polls the copy engine (poll()); there is no SimPy event to wait on")
+
+    def sleep_until_landed(self) -> None:
+        """Block the host (asleep, with sleep_on_copies) until the chunk on the link has landed."""
+        if self.current is not None:
+            self._landing.synchronize()
 
     def poll(self) -> bool:
         """Handle the chunk on the link if it has landed (then start the next one). True if one landed."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
@@ -55,6 +56,7 @@ class RealOptions:
     gpus: int = 1  # devices the layers are split over, in order
     host_sources: int = 8  # pinned host buffers the experts share; 0: one per expert
     kv_tokens: int = 512  # KV-cache length each decode token attends to
+    copy_wait: str = "spin"  # waiting for a block: poll the copy's event (spin), or sleep until it lands (sleep)
     seed: int = 0
 
 
@@ -141,6 +143,57 @@ class Machine:
         return notes
 
 
+class Timeline:
+    """Where a real run's time went: for every kernel group (a layer's non-expert kernels, one
+    expert), when the host launched it and when it ran on the GPU; for every wait for a block, when
+    the host waited. GPU times come from timing events measured against one reference event per
+    device, placed on the host's clock (time.perf_counter) when it completed, so host, GPU and
+    clock samples (realrun.gpu_clocks) share one axis. On the CPU the GPU columns are NaN."""
+
+    COLUMNS = ["step", "layer", "kind", "expert", "host_s", "host_end_s", "gpu_start_s", "gpu_end_s"]
+
+    def __init__(self):
+        self._refs: dict[torch.device, tuple[torch.cuda.Event, float]] = {}
+        self._rows: list[list] = []
+
+    def begin(self, backends: list[Backend]) -> None:
+        for backend in backends:
+            if backend.is_cuda and backend.device not in self._refs:
+                backend.synchronize()
+                ref = torch.cuda.Event(enable_timing=True)
+                ref.record(backend.compute_stream)
+                ref.synchronize()
+                self._refs[backend.device] = ref, time.perf_counter()
+
+    @contextlib.contextmanager
+    def group(self, backend: Backend, step: int, layer: int, kind: str, expert: int = -1):
+        start = end = None
+        if backend.is_cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(backend.compute_stream)
+        host = time.perf_counter()
+        yield
+        if backend.is_cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(backend.compute_stream)
+        self._rows.append([step, layer, kind, expert, host, time.perf_counter(), backend.device, start, end])
+
+    def wait(self, step: int, layer: int, host_s: float, host_end_s: float) -> None:
+        self._rows.append([step, layer, "stall", -1, host_s, host_end_s, None, None, None])
+
+    def frame(self) -> pd.DataFrame:
+        """After the run (its devices synchronized)."""
+        rows = []
+        for step, layer, kind, expert, host, host_end, device, start, end in self._rows:
+            gpu_start = gpu_end = float("nan")
+            if start is not None:
+                ref, ref_host = self._refs[device]
+                gpu_start = ref_host + ref.elapsed_time(start) / 1e3
+                gpu_end = ref_host + ref.elapsed_time(end) / 1e3
+            rows.append([step, layer, kind, expert, host, host_end, gpu_start, gpu_end])
+        return pd.DataFrame(rows, columns=self.COLUMNS)
+
+
 @contextlib.contextmanager
 def collector_paused():
     """Python's cyclic collector would stop the host for tens of ms at random tokens; serving
@@ -158,9 +211,10 @@ def collector_paused():
 class Executor(Serving):
     def __init__(self, machine: Machine, trace: Trace | None, policy: Policy, model: ModelSpec,
                  hardware: HardwareProfile, budget_bytes: int, requests: list[int], options: SimOptions | None = None,
-                 on_request_done: Callable[[int], None] | None = None):
+                 on_request_done: Callable[[int], None] | None = None, timeline: Timeline | None = None):
         """`hardware` is the profile the simulator runs the same replay on: a policy that plans with
-        profiled costs (ctx.timing) must see the same numbers in both engines."""
+        profiled costs (ctx.timing) must see the same numbers in both engines. `timeline`, when
+        given, records every kernel group and wait (two timing events per group)."""
         opts = self.options = options or SimOptions()
         if model.num_layers != machine.model.num_layers or model.expert_shape_key != machine.model.expert_shape_key:
             raise UserError(f"the machine was built for {machine.model.name} ({machine.model.num_layers} layers), "
@@ -182,11 +236,15 @@ class Executor(Serving):
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
         self.caches = [SlottedCache(capacity, self._block_bytes, None)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
-        self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of)
+        if machine.options.copy_wait not in ("spin", "sleep"):
+            raise UserError(f"copy_wait={machine.options.copy_wait}: give spin or sleep")
+        sleep = machine.options.copy_wait == "sleep"
+        self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of, sleep)
                       for g, backend in enumerate(machine.backends)]
         self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done)
         self._step_index = 0
         self._t0 = 0.0
+        self.timeline = timeline
 
     def _block_bytes(self, block: Block) -> int:
         return self._part_bytes[block[0]][block[2]]
@@ -231,6 +289,11 @@ class Executor(Serving):
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
+    def _timed(self, backend: Backend, layer: int, kind: str, expert: int = -1):
+        if self.timeline is None:
+            return contextlib.nullcontext()
+        return self.timeline.group(backend, self._step_index - 1, layer, kind, expert)
+
     def _poll(self) -> bool:
         landed = False
         for link in self.links:
@@ -250,6 +313,8 @@ class Executor(Serving):
     def _wait_block(self, link: CopyEngine, block: Block) -> None:
         cache = link.cache
         while not cache.is_resident(block):
+            if link.sleep_on_copies and len(self.links) == 1:  # nothing else to poll meanwhile
+                link.sleep_until_landed()
             if not self._poll() and link.current is None:
                 raise StallError(f"the layer waits for block {block}, but nothing is copying and nothing "
                                  f"will: {link.describe_wait()}; this is a bug in the engine or the policy")
@@ -258,6 +323,8 @@ class Executor(Serving):
     def run(self) -> RunState:
         for backend in self.machine.backends:
             backend.synchronize()
+        if self.timeline is not None:
+            self.timeline.begin(self.machine.backends)
         with collector_paused():
             return self._serve()
 
@@ -310,7 +377,7 @@ class Executor(Serving):
             previous, backend = backend, machine.backends[self.topology.layer_gpu[layer]]
             if backend is not previous:
                 backend.compute_waits_for(previous.record_compute())
-            with backend.on_compute():
+            with backend.on_compute(), self._timed(backend, layer, "non_expert"):
                 x, y = machine.layers[layer].forward(x.to(backend.device, non_blocking=True))
                 router_done = backend.record_compute()
             self._wait(router_done)  # the router's choice reaches the host
@@ -347,12 +414,15 @@ class Executor(Serving):
                         waited_from = self.now()
                         self._wait_block(link, b)
                         stall += self.now() - waited_from
+                        if self.timeline is not None:
+                            self.timeline.wait(self._step_index - 1, layer, self._t0 + waited_from,
+                                               time.perf_counter())
                 if i < routed:
                     cache.mark_used(b)
                     if cache.pool.moved is not None:  # blocks slid down to make room: read them after
                         backend.compute_waits_for(cache.pool.moved)
                         cache.pool.moved = None
-                    with backend.on_compute():
+                    with backend.on_compute(), self._timed(backend, layer, "expert", i):
                         launch(i, expert_weights(cache.pool.view(b)))
                     launched = True
                 computed.append(b)

@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from realrun.memory import random_bf16
 from traces import ModelSpec
 
+L2_SPILL_BYTES = 256 << 20  # well beyond any GPU's L2 cache (H100: 50 MB)
+
+
+def copies_beyond_cache(nbytes: int) -> int:
+    """How many copies of `nbytes` of weights to cycle through so that none is still in the L2
+    cache when it is read again (as in a real model, whose layers each read their own weights)."""
+    return max(2, min(16, -(-L2_SPILL_BYTES // max(1, nbytes))))
+
 
 def swiglu(x: torch.Tensor, weights: torch.Tensor, hidden: int) -> torch.Tensor:
     """x [tokens, hidden] through an expert whose bf16 weights are `weights` (flat: [2f, h] then [h, f])."""

@@ -1,5 +1,5 @@
 """Compute times of one model on one hardware profile, memoised by token count (the hot path),
-and the GPUs' clock state where the profile models it (sim.profiles.ClockSpec)."""
+and how warm each GPU is after waiting, where the profile models it (sim.profiles.AfterWaitSpec)."""
 from __future__ import annotations
 
 from sim.profiles import HardwareProfile
@@ -10,10 +10,10 @@ class ComputeModel:
     def __init__(self, hardware: HardwareProfile, model: ModelSpec):
         self.hardware = hardware
         self.model = model
-        self.clock = hardware.clock
+        self.after_wait = hardware.after_wait
         self._expert: dict[int, float] = {}
         self._non_expert: dict[int, float] = {}
-        self._heat: dict[int, float] = {}  # per GPU, 0 cold .. 1 hot; a run starts cold (loading idles it)
+        self._warmth: dict[int, float] = {}  # per GPU, 0 cold .. 1 warm; a run starts cold (loading idles it)
         self._busy_until: dict[int, float] = {}
 
     def expert_time(self, tokens: int) -> float:
@@ -29,15 +29,11 @@ class ComputeModel:
         return seconds
 
     def run(self, gpu: int, now: float, seconds: float) -> float:
-        """How long `seconds` of work (at hot clocks, as the tables give it) takes on a GPU from `now`."""
-        clock = self.clock
-        if clock is None:
+        """How long `seconds` of work (warm, as the tables give it) takes on a GPU from `now`."""
+        spec = self.after_wait
+        if spec is None:
             return seconds
-        heat = self._heat.get(gpu, 0.0)
-        idle = now - self._busy_until.get(gpu, 0.0)
-        if idle > 0:
-            heat = max(0.0, heat - idle / clock.cool_down_s)
-        wall = seconds * (1.0 + (clock.cold_factor - 1.0) * (1.0 - heat))
-        self._heat[gpu] = min(1.0, heat + wall / clock.warm_up_s)
+        waited = max(0.0, now - self._busy_until.get(gpu, 0.0))
+        wall, self._warmth[gpu] = spec.step(self._warmth.get(gpu, 0.0), waited, seconds)
         self._busy_until[gpu] = now + wall
         return wall

@@ -9,6 +9,7 @@ memory bandwidth, or FLOPs over the matrix rate, plus kernel launches), and the 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,17 +96,22 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
-class ClockSpec:
-    """GPU clocks drop while the GPU waits (for copies, say) and recover under load. Compute that
-    starts fully cold takes cold_factor times its (hot) table time; busy time warms the GPU up, to
-    hot after warm_up_s, idle time cools it down, to cold after cool_down_s (both linear)."""
+class AfterWaitSpec:
+    """Work that starts right after the GPU has waited (for a copy, say) runs slower, and recovers
+    as work goes on. Measured on an H100 (realrun.calibrate): the kernel launches of the executor's
+    first layers after a copy wait take up to ~2.5x as long, more the longer the wait; the GPU's SM
+    clock stays at its maximum meanwhile (NVML), so this is the launch path waking up, not clocks.
+
+    A first-order model with one state, warmth in [0, 1] per GPU: waiting cools it with time
+    constant cool_down_s, work warms it with time constant warm_up_s, and work that starts at
+    warmth w takes 1 + (cold_factor - 1) * (1 - w) times its (warm) table time."""
 
     cold_factor: float
     warm_up_s: float
     cool_down_s: float
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str) -> ClockSpec:
+    def from_dict(cls, data: dict[str, Any], where: str) -> AfterWaitSpec:
         spec = cls(*(_number(data[k], f"{where}.{k}") for k in ("cold_factor", "warm_up_s", "cool_down_s")))
         if spec.cold_factor < 1.0 or spec.warm_up_s <= 0 or spec.cool_down_s <= 0:
             raise ConfigError(f"{where}: needs cold_factor >= 1 and positive warm_up_s, cool_down_s")
@@ -113,6 +119,13 @@ class ClockSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"cold_factor": self.cold_factor, "warm_up_s": self.warm_up_s, "cool_down_s": self.cool_down_s}
+
+    def step(self, warmth, waited_s, seconds):
+        """(wall time, warmth after) of `seconds` of warm work that starts after waiting `waited_s`
+        at `warmth`. Works on floats and, element-wise, on numpy arrays (calibrate fits with it)."""
+        warmth = warmth * math.e ** (-waited_s / self.cool_down_s)
+        wall = seconds * (1.0 + (self.cold_factor - 1.0) * (1.0 - warmth))
+        return wall, 1.0 - (1.0 - warmth) * math.e ** (-wall / self.warm_up_s)
 
 
 @dataclass(frozen=True)
@@ -133,7 +146,7 @@ class HardwareProfile:
     nvlink_pairs: tuple[tuple[int, int], ...] = ()
     # The host side's limit on all host->GPU copies together (root complex, CPU memory); None: no limit.
     host_aggregate_Bps: float | None = None
-    clock: ClockSpec | None = None  # None: compute always takes its table time
+    after_wait: AfterWaitSpec | None = None  # None: compute always takes its table time
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -159,7 +172,8 @@ class HardwareProfile:
                 nvlink_pairs=tuple(tuple(int(g) for g in pair) for pair in (data.get("nvlink") or {}).get("pairs", [])),
                 host_aggregate_Bps=None if data.get("host_aggregate_Bps") is None
                 else _number(data["host_aggregate_Bps"], f"{where}.host_aggregate_Bps"),
-                clock=ClockSpec.from_dict(data["clock"], f"{where}.clock") if data.get("clock") else None,
+                after_wait=AfterWaitSpec.from_dict(data["after_wait"], f"{where}.after_wait")
+                if data.get("after_wait") else None,
                 extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as exc:
@@ -176,7 +190,7 @@ class HardwareProfile:
             "mem_bandwidth_Bps": self.mem_bandwidth_Bps, "matmul_flops": self.matmul_flops, "launch_s": self.launch_s,
             "expert_time_s": {k: v.to_points() for k, v in self.expert_time_s.items()},
             "non_expert_layer_time_s": {k: v.to_points() for k, v in self.non_expert_layer_time_s.items()},
-            **({"clock": self.clock.to_dict()} if self.clock is not None else {}),
+            **({"after_wait": self.after_wait.to_dict()} if self.after_wait is not None else {}),
             **self.extra,
         }
 
@@ -204,7 +218,7 @@ class HardwareProfile:
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
            "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps",
-           "clock"}
+           "after_wait"}
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:

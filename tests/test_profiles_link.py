@@ -1,4 +1,6 @@
 """Hardware profiles: the measured copy-time curve of a link, and its round trip through YAML data."""
+import math
+
 import pytest
 
 from sim.errors import ConfigError
@@ -24,27 +26,31 @@ def test_profile_round_trip_keeps_the_curve_and_rejects_a_bad_one():
         HardwareProfile.from_dict(data)
 
 
-def test_clock_model_slows_compute_that_starts_cold_and_recovers_under_load(make_trace):
+def test_after_wait_model_slows_work_that_starts_cold_and_recovers_under_load(make_trace):
     from conftest import tiny_model, unit_hardware
     from sim.api import simulate
     from sim.compute import ComputeModel
     from sim.config import SimConfig
-    from sim.profiles import ClockSpec
+    from sim.profiles import AfterWaitSpec
 
-    hot = unit_hardware().to_dict()
-    compute = ComputeModel(HardwareProfile.from_dict({**hot, "clock": {"cold_factor": 2.0, "warm_up_s": 1.0,
-                                                                        "cool_down_s": 0.5}}), tiny_model())
+    warm = unit_hardware().to_dict()
+    compute = ComputeModel(HardwareProfile.from_dict({**warm, "after_wait": {"cold_factor": 2.0, "warm_up_s": 1.0,
+                                                                             "cool_down_s": 0.5}}), tiny_model())
     assert compute.run(0, 0.0, 0.1) == pytest.approx(0.2)  # starts cold
-    assert compute.run(0, 0.2, 0.1) == pytest.approx(0.1 * (1 + 0.8))  # warmed by 0.2 s of work
-    assert compute.run(0, 10.0, 0.1) == pytest.approx(0.2)  # cold again after a long idle
-    assert compute.run(1, 0.0, 0.1) == pytest.approx(0.2)  # each GPU has its own clocks
-    assert ComputeModel(HardwareProfile.from_dict(hot), tiny_model()).run(0, 0.0, 0.1) == 0.1
+    warmth = 1 - math.exp(-0.2)  # after 0.2 s of work
+    wall = compute.run(0, 0.2, 0.1)  # no wait between
+    assert wall == pytest.approx(0.1 * (2 - warmth))
+    warmth = 1 - (1 - warmth) * math.exp(-wall)
+    assert compute.run(0, 0.2 + wall + 0.25, 0.1) == pytest.approx(0.1 * (2 - warmth * math.exp(-0.5)))  # waited 0.25 s
+    assert compute.run(0, 100.0, 0.1) == pytest.approx(0.2)  # cold again after a long wait
+    assert compute.run(1, 0.0, 0.1) == pytest.approx(0.2)  # each GPU has its own state
+    assert ComputeModel(HardwareProfile.from_dict(warm), tiny_model()).run(0, 0.0, 0.1) == 0.1
     with pytest.raises(ConfigError, match="cold_factor"):
-        ClockSpec.from_dict({"cold_factor": 0.5, "warm_up_s": 1, "cool_down_s": 1}, "clock")
+        AfterWaitSpec.from_dict({"cold_factor": 0.5, "warm_up_s": 1, "cool_down_s": 1}, "after_wait")
 
     trace = make_trace(tiny_model(), [[[[0]]] * 5])
-    def tpot(clock):
-        hardware = {**hot, "clock": clock} if clock else hot
+    def tpot(after_wait):
+        hardware = {**warm, "after_wait": after_wait} if after_wait else warm
         return simulate(SimConfig(policy="all_resident", hardware=hardware), trace=trace).metrics.tpot_mean_s
     never_warm = {"cold_factor": 3.0, "warm_up_s": 1e9, "cool_down_s": 1.0}
     assert tpot(never_warm) == pytest.approx(3 * tpot(None))
@@ -56,7 +62,7 @@ def test_the_shipped_measured_profile_has_every_table_the_simulator_needs():
     from traces.model_spec import known_models, load_model_spec
 
     profile = load_hardware("h100-measured")
-    assert profile.host_link.measured is not None and profile.clock is not None
+    assert profile.host_link.measured is not None and profile.after_wait is not None
     for name in known_models():
         assert all(profile.measured_for(load_model_spec(name)).values()), name
     assert 6e-3 < profile.host_link.copy_time(352_321_536) < 7e-3  # one Mixtral expert, as measured

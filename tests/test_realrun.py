@@ -393,21 +393,24 @@ def test_live_transformers_model_decides_as_the_simulator_replaying_its_routing(
     assert "Live Mixtral run" in (tmp_path / "compare.md").read_text()
 
 
-def test_fit_clock_recovers_the_linear_heat_model_and_ignores_a_flat_response():
-    from realrun.calibrate import fit_clock
+def test_fit_after_wait_recovers_the_model_it_fits_and_ignores_a_flat_response():
+    from realrun.calibrate import fit_after_wait
+    from sim.profiles import AfterWaitSpec
 
-    cold, warm, cool, hot = 1.8, 0.004, 0.006, 0.0005
+    truth, warm = AfterWaitSpec(2.4, 0.0008, 0.003), (0.0002, 0.0004)  # experts, non-expert groups
 
-    def after(idle):  # what the linear heat model predicts for 16 layers after an idle period
-        heat, factors = max(0.0, 1 - idle / cool), []
-        for _ in range(16):
-            factors.append(1 + (cold - 1) * (1 - heat))
-            heat = min(1.0, heat + hot * factors[-1] / warm)
-        return {"idle_s": idle, "layer_factors": factors}
-    response = {"hot_layer_s": hot, "after_copy_stall": [after(g) for g in (0.001, 0.003, 0.007, 0.013)],
+    def after(wait):  # the launch groups' factors that the model predicts after a wait
+        warmth, factors = 1.0, []
+        for i in range(16):
+            wall, warmth = truth.step(warmth, wait if i == 0 else 0.0, warm[i % 2])
+            factors.append(wall / warm[i % 2])
+        return {"wait_s": wait, "factors": factors}
+    response = {"warm_experts_s": warm[0], "warm_non_expert_s": warm[1],
+                "after_copy_wait": [after(w) for w in (0.0002, 0.0007, 0.0013, 0.0036, 0.0073, 0.015)],
                 "after_1s_idle": after(1.0)}
-    spec = fit_clock(response)
-    assert spec.cold_factor == pytest.approx(cold, rel=0.05)
-    assert spec.warm_up_s == pytest.approx(warm, rel=0.2) and spec.cool_down_s == pytest.approx(cool, rel=0.2)
-    flat = {**response, "after_copy_stall": [], "after_1s_idle": {"idle_s": 1.0, "layer_factors": [1.01] * 16}}
-    assert fit_clock(flat) is None and fit_clock({}) is None
+    spec = fit_after_wait(response)
+    assert spec.cold_factor == pytest.approx(truth.cold_factor, rel=0.05)
+    assert spec.warm_up_s == pytest.approx(truth.warm_up_s, rel=0.25)
+    assert spec.cool_down_s == pytest.approx(truth.cool_down_s, rel=0.25)
+    flat = {**response, "after_copy_wait": [], "after_1s_idle": {"wait_s": 1.0, "factors": [1.01] * 16}}
+    assert fit_after_wait(flat) is None and fit_after_wait({}) is None
