@@ -66,6 +66,7 @@ def comparison_row(sim: dict, real: dict) -> dict:
     row["bytes_h2d_rel_err"] = _relative(sim["bytes_h2d"], real["bytes_h2d"]) if real["bytes_h2d"] \
         else float(sim["bytes_h2d"] != 0)
     row["stall_s_sim"], row["stall_s_real"] = sim["stall_s"], real["stall_s"]
+    row["tpot_mean_real_spread"] = real.get("tpot_mean_spread", float("nan"))
     row["targets_met"] = bool(abs(row["tpot_mean_rel_err"]) <= TPOT_TARGET
                               and abs(row["hit_rate_diff_pts"]) <= HIT_TARGET_POINTS)
     return row
@@ -73,6 +74,10 @@ def comparison_row(sim: dict, real: dict) -> dict:
 
 def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:+.1%}"
+
+
+def _spread(x: float) -> str:
+    return "" if math.isnan(x) else f" (spread {x:.1%})"
 
 
 def markdown(table: pd.DataFrame, header: list[str]) -> str:
@@ -86,7 +91,8 @@ def markdown(table: pd.DataFrame, header: list[str]) -> str:
         lines.append(
             f"| {row.policy} | {budget} "
             f"| {row.ttft_mean_s_sim * 1e3:.1f} / {row.ttft_mean_s_real * 1e3:.1f} ({_pct(row.ttft_mean_rel_err)}) "
-            f"| {row.tpot_mean_s_sim * 1e3:.2f} / {row.tpot_mean_s_real * 1e3:.2f} ({_pct(row.tpot_mean_rel_err)}) "
+            f"| {row.tpot_mean_s_sim * 1e3:.2f} / {row.tpot_mean_s_real * 1e3:.2f}{_spread(row.tpot_mean_real_spread)} "
+            f"({_pct(row.tpot_mean_rel_err)}) "
             f"| {_pct(row.tpot_p50_rel_err)} | {_pct(row.tpot_p99_rel_err)} "
             f"| {row.hit_rate_sim:.1%} / {row.hit_rate_real:.1%} ({row.hit_rate_diff_pts:+.2f}) "
             f"| {format_bytes(row.bytes_h2d_sim)} / {format_bytes(row.bytes_h2d_real)} "
@@ -120,6 +126,8 @@ class StoredRuns:
         def pick(frame: pd.DataFrame) -> pd.DataFrame:
             return frame[(frame["policy"] == policy) & (frame["budget"] == budget)]
         runs = pick(self.runs)
+        if "chosen" in runs.columns:
+            runs = runs[runs["chosen"].astype(bool)]
         if runs.empty:
             raise UserError(f"--real-from has no measured run of {policy} at {budget}; run it on the GPU")
         return runs.iloc[0].to_dict(), pick(self.layers), pick(self.tokens)
@@ -132,15 +140,20 @@ def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.Da
 def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
                 out_dir: Path, max_requests: int | None = None, warm_start: bool = False, train_fraction: float = 0.0,
                 header: list[str] | None = None, stored: StoredRuns | None = None, timeline: bool = False,
-                clocks: bool = False) -> pd.DataFrame:
+                clocks: bool = False, repeats: int = 1) -> pd.DataFrame:
     """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
     and compare.md. With `stored`, the measured side comes from an earlier compare instead. With
-    `timeline`, every measured run's kernel groups are recorded too; with `clocks`, the GPU's clock."""
+    `timeline`, every measured run's kernel groups are recorded too; with `clocks`, the GPU's clock.
+    With `repeats` > 1, every measured run is made that many times, back to back, and the one of
+    median mean TPOT is compared (runs.csv keeps them all; `chosen` marks it; the spread of their
+    mean TPOTs, relative to it, is tpot_mean_spread)."""
+    if repeats < 1:
+        raise UserError(f"--repeats {repeats}: give 1 or more")
     out_dir.mkdir(parents=True, exist_ok=True)
     clocks = clocks and stored is None and machine.backends[0].is_cuda
     with ClockLog(enabled=clocks) as log:
         table = _compare_runs(trace, policies, budgets, hardware, machine, out_dir, max_requests, warm_start,
-                              train_fraction, header, stored, timeline)
+                              train_fraction, header, stored, timeline, repeats)
     if clocks:
         atomic_write_csv(out_dir / CLOCKS, log.samples)
     return table
@@ -148,7 +161,7 @@ def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware:
 
 def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
                   out_dir: Path, max_requests: int | None, warm_start: bool, train_fraction: float,
-                  header: list[str] | None, stored: StoredRuns | None, timeline: bool) -> pd.DataFrame:
+                  header: list[str] | None, stored: StoredRuns | None, timeline: bool, repeats: int) -> pd.DataFrame:
     profile = load_hardware(hardware)
     bytes_per_expert = trace.model.bytes_per_expert
     jobs = []
@@ -164,15 +177,25 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
         sim = execute(prepare(cfg, trace))
         sim_flat = flat_metrics(sim, "sim", budget)
         if stored is None:
-            run = prepare(cfg, trace)
-            recorder = Timeline() if timeline else None
-            with tqdm(total=len(run.replay), desc=f"{policy} {budget} on {machine.device_name}", unit="req",
-                      leave=False) as bar:
-                real = execute_real(run, machine, on_request_done=lambda _r: bar.update(), timeline=recorder)
-            if recorder is not None:
-                timelines.append(_tagged(recorder.frame(), "real", policy, budget))
-                atomic_write_csv(out_dir / TIMELINE, pd.concat(timelines, ignore_index=True))
-            real_flat, real_layers = flat_metrics(real, "real", budget), real.per_layer
+            measured = []
+            for repeat in range(repeats):
+                run = prepare(cfg, trace)
+                recorder = Timeline() if timeline else None
+                with tqdm(total=len(run.replay), desc=f"{policy} {budget} on {machine.device_name}", unit="req",
+                          leave=False) as bar:
+                    real = execute_real(run, machine, on_request_done=lambda _r: bar.update(), timeline=recorder)
+                if recorder is not None:
+                    timelines.append(_tagged(recorder.frame(), "real", policy, budget).assign(repeat=repeat))
+                    atomic_write_csv(out_dir / TIMELINE, pd.concat(timelines, ignore_index=True))
+                measured.append((flat_metrics(real, "real", budget) | {"repeat": repeat}, real))
+            tpots = [flat["tpot_mean_s"] for flat, _ in measured]
+            median = sorted(range(repeats), key=lambda i: tpots[i])[(repeats - 1) // 2]
+            for i, (flat, _) in enumerate(measured):
+                flat["chosen"] = i == median
+            runs += [flat for i, (flat, _) in enumerate(measured) if i != median]
+            real_flat, real = measured[median]
+            real_flat["tpot_mean_spread"] = (max(tpots) - min(tpots)) / real_flat["tpot_mean_s"]
+            real_layers = real.per_layer
             real_tokens = pd.DataFrame({"token": range(len(real.token_latencies_s)),
                                         "latency_s": real.token_latencies_s})
         else:
@@ -220,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also record every kernel group's host and GPU times (timeline.csv)")
     parser.add_argument("--clocks", action="store_true",
                         help="also read the GPU's SM clock throughout (clocks.csv; perturbs the host's timing)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure each run N times and compare the median one (the spread shows the noise)")
     parser.add_argument("--out", default="results/compare")
     args = parser.parse_args(argv)
 
@@ -256,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{trace.model.num_layers} of {full_layers} layers{subset}; requests: {args.max_requests or 'all'}",
                   *[f"- {note}" for note in notes]]
         table = run_compare(trace, policies, budgets, hardware, machine, out, args.max_requests, args.warm_start,
-                            args.train_fraction, header, stored, args.timeline, args.clocks)
+                            args.train_fraction, header, stored, args.timeline, args.clocks, args.repeats)
         print(f"results: {out}")
         print(markdown(table, header))
     run_cli(work)
