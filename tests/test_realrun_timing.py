@@ -1,0 +1,104 @@
+"""realrun's timing instruments: the per-kernel-group timeline, the clock log, repeated
+measurements in compare, and waiting asleep on copies; on the CPU, where decisions still must
+equal the simulator's."""
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import tiny_model, unit_hardware
+from realrun.api import execute_real
+from realrun.backend import Backend
+from realrun.calibrate import after_wait_response, fit_after_wait
+from realrun.compare import TIMELINE, StoredRuns, run_compare
+from realrun.executor import Machine, RealOptions, Timeline
+from realrun.gpu_clocks import ClockLog, mean_clock
+from sim.api import execute, prepare
+from sim.config import SimConfig
+from traces.errors import UserError
+
+DECISIONS = ["hits", "prefetch_hits", "late_prefetches", "misses", "bytes_h2d"]
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """Three layers of four experts, top-2; a request with a 3-token prefill and a decode-only one."""
+    import numpy as np
+
+    from conftest import write_trace
+    from traces import load_trace
+
+    rng = np.random.default_rng(11)
+    requests = [[[list(rng.choice(4, 2, replace=False)) for _ in range(3)] for _ in range(n)] for n in (8, 6)]
+    return load_trace(write_trace(tmp_path_factory.mktemp("t") / "trace", tiny_model(layers=3, experts=4, top_k=2),
+                                  requests, prefill=[3, 0]))
+
+
+def config(trace, **cfg):
+    return SimConfig(trace=str(trace.path), hardware=unit_hardware().to_dict(), **cfg)
+
+
+def test_timeline_records_every_kernel_group_and_wait_and_changes_no_decision(routed):
+    machine = Machine(routed.model, RealOptions(device="cpu", kv_tokens=8))
+    timeline = Timeline()
+    real = execute_real(prepare(config(routed, policy="lru", budget="2experts"), routed), machine, timeline=timeline)
+    sim = execute(prepare(config(routed, policy="lru", budget="2experts"), routed))
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    frame = timeline.frame()
+    kinds = frame["kind"].value_counts()
+    assert kinds["non_expert"] == real.metrics.steps * routed.model.num_layers
+    assert kinds["expert"] == real.metrics.expert_uses  # one launch group per expert a pass uses
+    assert kinds["stall"] == real.per_layer["misses"].sum()  # demand-only: every miss is waited for
+    assert (frame["host_end_s"] >= frame["host_s"]).all() and frame["step"].is_monotonic_increasing
+    assert frame["gpu_start_s"].isna().all()  # no GPU events on the CPU
+
+
+@pytest.mark.parametrize("policy", ["lru", "oracle_prefetch"])
+def test_sleeping_on_copies_decides_as_the_simulator(routed, policy):
+    machine = Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, copy_wait="sleep"))
+    real = execute_real(prepare(config(routed, policy=policy, budget="3experts"), routed), machine)
+    sim = execute(prepare(config(routed, policy=policy, budget="3experts"), routed))
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    bad = Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, copy_wait="doze"))
+    with pytest.raises(UserError, match="copy_wait=doze"):
+        execute_real(prepare(config(routed, policy=policy, budget="3experts"), routed), bad)
+
+
+def test_compare_repeats_compares_the_median_run_and_rejoins_it(routed, tmp_path):
+    profile = tmp_path / "unit.yaml"
+    profile.write_text(yaml.safe_dump(unit_hardware().to_dict()))
+    machine = Machine(routed.model, RealOptions(device="cpu", kv_tokens=8))
+    table = run_compare(routed, ["lru"], ["2experts", "3experts"], str(profile), machine, tmp_path / "out",
+                        timeline=True, repeats=3)
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv").query("engine == 'real'")
+    assert len(runs) == 2 * 3 and runs.groupby("budget")["chosen"].sum().eq(1).all()
+    for budget, measured in runs.groupby("budget"):
+        chosen = measured[measured["chosen"]]["tpot_mean_s"].iloc[0]
+        assert chosen == sorted(measured["tpot_mean_s"])[1]  # the median of three
+        row = table[table["budget"] == budget].iloc[0]
+        assert row["tpot_mean_s_real"] == chosen
+        spread = (measured["tpot_mean_s"].max() - measured["tpot_mean_s"].min()) / chosen
+        assert row["tpot_mean_real_spread"] == pytest.approx(spread)
+    timeline = pd.read_csv(tmp_path / "out" / TIMELINE)
+    assert sorted(timeline["repeat"].unique()) == [0, 1, 2]
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "(spread " in text and "Where the error lies" in text
+    again = run_compare(routed, ["lru"], ["2experts", "3experts"], str(profile), None, tmp_path / "again",
+                        stored=StoredRuns(tmp_path / "out"))
+    pd.testing.assert_frame_equal(table, again)
+    with pytest.raises(UserError, match="--repeats 0"):
+        run_compare(routed, ["lru"], ["2experts"], str(profile), machine, tmp_path / "none", repeats=0)
+
+
+def test_clock_log_means_are_time_weighted_and_the_log_says_why_it_is_empty():
+    samples = pd.DataFrame({"t_s": [0.0, 1.0, 2.0, 3.0], "sm_mhz": [300, 1000, 2000, 2000], "event_reasons": 0})
+    assert mean_clock(samples, 0.5, 2.5) == pytest.approx((0.5 * 300 + 1000 + 0.5 * 2000) / 2)
+    assert mean_clock(samples, 1.0, 3.0) == pytest.approx(1500)
+    assert pd.isna(mean_clock(samples, -1.0, 1.0))  # before the log began
+    with ClockLog(enabled=False) as log:
+        pass
+    assert log.unavailable == "not asked for" and log.samples.empty
+
+
+def test_after_wait_needs_a_gpu_and_a_cpu_calibration_models_none():
+    assert after_wait_response(Backend("cpu"), tiny_model(), kv_tokens=8) == {}
+    assert fit_after_wait({}) is None
