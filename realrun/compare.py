@@ -150,8 +150,8 @@ def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware:
     """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
     and compare.md. With `stored`, the measured side comes from an earlier compare instead. With
     `timeline`, every measured run's kernel groups are recorded too; with `clocks`, the GPU's clock.
-    With `repeats` > 1, every measured run is made that many times, back to back, and the one of
-    median mean TPOT is compared (runs.csv keeps them all; `chosen` marks it; the spread of their
+    With `repeats` > 1, every measured run is made that many times (in rounds over all runs), and the
+    one of median mean TPOT is compared (runs.csv keeps them all; `chosen` marks it; the spread of their
     mean TPOTs, relative to it, is tpot_mean_spread)."""
     if repeats < 1:
         raise UserError(f"--repeats {repeats}: give 1 or more")
@@ -165,6 +165,15 @@ def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware:
     return table
 
 
+def _measure(cfg: SimConfig, trace: Trace, machine: Machine, timeline: bool) -> tuple[RunResult, pd.DataFrame | None]:
+    run = prepare(cfg, trace)
+    recorder = Timeline() if timeline else None
+    with tqdm(total=len(run.replay), desc=f"{cfg.policy} {cfg.budget} on {machine.device_name}", unit="req",
+              leave=False) as bar:
+        real = execute_real(run, machine, on_request_done=lambda _r: bar.update(), timeline=recorder)
+    return real, None if recorder is None else recorder.frame()
+
+
 def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
                   out_dir: Path, max_requests: int | None, warm_start: bool, train_fraction: float,
                   header: list[str] | None, stored: StoredRuns | None, timeline: bool, repeats: int) -> pd.DataFrame:
@@ -176,30 +185,39 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
             jobs.append((policy, budgets[0]))  # its budget is everything: one run
         else:
             jobs.extend((policy, b) for b in sorted(budgets, key=lambda b: parse_budget(b, bytes_per_expert)))
-    rows, runs, layers, tokens, timelines = [], [], [], [], []
-    for policy, budget in tqdm(jobs, desc="sim vs real", unit="run"):
-        cfg = SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=profile.to_dict(),
-                        max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction)
-        sim = execute(prepare(cfg, trace))
+    configs = {job: SimConfig(trace=str(trace.path), policy=job[0], budget=job[1], hardware=profile.to_dict(),
+                              max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction)
+               for job in jobs}
+    measured: dict[tuple[str, str], list[tuple[dict, RunResult]]] = {job: [] for job in jobs}
+    if stored is None:
+        flats, timelines = [], []
+        # Rounds over every job, not repeats back to back: the host's speed drifts over minutes, and
+        # each job's repeats should sample it alike.
+        with tqdm(total=len(jobs) * repeats, desc="measured runs", unit="run") as bar:
+            for repeat in range(repeats):
+                for policy, budget in jobs:
+                    real, frame = _measure(configs[policy, budget], trace, machine, timeline)
+                    flat = flat_metrics(real, "real", budget) | {"repeat": repeat}
+                    measured[policy, budget].append((flat, real))
+                    flats.append(flat)
+                    # Kept up to date after every run: a long comparison may be cut short.
+                    atomic_write_csv(out_dir / RUNS, pd.DataFrame(flats))
+                    if frame is not None:
+                        timelines.append(_tagged(frame, "real", policy, budget).assign(repeat=repeat))
+                        atomic_write_csv(out_dir / TIMELINE, pd.concat(timelines, ignore_index=True))
+                    bar.update()
+    rows, runs, layers, tokens = [], [], [], []
+    for policy, budget in tqdm(jobs, desc="simulated runs", unit="run", leave=False):
+        sim = execute(prepare(configs[policy, budget], trace))
         sim_flat = flat_metrics(sim, "sim", budget)
         if stored is None:
-            measured = []
-            for repeat in range(repeats):
-                run = prepare(cfg, trace)
-                recorder = Timeline() if timeline else None
-                with tqdm(total=len(run.replay), desc=f"{policy} {budget} on {machine.device_name}", unit="req",
-                          leave=False) as bar:
-                    real = execute_real(run, machine, on_request_done=lambda _r: bar.update(), timeline=recorder)
-                if recorder is not None:
-                    timelines.append(_tagged(recorder.frame(), "real", policy, budget).assign(repeat=repeat))
-                    atomic_write_csv(out_dir / TIMELINE, pd.concat(timelines, ignore_index=True))
-                measured.append((flat_metrics(real, "real", budget) | {"repeat": repeat}, real))
-            tpots = [flat["tpot_mean_s"] for flat, _ in measured]
+            tpots = [flat["tpot_mean_s"] for flat, _ in measured[policy, budget]]
             median = sorted(range(repeats), key=lambda i: tpots[i])[(repeats - 1) // 2]
-            for i, (flat, _) in enumerate(measured):
+            for i, (flat, _) in enumerate(measured[policy, budget]):
                 flat["chosen"] = i == median
-            runs += [flat for i, (flat, _) in enumerate(measured) if i != median]
-            real_flat, real = measured[median]
+                if i != median:
+                    runs.append(flat)
+            real_flat, real = measured[policy, budget][median]
             real_flat["tpot_mean_spread"] = (max(tpots) - min(tpots)) / real_flat["tpot_mean_s"]
             real_layers = real.per_layer
             real_tokens = pd.DataFrame({"token": range(len(real.token_latencies_s)),
@@ -216,10 +234,9 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
         layers += [_tagged(sim.per_layer, "sim", policy, budget), _tagged(real_layers, "real", policy, budget)]
         sim_tokens = pd.DataFrame({"token": range(len(sim.token_latencies_s)), "latency_s": sim.token_latencies_s})
         tokens += [_tagged(sim_tokens, "sim", policy, budget), _tagged(real_tokens, "real", policy, budget)]
-        # Kept up to date after every run: a long comparison may be cut short.
-        atomic_write_csv(out_dir / RUNS, pd.DataFrame(runs))
-        atomic_write_csv(out_dir / LAYERS, pd.concat(layers, ignore_index=True))
-        atomic_write_csv(out_dir / TOKENS, pd.concat(tokens, ignore_index=True))
+    atomic_write_csv(out_dir / RUNS, pd.DataFrame(runs))
+    atomic_write_csv(out_dir / LAYERS, pd.concat(layers, ignore_index=True))
+    atomic_write_csv(out_dir / TOKENS, pd.concat(tokens, ignore_index=True))
     table = pd.DataFrame(rows)
     atomic_write_csv(out_dir / "compare.csv", table)
     atomic_write_text(out_dir / "compare.md", markdown(table, header or []) + "\n")
@@ -250,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clocks", action="store_true",
                         help="also read the GPU's SM clock throughout (clocks.csv; perturbs the host's timing)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="measure each run N times and compare the median one (the spread shows the noise)")
+                        help="measure each run N times, in rounds, and compare the median one (the spread shows the noise)")
     parser.add_argument("--out", default="results/compare")
     args = parser.parse_args(argv)
 
