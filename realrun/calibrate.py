@@ -326,7 +326,7 @@ class Calibration:
 
 def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
               tokens: list[int] | None = None, kv_tokens: int = 512, trials: int = 7, reps: int = 20,
-              copy_reps: int = 30, copy_wait: str = "spin") -> Calibration:
+              copy_reps: int = 30, copy_wait: str = "spin", graphs: bool = False) -> Calibration:
     tokens = tokens or TOKENS
     gpu = backend.name
     name = name or profile_name(gpu)
@@ -338,7 +338,7 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
     shapes = {m.expert_shape_key: m for m in models}
     expert_tables = {key: expert_times(backend, m, tokens, trials, reps)
                      for key, m in tqdm(shapes.items(), desc="expert FFNs", unit="shape", leave=False)}
-    options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens, copy_wait=copy_wait)
+    options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens, copy_wait=copy_wait, graphs=graphs)
     non_expert_tables, overheads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in tqdm(models, desc="non-expert layers", unit="model", leave=False):
@@ -384,6 +384,7 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         "non_expert_layer_time_s": non_expert_tables,
         **({"after_wait": after_wait.to_dict()} if after_wait is not None else {}),
         "calibration": {"torch": torch_version, "gpu": gpu, "kv_tokens": kv_tokens, "copy_wait": copy_wait,
+                        "graphs": graphs,
                         "copy_dma_s": dma_points, "layer_host_overhead_s": overheads,
                         "copy_under_compute_s": {"bytes": largest.bytes_per_expert, "idle": copy_idle,
                                                  "busy": copy_busy},
@@ -423,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-tokens", type=int, default=512)
     parser.add_argument("--copy-wait", default="spin", choices=("spin", "sleep"),
                         help="how the executor will wait for blocks (realrun copy_wait): the after-wait slowdown depends on it")
+    parser.add_argument("--graphs", action="store_true",
+                        help="the executor will launch decode passes as CUDA graphs: its all-resident run uses them "
+                             "(the per-layer host time); the kernel tables stay eager")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
     args = parser.parse_args(argv)
 
@@ -433,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("--models names no model; give profiles of conf/model or 'all'")
         backend = Backend(args.device)
         quick = dict(copy_sizes=COPY_SIZES[::3], tokens=[1, 8, 64, 512], trials=3, reps=5, copy_reps=8) if args.quick else {}
-        result = calibrate(backend, models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait, **quick)
+        result = calibrate(backend, models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
+                           graphs=args.graphs, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile

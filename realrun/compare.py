@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="leading share of requests for policies' offline training (needed by promoe)")
     parser.add_argument("--real-from", default=None,
                         help="directory of an earlier compare: reuse its measured runs, re-run only the simulator")
+    parser.add_argument("--graphs", action="store_true",
+                        help="launch one-token decode passes as CUDA graphs (realrun/graphs.py)")
     parser.add_argument("--timeline", action="store_true",
                         help="also record every kernel group's host and GPU times (timeline.csv)")
     parser.add_argument("--clocks", action="store_true",
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError("--real-from needs --hardware: the profile the simulator runs on")
         else:
             options = RealOptions(device=args.device, host_sources=args.host_sources, kv_tokens=args.kv_tokens,
-                                  copy_wait=args.copy_wait)
+                                  copy_wait=args.copy_wait, graphs=args.graphs)
             machine = Machine(trace.model, options)
             notes, device = machine.notes(), machine.device_name
         hardware = args.hardware or profile_name(device)

@@ -34,8 +34,9 @@ from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from realrun.backend import DONE, Backend, Event
 from realrun.cache import SlottedCache
 from realrun.copy_engine import CopyEngine
+from realrun.graphs import DecodeGraphs
 from realrun.kernels import NonExpertLayer, expert_weights, swiglu
-from realrun.memory import HostExperts, SlotPool
+from realrun.memory import HostExperts, SlotPool, aligned
 from sim.compute import ComputeModel
 from sim.engine import RunState, SimOptions
 from sim.errors import StallError
@@ -57,6 +58,7 @@ class RealOptions:
     host_sources: int = 8  # pinned host buffers the experts share; 0: one per expert
     kv_tokens: int = 512  # KV-cache length each decode token attends to
     copy_wait: str = "spin"  # waiting for a block: poll the copy's event (spin), or sleep until it lands (sleep)
+    graphs: bool = False  # one-token decode passes as CUDA graphs (realrun.graphs), one device only
     seed: int = 0
 
 
@@ -95,6 +97,9 @@ class Machine:
                                 fill=random_experts)
         self._inputs: dict[int, torch.Tensor] = {}
         self._warm_tokens: set[int] = set()
+        if options.graphs and (n > 1 or not non_expert):
+            raise UserError("graphs=true runs one device with realrun's own layers; give gpus=1 (and no live model)")
+        self.graphs = DecodeGraphs(self.backends[0], model.hidden_size) if options.graphs else None
 
     @property
     def device_name(self) -> str:
@@ -134,6 +139,8 @@ class Machine:
             backend.synchronize()
             del scratch
         self._warm_tokens.update(todo)
+        if self.graphs is not None and 1 in self._warm_tokens:
+            self.graphs.capture_layers(dict(enumerate(self.layers)))
 
     def notes(self) -> list[str]:
         opts = self.options
@@ -276,11 +283,25 @@ class Executor(Serving):
         tokens = {spec.tokens for spec in passes} | {t for spec in passes for l in (spec.expert_tokens or []) for t in l}
         tokens |= set(range(1, self.options.max_batch + 1))
         machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
+        if machine.graphs is not None:
+            machine.graphs.capture_experts(self._graph_places())
+
+    def _graph_places(self) -> list[torch.Tensor]:
+        """Every place of the cache an expert can take, when all blocks are alike (an unequal pool
+        places blocks anywhere; its experts run eagerly)."""
+        sizes = {n for parts in self._part_bytes for n in parts}
+        if len(sizes) > 1:
+            return []
+        nbytes = sizes.pop()
+        pool, step = self.caches[0].pool, aligned(nbytes)
+        return [pool.buffer[o: o + nbytes] for o in range(0, pool.arena_bytes - step + 1, step)]
 
     def release(self) -> None:
         """Give the caches' device memory back now (the next run's pool may need all of it)."""
         for cache in self.caches:
             cache.pool = None
+        if self.machine.graphs is not None:
+            self.machine.graphs.drop_experts()
         gc.collect()
         if any(b.is_cuda for b in self.machine.backends):
             torch.cuda.empty_cache()
@@ -373,16 +394,27 @@ class Executor(Serving):
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         x = machine.input(spec.tokens)
         backend = machine.backends[self.topology.layer_gpu[0]]
+        graphs = machine.graphs if spec.tokens == 1 and expert_tokens is None else None
+        if graphs is not None:
+            with backend.on_compute():
+                graphs.x.copy_(x)
         for layer in range(self.model.num_layers):
             previous, backend = backend, machine.backends[self.topology.layer_gpu[layer]]
             if backend is not previous:
                 backend.compute_waits_for(previous.record_compute())
             with backend.on_compute(), self._timed(backend, layer, "non_expert"):
-                x, y = machine.layers[layer].forward(x.to(backend.device, non_blocking=True))
+                if graphs is None:
+                    x, y = machine.layers[layer].forward(x.to(backend.device, non_blocking=True))
+                else:
+                    graphs.non_expert(layer)
                 router_done = backend.record_compute()
             self._wait(router_done)  # the router's choice reaches the host
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
             tokens = None if expert_tokens is None else expert_tokens[layer]
+
+            if graphs is not None:
+                self.run_experts(layer, experts[layer], plan, lambda _i, weights: graphs.expert(weights))
+                continue
 
             def launch(i: int, weights: torch.Tensor, x=x, y=y, tokens=tokens) -> None:
                 rows = 1 if tokens is None else min(tokens[i], x.shape[0])

@@ -29,7 +29,8 @@ ALIGN = 256  # bytes: slot starts aligned for wide loads
 STAGING_BYTES = 64 << 20  # at most: a block slides down through it in pieces
 
 
-def _aligned(nbytes: int) -> int:
+def aligned(nbytes: int) -> int:
+    """The bytes a block of `nbytes` takes in a pool (its start aligned)."""
     return -(-int(nbytes) // ALIGN) * ALIGN
 
 
@@ -42,7 +43,7 @@ class SlotPool:
         self.arena_bytes = self.capacity_bytes + ALIGN * (max_blocks + 1)
         self.buffer = backend.empty(self.arena_bytes)
         # Only blocks of unequal sizes can fragment, and only they need room to slide through.
-        unequal = len({_aligned(n) for n in block_sizes}) > 1
+        unequal = len({aligned(n) for n in block_sizes}) > 1
         self._staging = backend.empty(min(STAGING_BYTES, max(block_sizes))) if unequal else None
         self._free: list[tuple[int, int]] = [(0, self.arena_bytes)]  # (offset, size), sorted, coalesced
         self._where: dict[Block, tuple[int, int]] = {}  # block -> (offset, nbytes)
@@ -61,7 +62,7 @@ class SlotPool:
     def alloc(self, block: Block, nbytes: int) -> None:
         """Place a block in the first gap large enough; when there is none, slide blocks down first.
         The arena holds every block's padding, so this succeeds whenever the cache's budget does."""
-        size = _aligned(nbytes)
+        size = aligned(nbytes)
         i = next((i for i, (_, free) in enumerate(self._free) if free >= size), None)
         if i is None:
             i = self._compact(size)
@@ -96,7 +97,7 @@ class SlotPool:
             if start < offset < end:
                 moves.append((offset, cursor, nbytes))
                 self._where[block] = (cursor, nbytes)
-                cursor += _aligned(nbytes)
+                cursor += aligned(nbytes)
         self._free[i: j + 1] = [(cursor, sum(free for _, free in self._free[i: j + 1]))]
         backend = self.backend
         with backend.on_copy():
@@ -141,7 +142,7 @@ class SlotPool:
 
     def free(self, block: Block) -> None:
         offset, nbytes = self._where.pop(block)
-        size = _aligned(nbytes)
+        size = aligned(nbytes)
         self._waits.pop(block, None)
         last_read = self._last_read.pop(block, None)
         if last_read is not None:

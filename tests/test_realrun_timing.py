@@ -102,3 +102,48 @@ def test_clock_log_means_are_time_weighted_and_the_log_says_why_it_is_empty():
 def test_after_wait_needs_a_gpu_and_a_cpu_calibration_models_none():
     assert after_wait_response(Backend("cpu"), tiny_model(), kv_tokens=8) == {}
     assert fit_after_wait({}) is None
+
+
+def test_decode_graphs_compute_what_the_eager_kernels_do():
+    import torch
+
+    from realrun.graphs import DecodeGraphs
+    from realrun.kernels import NonExpertLayer, swiglu
+    from realrun.memory import random_bf16
+
+    model = tiny_model(layers=2, experts=4, top_k=2)
+    generator = torch.Generator().manual_seed(3)
+    layers = {i: NonExpertLayer(model, torch.device("cpu"), 8, generator) for i in range(2)}
+    weights = [random_bf16(generator, model.bytes_per_expert // 2) for _ in range(3)]
+    x0 = torch.randn(1, model.hidden_size, generator=generator).to(torch.bfloat16)
+
+    eager = x0
+    for i in range(2):
+        eager, y = layers[i].forward(eager)
+        for w in weights[i:i + 2]:
+            eager[:1] += swiglu(y[:1], w, model.hidden_size)
+
+    graphs = DecodeGraphs(Backend("cpu"), model.hidden_size)
+    graphs.capture_layers(layers)
+    places = [w.view(torch.uint8) for w in weights[:2]]  # graphs for two places, the third runs eagerly
+    graphs.capture_experts(places)
+    graphs.x.copy_(x0)
+    for i in range(2):
+        graphs.non_expert(i)
+        for w in weights[i:i + 2]:
+            graphs.expert(w)
+    assert torch.equal(graphs.x, eager)
+    assert graphs.replays == 2 + 3 and graphs.eager == 1
+
+
+@pytest.mark.parametrize("policy, budget, eager", [("lru", "2experts", False), ("moepic", "5experts", True)])
+def test_graphs_decide_as_the_simulator_and_unequal_parts_run_eagerly(routed, policy, budget, eager):
+    machine = Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, graphs=True))
+    real = execute_real(prepare(config(routed, policy=policy, budget=budget), routed), machine)
+    sim = execute(prepare(config(routed, policy=policy, budget=budget), routed))
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    decode_layers = (real.metrics.steps - 1) * routed.model.num_layers  # one prefill pass runs eagerly
+    assert machine.graphs.replays >= decode_layers
+    assert (machine.graphs.eager > 0) == eager
+    with pytest.raises(UserError, match="graphs=true runs one device"):
+        Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, graphs=True, gpus=2))
