@@ -39,7 +39,7 @@ from realrun.backend import Backend
 from realrun.cache import SlottedCache
 from realrun.clock_probe import DecodeLoop
 from realrun.copy_engine import CopyEngine
-from realrun.executor import Machine, RealOptions
+from realrun.executor import COPY_WAITS, Machine, RealOptions
 from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
 from realrun.memory import HostExperts, SlotPool, random_bf16
 from sim.api import prepare
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="all", help="comma-separated model profiles, or 'all' (conf/model)")
     parser.add_argument("--out", default=None, help="YAML path (default: conf/hardware/NAME.yaml)")
     parser.add_argument("--kv-tokens", type=int, default=512)
-    parser.add_argument("--copy-wait", default="spin", choices=("spin", "sleep"),
+    parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
                         help="how the executor will wait for blocks (realrun copy_wait): the after-wait slowdown depends on it")
     parser.add_argument("--graphs", action="store_true",
                         help="the executor will launch decode passes as CUDA graphs: its all-resident run uses them "

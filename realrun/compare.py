@@ -24,7 +24,7 @@ from tqdm import tqdm
 from policies import available, policy_class
 from realrun.api import execute_real
 from realrun.calibrate import profile_name
-from realrun.executor import Machine, RealOptions, Timeline
+from realrun.executor import COPY_WAITS, Machine, RealOptions, Timeline
 from realrun.gpu_clocks import ClockLog
 from realrun.subset import first_layers
 from sim.api import RunResult, execute, prepare
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
     parser.add_argument("--kv-tokens", type=int, default=512)
-    parser.add_argument("--copy-wait", default="spin", choices=("spin", "sleep"),
+    parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
                         help="how the executor waits for a block: poll its copy's event, or sleep until it lands")
     parser.add_argument("--warm-start", action="store_true")
     parser.add_argument("--train-fraction", type=float, default=0.0,

@@ -51,6 +51,9 @@ from traces import ModelSpec, Trace
 from traces.errors import UserError
 
 
+COPY_WAITS = ("spin", "sleep")  # RealOptions.copy_wait
+
+
 @dataclass
 class RealOptions:
     device: str = "auto"  # auto (CUDA if present, else CPU), cpu, cuda, cuda:N
@@ -84,10 +87,14 @@ class Machine:
         host buffers left for the caller to fill, one per expert."""
         self.model = model
         self.options = options = options or RealOptions()
+        if options.copy_wait not in COPY_WAITS:
+            raise UserError(f"copy_wait={options.copy_wait}: give one of {', '.join(COPY_WAITS)}")
         self.backends = [Backend(d) for d in device_names(options)]
         n, layers = len(self.backends), model.num_layers
         if n > layers:
             raise UserError(f"gpus={n} for {layers} layers: use at most one device per layer")
+        if options.graphs and (n > 1 or not non_expert):
+            raise UserError("graphs=true runs one device with realrun's own layers; give gpus=1 (and no live model)")
         # The simulator's "layers" placement; no NVLink peers (realrun makes host copies only).
         self.topology = Topology(n, "layers", tuple(l * n // layers for l in range(layers)), ((),) * n)
         generators = [torch.Generator(b.device).manual_seed(options.seed + i) for i, b in enumerate(self.backends)]
@@ -97,8 +104,6 @@ class Machine:
                                 fill=random_experts)
         self._inputs: dict[int, torch.Tensor] = {}
         self._warm_tokens: set[int] = set()
-        if options.graphs and (n > 1 or not non_expert):
-            raise UserError("graphs=true runs one device with realrun's own layers; give gpus=1 (and no live model)")
         self.graphs = DecodeGraphs(self.backends[0], model.hidden_size) if options.graphs else None
 
     @property
@@ -243,8 +248,6 @@ class Executor(Serving):
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
         self.caches = [SlottedCache(capacity, self._block_bytes, None)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
-        if machine.options.copy_wait not in ("spin", "sleep"):
-            raise UserError(f"copy_wait={machine.options.copy_wait}: give spin or sleep")
         sleep = machine.options.copy_wait == "sleep"
         self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of, sleep)
                       for g, backend in enumerate(machine.backends)]
@@ -284,15 +287,14 @@ class Executor(Serving):
         tokens |= set(range(1, self.options.max_batch + 1))
         machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
         if machine.graphs is not None:
-            machine.graphs.capture_experts(self._graph_places())
+            machine.graphs.capture_experts(self._graph_places(sizes))
 
-    def _graph_places(self) -> list[torch.Tensor]:
+    def _graph_places(self, sizes: set[int]) -> list[torch.Tensor]:
         """Every place of the cache an expert can take, when all blocks are alike (an unequal pool
         places blocks anywhere; its experts run eagerly)."""
-        sizes = {n for parts in self._part_bytes for n in parts}
         if len(sizes) > 1:
             return []
-        nbytes = sizes.pop()
+        (nbytes,) = sizes
         pool, step = self.caches[0].pool, aligned(nbytes)
         return [pool.buffer[o: o + nbytes] for o in range(0, pool.arena_bytes - step + 1, step)]
 
