@@ -14,6 +14,8 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
   calls, the layer protocol), measured on an all-resident run of a few layers of the model.
 - how much slower the executor's work runs right after the GPU waited for a copy, and how fast it
   recovers (after_wait_response), fitted to sim.profiles.AfterWaitSpec.
+- with --gpus N (N > 1): what joins the GPUs (realrun.fabric): host links alone and all at once
+  (host_aggregate_Bps), and GPU-to-GPU copies by size (nvlink); the tables above are GPU 0's.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from realrun.backend import Backend
 from realrun.cache import SlottedCache
 from realrun.clock_probe import DecodeLoop
 from realrun.copy_engine import CopyEngine
-from realrun.executor import COPY_WAITS, Machine, RealOptions
+from realrun.executor import COPY_WAITS, Machine, RealOptions, device_names
+from realrun.fabric import Fabric, measure_fabric
 from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
 from realrun.memory import HostExperts, SlotPool, random_bf16
 from sim.api import prepare
@@ -292,11 +295,11 @@ def fit_after_wait(response: dict) -> AfterWaitSpec | None:
 
 
 # --- the profile ---
-def profile_name(gpu: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100-measured'."""
+def profile_name(gpu: str, gpus: int = 1) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-measured'; two of them: 'h100x2-measured'."""
     match = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", gpu)
     stem = match.group(1).lower() if match else re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    return f"{stem}-measured"
+    return f"{stem}{f'x{gpus}' if gpus > 1 else ''}-measured"
 
 
 def device_ceilings(backend: Backend) -> tuple[float, float, float]:
@@ -326,10 +329,13 @@ class Calibration:
 
 def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
               tokens: list[int] | None = None, kv_tokens: int = 512, trials: int = 7, reps: int = 20,
-              copy_reps: int = 30, copy_wait: str = "spin", graphs: bool = False) -> Calibration:
+              copy_reps: int = 30, copy_wait: str = "spin", graphs: bool = False,
+              others: list[Backend] | None = None) -> Calibration:
+    """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too."""
     tokens = tokens or TOKENS
     gpu = backend.name
-    name = name or profile_name(gpu)
+    backends = [backend, *(others or [])]
+    name = name or profile_name(gpu, len(backends))
     sizes = sorted(set(copy_sizes or COPY_SIZES) | {m.bytes_per_expert for m in models})
     copy_points, dma_points = copy_curve(backend, sizes, copy_reps, copy_wait)
     latency, bandwidth = fit_link(copy_points)
@@ -354,6 +360,7 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
     copy_idle, copy_busy = copy_under_compute(backend, largest)
     response = after_wait_response(backend, largest, kv_tokens, copy_wait)
     after_wait = fit_after_wait(response)
+    fabric = measure_fabric(backends, largest.bytes_per_expert) if len(backends) > 1 else None
     fitted = LinkSpec(latency, bandwidth)
     worst = max(copy_points, key=lambda p: abs(fitted.copy_time(p[0]) / p[1] - 1.0))
     notes = [f"copies: {latency * 1e6:.1f} us + bytes / {bandwidth / 1e9:.2f} GB/s fitted on >= {FIT_FROM_BYTES // MIB} MiB; "
@@ -369,7 +376,8 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                                  f"{after_wait.cool_down_s * 1e3:.2f} ms of waiting (sim.profiles.AfterWaitSpec, "
                                  "fitted to the launch groups after copy waits of 0.2..15 ms)"),
              *[f"executor host time per decode layer, {m}: {v * 1e6:+.1f} us (added to its non-expert layer time)"
-               for m, v in overheads.items()]]
+               for m, v in overheads.items()],
+             *(fabric.notes() if fabric is not None else [])]
     torch_version = str(torch.__version__)
     profile = HardwareProfile.from_dict({
         "name": name,
@@ -389,9 +397,23 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                         "copy_under_compute_s": {"bytes": largest.bytes_per_expert, "idle": copy_idle,
                                                  "busy": copy_busy},
                         "after_wait_response": response,
-                        "models": [m.name for m in models]},
+                        "models": [m.name for m in models],
+                        **({"host_bandwidth_Bps": {"alone": fabric.single_Bps, "together": fabric.together_Bps}}
+                           if fabric is not None else {})},
+        **(fabric_keys(fabric) if fabric is not None else {}),
     })
     return Calibration(profile, notes)
+
+
+def fabric_keys(fabric: Fabric) -> dict:
+    """The profile's multi-GPU keys: num_gpus, nvlink (any direct GPU-to-GPU path, NVLink or PCIe
+    peer-to-peer: the simulator charges the hidden state's crossing to it), host_aggregate_Bps."""
+    nvlink = None
+    if fabric.peer_curve:
+        latency, bandwidth = fit_link(fabric.peer_curve)
+        nvlink = {"latency_s": latency, "bandwidth_Bps": bandwidth, "copy_time_s": fabric.peer_curve,
+                  "pairs": fabric.pairs}
+    return {"num_gpus": len(fabric.single_Bps), "nvlink": nvlink, "host_aggregate_Bps": fabric.host_aggregate_Bps}
 
 
 def _rounded(value):
@@ -427,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graphs", action="store_true",
                         help="the executor will launch decode passes as CUDA graphs: its all-resident run uses them "
                              "(the per-layer host time); the kernel tables stay eager")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="devices cuda:0..N-1 of one kind: also measure what joins them (a multi-GPU profile)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
     args = parser.parse_args(argv)
 
@@ -435,10 +459,13 @@ def main(argv: list[str] | None = None) -> None:
         models = [load_model_spec(n) for n in names]
         if not models:
             raise UserError("--models names no model; give profiles of conf/model or 'all'")
-        backend = Backend(args.device)
+        backends = [Backend(d) for d in device_names(RealOptions(device=args.device, gpus=args.gpus))]
+        if len({b.name for b in backends}) > 1:
+            raise UserError(f"--gpus {args.gpus}: the devices differ ({', '.join(sorted({b.name for b in backends}))}); "
+                            "one profile describes GPUs of one kind")
         quick = dict(copy_sizes=COPY_SIZES[::3], tokens=[1, 8, 64, 512], trials=3, reps=5, copy_reps=8) if args.quick else {}
-        result = calibrate(backend, models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
-                           graphs=args.graphs, **quick)
+        result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
+                           graphs=args.graphs, others=backends[1:], **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile

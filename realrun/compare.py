@@ -146,20 +146,22 @@ def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.Da
 def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
                 out_dir: Path, max_requests: int | None = None, warm_start: bool = False, train_fraction: float = 0.0,
                 header: list[str] | None = None, stored: StoredRuns | None = None, timeline: bool = False,
-                clocks: bool = False, repeats: int = 1) -> pd.DataFrame:
+                clocks: bool = False, repeats: int = 1, gpus: int = 1) -> pd.DataFrame:
     """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
     and compare.md. With `stored`, the measured side comes from an earlier compare instead. With
     `timeline`, every measured run's kernel groups are recorded too; with `clocks`, the GPU's clock.
     With `repeats` > 1, every measured run is made that many times (in rounds over all runs), and the
     one of median mean TPOT is compared (runs.csv keeps them all; `chosen` marks it; the spread of their
-    mean TPOTs, relative to it, is tpot_mean_spread)."""
+    mean TPOTs, relative to it, is tpot_mean_spread). `gpus`: the layers split over that many devices
+    in both engines (the machine's own count when there is one)."""
     if repeats < 1:
         raise UserError(f"--repeats {repeats}: give 1 or more")
     out_dir.mkdir(parents=True, exist_ok=True)
     clocks = clocks and stored is None and machine.backends[0].is_cuda
     with ClockLog(enabled=clocks) as log:
         table = _compare_runs(trace, policies, budgets, hardware, machine, out_dir, max_requests, warm_start,
-                              train_fraction, header, stored, timeline, repeats)
+                              train_fraction, header, stored, timeline, repeats,
+                              gpus if machine is None else machine.topology.num_gpus)
     if clocks:
         atomic_write_csv(out_dir / CLOCKS, log.samples)
     return table
@@ -176,8 +178,12 @@ def _measure(cfg: SimConfig, trace: Trace, machine: Machine, timeline: bool) -> 
 
 def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
                   out_dir: Path, max_requests: int | None, warm_start: bool, train_fraction: float,
-                  header: list[str] | None, stored: StoredRuns | None, timeline: bool, repeats: int) -> pd.DataFrame:
+                  header: list[str] | None, stored: StoredRuns | None, timeline: bool, repeats: int,
+                  gpus: int) -> pd.DataFrame:
     profile = load_hardware(hardware)
+    if profile.num_gpus != gpus:
+        raise UserError(f"hardware '{profile.name}' describes {profile.num_gpus} GPU(s), the runs use {gpus}: give a "
+                        f"profile of {gpus} (python -m realrun.calibrate --gpus {gpus}) or --gpus {profile.num_gpus}")
     bytes_per_expert = trace.model.bytes_per_expert
     jobs = []
     for policy in policies:
@@ -186,7 +192,8 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
         else:
             jobs.extend((policy, b) for b in sorted(budgets, key=lambda b: parse_budget(b, bytes_per_expert)))
     configs = {job: SimConfig(trace=str(trace.path), policy=job[0], budget=job[1], hardware=profile.to_dict(),
-                              max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction)
+                              max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction,
+                              gpus=gpus)
                for job in jobs}
     measured: dict[tuple[str, str], list[tuple[dict, RunResult]]] = {job: [] for job in jobs}
     if stored is None:
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-requests", type=int, default=None)
     parser.add_argument("--hardware", default=None, help="profile for the simulator (default: this GPU's -measured)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="split the layers over devices cuda:0..N-1 (and N simulated GPUs); budgets are per GPU")
     parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
     parser.add_argument("--kv-tokens", type=int, default=512)
     parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
@@ -292,11 +301,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.hardware is None:
                 raise UserError("--real-from needs --hardware: the profile the simulator runs on")
         else:
-            options = RealOptions(device=args.device, host_sources=args.host_sources, kv_tokens=args.kv_tokens,
-                                  copy_wait=args.copy_wait, graphs=args.graphs)
+            options = RealOptions(device=args.device, gpus=args.gpus, host_sources=args.host_sources,
+                                  kv_tokens=args.kv_tokens, copy_wait=args.copy_wait, graphs=args.graphs)
             machine = Machine(trace.model, options)
             notes, device = machine.notes(), machine.device_name
-        hardware = args.hardware or profile_name(device)
+        hardware = args.hardware or profile_name(device, args.gpus)
         if args.hardware is None and hardware not in known_hardware():
             raise UserError(f"no profile '{hardware}' for this GPU: run python -m realrun.calibrate first, "
                             "or give --hardware NAME")
@@ -304,9 +313,10 @@ def main(argv: list[str] | None = None) -> None:
         header = [f"# Simulated ({hardware}) against measured ({device})", "",
                   f"Trace: {args.trace} ({trace.source.label()}); model {trace.model.name}, "
                   f"{trace.model.num_layers} of {full_layers} layers{subset}; requests: {args.max_requests or 'all'}",
+                  *([f"- layers split over {args.gpus} GPUs in order; every budget is each GPU's"] if args.gpus > 1 else []),
                   *[f"- {note}" for note in notes]]
         table = run_compare(trace, policies, budgets, hardware, machine, out, args.max_requests, args.warm_start,
-                            args.train_fraction, header, stored, args.timeline, args.clocks, args.repeats)
+                            args.train_fraction, header, stored, args.timeline, args.clocks, args.repeats, args.gpus)
         print(f"results: {out}")
         print(markdown(table, header))
     run_cli(work)
