@@ -344,15 +344,19 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
     shapes = {m.expert_shape_key: m for m in models}
     expert_tables = {key: expert_times(backend, m, tokens, trials, reps)
                      for key, m in tqdm(shapes.items(), desc="expert FFNs", unit="shape", leave=False)}
-    options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens, copy_wait=copy_wait, graphs=graphs)
+    options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens, copy_wait=copy_wait)
+    # With graphs, one-token passes are graphs and the rest eager: each gets its own host time.
+    modes = {"eager": options, **({"graphs": dataclasses.replace(options, graphs=True)} if graphs else {})}
     non_expert_tables, overheads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in tqdm(models, desc="non-expert layers", unit="model", leave=False):
             points = non_expert_times(backend, m, tokens, kv_tokens, 4 * trials)  # launch-bound: noisier
-            overhead = layer_host_overhead(m, options, TimeTable.from_points(points, "ne")(1),
-                                           TimeTable.from_points(expert_tables[m.expert_shape_key], "e")(1), Path(tmp))
-            overheads[m.name] = overhead
-            non_expert_tables[m.name] = [[t, max(0.0, s + overhead)] for t, s in points]
+            kernels_1 = (TimeTable.from_points(points, "ne")(1),
+                         TimeTable.from_points(expert_tables[m.expert_shape_key], "e")(1))
+            overheads[m.name] = {mode: layer_host_overhead(m, opts, *kernels_1, Path(tmp)) for mode, opts in modes.items()}
+            one_token = overheads[m.name]["graphs" if graphs else "eager"]
+            non_expert_tables[m.name] = [[t, max(0.0, s + (one_token if t == 1 else overheads[m.name]["eager"]))]
+                                         for t, s in points]
             if backend.is_cuda:
                 torch.cuda.empty_cache()
 
@@ -375,8 +379,9 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                                  f"{after_wait.warm_up_s * 1e3:.2f} ms of work and leaves with "
                                  f"{after_wait.cool_down_s * 1e3:.2f} ms of waiting (sim.profiles.AfterWaitSpec, "
                                  "fitted to the launch groups after copy waits of 0.2..15 ms)"),
-             *[f"executor host time per decode layer, {m}: {v * 1e6:+.1f} us (added to its non-expert layer time)"
-               for m, v in overheads.items()],
+             *[f"executor host time per layer, {m}: " + ", ".join(f"{v * 1e6:+.1f} us {mode}" for mode, v in by_mode.items())
+               + " (added to its non-expert layer time" + ("; graphs: one-token passes)" if graphs else ")")
+               for m, by_mode in overheads.items()],
              *(fabric.notes() if fabric is not None else [])]
     torch_version = str(torch.__version__)
     profile = HardwareProfile.from_dict({

@@ -42,6 +42,7 @@ HIT_TARGET_POINTS = 1.0
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)  # of all experts, for --budgets auto
 TIMES = ("ttft_mean_s", "tpot_mean_s", "tpot_p50_s", "tpot_p99_s")
 RUNS, LAYERS, TOKENS, TIMELINE, CLOCKS = "runs.csv", "layers.csv", "tokens.csv", "timeline.csv", "clocks.csv"
+TABLE_KEYS = ["engine", "policy", "budget"]
 
 
 def auto_budgets(trace: Trace) -> list[str]:
@@ -123,8 +124,10 @@ class StoredRuns:
     def __init__(self, directory: Path):
         try:
             self.runs = pd.read_csv(directory / RUNS).query("engine == 'real'")
-            self.layers = pd.read_csv(directory / LAYERS).query("engine == 'real'")
-            self.tokens = pd.read_csv(directory / TOKENS).query("engine == 'real'")
+            # A comparison cut short has only its runs.csv (written after every measured run).
+            self.layers, self.tokens = (pd.read_csv(directory / name).query("engine == 'real'")
+                                        if (directory / name).is_file() else pd.DataFrame(columns=TABLE_KEYS)
+                                        for name in (LAYERS, TOKENS))
         except (OSError, pd.errors.ParserError) as exc:
             raise UserError(f"--real-from {directory}: cannot read an earlier compare's results ({exc})") from None
 
@@ -140,7 +143,7 @@ class StoredRuns:
 
 
 def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.DataFrame:
-    return frame.assign(engine=engine, policy=policy, budget=budget)[["engine", "policy", "budget", *frame.columns]]
+    return frame.assign(engine=engine, policy=policy, budget=budget)[[*TABLE_KEYS, *frame.columns]]
 
 
 def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
@@ -181,9 +184,9 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
                   header: list[str] | None, stored: StoredRuns | None, timeline: bool, repeats: int,
                   gpus: int) -> pd.DataFrame:
     profile = load_hardware(hardware)
-    if profile.num_gpus != gpus:
+    if profile.num_gpus < gpus:  # a profile of more GPUs serves fewer: the simulator takes its first ones
         raise UserError(f"hardware '{profile.name}' describes {profile.num_gpus} GPU(s), the runs use {gpus}: give a "
-                        f"profile of {gpus} (python -m realrun.calibrate --gpus {gpus}) or --gpus {profile.num_gpus}")
+                        f"profile of {gpus} or more (python -m realrun.calibrate --gpus {gpus})")
     bytes_per_expert = trace.model.bytes_per_expert
     jobs = []
     for policy in policies:
@@ -231,8 +234,7 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
                                         "latency_s": real.token_latencies_s})
         else:
             real_flat, real_layers, real_tokens = stored.get(policy, budget)
-            real_layers, real_tokens = real_layers.drop(columns=["engine", "policy", "budget"]), \
-                real_tokens.drop(columns=["engine", "policy", "budget"])
+            real_layers, real_tokens = real_layers.drop(columns=TABLE_KEYS), real_tokens.drop(columns=TABLE_KEYS)
         row = comparison_row(sim_flat, real_flat)
         if policy_class(policy).ignores_budget:
             row["budget"], row["budget_bytes"], row["budget_experts"] = "all", 0, float("nan")

@@ -61,7 +61,7 @@ class RealOptions:
     host_sources: int = 8  # pinned host buffers the experts share; 0: one per expert
     kv_tokens: int = 512  # KV-cache length each decode token attends to
     copy_wait: str = "spin"  # waiting for a block: poll the copy's event (spin), or sleep until it lands (sleep)
-    graphs: bool = False  # one-token decode passes as CUDA graphs (realrun.graphs), one device only
+    graphs: bool = False  # one-token decode passes as CUDA graphs (realrun.graphs), on every device
     seed: int = 0
 
 
@@ -93,8 +93,8 @@ class Machine:
         n, layers = len(self.backends), model.num_layers
         if n > layers:
             raise UserError(f"gpus={n} for {layers} layers: use at most one device per layer")
-        if options.graphs and (n > 1 or not non_expert):
-            raise UserError("graphs=true runs one device with realrun's own layers; give gpus=1 (and no live model)")
+        if options.graphs and not non_expert:
+            raise UserError("graphs=true needs realrun's own layers; a live model runs eagerly")
         # The simulator's "layers" placement; no NVLink peers (realrun makes host copies only).
         self.topology = Topology(n, "layers", tuple(l * n // layers for l in range(layers)), ((),) * n)
         generators = [torch.Generator(b.device).manual_seed(options.seed + i) for i, b in enumerate(self.backends)]
@@ -104,7 +104,8 @@ class Machine:
                                 fill=random_experts)
         self._inputs: dict[int, torch.Tensor] = {}
         self._warm_tokens: set[int] = set()
-        self.graphs = DecodeGraphs(self.backends[0], model.hidden_size) if options.graphs else None
+        # One set of graphs per device: its layers, the places of its cache, its own x and y.
+        self.graphs = [DecodeGraphs(b, model.hidden_size) for b in self.backends] if options.graphs else None
 
     @property
     def device_name(self) -> str:
@@ -145,7 +146,8 @@ class Machine:
             del scratch
         self._warm_tokens.update(todo)
         if self.graphs is not None and 1 in self._warm_tokens:
-            self.graphs.capture_layers(dict(enumerate(self.layers)))
+            for gpu, graphs in enumerate(self.graphs):
+                graphs.capture_layers({layer: self.layers[layer] for layer in self.layers_of(gpu)})
 
     def notes(self) -> list[str]:
         opts = self.options
@@ -287,23 +289,25 @@ class Executor(Serving):
         tokens |= set(range(1, self.options.max_batch + 1))
         machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
         if machine.graphs is not None:
-            machine.graphs.capture_experts(self._graph_places(sizes))
+            for cache, graphs in zip(self.caches, machine.graphs):
+                graphs.capture_experts(self._graph_places(cache, sizes))
 
-    def _graph_places(self, sizes: set[int]) -> list[torch.Tensor]:
+    @staticmethod
+    def _graph_places(cache: SlottedCache, sizes: set[int]) -> list[torch.Tensor]:
         """Every place of the cache an expert can take, when all blocks are alike (an unequal pool
         places blocks anywhere; its experts run eagerly)."""
         if len(sizes) > 1:
             return []
         (nbytes,) = sizes
-        pool, step = self.caches[0].pool, aligned(nbytes)
+        pool, step = cache.pool, aligned(nbytes)
         return [pool.buffer[o: o + nbytes] for o in range(0, pool.arena_bytes - step + 1, step)]
 
     def release(self) -> None:
         """Give the caches' device memory back now (the next run's pool may need all of it)."""
         for cache in self.caches:
             cache.pool = None
-        if self.machine.graphs is not None:
-            self.machine.graphs.drop_experts()
+        for graphs in self.machine.graphs or []:
+            graphs.drop_experts()
         gc.collect()
         if any(b.is_cuda for b in self.machine.backends):
             torch.cuda.empty_cache()
@@ -395,19 +399,27 @@ class Executor(Serving):
         self._apply(policy.on_step_start(step))
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         x = machine.input(spec.tokens)
-        backend = machine.backends[self.topology.layer_gpu[0]]
-        graphs = machine.graphs if spec.tokens == 1 and expert_tokens is None else None
+        gpu = self.topology.layer_gpu[0]
+        backend = machine.backends[gpu]
+        device_graphs = machine.graphs if spec.tokens == 1 and expert_tokens is None else None
+        graphs = None if device_graphs is None else device_graphs[gpu]
         if graphs is not None:
             with backend.on_compute():
                 graphs.x.copy_(x)
         for layer in range(self.model.num_layers):
-            previous, backend = backend, machine.backends[self.topology.layer_gpu[layer]]
-            if backend is not previous:
-                backend.compute_waits_for(previous.record_compute())
+            previous_backend, previous_graphs = backend, graphs
+            gpu = self.topology.layer_gpu[layer]
+            backend = machine.backends[gpu]
+            crossing = backend is not previous_backend
+            if crossing:
+                backend.compute_waits_for(previous_backend.record_compute())
+                graphs = None if device_graphs is None else device_graphs[gpu]
             with backend.on_compute(), self._timed(backend, layer, "non_expert"):
                 if graphs is None:
                     x, y = machine.layers[layer].forward(x.to(backend.device, non_blocking=True))
                 else:
+                    if crossing:  # the hidden state moves to this device's static buffer
+                        graphs.x.copy_(previous_graphs.x, non_blocking=True)
                     graphs.non_expert(layer)
                 router_done = backend.record_compute()
             self._wait(router_done)  # the router's choice reaches the host

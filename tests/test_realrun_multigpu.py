@@ -3,8 +3,9 @@ profile, and compare --gpus splits the layers over the devices in both engines, 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from conftest import tiny_model, write_trace
+from conftest import tiny_model, unit_hardware, write_trace
 from realrun.backend import Backend
 from realrun.calibrate import calibrate, fabric_keys, write_profile
 from realrun.compare import run_compare
@@ -65,6 +66,10 @@ def test_compare_on_two_devices_splits_layers_in_both_engines_and_decides_alike(
     assert (table["hit_rate_diff_pts"] == 0).all() and (table["bytes_h2d_rel_err"] == 0).all()
     runs = pd.read_csv(tmp_path / "runs.csv")
     assert set(runs["gpus"]) == {2}
-    with pytest.raises(UserError, match="describes 2 GPU"):
-        run_compare(four_layers, ["lru"], ["2experts"], str(path), Machine(four_layers.model, RealOptions(
-            device="cpu", kv_tokens=8)), tmp_path / "one")
+    one = run_compare(four_layers, ["lru"], ["2experts"], str(path), Machine(four_layers.model, RealOptions(
+        device="cpu", kv_tokens=8)), tmp_path / "one")  # a profile of two GPUs serves one
+    assert one["hit_rate_diff_pts"].iloc[0] == 0 and set(pd.read_csv(tmp_path / "one" / "runs.csv")["gpus"]) == {1}
+    one_gpu = tmp_path / "one-gpu.yaml"
+    one_gpu.write_text(yaml.safe_dump(unit_hardware().to_dict()))
+    with pytest.raises(UserError, match="describes 1 GPU"):
+        run_compare(four_layers, ["lru"], ["2experts"], str(one_gpu), machine, tmp_path / "two")

@@ -135,14 +135,16 @@ def test_decode_graphs_compute_what_the_eager_kernels_do():
     assert graphs.replays == 2 + 3 and graphs.eager == 1
 
 
-@pytest.mark.parametrize("policy, budget, eager", [("lru", "2experts", False), ("moepic", "5experts", True)])
-def test_graphs_decide_as_the_simulator_and_unequal_parts_run_eagerly(routed, policy, budget, eager):
-    machine = Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, graphs=True))
-    real = execute_real(prepare(config(routed, policy=policy, budget=budget), routed), machine)
-    sim = execute(prepare(config(routed, policy=policy, budget=budget), routed))
+@pytest.mark.parametrize("policy, budget, eager, gpus", [("lru", "2experts", False, 1), ("moepic", "5experts", True, 1),
+                                                        ("lru", "2experts", False, 2)])
+def test_graphs_decide_as_the_simulator_and_unequal_parts_run_eagerly(routed, policy, budget, eager, gpus):
+    machine = Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, graphs=True, gpus=gpus))
+    real = execute_real(prepare(config(routed, policy=policy, budget=budget, gpus=gpus), routed), machine)
+    sim = execute(prepare(config(routed, policy=policy, budget=budget, gpus=gpus), routed))
     pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
-    decode_layers = (real.metrics.steps - 1) * routed.model.num_layers  # one prefill pass runs eagerly
-    assert machine.graphs.replays >= decode_layers
-    assert (machine.graphs.eager > 0) == eager
-    with pytest.raises(UserError, match="graphs=true runs one device"):
-        Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, graphs=True, gpus=2))
+    decode_passes = real.metrics.steps - 1  # one prefill pass runs eagerly
+    for gpu, graphs in enumerate(machine.graphs):  # every device replays its own layers' graphs
+        assert graphs.replays >= decode_passes * len(machine.layers_of(gpu))
+    assert (sum(g.eager for g in machine.graphs) > 0) == eager
+    with pytest.raises(UserError, match="graphs=true needs realrun's own layers"):
+        Machine(routed.model, RealOptions(device="cpu", kv_tokens=8, graphs=True), non_expert=False)
