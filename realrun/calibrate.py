@@ -14,6 +14,9 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
   calls, the layer protocol), measured on an all-resident run of a few layers of the model.
 - how much slower the executor's work runs right after the GPU waited for a copy, and how fast it
   recovers (after_wait_response), fitted to sim.profiles.AfterWaitSpec.
+- each policy's decision time on this host (realrun.policy_host), replaying --policy-trace (the
+  trace realrun.compare will run: the matching policies' cost grows with its layers and training
+  requests) in the simulator.
 - with --gpus N (N > 1): what joins the GPUs (realrun.fabric): host links alone and all at once
   (host_aggregate_Bps), and GPU-to-GPU copies by size (nvlink); the tables above are GPU 0's.
 """
@@ -45,13 +48,16 @@ from realrun.executor import COPY_WAITS, Machine, RealOptions, device_names
 from realrun.fabric import Fabric, measure_fabric
 from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
 from realrun.memory import HostExperts, SlotPool, random_bf16
+from realrun.policy_host import policy_host_times
+from realrun.subset import first_layers
 from sim.api import prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
 from sim.profiles import AfterWaitSpec, HardwareProfile, LinkSpec, TimeTable
 from traces.atomic import atomic_write_text
-from traces import ModelSpec, load_trace
+from traces import ModelSpec, Trace, load_trace
 from traces.cli import run_cli
+from traces.defaults import resolve_trace
 from traces.errors import UserError
 from traces.model_spec import known_models, load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
@@ -330,8 +336,10 @@ class Calibration:
 def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
               tokens: list[int] | None = None, kv_tokens: int = 512, trials: int = 7, reps: int = 20,
               copy_reps: int = 30, copy_wait: str = "spin", graphs: bool = False,
-              others: list[Backend] | None = None) -> Calibration:
-    """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too."""
+              others: list[Backend] | None = None, policy_trace: Trace | None = None,
+              train_fraction: float = 0.0) -> Calibration:
+    """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too;
+    with `policy_trace`, every policy's host time replaying it (its leading `train_fraction` trains)."""
     tokens = tokens or TOKENS
     gpu = backend.name
     backends = [backend, *(others or [])]
@@ -407,6 +415,13 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                            if fabric is not None else {})},
         **(fabric_keys(fabric) if fabric is not None else {}),
     })
+    if policy_trace is not None:
+        host_times = policy_host_times(policy_trace, profile, train_fraction)
+        profile = dataclasses.replace(profile, policy_host_s=host_times)
+        profile.extra["calibration"]["policy_host_trace"] = (f"{policy_trace.source.label()}, {policy_trace.model.num_layers} "
+                                                             f"layers, train fraction {train_fraction}")
+        notes.append("policy host time per layer / per pass (us): " + ", ".join(
+            f"{name} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for name, t in host_times.items()))
     return Calibration(profile, notes)
 
 
@@ -456,10 +471,16 @@ def main(argv: list[str] | None = None) -> None:
                              "(the per-layer host time); the kernel tables stay eager")
     parser.add_argument("--gpus", type=int, default=1,
                         help="devices cuda:0..N-1 of one kind: also measure what joins them (a multi-GPU profile)")
+    parser.add_argument("--policy-trace", default="default",
+                        help="trace whose replay times every policy's decisions ('none': skip); give the one "
+                             "realrun.compare will run")
+    parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")
+    parser.add_argument("--train-fraction", type=float, default=0.0,
+                        help="its leading share that trains the policies (as compare --train-fraction)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
     args = parser.parse_args(argv)
 
-    def work() -> None:
+    def work(work_dir: str) -> None:
         names = known_models() if args.models == "all" else [n for n in args.models.split(",") if n]
         models = [load_model_spec(n) for n in names]
         if not models:
@@ -469,8 +490,14 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--gpus {args.gpus}: the devices differ ({', '.join(sorted({b.name for b in backends}))}); "
                             "one profile describes GPUs of one kind")
         quick = dict(copy_sizes=COPY_SIZES[::3], tokens=[1, 8, 64, 512], trials=3, reps=5, copy_reps=8) if args.quick else {}
+        policy_trace = None
+        if args.policy_trace != "none":
+            policy_trace = load_trace(resolve_trace(args.policy_trace))
+            if args.policy_layers is not None:
+                policy_trace = first_layers(policy_trace, args.policy_layers, Path(work_dir) / "trace")
         result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
-                           graphs=args.graphs, others=backends[1:], **quick)
+                           graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
+                           train_fraction=args.train_fraction, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile
@@ -480,7 +507,11 @@ def main(argv: list[str] | None = None) -> None:
         for note in result.notes:
             print(f"  {note}")
         print(f"wrote {path}")
-    run_cli(work)
+
+    def work_in_scratch() -> None:
+        with tempfile.TemporaryDirectory() as scratch:  # the subset trace the policies replay
+            work(scratch)
+    run_cli(work_in_scratch)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class Simulation(Serving):
         self.env = simpy.Environment()
         self.recorder = Recorder(model.num_layers)
         self.compute = ComputeModel(hardware, model)
+        self.policy_host = hardware.policy_host_time(policy.name)
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
         self.caches = [ExpertCache(capacity, self._block_bytes)
@@ -176,7 +177,10 @@ class Simulation(Serving):
         self._step_index += 1
         self.recorder.steps += 1
         policy, advance, run_experts, run = self.policy, self._advance, self._run_experts, self.compute.run
+        host = self.policy_host
         self._apply(policy.on_step_start(step))
+        if host.step_s:
+            yield from advance(host.step_s)
         non_expert = self.compute.non_expert_time(spec.tokens)
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         layer_gpu = self.topology.layer_gpu
@@ -187,6 +191,8 @@ class Simulation(Serving):
                                                                hidden_bytes))
             yield from advance(run(layer_gpu[layer], self.env.now, non_expert))
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
+            if host.layer_s:  # the policy decided on the host; its fetches go out after
+                yield from advance(host.layer_s)
             yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan)
         policy.on_step_end(step)
 

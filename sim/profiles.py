@@ -120,12 +120,40 @@ class AfterWaitSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"cold_factor": self.cold_factor, "warm_up_s": self.warm_up_s, "cool_down_s": self.cool_down_s}
 
+
     def step(self, warmth, waited_s, seconds):
         """(wall time, warmth after) of `seconds` of warm work that starts after waiting `waited_s`
         at `warmth`. Works on floats and, element-wise, on numpy arrays (calibrate fits with it)."""
         warmth = warmth * math.e ** (-waited_s / self.cool_down_s)
         wall = seconds * (1.0 + (self.cold_factor - 1.0) * (1.0 - warmth))
         return wall, 1.0 - (1.0 - warmth) * math.e ** (-wall / self.warm_up_s)
+
+
+@dataclass(frozen=True)
+class PolicyHostTime:
+    """The host's time inside a policy's decisions, on the critical path: the GPU has finished
+    the router (on_layer_start) or the token (on_step_start/end) and waits for the host to decide
+    and launch (realrun measures ~0.1 ms per layer for the matching policies, as much as a decode
+    layer's compute). Copies already started go on meanwhile."""
+
+    layer_s: float  # per on_layer_start
+    step_s: float  # per pass: on_step_start plus on_step_end
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> PolicyHostTime:
+        try:
+            spec = cls(_number(data["layer_s"], f"{where}.layer_s"), _number(data["step_s"], f"{where}.step_s"))
+        except (KeyError, TypeError):
+            raise ConfigError(f"{where}: expected {{layer_s: seconds, step_s: seconds}}") from None
+        if spec.layer_s < 0 or spec.step_s < 0:
+            raise ConfigError(f"{where}: host times must be >= 0")
+        return spec
+
+    def to_dict(self) -> dict[str, float]:
+        return {"layer_s": self.layer_s, "step_s": self.step_s}
+
+
+NO_HOST_TIME = PolicyHostTime(0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,8 @@ class HardwareProfile:
     # The host side's limit on all host->GPU copies together (root complex, CPU memory); None: no limit.
     host_aggregate_Bps: float | None = None
     after_wait: AfterWaitSpec | None = None  # None: compute always takes its table time
+    # Per registered policy name; a policy not listed decides in no time.
+    policy_host_s: dict[str, PolicyHostTime] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -174,6 +204,8 @@ class HardwareProfile:
                 else _number(data["host_aggregate_Bps"], f"{where}.host_aggregate_Bps"),
                 after_wait=AfterWaitSpec.from_dict(data["after_wait"], f"{where}.after_wait")
                 if data.get("after_wait") else None,
+                policy_host_s={k: PolicyHostTime.from_dict(v, f"{where}.policy_host_s.{k}")
+                               for k, v in (data.get("policy_host_s") or {}).items()},
                 extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as exc:
@@ -191,6 +223,7 @@ class HardwareProfile:
             "expert_time_s": {k: v.to_points() for k, v in self.expert_time_s.items()},
             "non_expert_layer_time_s": {k: v.to_points() for k, v in self.non_expert_layer_time_s.items()},
             **({"after_wait": self.after_wait.to_dict()} if self.after_wait is not None else {}),
+            **({"policy_host_s": {k: v.to_dict() for k, v in self.policy_host_s.items()}} if self.policy_host_s else {}),
             **self.extra,
         }
 
@@ -210,6 +243,9 @@ class HardwareProfile:
         return NON_EXPERT_KERNELS * self.launch_s + max(params * model.bytes_per_param / self.mem_bandwidth_Bps,
                                                         2.0 * params * tokens / self.matmul_flops)
 
+    def policy_host_time(self, policy: str) -> PolicyHostTime:
+        return self.policy_host_s.get(policy, NO_HOST_TIME)
+
     def measured_for(self, model: ModelSpec) -> dict[str, bool]:
         """Whether this profile has measured tables for the model, or estimates them."""
         return {"expert_time": model.expert_shape_key in self.expert_time_s,
@@ -218,7 +254,7 @@ class HardwareProfile:
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
            "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps",
-           "after_wait"}
+           "after_wait", "policy_host_s"}
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:
