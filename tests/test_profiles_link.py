@@ -66,3 +66,29 @@ def test_the_shipped_measured_profile_has_every_table_the_simulator_needs():
     for name in known_models():
         assert all(profile.measured_for(load_model_spec(name)).values()), name
     assert 6e-3 < profile.host_link.copy_time(352_321_536) < 7e-3  # one Mixtral expert, as measured
+
+
+def test_policy_host_time_delays_each_layer_and_the_copies_it_decides(make_trace):
+    from conftest import tiny_model, unit_hardware
+    from sim.api import simulate
+    from sim.config import SimConfig
+
+    model = tiny_model(layers=2)
+    trace = make_trace(model, [[[[0], [1]]] * 6])
+    plain = unit_hardware(copy_s=0.5, expert_s=0.1, non_expert_s=0.01).to_dict()
+    decided = {**plain, "policy_host_s": {"all_resident": {"layer_s": 0.002, "step_s": 0.03},
+                                          "lru": {"layer_s": 0.002, "step_s": 0.0}}}
+
+    def tpot(hardware, policy, budget="1expert"):
+        return simulate(SimConfig(policy=policy, budget=budget, hardware=hardware), trace=trace).metrics.tpot_mean_s
+    # nothing to copy: every decision adds its time (two layers and one pass per token)
+    assert tpot(decided, "all_resident") == pytest.approx(tpot(plain, "all_resident") + 2 * 0.002 + 0.03)
+    # every layer misses: its demand copy goes out once the policy has decided, so the decision delays it
+    assert tpot(decided, "lru") == pytest.approx(tpot(plain, "lru") + 2 * 0.002)
+    assert tpot(decided, "belady") == tpot(plain, "belady")  # a policy not listed decides in no time
+    profile = HardwareProfile.from_dict(decided)
+    assert HardwareProfile.from_dict(profile.to_dict()) == profile
+    with pytest.raises(ConfigError, match="policy_host_s.lru"):
+        HardwareProfile.from_dict({**plain, "policy_host_s": {"lru": {"layer_s": -1, "step_s": 0}}})
+    with pytest.raises(ConfigError, match="expected"):
+        HardwareProfile.from_dict({**plain, "policy_host_s": {"lru": {"layer": 1}}})

@@ -1,11 +1,13 @@
-"""realrun over several devices on the CPU (CI has no GPU): calibrate --gpus writes a multi-GPU
-profile, and compare --gpus splits the layers over the devices in both engines, deciding alike."""
+"""realrun's calibration and several devices, on the CPU (CI has no GPU): calibrate --gpus writes a
+multi-GPU profile (and every policy's host time), and compare --gpus splits the layers over the
+devices in both engines, deciding alike."""
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from conftest import tiny_model, unit_hardware, write_trace
+from policies import available
 from realrun.backend import Backend
 from realrun.calibrate import calibrate, fabric_keys, write_profile
 from realrun.compare import run_compare
@@ -28,7 +30,8 @@ def four_layers(tmp_path_factory):
 def two_cpu_profile(tmp_path_factory, four_layers):
     backends = [Backend("cpu"), Backend("cpu")]
     result = calibrate(backends[0], [four_layers.model], copy_sizes=[1 << 20], tokens=[1, 2], trials=1, reps=1,
-                       copy_reps=2, kv_tokens=8, others=backends[1:])
+                       copy_reps=2, kv_tokens=8, others=backends[1:], policy_trace=four_layers,
+                       train_fraction=0.5)
     return write_profile(result, tmp_path_factory.mktemp("p") / "two.yaml"), result
 
 
@@ -39,6 +42,9 @@ def test_calibrate_with_two_devices_writes_what_joins_them(two_cpu_profile):
     assert profile.nvlink_pairs == ((0, 1),) and profile.nvlink.measured is not None
     assert profile.nvlink.copy_time(8 << 10) > 0
     assert any("host links alone" in note for note in result.notes)
+    assert set(profile.policy_host_s) == {p for p in available() if not p.startswith("test_")}
+    assert all(t.layer_s > 0 and t.step_s > 0 for t in profile.policy_host_s.values())
+    assert "train fraction 0.5" in profile.extra["calibration"]["policy_host_trace"]
 
 
 def test_fabric_keys_say_when_the_host_side_limits_the_links():
