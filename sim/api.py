@@ -100,7 +100,9 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
                      replay_options(run.cfg), on_request_done)
     sim.prepare(run.train)
     state = sim.run()
-    return run_result(run, state, time.perf_counter() - started)
+    host = sim.policy_host
+    charged = {"policy_host_s": host.to_dict()} if host.layer_s or host.step_s else {}
+    return run_result(run, state, time.perf_counter() - started, extra_info=charged)
 
 
 def run_result(run: PreparedRun, state: RunState, wall_s: float, hardware_name: str | None = None,

@@ -89,6 +89,11 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    host = m.policy_info.get("policy_host_s")
+    if host:
+        console.print(f"[yellow]note[/]: hardware '{m.hardware}' charges {m.policy}'s decisions "
+                      f"{host['layer_s'] * 1e6:.1f} us of host time per layer and {host['step_s'] * 1e6:.1f} us per "
+                      "pass (policy_host_s, measured by realrun.calibrate on one trace)")
     estimated = m.policy_info.get("compute_estimated")
     if estimated:
         console.print(f"[yellow]note[/]: {', '.join(estimated)} estimated by roofline: hardware '{m.hardware}' "

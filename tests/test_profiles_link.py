@@ -86,6 +86,9 @@ def test_policy_host_time_delays_each_layer_and_the_copies_it_decides(make_trace
     # every layer misses: its demand copy goes out once the policy has decided, so the decision delays it
     assert tpot(decided, "lru") == pytest.approx(tpot(plain, "lru") + 2 * 0.002)
     assert tpot(decided, "belady") == tpot(plain, "belady")  # a policy not listed decides in no time
+    charged = simulate(SimConfig(policy="all_resident", hardware=decided), trace=trace).metrics.policy_info
+    assert charged["policy_host_s"] == {"layer_s": 0.002, "step_s": 0.03}  # the report says what it charged
+    assert "policy_host_s" not in simulate(SimConfig(policy="belady", hardware=decided), trace=trace).metrics.policy_info
     profile = HardwareProfile.from_dict(decided)
     assert HardwareProfile.from_dict(profile.to_dict()) == profile
     with pytest.raises(ConfigError, match="policy_host_s.lru"):
