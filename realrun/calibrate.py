@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
     args = parser.parse_args(argv)
 
-    def work(work_dir: str) -> None:
+    def work() -> None:
         names = known_models() if args.models == "all" else [n for n in args.models.split(",") if n]
         models = [load_model_spec(n) for n in names]
         if not models:
@@ -490,14 +490,15 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--gpus {args.gpus}: the devices differ ({', '.join(sorted({b.name for b in backends}))}); "
                             "one profile describes GPUs of one kind")
         quick = dict(copy_sizes=COPY_SIZES[::3], tokens=[1, 8, 64, 512], trials=3, reps=5, copy_reps=8) if args.quick else {}
-        policy_trace = None
-        if args.policy_trace != "none":
-            policy_trace = load_trace(resolve_trace(args.policy_trace))
-            if args.policy_layers is not None:
-                policy_trace = first_layers(policy_trace, args.policy_layers, Path(work_dir) / "trace")
-        result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
-                           graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
-                           train_fraction=args.train_fraction, **quick)
+        with tempfile.TemporaryDirectory() as scratch:  # the subset trace the policies replay
+            policy_trace = None
+            if args.policy_trace != "none":
+                policy_trace = load_trace(resolve_trace(args.policy_trace))
+                if args.policy_layers is not None:
+                    policy_trace = first_layers(policy_trace, args.policy_layers, Path(scratch) / "trace")
+            result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
+                               graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
+                               train_fraction=args.train_fraction, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile
@@ -507,11 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         for note in result.notes:
             print(f"  {note}")
         print(f"wrote {path}")
-
-    def work_in_scratch() -> None:
-        with tempfile.TemporaryDirectory() as scratch:  # the subset trace the policies replay
-            work(scratch)
-    run_cli(work_in_scratch)
+    run_cli(work)
 
 
 if __name__ == "__main__":

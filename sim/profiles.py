@@ -120,7 +120,6 @@ class AfterWaitSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"cold_factor": self.cold_factor, "warm_up_s": self.warm_up_s, "cool_down_s": self.cool_down_s}
 
-
     def step(self, warmth, waited_s, seconds):
         """(wall time, warmth after) of `seconds` of warm work that starts after waiting `waited_s`
         at `warmth`. Works on floats and, element-wise, on numpy arrays (calibrate fits with it)."""
