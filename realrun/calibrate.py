@@ -14,8 +14,9 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
   calls, the layer protocol), measured on an all-resident run of a few layers of the model.
 - how much slower the executor's work runs right after the GPU waited for a copy, and how fast it
   recovers (after_wait_response), fitted to sim.profiles.AfterWaitSpec.
-- each policy's decision time on this host (realrun.policy_host), replaying --policy-trace (the
-  trace realrun.compare will run: the matching policies' cost grows with its layers and training
+- each policy's decision time on this host, its hooks and the layer protocol carrying their
+  decisions out, beyond all_resident's (realrun.policy_host), replaying --policy-trace (the trace
+  realrun.compare will run: the matching policies' cost grows with its layers and training
   requests) in the simulator.
 - with --gpus N (N > 1): what joins the GPUs (realrun.fabric): host links alone and all at once
   (host_aggregate_Bps), and GPU-to-GPU copies by size (nvlink); the tables above are GPU 0's.
@@ -416,12 +417,15 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         **(fabric_keys(fabric) if fabric is not None else {}),
     })
     if policy_trace is not None:
-        host_times = policy_host_times(policy_trace, profile, train_fraction)
+        host_times, hook_times = policy_host_times(policy_trace, profile, train_fraction)
         profile = dataclasses.replace(profile, policy_host_s=host_times)
         profile.extra["calibration"]["policy_host_trace"] = (f"{policy_trace.source.label()}, {policy_trace.model.num_layers} "
                                                              f"layers, train fraction {train_fraction}")
-        notes.append("policy host time per layer / per pass (us): " + ", ".join(
-            f"{name} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for name, t in host_times.items()))
+        profile.extra["calibration"]["policy_hooks_s"] = {name: t.to_dict() for name, t in hook_times.items()}
+        for label, times in (("decisions carried out, beyond all_resident's", host_times),
+                             ("the policy's hooks alone", hook_times)):
+            notes.append(f"policy host time per layer / per pass (us), {label}: " + ", ".join(
+                f"{name} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for name, t in times.items()))
     return Calibration(profile, notes)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -117,29 +118,75 @@ def flat_metrics(result: RunResult, engine: str, budget: str) -> dict:
             "wall_s": result.wall_s}
 
 
+@dataclass
+class Measured:
+    """One measured run: its flat metrics (see flat_metrics), per-layer and per-token tables."""
+
+    flat: dict
+    layers: pd.DataFrame
+    tokens: pd.DataFrame
+
+
+def median_run(runs: list[Measured]) -> Measured:
+    """The run of median mean TPOT (the lower middle one of an even count), marked `chosen` among
+    them, with the spread of their mean TPOTs relative to it (tpot_mean_spread)."""
+    tpots = [run.flat["tpot_mean_s"] for run in runs]
+    pick = sorted(range(len(runs)), key=tpots.__getitem__)[(len(runs) - 1) // 2]
+    for i, run in enumerate(runs):
+        run.flat["chosen"] = i == pick
+    chosen = runs[pick]
+    chosen.flat["tpot_mean_spread"] = (max(tpots) - min(tpots)) / chosen.flat["tpot_mean_s"]
+    return chosen
+
+
 class StoredRuns:
-    """The measured side of an earlier compare (its runs.csv, layers.csv, tokens.csv), to re-join
-    with a simulator changed since: the simulator is deterministic and needs no GPU."""
+    """The measured side of earlier compares (runs.csv, layers.csv, tokens.csv of each directory),
+    to re-join with a simulator changed since (it is deterministic and needs no GPU). The repeats of
+    every directory are pooled: the median of all of them is compared."""
 
-    def __init__(self, directory: Path):
-        try:
-            self.runs = pd.read_csv(directory / RUNS).query("engine == 'real'")
-            # A comparison cut short has only its runs.csv (written after every measured run).
-            self.layers, self.tokens = (pd.read_csv(directory / name).query("engine == 'real'")
-                                        if (directory / name).is_file() else pd.DataFrame(columns=TABLE_KEYS)
-                                        for name in (LAYERS, TOKENS))
-        except (OSError, pd.errors.ParserError) as exc:
-            raise UserError(f"--real-from {directory}: cannot read an earlier compare's results ({exc})") from None
+    def __init__(self, *directories: Path):
+        runs, layers, tokens = [], [], []
+        for directory in directories:
+            try:
+                found = pd.read_csv(directory / RUNS).query("engine == 'real'")
+                # A comparison cut short has only its runs.csv (written after every measured run).
+                by_layer, by_token = (pd.read_csv(directory / name).query("engine == 'real'")
+                                      if (directory / name).is_file() else pd.DataFrame(columns=TABLE_KEYS)
+                                      for name in (LAYERS, TOKENS))
+            except (OSError, pd.errors.ParserError) as exc:
+                raise UserError(f"--real-from {directory}: cannot read an earlier compare's results ({exc})") from None
+            found = found.assign(**{"repeat": found.get("repeat", 0), "chosen": found.get("chosen", True),
+                                    "source": found.get("source", str(directory))})
+            # Compares before every repeat's tables were kept stored the chosen repeat's alone.
+            chosen = found[found["chosen"].astype(bool)][["policy", "budget", "repeat"]]
+            runs.append(found)
+            layers += [self._with_repeat(by_layer, chosen, found["source"].iloc[0] if len(found) else "")]
+            tokens += [self._with_repeat(by_token, chosen, found["source"].iloc[0] if len(found) else "")]
+        self.runs = pd.concat(runs, ignore_index=True)
+        self.layers, self.tokens = pd.concat(layers, ignore_index=True), pd.concat(tokens, ignore_index=True)
 
-    def get(self, policy: str, budget: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    @staticmethod
+    def _with_repeat(frame: pd.DataFrame, chosen: pd.DataFrame, source: str) -> pd.DataFrame:
+        if "repeat" not in frame.columns:
+            frame = frame.merge(chosen, on=["policy", "budget"], how="left")
+        return frame.assign(source=frame.get("source", source))
+
+    def get(self, policy: str, budget: str) -> list[Measured]:
         def pick(frame: pd.DataFrame) -> pd.DataFrame:
             return frame[(frame["policy"] == policy) & (frame["budget"] == budget)]
         runs = pick(self.runs)
-        if "chosen" in runs.columns:
-            runs = runs[runs["chosen"].astype(bool)]
         if runs.empty:
             raise UserError(f"--real-from has no measured run of {policy} at {budget}; run it on the GPU")
-        return runs.iloc[0].to_dict(), pick(self.layers), pick(self.tokens)
+        layers, tokens = pick(self.layers), pick(self.tokens)
+
+        def of(run: dict, frame: pd.DataFrame) -> pd.DataFrame:
+            mine = frame[(frame["source"] == run["source"]) & (frame["repeat"] == run["repeat"])]
+            return mine.drop(columns=[*TABLE_KEYS, "source", "repeat"])
+        return [Measured(run, of(run, layers), of(run, tokens)) for run in runs.to_dict("records")]
+
+
+def _token_frame(result: RunResult) -> pd.DataFrame:
+    return pd.DataFrame({"token": range(len(result.token_latencies_s)), "latency_s": result.token_latencies_s})
 
 
 def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.DataFrame:
@@ -151,10 +198,11 @@ def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware:
                 header: list[str] | None = None, stored: StoredRuns | None = None, timeline: bool = False,
                 clocks: bool = False, repeats: int = 1, gpus: int = 1) -> pd.DataFrame:
     """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
-    and compare.md. With `stored`, the measured side comes from an earlier compare instead. With
+    and compare.md. With `stored`, the measured side comes from earlier compares instead. With
     `timeline`, every measured run's kernel groups are recorded too; with `clocks`, the GPU's clock.
     With `repeats` > 1, every measured run is made that many times (in rounds over all runs), and the
-    one of median mean TPOT is compared (runs.csv keeps them all; `chosen` marks it; the spread of their
+    one of median mean TPOT is compared (runs.csv, layers.csv and tokens.csv keep them all, with their
+    `repeat`; `chosen` marks it in runs.csv; the spread of their
     mean TPOTs, relative to it, is tpot_mean_spread). `gpus`: the layers split over that many devices
     in both engines (the machine's own count when there is one)."""
     if repeats < 1:
@@ -198,7 +246,7 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
                               max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction,
                               gpus=gpus)
                for job in jobs}
-    measured: dict[tuple[str, str], list[tuple[dict, RunResult]]] = {job: [] for job in jobs}
+    measured: dict[tuple[str, str], list[Measured]] = {job: [] for job in jobs}
     if stored is None:
         flats, timelines = [], []
         # Rounds over every job, not repeats back to back: the host's speed drifts over minutes, and
@@ -208,7 +256,7 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
                 for policy, budget in jobs:
                     real, frame = _measure(configs[policy, budget], trace, machine, timeline)
                     flat = flat_metrics(real, "real", budget) | {"repeat": repeat}
-                    measured[policy, budget].append((flat, real))
+                    measured[policy, budget].append(Measured(flat, real.per_layer, _token_frame(real)))
                     flats.append(flat)
                     # Kept up to date after every run: a long comparison may be cut short.
                     atomic_write_csv(out_dir / RUNS, pd.DataFrame(flats))
@@ -220,29 +268,19 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
     for policy, budget in tqdm(jobs, desc="simulated runs", unit="run", leave=False):
         sim = execute(prepare(configs[policy, budget], trace))
         sim_flat = flat_metrics(sim, "sim", budget)
-        if stored is None:
-            tpots = [flat["tpot_mean_s"] for flat, _ in measured[policy, budget]]
-            median = sorted(range(repeats), key=lambda i: tpots[i])[(repeats - 1) // 2]
-            for i, (flat, _) in enumerate(measured[policy, budget]):
-                flat["chosen"] = i == median
-                if i != median:
-                    runs.append(flat)
-            real_flat, real = measured[policy, budget][median]
-            real_flat["tpot_mean_spread"] = (max(tpots) - min(tpots)) / real_flat["tpot_mean_s"]
-            real_layers = real.per_layer
-            real_tokens = pd.DataFrame({"token": range(len(real.token_latencies_s)),
-                                        "latency_s": real.token_latencies_s})
-        else:
-            real_flat, real_layers, real_tokens = stored.get(policy, budget)
-            real_layers, real_tokens = real_layers.drop(columns=TABLE_KEYS), real_tokens.drop(columns=TABLE_KEYS)
-        row = comparison_row(sim_flat, real_flat)
+        candidates = measured[policy, budget] if stored is None else stored.get(policy, budget)
+        real = median_run(candidates)
+        row = comparison_row(sim_flat, real.flat)
         if policy_class(policy).ignores_budget:
             row["budget"], row["budget_bytes"], row["budget_experts"] = "all", 0, float("nan")
         rows.append(row)
-        runs += [sim_flat, real_flat]
-        layers += [_tagged(sim.per_layer, "sim", policy, budget), _tagged(real_layers, "real", policy, budget)]
-        sim_tokens = pd.DataFrame({"token": range(len(sim.token_latencies_s)), "latency_s": sim.token_latencies_s})
-        tokens += [_tagged(sim_tokens, "sim", policy, budget), _tagged(real_tokens, "real", policy, budget)]
+        runs += [sim_flat, real.flat, *(c.flat for c in candidates if c is not real)]
+        layers.append(_tagged(sim.per_layer, "sim", policy, budget))
+        tokens.append(_tagged(_token_frame(sim), "sim", policy, budget))
+        for c in candidates:  # every repeat's tables, to pool with later measurements
+            extra = {"repeat": c.flat["repeat"], **({"source": c.flat["source"]} if "source" in c.flat else {})}
+            layers.append(_tagged(c.layers, "real", policy, budget).assign(**extra))
+            tokens.append(_tagged(c.tokens, "real", policy, budget).assign(**extra))
     atomic_write_csv(out_dir / RUNS, pd.DataFrame(runs))
     atomic_write_csv(out_dir / LAYERS, pd.concat(layers, ignore_index=True))
     atomic_write_csv(out_dir / TOKENS, pd.concat(tokens, ignore_index=True))
@@ -272,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-fraction", type=float, default=0.0,
                         help="leading share of requests for policies' offline training (needed by promoe)")
     parser.add_argument("--real-from", default=None,
-                        help="directory of an earlier compare: reuse its measured runs, re-run only the simulator")
+                        help="directories of earlier compares (comma-separated): reuse their measured runs, pooling "
+                             "their repeats, and re-run only the simulator")
     parser.add_argument("--graphs", action="store_true",
                         help="launch one-token decode passes as CUDA graphs (realrun/graphs.py)")
     parser.add_argument("--timeline", action="store_true",
@@ -297,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         budgets = auto_budgets(trace) if args.budgets == "auto" else [b for b in args.budgets.split(",") if b]
         stored = machine = None
         if args.real_from:
-            stored = StoredRuns(Path(args.real_from))
+            stored = StoredRuns(*(Path(d) for d in args.real_from.split(",") if d))
             notes = str(stored.runs["realrun"].iloc[0]).split(" | ") if len(stored.runs) else []
             device = stored.runs["hardware"].iloc[0].removeprefix("real: ") if len(stored.runs) else "?"
             if args.hardware is None:

@@ -1,11 +1,15 @@
 """How long each policy's decisions take on this host: the simulator's policy_host_s.
 
-The executor calls a policy's hooks on the critical path: the GPU has finished the router (or the
-token) and waits while the host decides. For the matching policies that is ~0.1 ms per layer, as
-much as a decode layer's compute, and it grows with what they match against (layers, training
-requests). So it is measured here, on the machine that runs realrun, by replaying a trace in the
-simulator with every hook call timed; the mean per call is written to the profile (a policy's
-occasional expensive call counts, as it does on the critical path).
+The executor runs a policy on the critical path: the GPU has finished the router (or the token)
+and waits while the host decides (the policy's hooks) and carries the decision out (the layer
+protocol classifies the experts and queues their copies; a plan replaces the queued prefetches).
+For the matching policies that is ~0.1-0.2 ms per layer, as much as a decode layer's compute, and
+it grows with what they match against (layers, training requests). So it is measured here, on the
+machine that runs realrun, by replaying a trace in the simulator, whose layer protocol and copy
+queue are the executor's own code, with every such call timed; the mean per layer and per pass is
+written to the profile (a policy's occasional expensive call counts, as it does on the critical
+path). all_resident's share is already in calibrate's executor host time (measured by running
+it), so each policy is charged what it takes beyond all_resident's.
 """
 from __future__ import annotations
 
@@ -15,42 +19,59 @@ from typing import Callable
 from tqdm import tqdm
 
 from policies import available
-from sim.api import execute, prepare
+from sim.api import prepare, replay_options
 from sim.config import SimConfig
+from sim.engine import Simulation
 from sim.profiles import HardwareProfile, PolicyHostTime
 from traces import Trace
 
-HOOKS = ("on_layer_start", "on_step_start", "on_step_end")
+BASELINE = "all_resident"
+# The host's work per layer, and outside the layers (per request and per pass), that the GPU waits for.
+LAYER_CALLS = (("policy", "on_layer_start"), ("sim", "_start_layer"))
+PASS_CALLS = (("policy", "on_request_start"), ("policy", "on_request_end"), ("policy", "on_step_start"),
+              ("policy", "on_step_end"), ("sim", "_apply"))
 
 
-def _timed(hook: Callable, spent: list[float]) -> Callable:
-    def call(*args, **kwargs):
+def _timed(call: Callable, spent: list[float]) -> Callable:
+    def timed(*args, **kwargs):
         started = time.perf_counter()
-        result = hook(*args, **kwargs)
+        result = call(*args, **kwargs)
         spent.append(time.perf_counter() - started)
         return result
-    return call
+    return timed
 
 
-def hook_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile,
-               train_fraction: float = 0.0) -> PolicyHostTime:
-    """Mean seconds per on_layer_start call, and per pass in on_step_start plus on_step_end."""
+def host_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile,
+               train_fraction: float = 0.0) -> tuple[PolicyHostTime, PolicyHostTime]:
+    """(the hooks alone, the hooks and carrying their decisions out): mean seconds per layer, per pass."""
     run = prepare(SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=hardware.to_dict(),
                             train_fraction=train_fraction), trace)
-    spent: dict[str, list[float]] = {name: [] for name in HOOKS}
-    for name in HOOKS:
-        setattr(run.policy, name, _timed(getattr(run.policy, name), spent[name]))
-    execute(run)
+    sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
+                     replay_options(run.cfg))
+    sim.prepare(run.train)
+    owners = {"policy": run.policy, "sim": sim}
+    spent: dict[str, list[float]] = {}
+    for owner, name in LAYER_CALLS + PASS_CALLS:
+        spent[name] = []
+        setattr(owners[owner], name, _timed(getattr(owners[owner], name), spent[name]))
+    sim.run()
+    layers, passes = max(1, len(spent["on_layer_start"])), max(1, len(spent["on_step_start"]))
 
-    def mean(name: str) -> float:
-        return sum(spent[name]) / max(1, len(spent[name]))
-    return PolicyHostTime(mean("on_layer_start"), mean("on_step_start") + mean("on_step_end"))
+    def per(calls, count: int, hooks_only: bool) -> float:
+        return sum(sum(spent[name]) for owner, name in calls if owner == "policy" or not hooks_only) / count
+    return (PolicyHostTime(per(LAYER_CALLS, layers, True), per(PASS_CALLS, passes, True)),
+            PolicyHostTime(per(LAYER_CALLS, layers, False), per(PASS_CALLS, passes, False)))
 
 
 def policy_host_times(trace: Trace, hardware: HardwareProfile, train_fraction: float = 0.0,
-                      policies: list[str] | None = None) -> dict[str, PolicyHostTime]:
-    """Every registered policy (or `policies`) at half of all experts."""
+                      policies: list[str] | None = None) -> tuple[dict[str, PolicyHostTime], dict[str, PolicyHostTime]]:
+    """Every registered policy (or `policies`) at half of all experts: (what the simulator charges,
+    the decisions carried out beyond all_resident's; the hooks alone, for the record)."""
     names = policies or [p for p in available() if not p.startswith("test_")]
     budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
-    return {name: hook_times(trace, name, budget, hardware, train_fraction)
-            for name in tqdm(names, desc="policy host time", unit="policy", leave=False)}
+    measured = {name: host_times(trace, name, budget, hardware, train_fraction)
+                for name in tqdm(sorted({*names, BASELINE}), desc="policy host time", unit="policy", leave=False)}
+    base = measured[BASELINE][1]
+    charged = {name: PolicyHostTime(max(0.0, measured[name][1].layer_s - base.layer_s),
+                                    max(0.0, measured[name][1].step_s - base.step_s)) for name in names}
+    return charged, {name: measured[name][0] for name in names}

@@ -199,13 +199,7 @@ class Simulation(Serving):
     def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None):
         """Run one layer's experts; tokens[i] is how many tokens expert i serves (None: one each)."""
         topo = self.topology
-        if topo.placement == "layers":
-            homes = [topo.layer_gpu[layer]] * len(experts)
-        else:
-            homes = [topo.home(layer, e) for e in experts]
-        blocks, order = start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
-                                    self.recorder, self.policy, self.model.bytes_per_expert, plan,
-                                    self.model.num_layers, topo.home)
+        homes, blocks, order = self._start_layer(layer, experts, plan)
         routed = len(experts)
         if topo.placement == "layers":
             yield from self._compute_on(homes[0] if homes else topo.layer_gpu[layer], layer, order, blocks, tokens,
@@ -216,6 +210,19 @@ class Simulation(Serving):
         work = [self.env.process(self._compute_on(g, layer, [i for i in order if homes[i] == g], blocks, tokens,
                                                   routed, dispatch=True)) for g in gpus]
         yield self.env.all_of(work)
+
+    def _start_layer(self, layer: int, experts: tuple[int, ...], plan: PrefetchPlan | None):
+        """The host's part of a layer (sim.layer_protocol.start_layer): classify, pin, queue copies.
+        Returns (GPU per expert, blocks per expert, compute order)."""
+        topo = self.topology
+        if topo.placement == "layers":
+            homes = [topo.layer_gpu[layer]] * len(experts)
+        else:
+            homes = [topo.home(layer, e) for e in experts]
+        blocks, order = start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
+                                    self.recorder, self.policy, self.model.bytes_per_expert, plan,
+                                    self.model.num_layers, topo.home)
+        return homes, blocks, order
 
     def _compute_on(self, gpu: int, layer: int, order: list[int], blocks: list[list[Block]], tokens: list[int] | None,
                     routed: int, dispatch: bool):

@@ -43,7 +43,10 @@ def test_calibrate_with_two_devices_writes_what_joins_them(two_cpu_profile):
     assert profile.nvlink.copy_time(8 << 10) > 0
     assert any("host links alone" in note for note in result.notes)
     assert set(profile.policy_host_s) == {p for p in available() if not p.startswith("test_")}
-    assert all(t.layer_s > 0 and t.step_s > 0 for t in profile.policy_host_s.values())
+    charged, hooks = profile.policy_host_s, profile.extra["calibration"]["policy_hooks_s"]
+    assert charged["all_resident"].layer_s == charged["all_resident"].step_s == 0  # calibrate's host time has it
+    assert charged["moe_infinity"].layer_s > 0 and charged["oracle_prefetch"].step_s > 0  # matching, planning
+    assert set(hooks) == set(charged) and all(t["layer_s"] > 0 and t["step_s"] > 0 for t in hooks.values())
     assert "train fraction 0.5" in profile.extra["calibration"]["policy_host_trace"]
 
 

@@ -84,6 +84,16 @@ def test_compare_repeats_compares_the_median_run_and_rejoins_it(routed, tmp_path
     again = run_compare(routed, ["lru"], ["2experts", "3experts"], str(profile), None, tmp_path / "again",
                         stored=StoredRuns(tmp_path / "out"))
     pd.testing.assert_frame_equal(table, again)
+    layers = pd.read_csv(tmp_path / "out" / "layers.csv").query("engine == 'real'")
+    assert sorted(layers["repeat"].unique()) == [0, 1, 2]  # every repeat's tables are kept
+    # Measurements of two sessions pool: the median of all five runs is compared.
+    run_compare(routed, ["lru"], ["2experts", "3experts"], str(profile), machine, tmp_path / "more", repeats=2)
+    pooled = run_compare(routed, ["lru"], ["2experts", "3experts"], str(profile), None, tmp_path / "pooled",
+                         stored=StoredRuns(tmp_path / "out", tmp_path / "more"))
+    both = pd.read_csv(tmp_path / "pooled" / "runs.csv").query("engine == 'real'")
+    assert len(both) == 2 * 5 and set(both["source"]) == {str(tmp_path / "out"), str(tmp_path / "more")}
+    for budget, measured in both.groupby("budget"):
+        assert pooled[pooled["budget"] == budget]["tpot_mean_s_real"].iloc[0] == sorted(measured["tpot_mean_s"])[2]
     with pytest.raises(UserError, match="--repeats 0"):
         run_compare(routed, ["lru"], ["2experts"], str(profile), machine, tmp_path / "none", repeats=0)
 
