@@ -27,7 +27,7 @@ def execute_real(run: PreparedRun, machine: Machine, on_request_done: Callable[[
     if compactions:
         moved = sum(c.pool.moved_bytes for c in executor.caches)
         notes.append(f"unequal expert parts fragmented the cache {compactions} times: {format_bytes(moved)} moved on "
-                     "the GPU to join the gaps (work the simulator does not model)")
+                     "the GPU to join the gaps")
     executor.release()
     return run_result(run, state, wall, hardware_name=f"real: {machine.device_name}",
                       extra_info={"compute_estimated": [], "realrun": notes})

@@ -42,7 +42,6 @@ from conf import CONF_DIR
 from policies.base import DEMAND_PRIORITY, Policy
 from realrun.api import execute_real
 from realrun.backend import Backend
-from realrun.cache import SlottedCache
 from realrun.clock_probe import DecodeLoop
 from realrun.copy_engine import CopyEngine
 from realrun.executor import COPY_WAITS, Machine, RealOptions, device_names
@@ -54,6 +53,7 @@ from realrun.subset import first_layers
 from sim.api import prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
+from sim.placement import PlacedCache
 from sim.profiles import AfterWaitSpec, HardwareProfile, LinkSpec, TimeTable
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, Trace, load_trace
@@ -65,6 +65,7 @@ from traces.synthetic import SyntheticParams, generate_synthetic
 
 MIB = 1 << 20
 COPY_SIZES = [MIB << i for i in range(10)]  # 1 MiB .. 512 MiB
+COPY_ROUNDS = 3  # rounds over all copy sizes (copy_curve)
 TOKENS = [1 << i for i in range(10)]  # 1 .. 512
 FIT_FROM_BYTES = 8 * MIB
 OVERHEAD_LAYERS = 8  # layers of the all-resident run that measures the executor's per-layer host time
@@ -87,38 +88,62 @@ def _median_time(run: Callable[[], None], sync: Callable[[], None], trials: int,
 
 
 # --- copies ---
-def copy_curve(backend: Backend, sizes: list[int], reps: int,
-               copy_wait: str = "spin") -> tuple[list[list[float]], list[list[float]]]:
-    """[[bytes, seconds per copy through the copy engine]], [[bytes, bare DMA seconds]] (medians);
-    the host waits for each copy as the executor will (copy_wait)."""
-    engine_points, dma_points = [], []
-    for size in tqdm(sizes, desc="copies", unit="size", leave=False):
-        n = max(12, min(reps, int(8 * 512 * MIB // size)))
-        model = ModelSpec(name="copy", num_layers=1, num_experts=n + 2, top_k=1, hidden_size=1,
+class _CopyRig:
+    """Copies of one size through a copy engine of its own, as the executor makes them."""
+
+    def __init__(self, backend: Backend, size: int, per_round: int, rounds: int, copy_wait: str):
+        self.size, self.per_round, self.backend = size, per_round, backend
+        model = ModelSpec(name="copy", num_layers=1, num_experts=rounds * per_round + 2, top_k=1, hidden_size=1,
                           expert_intermediate_size=1, bytes_per_expert_override=size)
-        host = HostExperts(backend, model, sources=2)
-        cache = SlottedCache(2 * size, lambda block: size, None)
-        cache.pool = SlotPool(backend, cache.capacity_bytes, {size})
-        engine = CopyEngine(0, backend, [cache], Policy(), Recorder(1), host, lambda layer: [size],
-                            sleep_on_copies=copy_wait == "sleep")
-        landed = []
-        for e in range(2):  # warm-up copies, one from each source buffer (first touches cost more)
-            engine.fetch((0, n + e, 0), DEMAND_PRIORITY)
-            while engine.current is not None:
-                engine.poll()
-        for e in range(n):
-            engine.fetch((0, e, 0), DEMAND_PRIORITY)
+        self.host = HostExperts(backend, model, sources=2)
+        self.cache = PlacedCache(2 * size, lambda block: size, None)
+        self.cache.pool = SlotPool(backend, self.cache.capacity_bytes, {size})
+        self.engine = CopyEngine(0, backend, [self.cache], Policy(), Recorder(1), self.host, lambda layer: [size],
+                                 sleep_on_copies=copy_wait == "sleep")
+        self.next_expert = 0
+        for _ in range(2):  # warm-up copies, one from each source buffer (first touches cost more)
+            self._copies(1)
+
+    def _copies(self, count: int) -> list[float]:
+        """Queue `count` copies at once; the seconds between landings (the first from queueing)."""
+        engine, landed = self.engine, []
+        for _ in range(count):
+            engine.fetch((0, self.next_expert, 0), DEMAND_PRIORITY)
+            self.next_expert += 1
         started = time.perf_counter()
         while engine.current is not None:
             if engine.sleep_on_copies:
                 engine.sleep_until_landed()
             if engine.poll():
                 landed.append(time.perf_counter())
-        gaps = np.diff([started] + landed)
-        engine_points.append([size, float(np.median(gaps))])
-        dma_points.append([size, _dma_time(backend, cache.pool.buffer[:size], host.buffers[1], n)])
-        del engine, cache, host
-    return engine_points, dma_points
+        return list(np.diff([started] + landed))
+
+    def round(self) -> tuple[list[float], float]:
+        """One round: seconds per copy through the engine, and the bare DMA time (median)."""
+        return self._copies(self.per_round), _dma_time(self.backend, self.cache.pool.buffer[:self.size],
+                                                       self.host.buffers[1], self.per_round)
+
+
+def copy_curve(backend: Backend, sizes: list[int], reps: int, copy_wait: str = "spin",
+               rounds: int = COPY_ROUNDS) -> tuple[list[list[float]], list[list[float]]]:
+    """[[bytes, seconds per copy through the copy engine]], [[bytes, bare DMA seconds]] (medians);
+    the host waits for each copy as the executor will (copy_wait). Measured in rounds over all the
+    sizes: on some machines the link's speed drifts over seconds, and measured one size after
+    another, one size could catch a slow spell the others miss (a 352 MB copy 8% over the line
+    through its neighbours); in rounds every size samples the drift alike."""
+    rigs = [_CopyRig(backend, size, max(4, min(reps, int(8 * 512 * MIB // size)) // rounds), rounds, copy_wait)
+            for size in sizes]
+    gaps: dict[int, list[float]] = {size: [] for size in sizes}
+    dma: dict[int, list[float]] = {size: [] for size in sizes}
+    with tqdm(total=rounds * len(rigs), desc="copies", unit="size", leave=False) as bar:
+        for _ in range(rounds):
+            for rig in rigs:
+                engine_s, dma_s = rig.round()
+                gaps[rig.size] += engine_s
+                dma[rig.size].append(dma_s)
+                bar.update()
+    return ([[size, float(np.median(gaps[size]))] for size in sizes],
+            [[size, float(np.median(dma[size]))] for size in sizes])
 
 
 def _dma_time(backend: Backend, dst: torch.Tensor, src: torch.Tensor, reps: int) -> float:

@@ -14,19 +14,20 @@ from typing import Callable
 
 from policies.base import Block, Policy
 from realrun.backend import Backend, Event
-from realrun.cache import SlottedCache
 from realrun.memory import HostExperts
 from sim.copy_queue import CopyJob
 from sim.link import HostLink
 from sim.metrics import Recorder
+from sim.placement import PlacedCache
 
 
-# No modelled link (the copies are real) and no NVLink peer to fetch from: every copy reads host memory.
-REAL_LINK = SimpleNamespace(host_link=None, nvlink=None)
+# No modelled link or device memory (copies and slides are real), and no NVLink peer to fetch from:
+# every copy reads host memory.
+REAL_LINK = SimpleNamespace(host_link=None, nvlink=None, mem_bandwidth_Bps=None)
 
 
 class CopyEngine(HostLink):
-    def __init__(self, gpu: int, backend: Backend, caches: list[SlottedCache], policy: Policy, recorder: Recorder,
+    def __init__(self, gpu: int, backend: Backend, caches: list[PlacedCache], policy: Policy, recorder: Recorder,
                  host: HostExperts, part_bytes: Callable[[int], list[int]], sleep_on_copies: bool = False):
         super().__init__(None, gpu, caches, policy, REAL_LINK, (), recorder)
         self.sleep_on_copies = sleep_on_copies
@@ -50,6 +51,9 @@ class CopyEngine(HostLink):
                     backend.copy_waits_for(event)
             dst[lo:hi].copy_(src[lo:hi], non_blocking=True)
             self._landing = backend.record_copy(blocking=self.sleep_on_copies)
+
+    def _after_slides(self, job: CopyJob, nbytes: int) -> None:
+        self._start(job)  # the pool made the slides on the GPU's copy stream, ahead of this copy
 
     def ready(self, block: Block):
         raise TypeError("realrun polls the copy engine (poll()); there is no SimPy event to wait on")

@@ -32,16 +32,16 @@ import torch
 
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from realrun.backend import DONE, Backend, Event
-from realrun.cache import SlottedCache
 from realrun.copy_engine import CopyEngine
 from realrun.graphs import DecodeGraphs
 from realrun.kernels import NonExpertLayer, expert_weights, swiglu
-from realrun.memory import HostExperts, SlotPool, aligned
+from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
 from sim.engine import RunState, SimOptions
 from sim.errors import StallError
 from sim.layer_protocol import apply_plan, start_layer
 from sim.metrics import Recorder
+from sim.placement import PlacedCache, aligned
 from sim.profiles import HardwareProfile
 from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
                         initial_blocks, part_bytes, pass_step, policy_future, warm)
@@ -248,7 +248,7 @@ class Executor(Serving):
         self.topology = topo
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
-        self.caches = [SlottedCache(capacity, self._block_bytes, None)
+        self.caches = [PlacedCache(capacity, self._block_bytes, None)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
         sleep = machine.options.copy_wait == "sleep"
         self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of, sleep)
@@ -293,7 +293,7 @@ class Executor(Serving):
                 graphs.capture_experts(self._graph_places(cache, sizes))
 
     @staticmethod
-    def _graph_places(cache: SlottedCache, sizes: set[int]) -> list[torch.Tensor]:
+    def _graph_places(cache: PlacedCache, sizes: set[int]) -> list[torch.Tensor]:
         """Every place of the cache an expert can take, when all blocks are alike (an unequal pool
         places blocks anywhere; its experts run eagerly)."""
         if len(sizes) > 1:

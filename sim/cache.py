@@ -134,6 +134,11 @@ class ExpertCache:
             self.unused_prefetched.discard(block)
             self.wasted_prefetch_bytes += nbytes
 
+    def take_slid_bytes(self) -> int:
+        """Bytes compaction slid since last asked: none here, where bytes are only counted
+        (sim.placement.PlacedCache places them)."""
+        return 0
+
     def pin(self, block: Block) -> None:
         count = self._pins.get(block, 0)
         self._pins[block] = count + 1

@@ -14,7 +14,8 @@ class ComputeModel:
         self._expert: dict[int, float] = {}
         self._non_expert: dict[int, float] = {}
         self._warmth: dict[int, float] = {}  # per GPU, 0 cold .. 1 warm; a run starts cold (loading idles it)
-        self._busy_until: dict[int, float] = {}
+        self._busy_until: dict[int, float] = {}  # per GPU: when the compute started last ends
+        self._held_until: dict[int, float] = {}  # per GPU: expert compute waits for the cache's slides
 
     def expert_time(self, tokens: int) -> float:
         seconds = self._expert.get(tokens)
@@ -28,12 +29,23 @@ class ComputeModel:
             seconds = self._non_expert[tokens] = self.hardware.non_expert_time(self.model, tokens)
         return seconds
 
-    def run(self, gpu: int, now: float, seconds: float) -> float:
-        """How long `seconds` of work (warm, as the tables give it) takes on a GPU from `now`."""
+    def run(self, gpu: int, now: float, seconds: float, reads_experts: bool = False) -> float:
+        """How long `seconds` of work (warm, as the tables give it) takes on a GPU from `now`; work
+        that reads experts first waits for blocks sliding in the cache (hold)."""
+        start = max(now, self._held_until.get(gpu, 0.0)) if reads_experts else now
         spec = self.after_wait
         if spec is None:
-            return seconds
-        waited = max(0.0, now - self._busy_until.get(gpu, 0.0))
-        wall, self._warmth[gpu] = spec.step(self._warmth.get(gpu, 0.0), waited, seconds)
-        self._busy_until[gpu] = now + wall
-        return wall
+            wall = seconds
+        else:
+            waited = max(0.0, start - self._busy_until.get(gpu, 0.0))
+            wall, self._warmth[gpu] = spec.step(self._warmth.get(gpu, 0.0), waited, seconds)
+        self._busy_until[gpu] = start + wall
+        return start - now + wall
+
+    def busy_until(self, gpu: int) -> float:
+        """When the compute started last on the GPU ends."""
+        return self._busy_until.get(gpu, 0.0)
+
+    def hold(self, gpu: int, until: float) -> None:
+        """Expert compute on the GPU starts no earlier than `until` (blocks slide until then)."""
+        self._held_until[gpu] = max(self._held_until.get(gpu, 0.0), until)

@@ -27,6 +27,7 @@ from sim.errors import StallError
 from sim.layer_protocol import apply_plan, start_layer
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
+from sim.placement import Placement, PlacedCache, fragments
 from sim.profiles import HardwareProfile
 from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
                         initial_blocks, pass_step, part_bytes, policy_future, warm)
@@ -76,14 +77,14 @@ class Simulation(Serving):
         self.policy_host = hardware.policy_host_time(policy.name)
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
-        self.caches = [ExpertCache(capacity, self._block_bytes)
+        self.caches = [PlacedCache(capacity, self._block_bytes)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
         host_limited = hardware.host_aggregate_Bps is not None and \
             hardware.host_aggregate_Bps < topo.num_gpus * hardware.host_link.bandwidth_Bps
         fabric = HostFabric(self.env, hardware.host_aggregate_Bps) if host_limited else None
         self.links: list[HostLink] = []
         self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
-                                   self.links) for g in range(topo.num_gpus))
+                                   self.links, self.compute) for g in range(topo.num_gpus))
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
         self._step_index = 0
@@ -102,7 +103,10 @@ class Simulation(Serving):
         self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
         self._part_bytes = [part_bytes(self.model, f) for f in self._part_fractions]
         check_room(self.policy, self.caches, self._part_bytes, self.options.budget_scope)
+        sizes = {n for parts in self._part_bytes for n in parts}
         for gpu, cache in enumerate(self.caches):
+            if fragments(sizes):  # unequal blocks: where they sit decides when blocks must slide
+                cache.pool = Placement(cache.capacity_bytes, sizes)
             warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions, self.options.warm_start))
 
     def run(self) -> RunState:
@@ -246,7 +250,7 @@ class Simulation(Serving):
             for p, b in enumerate(blocks[i]):
                 if not cache.is_resident(b):
                     if busy:
-                        yield from self._advance(self.compute.run(gpu, env.now, busy))
+                        yield from self._advance(self.compute.run(gpu, env.now, busy, reads_experts=True))
                         busy = 0.0
                         self._unpin(gpu, computed)
                     if not cache.is_resident(b):
@@ -258,7 +262,7 @@ class Simulation(Serving):
                 busy += seconds * fractions[p]
                 computed.append(b)
         if busy:
-            yield from self._advance(self.compute.run(gpu, env.now, busy))
+            yield from self._advance(self.compute.run(gpu, env.now, busy, reads_experts=True))
         self._unpin(gpu, computed)
         rec.stall_s[layer] += stall
         if remote:

@@ -24,6 +24,7 @@ import simpy
 
 from policies.base import DEMAND_PRIORITY, Block, Policy
 from sim.cache import ExpertCache
+from sim.compute import ComputeModel
 from sim.copy_queue import CopyJob, CopyQueue
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
@@ -79,7 +80,8 @@ class HostFabric:
 class HostLink:
     def __init__(self, env: simpy.Environment, gpu: int, caches: list[ExpertCache], policy: Policy,
                  hardware: HardwareProfile, peers: tuple[int, ...], recorder: Recorder,
-                 fabric: HostFabric | None = None, links: list[HostLink] | None = None):
+                 fabric: HostFabric | None = None, links: list[HostLink] | None = None,
+                 compute: ComputeModel | None = None):
         self.env = env
         self.gpu = gpu
         self.caches = caches
@@ -91,6 +93,8 @@ class HostLink:
         self.recorder = recorder
         self.fabric = fabric
         self.links = links  # every GPU's link, to wake a peer's blocked demand after unpinning there
+        self.compute = compute  # the GPUs' compute, which slides in the cache wait for and hold up
+        self.mem_bandwidth_Bps = hardware.mem_bandwidth_Bps
         self.queue = CopyQueue()
         self.current: CopyJob | None = None
         self.blocked = False  # a demand copy waits for evictable memory
@@ -156,6 +160,12 @@ class HostLink:
                 job.source = self._source(job)
                 if self._released:
                     self._settle_released()
+                slid = cache.take_slid_bytes()
+                if slid:
+                    queue.pop()
+                    self.blocked = False
+                    self._after_slides(job, slid)
+                    return
             queue.pop()
             self.blocked = False
             self._start(job)
@@ -241,6 +251,19 @@ class HostLink:
                 self.caches[peer].pin(job.block)  # the source may not be evicted mid-copy
                 return peer
         return None
+
+    def _after_slides(self, job: CopyJob, nbytes: int) -> None:
+        """Room for the job was made by sliding `nbytes` of blocks down the cache (sim.placement):
+        on the copy stream after the compute in flight, copied down through a staging buffer (each
+        byte read and written twice, at device-memory speed); expert compute waits for the slides,
+        the copy starts after them."""
+        now = self.env.now
+        start = max(now, self.compute.busy_until(self.gpu)) if self.compute is not None else now
+        done = start + 4 * nbytes / self.mem_bandwidth_Bps
+        if self.compute is not None:
+            self.compute.hold(self.gpu, done)
+        self.current = job  # the link is busy meanwhile
+        self.env.timeout(done - now).callbacks.append(lambda _e: self._start(job))
 
     def _start(self, job: CopyJob) -> None:
         self.current = job

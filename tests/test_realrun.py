@@ -17,7 +17,6 @@ from conftest import tiny_model, unit_hardware
 from policies import DEMAND_PRIORITY, Policy, PrefetchPlan, register
 from realrun.api import execute_real
 from realrun.backend import Backend
-from realrun.cache import SlottedCache
 from realrun.compare import StoredRuns, run_compare
 from realrun.copy_engine import CopyEngine
 from realrun.executor import Machine, RealOptions
@@ -26,6 +25,7 @@ from realrun.subset import first_layers
 from sim.api import execute, prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
+from sim.placement import PlacedCache
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -165,12 +165,13 @@ class CheckedPool(SlotPool):
         self.address = self.buffer.data_ptr()
         self.high_water_bytes = 0
 
-    def alloc(self, block, nbytes):
-        super().alloc(block, nbytes)
+    def place(self, block, nbytes):
+        moves = super().place(block, nbytes)
         spans = sorted((offset, offset + n) for offset, n in self._where.values())
         assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])) and spans[-1][1] <= self.arena_bytes
         assert self.buffer.data_ptr() == self.address
         self.high_water_bytes = max(self.high_water_bytes, self.allocated_bytes())
+        return moves
 
 
 @pytest.fixture
@@ -200,6 +201,22 @@ def test_moepic_unequal_segments_decide_as_the_simulator_within_the_budget(route
     assert m.evictions == sim.metrics.evictions and m.gpu_mem_high_water_bytes <= m.budget_bytes
     assert len(checked_pools) == 1 and checked_pools[0].high_water_bytes <= m.budget_bytes
     assert any("fragmented the cache" in note for note in m.policy_info["realrun"]) == slides
+    # The simulator places the blocks as the pool does, so it slides the same bytes (and charges them).
+    assert sim.metrics.policy_info.get("cache_compactions", 0) == checked_pools[0].compactions
+    assert sim.metrics.policy_info.get("slid_bytes", 0) == checked_pools[0].moved_bytes
+
+
+@pytest.mark.parametrize("budget, slides", [("4experts", True), ("8experts", False)])
+def test_simulated_slides_take_device_memory_time_and_hold_up_expert_compute(routed, budget, slides):
+    def makespan(mem_bandwidth_Bps: float) -> float:
+        hardware = {**SLOW_COPIES, "mem_bandwidth_Bps": mem_bandwidth_Bps}
+        return execute(prepare(SimConfig(trace=str(routed.path), hardware=hardware, policy="moepic", budget=budget),
+                               routed)).metrics.makespan_s
+    slid = execute(prepare(SimConfig(trace=str(routed.path), hardware=SLOW_COPIES, policy="moepic", budget=budget),
+                           routed)).metrics.policy_info.get("slid_bytes", 0)
+    assert (slid > 0) == slides
+    # Each slid byte is read and written twice (down through a staging buffer) before the copy starts.
+    assert makespan(4 * slid / 1e3) - makespan(1e30) == pytest.approx(1e3 if slides else 0.0, rel=0.2)
 
 
 @pytest.mark.parametrize("policy", ["deepspeed", "moepic", "finemoe", "moe_infinity", "promoe", "mixtral_offload"])
@@ -222,7 +239,7 @@ def engine_for(device, slots=2, chunks=4):
     host = HostExperts(backend, model, sources=0)
     policy = Recency()
     policy.copy_chunks = chunks
-    cache = SlottedCache(slots * model.bytes_per_expert, lambda b: model.bytes_per_expert, None)
+    cache = PlacedCache(slots * model.bytes_per_expert, lambda b: model.bytes_per_expert, None)
     cache.pool = SlotPool(backend, cache.capacity_bytes, {model.bytes_per_expert})
     engine = CopyEngine(0, backend, [cache], policy, Recorder(1), host, lambda layer: [model.bytes_per_expert])
     return engine, cache, host, model
@@ -280,21 +297,21 @@ def test_slot_pool_reuses_freed_slots_and_slides_the_fewest_bytes_to_join_gaps(d
     backend = Backend(device)
     pool = SlotPool(backend, 3 * 1024, {1024})
     for e in range(3):
-        pool.alloc((0, e, 0), 1024)
+        pool.place((0, e, 0), 1024)
     pool.free((0, 1, 0))
-    pool.alloc((0, 3, 0), 1024)  # the freed slot is reused: equal blocks never fragment
+    pool.place((0, 3, 0), 1024)  # the freed slot is reused: equal blocks never fragment
     assert pool.allocated_bytes() == 3 * 1024 and pool.compactions == 0
 
     pool = SlotPool(backend, 5 * 1024, {1024, 2048})  # 5 KB, plus 256 B of padding per block: 6.5 KB
     a, b, c, d, e = [(0, i, 0) for i in range(5)]
     for block, nbytes in ((a, 1024), (b, 2048), (c, 1024), (d, 1024)):
-        pool.alloc(block, nbytes)
+        pool.place(block, nbytes)
     pattern = torch.arange(1024, dtype=torch.int32).to(torch.uint8).to(backend.device)
     pool.view(d).copy_(pattern)
     backend.synchronize()
     pool.free(a)
     pool.free(c)  # free: 1 KB, 1 KB and the 1.5 KB tail, around b (2 KB) and d (1 KB)
-    pool.alloc(e, 2048)  # d slides down next to b, not both to the start
+    pool.place(e, 2048)  # d slides down next to b, not both to the start
     backend.synchronize()
     assert pool.compactions == 1 and pool.moved_bytes == 1024 and pool.allocated_bytes() == 5 * 1024
     torch.testing.assert_close(pool.view(d), pattern)
@@ -311,7 +328,7 @@ def test_slot_pool_places_whatever_the_budget_admits_and_keeps_every_blocks_byte
             pool.free(victim)
             del held[victim]
         block = (0, step, 0)
-        pool.alloc(block, nbytes)
+        pool.place(block, nbytes)
         pool.view(block).fill_(step % 251)
         held[block] = nbytes
         backend.synchronize()

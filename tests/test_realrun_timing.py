@@ -8,6 +8,7 @@ import yaml
 from conftest import tiny_model, unit_hardware
 from realrun.api import execute_real
 from realrun.backend import Backend
+from realrun import calibrate as calibrate_module
 from realrun.calibrate import after_wait_response, fit_after_wait
 from realrun.compare import TIMELINE, StoredRuns, run_compare
 from realrun.executor import Machine, RealOptions, Timeline
@@ -106,6 +107,20 @@ def test_clock_log_means_are_time_weighted_and_the_log_says_why_it_is_empty():
     with ClockLog(enabled=False) as log:
         pass
     assert log.unavailable == "not asked for" and log.samples.empty
+
+
+def test_copy_curve_samples_every_size_in_rounds(monkeypatch):
+    measured = []
+    real_round = calibrate_module._CopyRig.round
+
+    def logged(rig):
+        measured.append(rig.size)
+        return real_round(rig)
+    monkeypatch.setattr(calibrate_module._CopyRig, "round", logged)
+    sizes = [1 << 16, 1 << 18]
+    points, dma = calibrate_module.copy_curve(Backend("cpu"), sizes, reps=12, rounds=3)
+    assert measured == sizes * 3  # round after round over all sizes, not one size's samples back to back
+    assert [p[0] for p in points] == [p[0] for p in dma] == sizes and all(p[1] > 0 for p in points + dma)
 
 
 def test_after_wait_needs_a_gpu_and_a_cpu_calibration_models_none():
