@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 16, device call 5 (nvidia-h200): calibrate (copy curve in rounds; slides modelled), copy probe, every policy twice.
+# Session 16, device call 4 (nvidia-h200): calibrate (copy curve in rounds; slides modelled), copy probe, every policy twice.
 set -o pipefail
 export TQDM_MININTERVAL=60 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit

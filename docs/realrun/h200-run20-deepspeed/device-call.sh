@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 16, device call 7 (nvidia-h200): deepspeed (whole-layer fetches) on the current code, 4 layers, its own calibrate.
+# Session 16, device call 6 (nvidia-h200, a fresh machine): deepspeed (whole-layer fetches) on the current code, 4 layers, its own calibrate.
 set -o pipefail
 export TQDM_MININTERVAL=60 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
