@@ -11,6 +11,7 @@ from typing import Callable
 from realrun.executor import Executor, Machine, Timeline
 from sim.api import PreparedRun, RunResult, replay_options, run_result
 from sim.budget import format_bytes
+from sim.placement import slides
 
 
 def execute_real(run: PreparedRun, machine: Machine, on_request_done: Callable[[int], None] | None = None,
@@ -23,9 +24,8 @@ def execute_real(run: PreparedRun, machine: Machine, on_request_done: Callable[[
     state = executor.run()
     wall = time.perf_counter() - started
     notes = machine.notes() + list(notes or [])
-    compactions = sum(c.pool.compactions for c in executor.caches)
+    compactions, moved = slides(executor.caches)
     if compactions:
-        moved = sum(c.pool.moved_bytes for c in executor.caches)
         notes.append(f"unequal expert parts fragmented the cache {compactions} times: {format_bytes(moved)} moved on "
                      "the GPU to join the gaps")
     executor.release()

@@ -159,9 +159,10 @@ class StoredRuns:
                                     "source": found.get("source", str(directory))})
             # Compares before every repeat's tables were kept stored the chosen repeat's alone.
             chosen = found[found["chosen"].astype(bool)][["policy", "budget", "repeat"]]
+            source = found["source"].iloc[0] if len(found) else ""
             runs.append(found)
-            layers += [self._with_repeat(by_layer, chosen, found["source"].iloc[0] if len(found) else "")]
-            tokens += [self._with_repeat(by_token, chosen, found["source"].iloc[0] if len(found) else "")]
+            layers.append(self._with_repeat(by_layer, chosen, source))
+            tokens.append(self._with_repeat(by_token, chosen, source))
         self.runs = pd.concat(runs, ignore_index=True)
         self.layers, self.tokens = pd.concat(layers, ignore_index=True), pd.concat(tokens, ignore_index=True)
 

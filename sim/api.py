@@ -13,6 +13,7 @@ from sim.config import SimConfig
 from sim.engine import RunState, SimOptions, Simulation
 from sim.errors import ConfigError
 from sim.metrics import RunMetrics, summarize
+from sim.placement import slides
 from sim.profiles import HardwareProfile, load_hardware
 from traces import ModelSpec, Trace, load_trace
 from traces.defaults import resolve_trace
@@ -102,10 +103,9 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
     state = sim.run()
     host = sim.policy_host
     charged = {"policy_host_s": host.to_dict()} if host.layer_s or host.step_s else {}
-    pools = [cache.pool for cache in sim.caches if cache.pool is not None]
-    if any(pool.compactions for pool in pools):  # unequal blocks slid down to join gaps (sim.placement)
-        charged |= {"cache_compactions": sum(p.compactions for p in pools),
-                    "slid_bytes": sum(p.moved_bytes for p in pools)}
+    compactions, slid = slides(sim.caches)
+    if compactions:  # unequal blocks slid down to join gaps (sim.placement)
+        charged |= {"cache_compactions": compactions, "slid_bytes": slid}
     return run_result(run, state, time.perf_counter() - started, extra_info=charged)
 
 

@@ -104,8 +104,9 @@ class Simulation(Serving):
         self._part_bytes = [part_bytes(self.model, f) for f in self._part_fractions]
         check_room(self.policy, self.caches, self._part_bytes, self.options.budget_scope)
         sizes = {n for parts in self._part_bytes for n in parts}
+        placed = fragments(sizes)  # unequal blocks: where they sit decides when blocks must slide
         for gpu, cache in enumerate(self.caches):
-            if fragments(sizes):  # unequal blocks: where they sit decides when blocks must slide
+            if placed:
                 cache.pool = Placement(cache.capacity_bytes, sizes)
             warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions, self.options.warm_start))
 

@@ -146,6 +146,7 @@ class HostLink:
             if job is None:
                 self.blocked = False
                 return
+            slid = 0
             if not job.started:
                 admitted = cache.admit(job.block, self.policy, job.demand) or (job.demand and self._make_room(job))
                 if not admitted:
@@ -161,14 +162,12 @@ class HostLink:
                 if self._released:
                     self._settle_released()
                 slid = cache.take_slid_bytes()
-                if slid:
-                    queue.pop()
-                    self.blocked = False
-                    self._after_slides(job, slid)
-                    return
             queue.pop()
             self.blocked = False
-            self._start(job)
+            if slid:
+                self._after_slides(job, slid)
+            else:
+                self._start(job)
             return
 
     def _make_room(self, job: CopyJob) -> bool:

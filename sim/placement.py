@@ -144,3 +144,9 @@ class PlacedCache(ExpertCache):
     def take_slid_bytes(self) -> int:
         slid, self.slid_bytes = self.slid_bytes, 0
         return slid
+
+
+def slides(caches: list[PlacedCache]) -> tuple[int, int]:
+    """(compactions, bytes slid) over the caches that place their blocks."""
+    pools = [cache.pool for cache in caches if cache.pool is not None]
+    return sum(p.compactions for p in pools), sum(p.moved_bytes for p in pools)

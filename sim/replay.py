@@ -107,6 +107,7 @@ def warm(cache: ExpertCache, policy: Policy, blocks: list[Block]) -> list[Block]
             cache.commit(block, prefetched=False)
             policy.on_copy_done(block, False)
             placed.append(block)
+    cache.take_slid_bytes()  # placing them cost nothing either: no slide is charged to the first copy
     return placed
 
 

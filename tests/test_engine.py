@@ -166,3 +166,14 @@ def test_identical_inputs_give_identical_results(make_trace):
     a, b = run(trace, "lru", "3experts"), run(trace, "lru", "3experts")
     assert a.metrics == b.metrics
     assert a.per_request.equals(b.per_request) and a.per_layer.equals(b.per_layer)
+
+
+def test_warming_a_fragmenting_cache_charges_no_slide_to_the_first_copy():
+    from sim.placement import PlacedCache, Placement
+    from sim.replay import warm
+
+    sizes = {0: 1000, 1: 1500}  # bytes of part 0 and part 1: unequal blocks fragment the arena
+    cache = PlacedCache(3500, lambda block: sizes[block[2]], Placement(3500, set(sizes.values())))
+    placed = warm(cache, Policy(), [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 1)])  # the last evicts, then slides
+    assert (0, 3, 1) in placed and cache.pool.compactions == 1
+    assert cache.take_slid_bytes() == 0
