@@ -2,7 +2,7 @@
 
 Hydra names a sweep's directory after the clock; here it is named after the sweep's own overrides
 (multirun/budget=2GB,6GB_policy=lru,belady) and each run's directory after its overrides
-(conf/config.yaml: hydra.sweep.subdir), so the same command run again finds the runs it finished and
+(conf/cli/config.yaml: hydra.sweep.subdir), so the same command run again finds the runs it finished and
 skips them: an interrupted sweep, restarted, runs only what is missing.
 """
 from __future__ import annotations
