@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sim.api import RunResult
 from sim.budget import format_bytes
+from sim.provenance import PROVENANCE_FILE, provenance
 from traces.atomic import atomic_write_csv, atomic_write_text, write_atomically  # noqa: F401 (re-exported)
 
 METRICS_FILE = "metrics.json"
@@ -42,10 +43,12 @@ def config_json(config: dict[str, Any]) -> str:
 
 
 def write_run(result: RunResult, out_dir: str | Path) -> Path:
-    """metrics.json, requests.csv, layers.csv and the run's config; metrics.json last (marks a complete run)."""
+    """metrics.json, requests.csv, layers.csv, the run's config and provenance (sim.provenance: the
+    trace's hash, the code's version); metrics.json last (marks a complete run)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, config_json(result.config))
+    atomic_write_text(out / PROVENANCE_FILE, json.dumps(provenance(result.config["trace"]), indent=2, sort_keys=True))
     atomic_write_csv(out / REQUESTS_FILE, result.per_request)
     atomic_write_csv(out / LAYERS_FILE, result.per_layer)
     atomic_write_text(out / METRICS_FILE, json.dumps(_jsonable({**result.metrics.to_dict(), "wall_s": result.wall_s}),

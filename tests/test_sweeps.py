@@ -172,3 +172,23 @@ def test_submitit_runs_the_task_as_it_would_on_slurm(tmp_path):
                "progress=false", f"hydra.sweep.dir={tmp_path / 's'}")
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "s").glob("*/metrics.json"))) == 1
+
+
+def test_a_complete_run_is_done_again_when_its_trace_or_the_code_changed(tmp_path):
+    import shutil
+
+    from traces.defaults import resolve_trace
+
+    trace = tmp_path / "trace"
+    shutil.copytree(resolve_trace("mixtral-8x7b-gsm8k"), trace)
+    cfg = SimConfig(trace=str(trace), policy="lru", budget="128experts", max_requests=1)
+    write_run(simulate(cfg), tmp_path / "run")
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is not None
+    made_by = tmp_path / "run" / "provenance.json"
+    stored = json.loads(made_by.read_text())
+    made_by.write_text(json.dumps({**stored, "code_version": "0.0.1+src.older"}))
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is None  # made by other code
+    made_by.write_text(json.dumps(stored))
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is not None
+    (trace / "meta.json").write_text((trace / "meta.json").read_text() + "\n")  # same name, other content
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is None
