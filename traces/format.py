@@ -20,7 +20,6 @@ temporary name and renames it into place, so a crash never leaves a half-written
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from traces.atomic import remove_stale_temporaries, temporary
 from traces.errors import TraceError, UserError
 from traces.model_spec import ModelSpec
 
@@ -292,7 +292,7 @@ def replace_directory(tmp: Path, final: Path, overwrite: bool) -> None:
         if not overwrite:
             shutil.rmtree(tmp)
             raise UserError(f"{final} already exists; choose another output directory or allow overwriting")
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = temporary(final, "old")
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -303,9 +303,11 @@ def replace_directory(tmp: Path, final: Path, overwrite: bool) -> None:
 def write_directory(out: Path, fill: Callable[[Path], Any], overwrite: bool) -> Path:
     """Build a directory with fill(tmp) under a temporary name, then move it into place: a failure
     or a crash never leaves it half-written."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent)
+    tmp = temporary(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         fill(tmp)
     except BaseException:
@@ -425,7 +427,8 @@ class TraceWriter:
         if not self._rows:
             raise UserError(f"{self.out_dir}: no requests were added; nothing to write")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        remove_stale_temporaries(self.out_dir.parent)  # a writer killed outright leaves its temporary
+        tmp = temporary(self.out_dir)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
