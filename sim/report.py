@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sim.api import RunResult
 from sim.budget import format_bytes
+from sim.overload import open_loop_load
 from sim.provenance import PROVENANCE_FILE, provenance
 from traces.atomic import atomic_write_csv, atomic_write_text, write_atomically  # noqa: F401 (re-exported)
 
@@ -87,11 +88,18 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
         ("host->GPU bytes (wasted prefetch)", f"{format_bytes(m.bytes_h2d)} ({format_bytes(m.wasted_prefetch_bytes)})"),
         ("stall on copies (s)", f"{m.stall_s:.3f}"),
         ("GPU expert memory high-water", format_bytes(m.gpu_mem_high_water_bytes)),
+        ("throughput (output tokens/s)", f"{m.throughput_tokens_per_s:.2f}"),
         ("simulated / wall time (s)", f"{m.makespan_s:.3f} / {result.wall_s:.2f}"),
     ]
+    load = open_loop_load(result.per_request, result.config["arrival"], result.config["rate_rps"])
+    if load is not None:
+        rows.append(("offered load / capacity (requests/s)",
+                     f"{load.offered_rps:.3g} / {load.capacity_rps:.3g} ({load.utilisation:.0%})"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    if load is not None and load.warning():
+        console.print(f"[bold red]warning[/]: {load.warning()}")
     host = m.policy_info.get("policy_host_s")
     if host:
         console.print(f"[yellow]note[/]: hardware '{m.hardware}' charges {m.policy}'s decisions "
