@@ -14,6 +14,7 @@ from sim.budget import format_bytes
 from sim.overload import open_loop_load
 from sim.provenance import PROVENANCE_FILE, provenance
 from traces.atomic import atomic_write_csv, atomic_write_text, write_atomically  # noqa: F401 (re-exported)
+from traces.cli import console as cli_console
 
 METRICS_FILE = "metrics.json"
 REQUESTS_FILE = "requests.csv"
@@ -62,7 +63,7 @@ def _ms(seconds: float) -> str:
 
 
 def print_run(result: RunResult, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or cli_console()
     m = result.metrics
     reuse = "unknown" if m.trace_token_reuse is None else f"{m.trace_token_reuse:.1%}"
     distance = ("unknown (no real trace of this routing shape)" if m.trace_distance_to_real is None
