@@ -66,9 +66,14 @@ def knob_types(cls: type[Policy]) -> dict[str, Any]:
     return types
 
 
+def knob_names(cls: type[Policy]) -> list[str]:
+    """The knobs a policy takes: its __init__'s parameters."""
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
 def make_policy(name: str, **params: Any) -> Policy:
     cls = policy_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = knob_names(cls)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise UserError(f"policy '{name}' has no parameter {', '.join(unknown)}; "

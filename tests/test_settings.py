@@ -77,6 +77,11 @@ def sim(tmp_path, *args):
     (["nosuchkey=1"], "unknown setting nosuchkey=1; known settings: "),
     (["+nosuchkey=1"], "unknown setting nosuchkey=1; known settings: "),
     (["+policy=finemoe", "policy.distance=far"], "policy.distance=far: expected an integer"),
+    (["+policy=lru", "policy.nosuch=1"], "policy 'lru' has no knob nosuch; its knobs: scope"),
+    (["policy.scope=global"], "policy.scope=global: a policy knob needs its policy first, e.g. +policy=lru"),
+    (["hardware.x=1"], "unknown setting hardware.x=1"),
+    (["seed=[1"], "cannot parse the override(s) seed=[1"),
+    (["+policy=lru,belady"], "+policy=lru,belady lists several values: add -m to sweep over them"),
 ])
 def test_the_command_line_refuses_bad_settings_in_one_line_and_leaves_no_run_directory(tmp_path, args, message):
     done = sim(tmp_path, *args)
