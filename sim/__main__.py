@@ -19,7 +19,7 @@ from tqdm import tqdm
 from sim.api import execute, prepare
 from sim.cli import check_arguments, config_from_hydra
 from sim.report import print_run, write_run
-from sim.rundir import discard_failed_run
+from sim.rundir import claimed, discard_failed_run
 from sim.sweep import check_objective, completed_metrics, objective_value, runs_side_by_side, with_stable_sweep_dir
 from traces.cli import run_cli
 from traces.errors import UserError
@@ -27,11 +27,12 @@ from traces.errors import UserError
 
 def run(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        return run_in(cfg, out_dir)
-    except UserError:
-        discard_failed_run(out_dir)  # bad input leaves no run directory behind
-        raise
+    with claimed(out_dir):  # refused while another process writes the same directory
+        try:
+            return run_in(cfg, out_dir)
+        except UserError:
+            discard_failed_run(out_dir)  # bad input leaves no run directory behind
+            raise
 
 
 def run_in(cfg: DictConfig, out_dir: str) -> float:

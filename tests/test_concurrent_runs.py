@@ -22,3 +22,24 @@ def test_concurrent_runs_each_keep_their_own_results(tmp_path):
         assert json.loads((path / "run_config.json").read_text())["seed"] == seed
         assert f"seed={seed}" in (path / ".hydra" / "overrides.yaml").read_text()
     assert sorted(p.parent for p in (tmp_path / "outputs").rglob("metrics.json")) == sorted(paths)
+
+
+def test_a_run_directory_another_process_is_writing_is_refused(tmp_path):
+    import os
+
+    from traces.atomic import HOST
+
+    held = tmp_path / "run"
+    held.mkdir()
+    (held / ".running").write_text(f"{os.getpid()}.{HOST}")  # this test's process holds it
+    (held / "requests.csv").write_text("theirs")
+    done = subprocess.run([sys.executable, "-m", "sim", "max_requests=1", "progress=false", f"hydra.run.dir={held}"],
+                          cwd=tmp_path, env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"{held}: another run (process {os.getpid()} on {HOST}) is writing this directory" in done.stderr
+    assert (held / "requests.csv").read_text() == "theirs" and not (held / "metrics.json").exists()
+    (held / ".running").write_text(f"{2**22 + 12345}.{HOST}")  # a holder that died: taken over
+    done = subprocess.run([sys.executable, "-m", "sim", "max_requests=1", "progress=false", f"hydra.run.dir={held}"],
+                          cwd=tmp_path, env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (held / "metrics.json").is_file() and not (held / ".running").exists()

@@ -24,7 +24,8 @@ def temporary(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}.{HOST}")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host with this id is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -42,7 +43,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
         return removed
     for path in folder.glob(".*"):
         match = _LEFTOVER.match(path.name)
-        if not match or (match[2] or HOST) != HOST or _alive(int(match[1])):
+        if not match or (match[2] or HOST) != HOST or alive(int(match[1])):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
