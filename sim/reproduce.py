@@ -35,7 +35,8 @@ from sim.api import prepare, resolve_hardware, simulate, split_requests  # noqa:
 from sim.budget import format_bytes, parse_budget  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 from sim.report import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
-from traces import Trace, load_trace  # noqa: E402
+from traces import Trace  # noqa: E402
+from traces.shared import shared_trace  # noqa: E402
 from traces.cli import run_cli  # noqa: E402
 from traces.defaults import resolve_trace, shipped_traces  # noqa: E402
 from traces.errors import UserError  # noqa: E402
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         names = args.traces.split(",") if args.traces else shipped_traces()
         if not names:
             raise UserError("no shipped trace found; pass --traces PATH")
-        traces = [load_trace(resolve_trace(name)) for name in names]
+        traces = [shared_trace(resolve_trace(name)) for name in names]
         policies = args.policies.split(",") if args.policies else [p for p in available() if not p.startswith("test_")]
         budgets = list(QUICK_BUDGETS) if args.quick else args.budgets.split(",")
         if HEADLINE_BUDGET not in budgets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -12,10 +13,16 @@ from policies import make_policy
 from sim.api import simulate
 from sim.config import SimConfig
 from sim.errors import ConfigError
+from sim.fast.engine import TraceTables
+from sim.fast.future import ArrayFuture
+from sim.future import ReplayFuture
 from conftest import tiny_model, unit_hardware
-from traces.defaults import shipped_traces
+from traces.defaults import resolve_trace, shipped_traces
+from traces.shared import shared_trace
 
-POLICIES = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {})]
+POLICIES = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belady", {}),
+            ("belady", {"scope": "per_layer"})]
+DEMAND = [POLICIES[i] for i in (0, 1, 3, 4)]
 
 
 def assert_identical(reference, fast) -> None:
@@ -41,7 +48,7 @@ def test_every_shipped_trace(trace, policy, params):
 
 
 @pytest.mark.parametrize("budget", ["6GB", "3experts", "20experts", "200experts"])
-@pytest.mark.parametrize("policy,params", POLICIES[:2])
+@pytest.mark.parametrize("policy,params", DEMAND)
 def test_budgets(budget, policy, params):
     assert_identical(*both(policy=policy, policy_params=params, budget=budget, max_requests=3))
 
@@ -55,14 +62,34 @@ def test_several_gpus_batched_arrivals(hardware, serving, policy, params):
                            max_requests=5, **serving))
 
 
+@pytest.mark.parametrize("hardware", ["rtx3090x6", "h200x2"])
+@pytest.mark.parametrize("policy,params", DEMAND[2:])
+def test_belady_several_gpus(hardware, policy, params):  # it reads the future: one request at a time
+    assert_identical(*both(hardware=hardware, policy=policy, policy_params=params, budget="12experts",
+                           max_requests=4, warm_start=True))
+
+
+@pytest.mark.parametrize("trace", shipped_traces())
+def test_future_from_arrays(trace):
+    """The fast engine's future, built with numpy, holds ReplayFuture's positions exactly."""
+    t = shared_trace(resolve_trace(trace))
+    requests = list(range(2, min(9, t.num_requests)))
+    reference = ReplayFuture(t, requests)
+    future = ArrayFuture(TraceTables(t), requests, t.model.num_layers, t.model.num_experts)
+    assert future.num_steps == reference.num_steps
+    for layer in range(t.model.num_layers):
+        for e in range(t.model.num_experts):
+            np.testing.assert_array_equal(future.uses_of(layer, e), reference.uses_of(layer, e))
+
+
 def test_engine_choice():
     assert simulate(SimConfig(max_requests=1)).metrics.policy_info["engine"] == "fast"
     assert simulate(SimConfig(max_requests=1, engine="simpy")).metrics.policy_info["engine"] == "simpy"
     # a subclass of LRU that prefetches does not inherit the declaration
     assert type(make_policy("mixtral_offload")).__dict__.get("fast_path") is None
     assert simulate(SimConfig(policy="mixtral_offload", max_requests=1)).metrics.policy_info["engine"] == "simpy"
-    with pytest.raises(ConfigError, match="engine=fast: policy 'belady' declares no fast path"):
-        simulate(SimConfig(policy="belady", max_requests=1, engine="fast"))
+    with pytest.raises(ConfigError, match="engine=fast: policy 'oracle_prefetch' declares no fast path"):
+        simulate(SimConfig(policy="oracle_prefetch", max_requests=1, engine="fast"))
     with pytest.raises(ConfigError, match="engine 'numba' unknown"):
         simulate(SimConfig(max_requests=1, engine="numba"))
 

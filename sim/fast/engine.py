@@ -4,6 +4,7 @@ A policy opts in with a class attribute `fast_path` naming what it is (declared 
 a subclass that changes behaviour does not inherit it):
 - "lru": touch on use, copy on demand only, evict the least recently used (policies.lru: per-layer
   quotas or global scope);
+- "belady": copy on demand only, evict the furthest next use (policies.belady, either scope);
 - "resident": ignores the budget, every expert resident from the start (policies.all_resident).
 
 Serving (arrivals, batching, request records) is sim.replay.Serving, as in the SimPy engine; the
@@ -23,6 +24,7 @@ from policies.base import Block, Policy, PolicyContext, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
 from sim.engine import RunState, SimOptions
+from sim.fast.future import ArrayFuture
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
 from sim.replay import (Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
@@ -30,7 +32,7 @@ from sim.replay import (Serving, arrival_times, bind_policy, cache_capacities, c
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
-KINDS = ("lru", "resident")
+KINDS = ("lru", "belady", "resident")
 
 
 class FastPathDeclined(Exception):
@@ -122,8 +124,10 @@ class FastSimulation(Serving):
         """As sim.engine.Simulation.prepare (the same shared steps), then the kernel's state from it."""
         topo, model = self.topology, self.model
         timing = Timing(self.hardware.host_link.copy_time, self.compute.expert_time, self.compute.non_expert_time)
+        self.future = ArrayFuture(self.tables, self.requests, model.num_layers, model.num_experts) \
+            if self.policy.reads_future else None
         ctx = PolicyContext(model, self.caches, topo.home, topo.layers_of, np.random.default_rng(self.options.seed),
-                            None, timing)
+                            self.future, timing)
         fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
         if any(f != (1.0,) for f in fractions):
             raise FastPathDeclined(f"policy '{self.policy.name}' splits experts into parts")
@@ -153,7 +157,12 @@ class FastSimulation(Serving):
         self.nres = np.array([sum(1 for _ in c.resident_blocks()) for c in self.caches], np.int64)
         self.high = np.array([c.high_water_bytes for c in self.caches], np.int64)
         self.evictions = np.array([c.evictions for c in self.caches], np.int64)
-        quota = getattr(self.policy, "quota", None) if self.kind == "lru" else None
+        quota = getattr(self.policy, "quota", None) if self.kind != "resident" else None
+        N = L * E
+        future = self.future
+        self.uses_ptr = future.uses_ptr if future is not None else np.zeros(N + 1, np.int64)
+        self.uses_pos = future.block_uses if future is not None else np.zeros(0, np.int64)
+        self.cursor = self.uses_ptr[:-1].copy()
         self.use_quota = quota is not None
         self.qcount, self.qcap = np.zeros(L, np.int64), np.zeros(L, np.int64)
         self.over = np.zeros(L, np.bool_)
@@ -215,7 +224,8 @@ class FastSimulation(Serving):
                        self.kind == "lru", self.use_quota, self.resident, self.pin_until, self.cap, self.used,
                        self.nres, self.high, self.evictions, self.gprev, self.gnext, self.lprev, self.lnext,
                        self.qcount, self.qcap, self.over, self.nover, self.hits, self.misses, self.uses, self.stall,
-                       self.lbytes, self.dbytes, self._now, ends)
+                       self.lbytes, self.dbytes, self._now, ends, self.kind == "belady", self.recorder.steps,
+                       self.uses_ptr, self.uses_pos, self.cursor)
         if t == ABORT:
             raise FastPathDeclined("a layer's outcome hinges on what the kernel does not model")
         self.recorder.steps += len(kinds)

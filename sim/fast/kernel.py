@@ -78,14 +78,49 @@ def _first(sentinel, nxt, s, E, g, layer_gpu, resident, pin_until, victims, nv, 
 
 
 @njit(cache=True)
+def _next_use(b, now, uses_ptr, uses_pos, cursor):
+    """policies.belady's next use after `now` (a cursor per block: the clock only moves forward)."""
+    i, end = cursor[b], uses_ptr[b + 1]
+    while i < end and uses_pos[i] <= now:
+        i += 1
+    cursor[b] = i
+    return float(uses_pos[i]) if i < end else np.inf
+
+
+@njit(cache=True)
+def _furthest(lo, hi, s, now, E, g, layer_gpu, resident, pin_until, victims, nv, over_only, over, flag,
+              uses_ptr, uses_pos, cursor):
+    """Belady's first victim among blocks lo..hi-1: the evictable one used furthest ahead, ties to
+    the lowest block (policies.belady._ranked)."""
+    best, best_use = -1, -1.0
+    for b in range(lo, hi):
+        if layer_gpu[b // E] != g or (over_only and not over[b // E]) or \
+                not _evictable(b, s, resident, pin_until, flag):
+            continue
+        taken = False
+        for v in range(nv):
+            if victims[v] == b:
+                taken = True
+        if taken:
+            continue
+        use = _next_use(b, now, uses_ptr, uses_pos, cursor)
+        if use > best_use:
+            best, best_use = b, use
+    return best
+
+
+@njit(cache=True)
 def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step, host_layer, extime,
                experts_tab, counts_tab, layer_gpu, E, bpe, copy_s, fabric, latency_s, fabric_Bps, lru, use_quota,
                resident, pin_until, cap, used, nres, high, evictions, gprev, gnext, lprev, lnext,
-               qcount, qcap, over, nover, hits, misses, uses, stall, lbytes, dbytes, t, ends):
+               qcount, qcap, over, nover, hits, misses, uses, stall, lbytes, dbytes, t, ends,
+               belady, step0, uses_ptr, uses_pos, cursor):
     """Run passes p = 0..len(kinds)-1 from time t; ends[p] gets each pass's end. Returns the end of
     the last, or ABORT. kinds[p]: 0 prefill of request refs[p] (counts_tab), 1 decode of rows
     rows[row_start[p]: +row_count[p]] (experts_tab). ne[p]: its non-expert time per layer;
-    xfer[xi[p], layer]: the hidden state's move into each layer. State arrays are updated in place."""
+    xfer[xi[p], layer]: the hidden state's move into each layer. State arrays are updated in place. belady: victims by
+    furthest next use (uses_pos[uses_ptr[b]:uses_ptr[b+1]]: block b's use positions, step*L + layer,
+    pass p being step step0 + p) instead of least recent use."""
     L = layer_gpu.shape[0]
     N = L * E
     k = experts_tab.shape[2]
@@ -237,9 +272,14 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
                         return ABORT  # the demand would wait for room: the link's _make_room
                     nv = 0
                     flag[0] = False
+                    now = (step0 + p) * L + l
                     if use_quota and qcount[l] >= qcap[l]:
-                        own = _first(N + l, lnext, s, E, g, layer_gpu, resident, pin_until, victims, nv, False,
-                                     over, flag)
+                        if belady:
+                            own = _furthest(base, base + E, s, now, E, g, layer_gpu, resident, pin_until, victims, nv,
+                                            False, over, flag, uses_ptr, uses_pos, cursor)
+                        else:
+                            own = _first(N + l, lnext, s, E, g, layer_gpu, resident, pin_until, victims, nv, False,
+                                         over, flag)
                         if own >= 0:
                             victims[nv] = own
                             nv += 1
@@ -247,12 +287,15 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
                             _quota_add(own // E, -1, qcount, qcap, over, nover)
                     while free < bpe:
                         b = -1
-                        if use_quota and nover[0] > 0:
-                            b = _first(N, gnext, s, E, g, layer_gpu, resident, pin_until, victims, nv, True, over,
-                                       flag)
-                        if b < 0:
-                            b = _first(N, gnext, s, E, g, layer_gpu, resident, pin_until, victims, nv, False, over,
-                                       flag)
+                        for over_only in (True, False):
+                            if b >= 0 or (over_only and not (use_quota and nover[0] > 0)):
+                                continue
+                            if belady:
+                                b = _furthest(0, N, s, now, E, g, layer_gpu, resident, pin_until, victims, nv,
+                                              over_only, over, flag, uses_ptr, uses_pos, cursor)
+                            else:
+                                b = _first(N, gnext, s, E, g, layer_gpu, resident, pin_until, victims, nv, over_only,
+                                           over, flag)
                         if b < 0:
                             break
                         victims[nv] = b
