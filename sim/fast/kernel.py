@@ -88,12 +88,16 @@ def _next_use(b, now, uses_ptr, uses_pos, cursor):
 
 
 @njit(cache=True)
-def _furthest(lo, hi, s, now, E, g, layer_gpu, resident, pin_until, victims, nv, over_only, over, flag,
+def _furthest(sentinel, nxt, s, now, E, g, layer_gpu, resident, pin_until, victims, nv, over_only, over, flag,
               uses_ptr, uses_pos, cursor):
-    """Belady's first victim among blocks lo..hi-1: the evictable one used furthest ahead, ties to
-    the lowest block (policies.belady._ranked)."""
+    """Belady's first victim among the resident blocks of a list: the evictable one used furthest
+    ahead, ties to the lowest block (policies.belady._ranked)."""
     best, best_use = -1, -1.0
-    for b in range(lo, hi):
+    b = sentinel
+    while True:
+        b = nxt[b]
+        if b == sentinel:
+            break
         if layer_gpu[b // E] != g or (over_only and not over[b // E]) or \
                 not _evictable(b, s, resident, pin_until, flag):
             continue
@@ -104,7 +108,7 @@ def _furthest(lo, hi, s, now, E, g, layer_gpu, resident, pin_until, victims, nv,
         if taken:
             continue
         use = _next_use(b, now, uses_ptr, uses_pos, cursor)
-        if use > best_use:
+        if use > best_use or (use == best_use and b < best):
             best, best_use = b, use
     return best
 
@@ -275,7 +279,7 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
                     now = (step0 + p) * L + l
                     if use_quota and qcount[l] >= qcap[l]:
                         if belady:
-                            own = _furthest(base, base + E, s, now, E, g, layer_gpu, resident, pin_until, victims, nv,
+                            own = _furthest(N + l, lnext, s, now, E, g, layer_gpu, resident, pin_until, victims, nv,
                                             False, over, flag, uses_ptr, uses_pos, cursor)
                         else:
                             own = _first(N + l, lnext, s, E, g, layer_gpu, resident, pin_until, victims, nv, False,
@@ -291,7 +295,7 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
                             if b >= 0 or (over_only and not (use_quota and nover[0] > 0)):
                                 continue
                             if belady:
-                                b = _furthest(0, N, s, now, E, g, layer_gpu, resident, pin_until, victims, nv,
+                                b = _furthest(N, gnext, s, now, E, g, layer_gpu, resident, pin_until, victims, nv,
                                               over_only, over, flag, uses_ptr, uses_pos, cursor)
                             else:
                                 b = _first(N, gnext, s, E, g, layer_gpu, resident, pin_until, victims, nv, over_only,
