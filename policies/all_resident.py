@@ -8,3 +8,4 @@ from policies.registry import register
 @register("all_resident")
 class AllResident(Policy):
     ignores_budget = True
+    fast_path = "resident"  # nothing is ever copied: sim.fast runs it

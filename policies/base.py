@@ -137,6 +137,9 @@ class Policy:
     # engines do (DeepSpeed ZeRO-Inference); ignored when the budget cannot hold a whole layer.
     loads_whole_layer: ClassVar[bool] = False
     needs_training: ClassVar[bool] = False  # learns offline in fit(): a run needs a training split
+    # What the policy is, for the fast engine (sim.fast.engine.KINDS), declared on the class itself;
+    # None: only the SimPy engine runs it.
+    fast_path: ClassVar[str | None] = None
 
     ctx: PolicyContext
 

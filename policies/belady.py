@@ -18,6 +18,7 @@ SCOPES = ("global", "per_layer")
 @register("belady")
 class Belady(Policy):
     reads_future = True
+    fast_path = "belady"  # demand copies, furthest-next-use victims: sim.fast runs it (subclasses must re-declare)
 
     def __init__(self, scope: str = "global"):
         if scope not in SCOPES:

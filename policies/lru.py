@@ -19,6 +19,8 @@ SCOPES = ("per_layer", "global")
 
 @register("lru")
 class LRU(Policy):
+    fast_path = "lru"  # touch on use, demand copies, LRU victims: sim.fast runs it (subclasses must re-declare)
+
     def __init__(self, scope: str = "per_layer"):
         if scope not in SCOPES:
             raise ValueError(f"scope '{scope}' unknown; use {' or '.join(SCOPES)}")

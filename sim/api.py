@@ -11,14 +11,19 @@ from policies import Policy, make_policy
 from sim.budget import parse_budget
 from sim.config import SimConfig
 from sim.engine import RunState, SimOptions, Simulation
+from sim.fast.engine import FastPathDeclined, FastSimulation, fast_kind, tables_for
 from sim.errors import ConfigError
 from sim.metrics import RunMetrics, summarize
 from sim.placement import slides
 from sim.profiles import HardwareProfile, load_hardware
-from traces import ModelSpec, Trace, load_trace
+from traces import ModelSpec, Trace
+from traces.shared import shared_trace
 from traces.defaults import resolve_trace
 from traces.stats import trace_reuse
 from traces.model_spec import load_model_spec
+
+
+ENGINES = ("auto", "simpy", "fast")
 
 
 @dataclass
@@ -76,7 +81,7 @@ class PreparedRun:
 
 def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     """Resolve and check every input; bad ones raise a UserError before anything runs."""
-    trace = trace if trace is not None else load_trace(resolve_trace(cfg.trace))
+    trace = trace if trace is not None else shared_trace(resolve_trace(cfg.trace))
     model = resolve_model(trace, cfg.model)
     hardware = resolve_hardware(cfg.hardware)
     budget = parse_budget(cfg.budget, model.bytes_per_expert)
@@ -96,17 +101,43 @@ def replay_options(cfg: SimConfig) -> SimOptions:
 
 
 def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None) -> RunResult:
+    """Run on the fast engine where the policy declares one and the run stays within what it models
+    (engine=auto or fast), else on the SimPy engine, the reference; policy_info['engine'] says which."""
+    engine = run.cfg.engine
+    if engine not in ENGINES:
+        raise ConfigError(f"engine '{engine}' unknown; use {', '.join(ENGINES)}")
+    declined = ""
+    if engine != "simpy":
+        kind, why = fast_kind(run.policy, replay_options(run.cfg), run.hardware)
+        if kind is None and engine == "fast":
+            raise ConfigError(f"engine=fast: {why}; use engine=auto or engine=simpy")
+        if kind is not None:
+            started = time.perf_counter()
+            try:
+                fast = FastSimulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
+                                      replay_options(run.cfg), on_request_done, tables_for(run.trace))
+                fast.prepare(run.train)
+                state = fast.run()
+                return run_result(run, state, time.perf_counter() - started,
+                                  extra_info={**_host_info(fast.policy_host), "engine": "fast"})
+            except FastPathDeclined as reason:
+                declined = str(reason)
+                run = prepare(run.cfg, run.trace)  # a fresh policy: the fast engine has bound this one
     started = time.perf_counter()
     sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
                      replay_options(run.cfg), on_request_done)
     sim.prepare(run.train)
     state = sim.run()
-    host = sim.policy_host
-    charged = {"policy_host_s": host.to_dict()} if host.layer_s or host.step_s else {}
+    charged = _host_info(sim.policy_host)
     compactions, slid = slides(sim.caches)
     if compactions:  # unequal blocks slid down to join gaps (sim.placement)
         charged |= {"cache_compactions": compactions, "slid_bytes": slid}
+    charged["engine"] = "simpy" + (f" (the fast engine declined: {declined})" if declined else "")
     return run_result(run, state, time.perf_counter() - started, extra_info=charged)
+
+
+def _host_info(host) -> dict[str, Any]:
+    return {"policy_host_s": host.to_dict()} if host.layer_s or host.step_s else {}
 
 
 def run_result(run: PreparedRun, state: RunState, wall_s: float, hardware_name: str | None = None,

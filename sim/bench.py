@@ -1,12 +1,14 @@
-"""Simulator speed: simulated layer-iterations per wall-clock second, and where the time goes.
+"""Simulator speed: layer-iterations per CPU-second for each policy on each engine, against SimPy's bare event rate.
 
-    python -m sim.bench [--requests 100] [--profile]
+    python -m sim.bench [--requests 10] [--profile]
     python -m sim.bench --scale [--requests 1000] [--rate 0.05]
 
-Replays a synthetic Mixtral-shape trace (100 requests by default) under several policies and
-budgets and prints, per run, layer-iterations per second and the ratio to the 100k/s aim. With
---profile, one LRU run is profiled and its time split by component (SimPy core, engine, link and
-copy queue, cache, policy, other).
+First measures SimPy's bare event rate here (a process yielding timeouts), then replays the default
+trace at 6 GB under every policy: on the SimPy engine (the reference, the first --requests
+requests) and, for the policies that declare a fast path (sim.fast), on the fast engine (every
+request of the trace). CPU-seconds are time.process_time over the whole run (setup included);
+the ratio to SimPy's event rate, measured in the same run, is what carries across machines.
+With --profile, one LRU run on the SimPy engine is profiled and its time split by component.
 
 --scale: ShareGPT-length requests (1,000 by default; routing fitted to the real Mixtral sample by
 traces.synth) arriving by a Poisson process on the paper's 6x RTX 3090 testbed with continuous batching; prints wall time and simulated output tokens per
@@ -22,20 +24,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import simpy
 from rich.console import Console
 from rich.table import Table
 
+from policies import make_policy
+from policies.registry import available
 from sim.api import simulate
 from sim.config import SimConfig
 from traces import load_trace
 from traces.cli import console as cli_console
-from traces.model_spec import load_model_spec
-from traces.synthetic import SyntheticParams, generate_synthetic
 from traces.defaults import resolve_trace
+from traces.shared import shared_trace
 from traces.synth import SynthOptions, fit_source, synthesize
 
-AIM_PER_S = 100_000
-RUNS = [("lru", "6GB"), ("lru", "128experts"), ("belady", "128experts"), ("all_resident", "6GB")]
+BUDGET = "6GB"
+RUNS = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belady", {}), ("deepspeed", {}),
+        ("oracle_prefetch", {}), ("mixtral_offload", {}), ("promoe", {}), ("moepic", {}), ("finemoe", {}),
+        ("moe_infinity", {})]
 COMPONENTS = [("simpy", "SimPy core"), ("sim/engine", "engine"), ("sim/layer_protocol", "engine"),
               ("sim/link", "link + copy queue"), ("sim/copy_queue", "link + copy queue"), ("sim/cache", "cache"),
               ("policies/", "policy")]
@@ -48,6 +54,54 @@ def component_times(stats: pstats.Stats) -> dict[str, float]:
         name = next((label for key, label in COMPONENTS if key in filename), "other (numpy, builtins, ...)")
         totals[name] = totals.get(name, 0.0) + own
     return totals
+
+
+def simpy_event_rate(events: int = 300_000) -> float:
+    """Timeouts per CPU-second that a bare SimPy process gets here: the ceiling of any engine built on it."""
+    env = simpy.Environment()
+
+    def ticker():
+        for _ in range(events):
+            yield env.timeout(1.0)
+
+    env.process(ticker())
+    started = time.process_time()
+    env.run()
+    return events / (time.process_time() - started)
+
+
+def policy_label(policy: str, params: dict) -> str:
+    return policy + "".join(f" {k}={v}" for k, v in params.items())
+
+
+def speeds(requests: int, console: Console) -> None:
+    """Every policy on each engine it runs on, in layer-iterations per CPU-second."""
+    trace = shared_trace(resolve_trace("default"))
+    rate = simpy_event_rate()
+    console.print(f"SimPy bare event rate here: {rate:,.0f} timeouts per CPU-second")
+    table = Table(title=f"default trace ({trace.path.name}, {trace.num_requests} requests), budget {BUDGET}, "
+                        "layer-iterations per CPU-second")
+    for column in ("policy", "engine", "requests", "layer-iters", "CPU s", "iters/s", "vs SimPy events/s",
+                   "hit rate"):
+        table.add_column(column, justify="right")
+    simulate(SimConfig(policy="lru", budget=BUDGET, max_requests=1))  # loads the compiled kernel
+    for policy, params in RUNS:
+        if policy not in available():
+            continue
+        train = 0.5 if make_policy(policy, **params).needs_training else 0.0
+        fast = type(make_policy(policy, **params)).__dict__.get("fast_path") is not None
+        for engine in (("fast", "simpy") if fast else ("simpy",)):
+            cfg = SimConfig(policy=policy, policy_params=params, budget=BUDGET, engine=engine, train_fraction=train,
+                            max_requests=None if engine == "fast" else requests)
+            started = time.process_time()
+            result = simulate(cfg, trace=trace)
+            cpu = time.process_time() - started
+            m = result.metrics
+            ran = m.policy_info.get("engine", engine)
+            table.add_row(policy_label(policy, params), ran if len(ran) < 20 else ran[:18] + "..", str(m.requests),
+                          f"{m.layer_iterations:,}", f"{cpu:.2f}", f"{m.layer_iterations / cpu:,.0f}",
+                          f"{m.layer_iterations / cpu / rate:.3f}", f"{m.hit_rate:.1%}")
+    console.print(table)
 
 
 def scale(requests: int, rate_rps: float, console: Console) -> None:
@@ -79,41 +133,29 @@ def scale(requests: int, rate_rps: float, console: Console) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=10, help="requests replayed on the SimPy engine")
     parser.add_argument("--profile", action="store_true", help="also split an LRU run's time by component")
     parser.add_argument("--scale", action="store_true", help="ShareGPT-length requests on rtx3090x6 with batching")
     parser.add_argument("--rate", type=float, default=0.05, help="--scale: Poisson arrivals per second")
     args = parser.parse_args(argv)
     console = cli_console()
     if args.scale:
-        scale(args.requests if args.requests != 100 else 1000, args.rate, console)
+        scale(args.requests if args.requests != 10 else 1000, args.rate, console)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        params = SyntheticParams(requests=args.requests, prompt_tokens=(16, 256), output_tokens=(32, 256), seed=0)
-        trace = load_trace(generate_synthetic(Path(tmp) / "bench", load_model_spec("mixtral-8x7b"), params))
-        table = Table(title=f"simulator speed: {args.requests} synthetic Mixtral-shape requests, "
-                            f"{trace.num_iterations:,} iterations")
-        for column in ("policy", "budget", "hit rate", "layer-iters", "wall s", "iters/s", "vs aim"):
-            table.add_column(column, justify="right")
-        for policy, budget in RUNS:
-            result = simulate(SimConfig(trace=tmp, policy=policy, budget=budget), trace=trace)
-            rate = result.metrics.layer_iterations / result.wall_s
-            table.add_row(policy, budget, f"{result.metrics.hit_rate:.1%}", f"{result.metrics.layer_iterations:,}",
-                          f"{result.wall_s:.2f}", f"{rate:,.0f}", f"{rate / AIM_PER_S:.2f}x")
-        console.print(table)
-        if args.profile:
-            profiler = cProfile.Profile()
-            profiler.enable()
-            simulate(SimConfig(trace=tmp, policy="lru", budget="6GB", max_requests=max(1, args.requests // 5)), trace=trace)
-            profiler.disable()
-            totals = component_times(pstats.Stats(profiler))
-            whole = sum(totals.values())
-            split = Table(title="where an LRU run's time goes (own time, under the profiler)")
-            split.add_column("component")
-            split.add_column("share", justify="right")
-            for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
-                split.add_row(name, f"{seconds / whole:.0%}")
-            console.print(split)
+    speeds(args.requests, console)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        simulate(SimConfig(policy="lru", budget=BUDGET, max_requests=max(1, args.requests // 2), engine="simpy"))
+        profiler.disable()
+        totals = component_times(pstats.Stats(profiler))
+        whole = sum(totals.values())
+        split = Table(title="where an LRU run's time goes on the SimPy engine (own time, under the profiler)")
+        split.add_column("component")
+        split.add_column("share", justify="right")
+        for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+            split.add_row(name, f"{seconds / whole:.0%}")
+        console.print(split)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class SimConfig:
     max_requests: int | None = None
     train_fraction: float = 0.0  # leading share of the requests given to policy.fit(), not replayed
     seed: int = 0
+    engine: str = "auto"  # auto: the fast engine where the policy declares one (sim.fast), else SimPy; simpy | fast
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -219,6 +219,10 @@ class Serving:
     def _woken(self) -> None:
         """A request arrived (an engine whose server sleeps wakes it here)."""
 
+    def _passes(self, r: int) -> Iterator:
+        """A request's forward passes (an engine may describe them more cheaply, with the same kinds)."""
+        return request_passes(self.trace, r)
+
     def _arrive(self, when: float | None = None) -> None:
         r = self.requests[self._issued]
         self._issued += 1
@@ -229,7 +233,7 @@ class Serving:
         """Start a request; returns its prefill pass, which the engine runs (alone), or None."""
         active.timer = RequestTimer(active.info, active.arrival, self.now(), self.recorder)
         self._apply(self.policy.on_request_start(active.info))
-        active.passes = request_passes(self.trace, active.index)
+        active.passes = self._passes(active.index)
         active.next_pass = next(active.passes, None)
         return active.next_pass if active.next_pass is not None and active.next_pass.kind == "prefill" else None
 

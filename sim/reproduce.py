@@ -40,6 +40,7 @@ from sim.config import SimConfig  # noqa: E402
 from sim.provenance import PROVENANCE_FILE, provenance, same_provenance  # noqa: E402
 from sim.report import CONFIG_FILE, atomic_save_figure, atomic_write_csv, atomic_write_text, config_json  # noqa: E402
 from traces import Trace, load_trace  # noqa: E402
+from traces.shared import shared_trace  # noqa: E402
 from traces.cli import run_cli  # noqa: E402
 from traces.defaults import resolve_trace, shipped_traces  # noqa: E402
 from traces.errors import UserError  # noqa: E402
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         names = args.traces.split(",") if args.traces else shipped_traces()
         if not names:
             raise UserError("no shipped trace found; pass --traces PATH")
-        traces = [load_trace(resolve_trace(name)) for name in names]
+        traces = [shared_trace(resolve_trace(name)) for name in names]
         policies = args.policies.split(",") if args.policies else [p for p in available() if not p.startswith("test_")]
         budgets = list(QUICK_BUDGETS) if args.quick else args.budgets.split(",")
         if HEADLINE_BUDGET not in budgets:

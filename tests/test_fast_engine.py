@@ -1,0 +1,108 @@
+"""The fast engine (sim.fast) against the SimPy engine, the reference: every metric, every per-request
+and per-layer value and every TPOT sample equal, on every shipped trace, one and several GPUs
+(shared host bandwidth, NVLink pairs), batched and with Poisson arrivals."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from policies import make_policy
+from sim.api import simulate
+from sim.config import SimConfig
+from sim.errors import ConfigError
+from sim.fast.engine import TraceTables
+from sim.fast.future import ArrayFuture
+from sim.future import ReplayFuture
+from conftest import tiny_model, unit_hardware
+from traces.defaults import resolve_trace, shipped_traces
+from traces.shared import shared_trace
+
+POLICIES = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belady", {}),
+            ("belady", {"scope": "per_layer"})]
+DEMAND = [POLICIES[i] for i in (0, 1, 3, 4)]
+
+
+def assert_identical(reference, fast) -> None:
+    a, b = reference.metrics.to_dict(), fast.metrics.to_dict()
+    assert a["policy_info"].pop("engine") == "simpy"
+    assert b["policy_info"].pop("engine") == "fast"
+    for key in a:
+        assert a[key] == b[key] or (isinstance(a[key], float) and math.isnan(a[key]) and math.isnan(b[key])), key
+    pd.testing.assert_frame_equal(reference.per_request, fast.per_request, check_exact=True)
+    pd.testing.assert_frame_equal(reference.per_layer, fast.per_layer, check_exact=True)
+    assert reference.token_latencies_s == fast.token_latencies_s
+
+
+def both(**settings):
+    return simulate(SimConfig(engine="simpy", **settings)), simulate(SimConfig(engine="fast", **settings))
+
+
+@pytest.mark.parametrize("trace", shipped_traces())
+@pytest.mark.parametrize("policy,params", POLICIES)
+def test_every_shipped_trace(trace, policy, params):
+    budget = "12experts" if "qwen" not in trace else "64experts"  # room for a Qwen prefill's 60 experts
+    assert_identical(*both(trace=trace, policy=policy, policy_params=params, budget=budget, max_requests=2))
+
+
+@pytest.mark.parametrize("budget", ["6GB", "3experts", "20experts", "200experts"])
+@pytest.mark.parametrize("policy,params", DEMAND)
+def test_budgets(budget, policy, params):
+    assert_identical(*both(policy=policy, policy_params=params, budget=budget, max_requests=3))
+
+
+@pytest.mark.parametrize("hardware", ["rtx3090x6", "h200x2"])  # shared host bandwidth; NVLink pairs
+@pytest.mark.parametrize("serving", [{}, {"max_batch": 4, "clients": 4}, {"warm_start": True},
+                                     {"max_batch": 3, "arrival": "poisson", "rate_rps": 2.0}])
+@pytest.mark.parametrize("policy,params", POLICIES[:2])
+def test_several_gpus_batched_arrivals(hardware, serving, policy, params):
+    assert_identical(*both(hardware=hardware, policy=policy, policy_params=params, budget="12experts",
+                           max_requests=5, **serving))
+
+
+@pytest.mark.parametrize("hardware", ["rtx3090x6", "h200x2"])
+@pytest.mark.parametrize("policy,params", DEMAND[2:])
+def test_belady_several_gpus(hardware, policy, params):  # it reads the future: one request at a time
+    assert_identical(*both(hardware=hardware, policy=policy, policy_params=params, budget="12experts",
+                           max_requests=4, warm_start=True))
+
+
+@pytest.mark.parametrize("trace", shipped_traces())
+def test_future_from_arrays(trace):
+    """The fast engine's future, built with numpy, holds ReplayFuture's positions exactly."""
+    t = shared_trace(resolve_trace(trace))
+    requests = list(range(2, min(9, t.num_requests)))
+    reference = ReplayFuture(t, requests)
+    future = ArrayFuture(TraceTables(t), requests, t.model.num_layers, t.model.num_experts)
+    assert future.num_steps == reference.num_steps
+    for layer in range(t.model.num_layers):
+        for e in range(t.model.num_experts):
+            np.testing.assert_array_equal(future.uses_of(layer, e), reference.uses_of(layer, e))
+
+
+def test_engine_choice():
+    assert simulate(SimConfig(max_requests=1)).metrics.policy_info["engine"] == "fast"
+    assert simulate(SimConfig(max_requests=1, engine="simpy")).metrics.policy_info["engine"] == "simpy"
+    # a subclass of LRU that prefetches does not inherit the declaration
+    assert type(make_policy("mixtral_offload")).__dict__.get("fast_path") is None
+    assert simulate(SimConfig(policy="mixtral_offload", max_requests=1)).metrics.policy_info["engine"] == "simpy"
+    with pytest.raises(ConfigError, match="engine=fast: policy 'oracle_prefetch' declares no fast path"):
+        simulate(SimConfig(policy="oracle_prefetch", max_requests=1, engine="fast"))
+    with pytest.raises(ConfigError, match="engine 'numba' unknown"):
+        simulate(SimConfig(max_requests=1, engine="numba"))
+
+
+def test_declines_to_the_reference(make_trace):
+    """A copy landing at the very instant the compute finishes an expert: which goes first is SimPy's
+    event order, which the kernel does not model. It declines and the run falls back to SimPy."""
+    model = tiny_model(layers=1, experts=4, top_k=2)
+    trace = make_trace(model, [[[[0, 1]], [[2, 3]], [[0, 2]]]])
+    settings = dict(policy="lru", budget="2experts", hardware=unit_hardware(copy_s=1.0, expert_s=1.0,
+                                                                            non_expert_s=0.5).to_dict())
+    reference = simulate(SimConfig(engine="simpy", **settings), trace=trace)
+    auto = simulate(SimConfig(**settings), trace=trace)
+    assert auto.metrics.policy_info["engine"].startswith("simpy (the fast engine declined")
+    assert auto.metrics.hit_rate == reference.metrics.hit_rate
+    assert auto.token_latencies_s == reference.token_latencies_s
