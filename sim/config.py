@@ -21,7 +21,7 @@ class SimConfig:
     rate_rps: float = 1.0  # poisson arrivals per second
     max_batch: int = 1  # continuous batching: most requests in one decode pass
     gpus: int | None = None  # None: as many as the hardware profile has
-    placement: str = "layers"  # layers (split in order, like device_map) | experts (expert-parallel)
+    placement: str = "layers"  # layers (split in order, like device_map) | experts (expert-parallel) | round_robin
     budget_scope: str = "per_gpu"  # the budget is each GPU's, or the total split evenly
     max_requests: int | None = None
     train_fraction: float = 0.0  # leading share of the requests given to policy.fit(), not replayed
