@@ -11,8 +11,9 @@ Three ideas, each a knob so that its contribution is measured on its own (sim.re
   layers of a GPU.
 - prefetch="timely": after layer l's router, experts of layer l + j are predicted from the
   training split's co-occurrence P(e' at l + j | e at l), averaged over the experts l chose, and
-  only for j >= the layers one copy takes (ctx.timing: copy time over a layer's compute), so a
-  copy can land before its layer; only those with q >= min_q, whose expected saving q x copy beats
+  only for j >= the layers one copy takes (ctx.timing: copy time over a layer's compute) after the
+  layer's own demand copies (they go first on the link), so a copy can land before its layer: on a
+  link that demand copies keep busy this leaves nothing to prefetch; only those with q >= min_q, whose expected saving q x copy beats
   the delay (1 - q) x copy a wrong copy puts in front of demand copies on a busy link. A prefetch
   evicts only experts whose own p is below its q, else it is declined. prefetch="none": demand only.
 - preload=True: while a GPU's cache has free room, the most used experts of the training split not
@@ -55,10 +56,11 @@ class Reuse(Policy):
         self.recent = self.prior.copy()
         self.last_use = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)
         self.clock, self.now = 0, 0
-        self.reach = 1
+        self.reach, self.reach_s, self.layer_s = 1, 0.0, 1.0
         if ctx.timing is not None:  # layers one copy takes, so that a prefetch lands before its layer
-            layer_s = ctx.timing.non_expert_s(1) + m.top_k * ctx.timing.expert_s(1)
-            self.reach = max(1, math.ceil(ctx.timing.copy_s(m.bytes_per_expert) / max(layer_s, 1e-12)))
+            self.layer_s = max(ctx.timing.non_expert_s(1) + m.top_k * ctx.timing.expert_s(1), 1e-12)
+            self.reach_s = ctx.timing.copy_s(m.bytes_per_expert)
+            self.reach = max(1, math.ceil(self.reach_s / self.layer_s))
         self.cooc = np.zeros((self.width, m.num_layers, m.num_experts, m.num_experts), dtype=np.float32)
         self._queued: dict[Block, float] = {}  # prefetch -> q (preloads: -1)
         self._needed: set[Block] = set()
@@ -96,12 +98,15 @@ class Reuse(Policy):
         self._needed = {(layer, e, 0) for e in chosen}
         if self.prefetch == "none":
             return None
+        # This layer's demand copies go first on the link: a prefetch queued now lands after them.
+        misses = sum(not self.ctx.cache_of(layer, e).is_resident((layer, e, 0)) for e in chosen)
+        first = layer + max(self.reach, math.ceil((misses + 1) * self.reach_s / self.layer_s))
         entries = []
-        for i in range(self.width):
-            target = layer + self.reach + i
+        for k in range(first - layer - self.reach, self.width):  # co-occurrence k layers past the reach
+            target = layer + self.reach + k
             if target >= self.layers:
                 break
-            q = self.cooc[i, layer, chosen].mean(axis=0)
+            q = self.cooc[k, layer, chosen].mean(axis=0)
             for e in np.flatnonzero(q >= self.min_q):
                 block = (target, int(e), 0)
                 if not self.ctx.cache_of(target, int(e)).is_resident(block):

@@ -72,12 +72,15 @@ def test_fit_learns_uses_per_pass_and_co_occurrence_reach_layers_ahead():
 
 def test_timely_prefetch_targets_reachable_layers_and_is_declined_against_likelier_experts():
     model = tiny_model(layers=6, experts=4)
-    policy, cache = bound(model, 2, copy_layers=1.5, preload=False, min_q=0.5, width=1)  # reach 2
+    policy, cache = bound(model, 3, copy_layers=1.5, preload=False, min_q=0.5, width=1)  # reach 2
     policy.cooc[0, 0, 1] = [0.0, 0.0, 0.9, 0.4]  # after expert 1 at layer 0: layer 2's expert 2 at 0.9
+    # expert 1 is not resident: its demand copy goes first, the prefetch could land only by layer 3
+    assert policy.on_layer_start(step(), 0, np.zeros((1, 4)), (1,)).blocks == []
+    load(cache, policy, (0, 1, 0))
     plan = policy.on_layer_start(step(), 0, np.zeros((1, 4)), (1,))
     assert plan.replace and plan.blocks == [((2, 2, 0), pytest.approx(1.9))]
     load(cache, policy, (4, 0, 0), (5, 0, 0))
-    policy.recent[4, 0], policy.recent[5, 0] = 0.95, 0.2
+    policy.recent[0, 1], policy.recent[4, 0], policy.recent[5, 0] = 0.95, 0.95, 0.2
     assert policy.choose_victims((2, 2, 0), S, cache) == [(5, 0, 0)]  # 0.2 < 0.9: worth it
     policy.recent[5, 0] = 0.95
     assert policy.choose_victims((2, 2, 0), S, cache) is None  # every victim likelier than the prefetch
