@@ -5,33 +5,51 @@ Each iteration (a decode step; each prompt token of a prefill) leaves an expert 
 embedding. Before layer 0 of every iteration, semantic search picks the stored map whose embedding
 is most cosine-similar to the prompt's; it predicts layers 0..d-1. After each layer l, trajectory
 search compares this iteration's probabilities on layers 0..l (flattened) with every stored map's
-same layers; the best predicts layers l+1..l+d. In each predicted layer the experts are taken in
-descending probability while their cumulative probability stays within delta (at least top-k, at
-most all) and prefetched at priority p / (j - l_now), replacing the queue. Eviction removes the
-lowest p * freq first (p: the latest predicted probability of the expert, freq: its uses since it
-was loaded; ties, common when maps hold only top-k probabilities, in layer and expert order),
-sparing the latest prefetch candidates. A full store replaces the stored map of
-highest redundancy RDY = (d/L) * semantic similarity + ((L-d)/L) * trajectory similarity.
+same layers; the best predicts a window of later layers. In each predicted layer the experts are
+taken in descending probability while their cumulative probability stays within delta (at least
+top-k, at most all). A full store replaces the stored map of highest redundancy
+RDY = (d/L) * semantic similarity + ((L-d)/L) * trajectory similarity.
 
-Defaults and rules from the artifact, github IntelliSys-Lab/FineMoE-EuroSys26 @5c58468:
-- capacity 1000, d = 6: demo/configs/models/config_qwen.py (store_capacity, prefetch_distance);
-- delta = clamp(1 - similarity, 0, 1), experts counted while cumsum <= delta, clamped to
-  [top_k, E]: finemoe/runtime/model_offload.py, ExpertMapMatcher.process_expert_map/_select_by_cumsum;
-- RDY replacement and its batch semantics: model_offload.py, ExpertMapStore.add;
-- eviction by prob * in-cache visit count, sparing prefetch candidates:
-  core/prefetch/task_scheduler.cpp, RemoveCachedSparseNode;
-- the store is filled from earlier runs (demo/prepare_data.py) and, in "online" mode, keeps
+Point by point against the artifact, github IntelliSys-Lab/FineMoE-EuroSys26 @5c58468:
+- capacity 1000, d = 6: demo/configs/models/config_qwen.py (store_capacity, prefetch_distance).
+- Selection, finemoe/runtime/model_offload.py ExpertMapMatcher._select_by_cumsum: delta =
+  clamp(1 - similarity, 0, 1), experts counted while cumsum <= delta, clamped to [top_k, E]. The
+  artifact's maps are full softmax rows (they sum to 1); a trace that keeps only top-m
+  probabilities stores rows of mass M < 1, on which the rule verbatim selects all E experts
+  whenever delta > M. Here each row is completed first: unknown probabilities (NaN) share the
+  unrecorded mass 1 - M equally, and the row is scaled to sum 1, so the rule sees what the artifact
+  sees on full maps (an unknown probability is never read as zero).
+- Window, model_offload.py traj_prefetch: after layer l it predicts layers l+1+d..L-1
+  (layer_start = observed layers + d, layer_end = L); embed_prefetch predicts 0..d-1. The paper
+  describes l+1..l+d; trajectory_window="artifact" (default) or "paper".
+- Enqueue, model_offload.py process_expert_map + finemoe/memory/expert_prefetcher.py
+  prefetch_experts: priority = selected p * (1 - (j - start) / (end + 1)) + 1e-6 over every expert
+  of the window, so every expert of the window is enqueued (unselected ones at 1e-6, last), in
+  priority order, and every enqueued expert becomes a cache candidate (replace_cache_candidates);
+  each enqueue sets the expert's prob to its matched-map probability
+  (core/prefetch/archer_prefetch_handle.cpp EnqueuePrefetch, node->prob = prob). prefetch="artifact"
+  (default); prefetch="paper" enqueues and protects only the selected experts at p / (j - l).
+- Eviction, core/prefetch/task_scheduler.cpp RemoveCachedSparseNode: ascending
+  size_t(prob * incache_visit_count) (a truncated integer: with probabilities below 1 a once-used
+  expert scores 0), skipping candidates, and an evicted expert's prob and count reset to 0; the
+  count is 1 after a copy (task_scheduler.cpp, the copy thread's incache_visit_count += 1) and
+  grows with every use while resident (StartExec). eviction="artifact" (default) or "float"
+  (the untruncated product, the paper's p x freq).
+- Placement, core/model/model_topology.cpp InitializeTopology: experts round-robin over all GPUs
+  in (layer, expert) order; the simulator's placement=round_robin (sim.topology), which
+  sim.reproduce uses for FineMoE on the multi-GPU testbed.
+- RDY replacement and its batch semantics: model_offload.py, ExpertMapStore.add.
+- The store is filled from earlier runs (demo/prepare_data.py) and, in "online" mode, keeps
   adding every finished iteration (finemoe/memory/expert_tracer.py, update_entry): fit() does the
   former on the training split, online=True the latter.
-Where the artifact departs from the paper, the paper's rule is the default and the artifact's a
-knob: trajectory_window="artifact" predicts layers l+1+d..L-1 (model_offload.py traj_prefetch)
-instead of l+1..l+d. The artifact embeds each token with the model's own input embedding; traces
+Defaults are the artifact's wherever it departs from the paper: its code is what produced the
+paper's figures. The artifact embeds each token with the model's own input embedding; traces
 carry one embedding per prompt, so every iteration of a request searches with its prompt's:
 `embedding` names which of the trace's; by default the mean of the model's input embeddings over
 the prompt ("token_mean", as traces.collect records it) when the trace has it, else the trace's
-default embedding. Ties between
-equally similar maps (every iteration of one request shares an embedding) go to the most recent.
-Prefills match on their last prompt token's trajectory, as the artifact does.
+default embedding. Ties between equally similar maps (every iteration of one request shares an
+embedding) go to the most recent. Prefills match on their last prompt token's trajectory, as the
+artifact does.
 """
 from __future__ import annotations
 
@@ -44,9 +62,25 @@ from policies.victims import lowest_ranked
 from traces import Trace
 
 WINDOWS = ("paper", "artifact")
+PREFETCHES = ("artifact", "paper")
+EVICTIONS = ("artifact", "float")
+ENQUEUE_FLOOR = 1e-6  # process_expert_map: every expert of the window gets at least this priority
 # The artifact embeds with the model's own input embeddings (modeling_qwen2_moe.py, embed_prefetch of
 # inputs_embeds); traces.collect records their mean over the prompt under this name.
 ARTIFACT_EMBEDDING = "token_mean"
+
+
+def complete(expert_map: np.ndarray) -> np.ndarray:
+    """A map's rows as full distributions: unknown (NaN) probabilities share the unrecorded mass
+    equally, and each row is scaled to sum 1 (the artifact's maps are full softmax rows)."""
+    rows = np.nan_to_num(expert_map, nan=0.0)
+    unknown = np.isnan(expert_map)
+    if unknown.any():
+        rest = np.clip(1.0 - rows.sum(axis=-1, keepdims=True), 0.0, None)
+        share = rest / np.maximum(unknown.sum(axis=-1, keepdims=True), 1)
+        rows = np.where(unknown, share, rows)
+    total = rows.sum(axis=-1, keepdims=True)
+    return np.divide(rows, total, out=np.zeros_like(rows), where=total > 0).astype(np.float32)
 
 
 class ExpertMapStore:
@@ -63,8 +97,9 @@ class ExpertMapStore:
         self.semantic_weight = distance / layers
 
     def add(self, maps: np.ndarray, embed: np.ndarray | None) -> None:
-        """Store maps [n, layers, experts] of one prompt: free slots first, then each replaces the
+        """Store maps [n, layers, experts] of one prompt (completed rows): free slots first, then each replaces the
         stored map of highest RDY against the store as it was before this batch's replacements."""
+        maps = complete(maps)
         n = len(maps)
         take = min(self.capacity - self.size, n)
         slots = list(range(self.size, self.size + take))
@@ -97,14 +132,19 @@ class ExpertMapStore:
 @register("finemoe")
 class FineMoE(Policy):
     def __init__(self, capacity: int = 1000, distance: int = 6, delta: float | None = None,
-                 embedding: str | None = None, trajectory_window: str = "paper", online: bool = True):
+                 embedding: str | None = None, trajectory_window: str = "artifact", online: bool = True,
+                 prefetch: str = "artifact", eviction: str = "artifact"):
         if capacity < 1 or distance < 1:
             raise ValueError(f"capacity ({capacity}) and distance ({distance}) must be at least 1")
         if delta is not None and not 0.0 <= delta <= 1.0:
             raise ValueError(f"delta {delta} must lie in [0, 1] (or be None: 1 - similarity, as the artifact)")
         if trajectory_window not in WINDOWS:
             raise ValueError(f"trajectory_window '{trajectory_window}' unknown; use {' or '.join(WINDOWS)}")
+        if prefetch not in PREFETCHES or eviction not in EVICTIONS:
+            raise ValueError(f"prefetch '{prefetch}' / eviction '{eviction}' unknown; use "
+                             f"{' or '.join(PREFETCHES)} / {' or '.join(EVICTIONS)}")
         self.capacity, self.distance, self.delta = capacity, distance, delta
+        self.prefetch, self.eviction = prefetch, eviction
         self.embedding, self.trajectory_window, self.online = embedding, trajectory_window, online
         self.searches = {"semantic": 0, "trajectory": 0}
 
@@ -134,15 +174,22 @@ class FineMoE(Policy):
     # --- prediction ---
     def _predict(self, expert_map: np.ndarray, similarity: float, first: int, last: int,
                  now: int) -> list[tuple[Block, float]]:
-        """The selected experts of layers first..last-1 of a matched map, at priority p / (j - now)."""
+        """Prefetches for layers first..last-1 of a matched (completed) map: the artifact's whole window
+        at p_selected * decay + 1e-6, or the paper's selected experts at p / (j - now)."""
         rows = expert_map[first:last]
         order = np.argsort(-rows, axis=1, kind="stable")
         ranked = np.take_along_axis(rows, order, axis=1)
         delta = min(max(1.0 - similarity, 0.0), 1.0) if self.delta is None else self.delta
         counts = np.clip((np.cumsum(ranked, axis=1) <= delta).sum(axis=1), self.top_k, self.experts)
         counts[ranked[:, 0] <= 0] = 0
-        return [((first + i, int(e), 0), float(rows[i, e]) / (first + i - now))
-                for i in range(len(rows)) for e in order[i, : counts[i]]]
+        if self.prefetch == "paper":
+            return [((first + i, int(e), 0), float(rows[i, e]) / (first + i - now))
+                    for i in range(len(rows)) for e in order[i, : counts[i]]]
+        decay = 1.0 - np.arange(len(rows)) / (last + 1)
+        selected = np.arange(self.experts)[None, :] < counts[:, None]  # in ranked order
+        priority = np.where(selected, ranked * decay[:, None], 0.0) + ENQUEUE_FLOOR
+        return [((first + i, int(order[i, k]), 0), float(priority[i, k]))
+                for i in range(len(rows)) for k in range(self.experts)]
 
     def _plan(self, matched: list[np.ndarray], predictions: list[list[tuple[Block, float]]], first: int,
               last: int) -> PrefetchPlan | None:
@@ -153,6 +200,7 @@ class FineMoE(Policy):
         self.prob[first:last] = matched[0][first:last] if len(matched) == 1 else \
             np.max([m[first:last] for m in matched], axis=0)
         plan = union_plan(predictions)
+        plan.blocks.sort(key=lambda entry: -entry[1])  # enqueued in priority order (expert_prefetcher.py)
         self.candidates[:] = False
         for (layer, expert, _), _ in plan.blocks:
             self.candidates[layer, expert] = True
@@ -184,10 +232,10 @@ class FineMoE(Policy):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
-        rows = probs[self._rows]
+        rows = complete(probs[self._rows])
         self._current[:, layer] = rows
         if step.kind == "prefill" and len(probs) > 1:
-            self._prefill_rows.append(probs)
+            self._prefill_rows.append(complete(probs))
         store = self.store
         first = layer + 1 + (self.distance if self.trajectory_window == "artifact" else 0)
         last = self.layers if self.trajectory_window == "artifact" else min(layer + 1 + self.distance, self.layers)
@@ -222,15 +270,19 @@ class FineMoE(Policy):
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
         def rank(layers, experts, parts):
-            return self.candidates[layers, experts], self.prob[layers, experts] * self.freq[layers, experts]
+            score = self.prob[layers, experts] * self.freq[layers, experts]
+            return self.candidates[layers, experts], np.floor(score) if self.eviction == "artifact" else score
 
         victims = lowest_ranked(cache, need_bytes, rank)
         for layer, expert, _ in victims:
             self.freq[layer, expert] = 0
+            if self.eviction == "artifact":  # RemoveCachedSparseNode: n->prob = 0
+                self.prob[layer, expert] = 0.0
         return victims
 
     def describe(self) -> dict:
         return {"capacity": self.capacity, "distance": self.distance, "trajectory_window": self.trajectory_window,
+                "prefetch": self.prefetch, "eviction": self.eviction,
                 "delta": "1 - similarity" if self.delta is None else self.delta, "online": self.online,
                 "stored_maps": self.store.size, "semantic_searches": self.searches["semantic"],
                 "trajectory_searches": self.searches["trajectory"]}

@@ -13,8 +13,12 @@ Defaults from github EfficientMoE/MoE-Infinity @d617801: capacity 1000
 (moe_infinity/utils/config.py, trace_capacity); the decay (moe_infinity/memory/expert_predictor.py,
 layer_decay_func). The public code departs from the paper in three places, each a knob here:
 replacement="least_used" replaces the least matched EAM (memory/expert_tracer.py, finish_entry);
-eviction="lfu" evicts by activation count alone (core/prefetch/task_scheduler.cpp ranks by visit
-count). Its matching masks the observed layers it should compare (expert_tracer.py,
+eviction="lfu" evicts the resident expert of lowest activation count, as the public code's demand
+path does (core/parallel/expert_dispatcher.cpp, GPUFetchFunc: the minimum incache_visit_count,
+which grows by one per dispatch and is never cleared: the clear_expert_cache_counts call in
+moe_infinity/entrypoints/big_modeling.py, generate, sits after its return). The prefetch path's
+RemoveCachedSparseNode (core/prefetch/task_scheduler.cpp) sorts by that count descending, evicting
+the most used first; read as a slip, it is not reproduced. Its matching masks the observed layers it should compare (expert_tracer.py,
 find_most_similar), which makes every stored EAM equally similar; that is not reproduced.
 fit() fills the collection with the training split's EAMs (the code's load_trace).
 """

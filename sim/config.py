@@ -30,7 +30,8 @@ class SimConfig:
     rate_rps: float = 1.0  # poisson arrivals per second
     max_batch: int = 1  # continuous batching: most requests in one decode pass
     gpus: int | None = None  # None: as many as the hardware profile has
-    placement: Literal["layers", "experts"] = "layers"  # layers (split in order, like device_map) | experts
+    placement: Literal["layers", "experts", "round_robin"] = "layers"  # layers (split in order, like
+    # device_map) | experts (expert-parallel) | round_robin (experts dealt over all GPUs, FineMoE's artifact)
     budget_scope: Literal["per_gpu", "total"] = "per_gpu"  # the budget is each GPU's, or the total split evenly
     max_requests: int | None = None
     train_fraction: float = 0.0  # leading share of the requests given to policy.fit(), not replayed

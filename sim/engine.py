@@ -45,7 +45,7 @@ class SimOptions:
     rate_rps: float = 1.0  # poisson
     max_batch: int = 1  # decode batch cap
     gpus: int | None = None  # None: the hardware profile's count
-    placement: str = "layers"  # layers | experts
+    placement: str = "layers"  # layers | experts | round_robin
     budget_scope: str = "per_gpu"  # the budget is per GPU, or the total over all GPUs
     seed: int = 0
 

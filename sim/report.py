@@ -74,7 +74,9 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
                   f"sample, 37.5% on routing-realism.md's four sequences)\n"
                   f"[bold]distance to real routing[/]: {distance} (largest relative error of the reuse and of "
                   f"per-layer LRU/Belady hit rates at 1/4, 1/2, 3/4 of the experts, python -m traces.stats)")
-    table = Table(title=f"{m.policy} | budget {format_bytes(m.budget_bytes)} ({m.budget_experts:.1f} experts) | "
+    # metrics hold each GPU's budget (budget_scope=total split the given figure evenly before)
+    per_gpu = "" if m.gpus == 1 else f" per GPU, {format_bytes(m.budget_bytes * m.gpus)} in all on {m.gpus} GPUs"
+    table = Table(title=f"{m.policy} | budget {format_bytes(m.budget_bytes)} ({m.budget_experts:.1f} experts){per_gpu} | "
                         f"{m.model} on {m.hardware}")
     for column in ("metric", "value"):
         table.add_column(column)

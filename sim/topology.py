@@ -6,6 +6,9 @@ Placements:
   state crosses to the next GPU at the boundaries.
 - "experts": expert-parallel; expert e of every layer lives on GPU e mod N; attention runs on GPU 0,
   tokens are dispatched to the GPUs of their experts and combined back every layer.
+- "round_robin": as "experts", but expert (l, e) lives on GPU (l * E + e) mod N, the order in
+  which the FineMoE artifact deals experts out over all GPUs (core/model/model_topology.cpp,
+  InitializeTopology), so every GPU holds an equal share even when N does not divide E.
 Transfers between NVLink-paired GPUs use NVLink; others go through the host (two PCIe hops).
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from sim.errors import ConfigError
 from sim.profiles import HardwareProfile
 from traces import ModelSpec
 
-PLACEMENTS = ("layers", "experts")
+PLACEMENTS = ("layers", "experts", "round_robin")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class Topology:
     placement: str
     layer_gpu: tuple[int, ...]  # attention (and, for "layers", experts) of each layer
     peers: tuple[tuple[int, ...], ...]  # NVLink peers of each GPU
+    num_experts: int = 0  # per layer: round_robin deals (layer, expert) pairs out in this order
 
     @classmethod
     def build(cls, hardware: HardwareProfile, model: ModelSpec, num_gpus: int | None, placement: str) -> Topology:
@@ -44,14 +48,16 @@ class Topology:
             if a < n and b < n:
                 peers[a].append(b)
                 peers[b].append(a)
-        return cls(n, placement, layer_gpu, tuple(tuple(p) for p in peers))
+        return cls(n, placement, layer_gpu, tuple(tuple(p) for p in peers), model.num_experts)
 
     def home(self, layer: int, expert: int) -> int:
         """The GPU whose cache serves (layer, expert)."""
+        if self.placement == "round_robin":
+            return (layer * self.num_experts + expert) % self.num_gpus
         return self.layer_gpu[layer] if self.placement == "layers" else expert % self.num_gpus
 
     def layers_of(self, gpu: int) -> list[int]:
-        if self.placement == "experts":
+        if self.placement != "layers":
             return list(range(len(self.layer_gpu)))
         return [l for l, g in enumerate(self.layer_gpu) if g == gpu]
 

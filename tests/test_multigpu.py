@@ -70,6 +70,14 @@ def test_layers_split_over_gpus_pay_the_hidden_state_transfer(make_trace):
     assert run(trace, "lru", "2experts", hardware(2), budget_scope="total").metrics.budget_bytes == 1536
 
 
+def test_the_report_says_a_budget_is_per_gpu_and_gives_the_total(make_trace):
+    from rich.console import Console
+    from sim.report import print_run
+    console = Console(record=True, width=200)
+    print_run(run(two_layers_one_token(make_trace), "lru", "1expert", hardware(2)), console)
+    assert "budget 1.54 KB (1.0 experts) per GPU, 3.07 KB in all on 2 GPUs" in " ".join(console.export_text().split())
+
+
 def test_host_copies_share_the_aggregate_limit(make_trace):
     trace = two_layers_one_token(make_trace)
     entries = [[0, 0], [1, 1]]  # both layers' experts prefetched at t=0, one on each GPU's link

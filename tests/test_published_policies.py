@@ -40,8 +40,8 @@ def request(embedding=None):
 # --- FineMoE ---
 
 def test_finemoe_rdy_overwrites_the_most_redundant_map():
-    # C's trajectory equals A's, its embedding B's: RDY = (d/L) sem + ((L-d)/L) traj picks A when the
-    # trajectory weighs more (d=1 of L=4), B when the semantics do (d=3).
+    # C's trajectory is nearly A's (cosine 0.994), its embedding B's: RDY = (d/L) sem + ((L-d)/L) traj
+    # picks A when the trajectory weighs more (d=1 of L=4), B when the semantics do (d=3).
     a = np.tile([1.0, 0.0], (4, 1))
     b = np.tile([0.0, 1.0], (4, 1))
     ea, eb = np.array([1.0, 0.0]), np.array([0.0, 1.0])
@@ -49,9 +49,10 @@ def test_finemoe_rdy_overwrites_the_most_redundant_map():
         store = ExpertMapStore(capacity=2, layers=4, experts=2, distance=distance)
         store.add(a[None], ea)
         store.add(b[None], eb)
-        store.add(a[None] * 0.5, eb)  # trajectory of A (cosine 1), embedding of B
+        c = np.tile([0.9, 0.1], (4, 1))
+        store.add(c[None], eb)
         kept = 1 - overwritten
-        assert np.allclose(store.maps[overwritten], a * 0.5)
+        assert np.allclose(store.maps[overwritten], c)
         assert np.allclose(store.maps[kept], (a, b)[kept])
 
 
@@ -64,7 +65,7 @@ def test_finemoe_rdy_overwrites_the_most_redundant_map():
 ])
 def test_finemoe_prefetches_the_cumulative_probability_prefix(similarity, delta, expected):
     model = tiny_model(layers=2, experts=4)
-    policy = bound("finemoe", model, slots=8, delta=delta, distance=1)
+    policy = bound("finemoe", model, slots=8, delta=delta, distance=1, prefetch="paper", trajectory_window="paper")
     stored = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.3, 0.15, 0.05]], dtype=np.float32)
     policy.store.add(stored[None], None)
     policy.on_request_start(request())
@@ -79,7 +80,7 @@ def test_finemoe_prefetches_the_cumulative_probability_prefix(similarity, delta,
 
 def test_finemoe_semantic_search_predicts_the_first_layers_before_layer_0():
     model = tiny_model(layers=3, experts=4)
-    policy = bound("finemoe", model, slots=8, distance=2)
+    policy = bound("finemoe", model, slots=8, distance=2, prefetch="paper")
     maps = np.zeros((2, 3, 4), dtype=np.float32)
     maps[0, :, 2] = 1.0
     maps[1, :, 3] = 1.0
@@ -100,7 +101,7 @@ def test_finemoe_searches_with_the_models_token_embeddings_when_the_trace_has_th
 
 def test_finemoe_evicts_the_lowest_probability_times_frequency_first():
     model = tiny_model(layers=2, experts=4)
-    policy = bound("finemoe", model, slots=3)
+    policy = bound("finemoe", model, slots=3, eviction="float")
     cache = policy.ctx.caches[0]
     for e in (0, 1, 2):
         cache.reserve((0, e, 0))
@@ -111,6 +112,67 @@ def test_finemoe_evicts_the_lowest_probability_times_frequency_first():
     assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 2, 0)]
     policy.candidates[0, 2] = True  # the latest prefetch candidates are spared
     assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 0, 0)]
+
+
+@pytest.mark.parametrize("row, expected", [
+    ([0.3, 0.2, 0.0, 0.0], [0]),         # top-2 mass 0.5 scaled to 0.6, 0.4: 0.6 fits delta 0.75
+    ([0.3, 0.2, np.nan, np.nan], [0, 2]),  # unknowns share 0.5: 0.3, 0.25 (expert 2 first), 0.25, 0.2
+])
+def test_finemoe_selects_on_completed_maps_not_on_the_stored_top_m_mass(row, expected):
+    # Verbatim, cumsum <= 0.75 on a row of mass 0.5 selects all four experts (the bug); the rule is
+    # applied to the row completed to a distribution, as the artifact's full softmax maps are.
+    model = tiny_model(layers=2, experts=4)
+    policy = bound("finemoe", model, slots=8, distance=1, prefetch="paper", trajectory_window="paper")
+    policy.store.add(np.array([[[1.0, 0.0, 0.0, 0.0], row]], dtype=np.float32), None)
+    policy.on_request_start(request())
+    policy.on_step_start(decode_step())
+    now = np.array([[0.25, np.sqrt(1 - 0.25 ** 2), 0.0, 0.0]], dtype=np.float32)  # similarity 0.25
+    plan = policy.on_layer_start(decode_step(), 0, now, (1,))
+    assert [block for block, _ in plan.blocks] == [(1, e, 0) for e in expected]
+
+
+def test_finemoe_artifact_enqueues_and_protects_every_expert_of_the_window_from_l_plus_1_plus_d():
+    # L = 4, d = 1: after layer 0 the window is layers 2..3 (traj_prefetch), every expert of it is
+    # queued at p_selected * (1 - (j - 2) / (4 + 1)) + 1e-6, selected ones first, all candidates.
+    model = tiny_model(layers=4, experts=3)
+    policy = bound("finemoe", model, slots=12, distance=1)
+    stored = np.array([[1, 0, 0], [0, 1, 0], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]], dtype=np.float32)
+    policy.store.add(stored[None], None)
+    policy.on_request_start(request())
+    policy.on_step_start(decode_step())
+    plan = policy.on_layer_start(decode_step(), 0, np.array([[1.0, 0.0, 0.0]], dtype=np.float32), (0,))
+    # similarity 1: delta 0, top-1 per layer: expert 2 of layer 2 (0.7), expert 0 of layer 3 (0.6 * 0.8)
+    assert [block for block, _ in plan.blocks][:2] == [(2, 2, 0), (3, 0, 0)]
+    assert [p for _, p in plan.blocks][:2] == pytest.approx([0.7 + 1e-6, 0.6 * 0.8 + 1e-6])
+    assert sorted(block for block, _ in plan.blocks[2:]) == [(2, 0, 0), (2, 1, 0), (3, 1, 0), (3, 2, 0)]
+    assert all(p == pytest.approx(1e-6) for _, p in plan.blocks[2:])
+    assert policy.candidates[2:].all() and not policy.candidates[:2].any()
+    assert policy.prob[3].tolist() == pytest.approx([0.6, 0.3, 0.1])  # the map's, for eviction
+
+
+def test_finemoe_artifact_evicts_by_truncated_prob_times_count_and_resets_on_eviction():
+    model = tiny_model(layers=2, experts=4)
+    policy = bound("finemoe", model, slots=3)
+    cache = policy.ctx.caches[0]
+    for e in (0, 1, 2):
+        cache.reserve((0, e, 0))
+        cache.commit((0, e, 0), prefetched=False)
+        policy.on_copy_done((0, e, 0), False)
+    policy.prob[0] = [0.6, 0.3, 0.9, 0.0]
+    policy.freq[0] = [3, 5, 1, 0]  # size_t(p * count): 1, 1, 0 (the float product would rank 1 first)
+    assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 2, 0)]
+    assert policy.prob[0, 2] == 0.0 and policy.freq[0, 2] == 0  # RemoveCachedSparseNode resets both
+    policy.prob[0, 2], policy.freq[0, 2] = 0.9, 1
+    # truncated scores tie at 1 for experts 0 and 1: the lower id goes first
+    policy.freq[0, 2] = 2  # 1.8 -> 1
+    assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 0, 0)]
+
+
+def test_round_robin_placement_deals_layer_expert_pairs_over_all_gpus():
+    from sim.topology import Topology
+    topo = Topology.build(unit_hardware(), tiny_model(layers=2, experts=4), 3, "round_robin")
+    assert [[topo.home(l, e) for e in range(4)] for l in range(2)] == [[0, 1, 2, 0], [1, 2, 0, 1]]
+    assert topo.layers_of(2) == [0, 1]
 
 
 # --- MoE-Infinity ---

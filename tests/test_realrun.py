@@ -219,7 +219,7 @@ def test_simulated_slides_take_device_memory_time_and_hold_up_expert_compute(rou
     assert makespan(4 * slid / 1e3) - makespan(1e30) == pytest.approx(1e3 if slides else 0.0, rel=0.2)
 
 
-@pytest.mark.parametrize("policy", ["deepspeed", "moepic", "finemoe", "moe_infinity", "promoe", "mixtral_offload"])
+@pytest.mark.parametrize("policy", ["deepspeed", "moepic", "finemoe", "moe_infinity", "promoe", "mixtral_offload", "reuse"])
 def test_published_policies_run_within_the_budget(routed, machine, policy):
     config = SimConfig(trace=str(routed.path), policy=policy, budget="5experts", hardware=unit_hardware().to_dict(),
                        train_fraction=0.34)

@@ -4,7 +4,6 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from policies import available
 from sim.reproduce import budget_bytes, main
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
@@ -19,23 +18,36 @@ def test_budgets_are_the_papers_share_of_all_expert_bytes():
     assert nbytes == int(fraction * stand_in.total_expert_bytes)
 
 
-def test_quick_reproduction_runs_every_policy_and_ends_with_the_papers_claims(tmp_path):
+def test_quick_reproduction_puts_real_routing_in_the_main_table_on_the_testbed_and_one_gpu(tmp_path):
     trace = generate_synthetic(tmp_path / "syn", load_model_spec("mixtral-8x7b"),
                                SyntheticParams(requests=6, prompt_tokens=(4, 8), output_tokens=(4, 8)))
     out = tmp_path / "out"
-    main(["--quick", "--traces", str(trace), "--out", str(out), "--jobs", "1", "--train-requests", "3"])
-    runs = pd.read_csv(out / "runs.csv")
-    policies = sorted(p for p in available() if not p.startswith("test_"))
-    assert sorted(runs["policy"]) == policies and set(runs["budget"]) == {"6GB"}
-    assert (runs["requests"] == 2).all() and (runs["budget_bytes"] == 6 * 10**9).all()
-    assert runs.loc[runs["policy"] == "promoe", "predictor_precision"].between(0, 1).all()
+    policies = ["lru", "mixtral_offload", "finemoe", "reuse", "all_resident"]
+    main(["--quick", "--traces", f"mixtral-8x7b-gsm8k,{trace}", "--out", str(out), "--jobs", "1",
+          "--train-requests", "1", "--policies", ",".join(policies)])
+    runs = pd.read_csv(out / "runs.csv", keep_default_na=False)
+    real = runs[runs["trace"] == "mixtral-8x7b-gsm8k"]
+    plain = real[real["variant"] == ""]
+    assert sorted(plain["hardware"]) == sorted(["rtx3090x6"] * 5 + ["rtx3090"] * 5)
+    assert set(runs["budget"]) == {"6GB"} and (runs["budget_bytes"] == 6 * 10**9).all()
+    testbed = plain[plain["hardware"] == "rtx3090x6"].set_index("policy")
+    assert (testbed["budget_total_bytes"] == 36 * 10**9).all()  # 6 GB on each of six GPUs
+    assert testbed.loc["finemoe", "placement"] == "round_robin" and testbed.loc["lru", "placement"] == "layers"
+    assert runs.loc[runs["policy"] != "all_resident", "link_busy_fraction"].between(0, 1).all()
+    assert set(real.loc[real["variant"] != "", "policy"]) == {"reuse"}  # the ablation of ours, on real routing only
+    synthetic = runs[runs["trace"] == "syn"]
+    assert set(synthetic["hardware"]) == {"rtx3090"} and (synthetic["variant"] == "").all()
     report = (out / "reproduction.md").read_text()
-    last = report[report.index("### FineMoE against the best baseline at 6GB"):]
-    for claim in ("lower inference latency | ", "higher expert hit rate | ", "lower TPOT | ", "47.0%", "36.0%", "32.0%"):
-        assert claim in last
-    assert "Where ours differ" in last or "within 10 points" in last
-    for plot in ("syn_hit_rate.png", "syn_tpot.png"):
-        assert (out / plot).stat().st_size > 0
+    main_table = report[:report.index("## Synthetic and stand-in routing")]
+    assert "syn" not in main_table.replace("synthetic", "")
+    for setup in ("#### mixtral-8x7b-gsm8k on `rtx3090x6` (6 GPUs; a budget is each GPU's",
+                  "#### mixtral-8x7b-gsm8k on `rtx3090` (one GPU)"):
+        section = main_table[main_table.index(setup):]
+        for claim in ("lower inference latency | ", "higher expert hit rate | ", "lower TPOT | ", "47.0%", "36.0%",
+                      "32.0%", "Ours (`reuse`) against the best", "Ablation of ours", "links busy"):
+            assert claim in section
+        assert "Where ours differ" in section or "within 10 points" in section
+    assert "syn (synthetic)" in report[report.index("## Synthetic and stand-in routing"):]
 
 
 def test_a_malformed_budget_is_one_line(tmp_path, capsys):
