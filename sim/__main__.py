@@ -9,6 +9,7 @@ missing. A run returns its `objective` metric to the sweeper (Optuna: +tune=NAME
 """
 from __future__ import annotations
 
+import shutil
 import sys
 
 import hydra
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from policies import available
-from sim.api import execute, prepare
+from sim.api import execute, prepare, with_training_split
 from sim.cli import config_from_hydra
 from sim.report import print_run, write_run
 from sim.sweep import check_objective, completed_metrics, objective_value, runs_side_by_side, with_stable_sweep_dir
@@ -37,8 +38,19 @@ def check_policy_names(argv: list[str]) -> None:
             raise UserError(f"unknown policy '{unknown[0]}'; known policies: {', '.join(available())}")
 
 
+SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
+
+
+def check_slurm(argv: list[str]) -> None:
+    """hydra/launcher=slurm where Slurm is absent: one line, not submitit's traceback at launch."""
+    asks = any(arg.lstrip("+~").partition("=")[::2] in {("hydra/launcher", n) for n in SLURM_LAUNCHERS} for arg in argv)
+    if asks and (shutil.which("sbatch") is None or shutil.which("srun") is None):
+        raise UserError("hydra/launcher=slurm: no Slurm on this machine (sbatch/srun not on PATH); run the sweep "
+                        "from a Slurm login node, or here without hydra/launcher=slurm (every core of this machine)")
+
+
 def run(cfg: DictConfig) -> float:
-    sim_cfg = config_from_hydra(cfg)
+    sim_cfg = with_training_split(config_from_hydra(cfg))  # run_config.json records the split used
     objective = check_objective(cfg.objective)
     hydra_cfg = HydraConfig.get()
     out_dir = hydra_cfg.runtime.output_dir
@@ -62,6 +74,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: check_policy_names(sys.argv[1:]))
+    run_cli(lambda: (check_policy_names(sys.argv[1:]), check_slurm(sys.argv[1:])))
     sys.argv = [sys.argv[0], *with_stable_sweep_dir(sys.argv[1:])]
     main()

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sim.api import RunResult
 from sim.budget import format_bytes
+from sim.config import DEFAULT_TRAIN_FRACTION
 from traces.atomic import atomic_write_csv, atomic_write_text, write_atomically  # noqa: F401 (re-exported)
 
 METRICS_FILE = "metrics.json"
@@ -89,6 +90,11 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    trained = m.policy_info.get("train_requests")
+    if trained:
+        console.print(f"[yellow]note[/]: the trace's first {trained} requests trained {m.policy} offline and are "
+                      f"not measured (train_fraction={result.config['train_fraction']:g}; unset, a policy that learns "
+                      f"offline takes {DEFAULT_TRAIN_FRACTION:g})")
     host = m.policy_info.get("policy_host_s")
     if host:
         console.print(f"[yellow]note[/]: hardware '{m.hardware}' charges {m.policy}'s decisions "
