@@ -7,10 +7,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import typing
 from typing import Any, Callable, TypeVar
 
 from policies.base import Policy
 from traces.errors import UserError
+from traces.typecheck import check_value
 
 P = TypeVar("P", bound=type[Policy])
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -51,13 +53,34 @@ def policy_class(name: str) -> type[Policy]:
     return _REGISTRY[name]
 
 
+def knob_types(cls: type[Policy]) -> dict[str, Any]:
+    """Each knob's type: its annotation in __init__, else its default's type (None: unchecked)."""
+    hints = typing.get_type_hints(cls.__init__)
+    types = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name in hints:
+            types[name] = hints[name]
+        elif param.default is not inspect.Parameter.empty and param.default is not None:
+            types[name] = type(param.default)
+    types.pop("return", None)
+    return types
+
+
+def knob_names(cls: type[Policy]) -> list[str]:
+    """The knobs a policy takes: its __init__'s parameters."""
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
 def make_policy(name: str, **params: Any) -> Policy:
     cls = policy_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = knob_names(cls)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise UserError(f"policy '{name}' has no parameter {', '.join(unknown)}; "
                         f"its parameters: {', '.join(accepted) or 'none'}")
+    hints = knob_types(cls)
+    params = {k: check_value(f"policy.{k}", v, hints[k], where=f"policy '{name}': ") if k in hints else v
+              for k, v in params.items()}
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:

@@ -17,9 +17,8 @@ from tqdm import tqdm
 from realrun.api import execute_real
 from realrun.executor import Machine, RealOptions
 from realrun.subset import first_layers
-from sim.__main__ import check_policy_names
 from sim.api import prepare
-from sim.cli import config_from_hydra
+from sim.cli import check_arguments, config_from_hydra
 from sim.report import print_run, write_run
 from traces import load_trace
 from traces.cli import run_cli
@@ -50,11 +49,11 @@ def run(cfg: DictConfig) -> None:
     print(f"results: {out_dir}")
 
 
-@hydra.main(version_base=None, config_path="pkg://conf", config_name="realrun")
+@hydra.main(version_base=None, config_path="pkg://conf.cli", config_name="realrun")
 def main(cfg: DictConfig) -> None:
     run_cli(lambda: run(cfg))
 
 
 if __name__ == "__main__":
-    run_cli(lambda: check_policy_names(sys.argv[1:]))
+    run_cli(lambda: check_arguments(sys.argv[1:], extra=("realrun",)))
     main()

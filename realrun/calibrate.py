@@ -49,6 +49,7 @@ from realrun.fabric import Fabric, measure_fabric
 from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
 from realrun.memory import HostExperts, SlotPool, random_bf16
 from realrun.policy_host import policy_host_times
+from realrun.preflight import check_calibrate
 from realrun.subset import first_layers
 from sim.api import prepare
 from sim.config import SimConfig
@@ -514,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         models = [load_model_spec(n) for n in names]
         if not models:
             raise UserError("--models names no model; give profiles of conf/model or 'all'")
+        check_calibrate(args.device, models, args.gpus)  # a GPU, and memory enough, before any work
         backends = [Backend(d) for d in device_names(RealOptions(device=args.device, gpus=args.gpus))]
         if len({b.name for b in backends}) > 1:
             raise UserError(f"--gpus {args.gpus}: the devices differ ({', '.join(sorted({b.name for b in backends}))}); "

@@ -17,25 +17,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from policies import available
 from sim.api import execute, prepare, with_training_split
-from sim.cli import config_from_hydra
+from sim.cli import check_arguments, config_from_hydra
 from sim.report import print_run, write_run
+from sim.rundir import claimed, discard_failed_run
 from sim.sweep import check_objective, completed_metrics, objective_value, runs_side_by_side, with_stable_sweep_dir
 from traces.cli import run_cli
 from traces.errors import UserError
-
-
-def check_policy_names(argv: list[str]) -> None:
-    """Fail early, in one line, on an unknown policy name (Hydra's own message is a page long)."""
-    for arg in argv:
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key != "policy" or not value:
-            continue
-        names = value.strip("[]").split(",")
-        unknown = [n for n in names if n not in available()]
-        if unknown:
-            raise UserError(f"unknown policy '{unknown[0]}'; known policies: {', '.join(available())}")
 
 
 SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
@@ -50,10 +38,19 @@ def check_slurm(argv: list[str]) -> None:
 
 
 def run(cfg: DictConfig) -> float:
+    out_dir = HydraConfig.get().runtime.output_dir
+    with claimed(out_dir):  # refused while another process writes the same directory
+        try:
+            return run_in(cfg, out_dir)
+        except UserError:
+            discard_failed_run(out_dir)  # bad input leaves no run directory behind
+            raise
+
+
+def run_in(cfg: DictConfig, out_dir: str) -> float:
     sim_cfg = with_training_split(config_from_hydra(cfg))  # run_config.json records the split used
     objective = check_objective(cfg.objective)
     hydra_cfg = HydraConfig.get()
-    out_dir = hydra_cfg.runtime.output_dir
     done = completed_metrics(out_dir, sim_cfg.to_dict()) if cfg.skip_complete else None
     if done is not None:
         print(f"skipped, already complete: {out_dir}")
@@ -68,12 +65,12 @@ def run(cfg: DictConfig) -> float:
     return objective_value(result.metrics.to_dict(), objective)
 
 
-@hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
+@hydra.main(version_base=None, config_path="pkg://conf.cli", config_name="config")
 def main(cfg: DictConfig) -> float:
     return run_cli(lambda: run(cfg))
 
 
 if __name__ == "__main__":
-    run_cli(lambda: (check_policy_names(sys.argv[1:]), check_slurm(sys.argv[1:])))
+    run_cli(lambda: (check_arguments(sys.argv[1:]), check_slurm(sys.argv[1:])))
     sys.argv = [sys.argv[0], *with_stable_sweep_dir(sys.argv[1:])]
     main()

@@ -28,6 +28,7 @@ from rich.table import Table
 from sim.api import simulate
 from sim.config import SimConfig
 from traces import load_trace
+from traces.cli import console as cli_console
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
 from traces.defaults import resolve_trace
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", action="store_true", help="ShareGPT-length requests on rtx3090x6 with batching")
     parser.add_argument("--rate", type=float, default=0.05, help="--scale: Poisson arrivals per second")
     args = parser.parse_args(argv)
-    console = Console()
+    console = cli_console()
     if args.scale:
         scale(args.requests if args.requests != 100 else 1000, args.rate, console)
         return

@@ -1,10 +1,18 @@
-"""Configuration of one simulated run: a plain dataclass, usable without Hydra."""
+"""Configuration of one simulated run: a plain dataclass, usable without Hydra.
+
+Each setting's default is here and only here: `python -m sim` composes its settings from these
+fields (sim.cli registers them with Hydra), and every value, from Python or the command line, is
+checked against the field's type on construction.
+"""
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from sim.errors import ConfigError
+from traces.errors import UserError
+from traces.typecheck import check_value
 
 # The hardware of a run that names none: the measured profile whose simulated TPOT and hit rates
 # met both realrun targets on every policy and budget (25 of 25 on two H200 machines, README
@@ -21,34 +29,51 @@ class SimConfig:
     policy: str = "lru"
     policy_params: dict[str, Any] = field(default_factory=dict)
     budget: str = "6GB"  # 6GB, 512MiB, 128experts
-    model: str | dict[str, Any] | None = None  # None: the trace's own model; else a profile with its shape
-    hardware: str | dict[str, Any] = DEFAULT_HARDWARE
+    # None: the trace's own model; else a profile name, a transformers config.json, or a profile's fields
+    model: str | dict[str, Any] | None = None
+    hardware: str | dict[str, Any] = DEFAULT_HARDWARE  # a profile name (conf/hardware), a YAML path, or its fields
     warm_start: bool = False
-    arrival: str = "closed"  # closed (C clients) | poisson | trace
+    arrival: Literal["closed", "poisson", "trace"] = "closed"  # closed (C clients) | poisson | trace
     clients: int = 1  # closed loop: concurrent clients
     rate_rps: float = 1.0  # poisson arrivals per second
     max_batch: int = 1  # continuous batching: most requests in one decode pass
     gpus: int | None = None  # None: as many as the hardware profile has
-    placement: str = "layers"  # layers (split in order, like device_map) | experts (expert-parallel)
-    budget_scope: str = "per_gpu"  # the budget is each GPU's, or the total split evenly
+    placement: Literal["layers", "experts"] = "layers"  # layers (split in order, like device_map) | experts
+    budget_scope: Literal["per_gpu", "total"] = "per_gpu"  # the budget is each GPU's, or the total split evenly
     max_requests: int | None = None
     # Leading share of the requests given to policy.fit(), not replayed; None: DEFAULT_TRAIN_FRACTION
     # for a policy that learns offline (needs_training), 0 for the others (sim.api.with_training_split).
     train_fraction: float | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            try:
+                setattr(self, f.name, check_value(f.name, getattr(self, f.name), hints[f.name]))
+            except UserError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.train_fraction is not None and not 0.0 <= self.train_fraction < 1.0:
+            raise ConfigError(f"train_fraction={self.train_fraction}: expected a number in [0, 1)")
+        for name in ("max_requests", "clients", "max_batch", "gpus"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value}: expected an integer of at least 1")
+        if self.rate_rps <= 0:
+            raise ConfigError(f"rate_rps={self.rate_rps}: expected a positive number of requests per second")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SimConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**data)
-        if cfg.train_fraction is not None and not 0.0 <= cfg.train_fraction < 1.0:
-            raise ConfigError(f"train_fraction {cfg.train_fraction} must be in [0, 1)")
-        if cfg.max_requests is not None and cfg.max_requests < 1:
-            raise ConfigError(f"max_requests {cfg.max_requests} must be at least 1")
-        return cfg
+            raise ConfigError(f"unknown setting {unknown[0]}={data[unknown[0]]}; known settings: {', '.join(known)}")
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting's default, as plain values (what the command line starts from)."""
+    return SimConfig().to_dict()

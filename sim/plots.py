@@ -20,6 +20,7 @@ from sim.results import series_columns, series_labels
 FACETS = ("model", "dataset")
 BUDGET_AXIS = "expert budget (GB)"
 # Axis label and scale of the metrics drawn most often; others follow their unit suffix (axis()).
+# Bytes and seconds get the unit that suits the values drawn (a sweep's copies reach terabytes).
 LABELS = {
     "hit_rate": ("expert hit rate (%)", 100.0),
     "tpot_mean_s": ("TPOT, mean (ms)", 1e3),
@@ -29,12 +30,33 @@ LABELS = {
     "bytes_h2d": ("host-to-GPU bytes (GB)", 1e-9),
     "wasted_prefetch_bytes": ("prefetched, never used (GB)", 1e-9),
 }
+BYTE_UNITS = (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("PB", 1e15))
+TIME_UNITS = (("us", 1e-6), ("ms", 1e-3), ("s", 1.0), ("min", 60.0), ("h", 3600.0))
+# Context every sweep figure names in its title: what was simulated, on what, from which routing.
+CONTEXT = (("model", "model"), ("hardware", "hardware"), ("trace_name", "trace"), ("trace_origin", "routing"))
 
 
-def axis(metric: str) -> tuple[str, float]:
-    """The label (with unit) and the factor from the column's unit to the axis' unit."""
-    if metric in LABELS:
-        return LABELS[metric]
+def _unit(units: tuple[tuple[str, float], ...], largest: float) -> tuple[str, float]:
+    """The largest unit in which `largest` is at least 1 (the smallest unit for 0 or NaN)."""
+    chosen = units[0]
+    for name, size in units:
+        if largest >= size:
+            chosen = (name, size)
+    return chosen
+
+
+def axis(metric: str, largest: float | None = None) -> tuple[str, float]:
+    """The label (with unit) and the factor from the column's unit to the axis' unit. With `largest`
+    (the largest value drawn, in the column's unit), bytes and seconds take the unit that suits it."""
+    label, scale = LABELS.get(metric) or _default_axis(metric)
+    kind = BYTE_UNITS if "bytes" in metric else TIME_UNITS if metric.endswith("_s") else None
+    if kind is None or largest is None or not math.isfinite(largest):
+        return label, scale
+    name, size = _unit(kind, abs(largest))
+    return f"{label.rsplit(' (', 1)[0]} ({name})", 1.0 / size
+
+
+def _default_axis(metric: str) -> tuple[str, float]:
     name = metric.replace("_", " ")
     if metric.endswith("_s"):
         return f"{name[:-2]} (ms)", 1e3
@@ -43,6 +65,27 @@ def axis(metric: str) -> tuple[str, float]:
     if metric.endswith("rate"):
         return f"{name} (%)", 100.0
     return name, 1.0
+
+
+def context(runs: pd.DataFrame) -> str:
+    """'model mixtral-8x7b | hardware h100 | trace NAME | routing ...': what the figure's runs share, or
+    the values they span."""
+    parts = []
+    for column, name in CONTEXT:
+        if column in runs.columns:
+            values = sorted(str(v) for v in runs[column].dropna().unique())
+            if values:
+                parts.append(f"{name} {', '.join(values)}")
+    return " | ".join(parts)
+
+
+def ignores_budget(policy: str) -> bool:
+    from policies import policy_class
+
+    try:
+        return policy_class(policy).ignores_budget
+    except ValueError:  # a policy not registered here (results from elsewhere): drawn as any other
+        return False
 
 
 def panels(count: int, ncols: int = 3, size: tuple[float, float] = (4.8, 3.4)) -> tuple[Figure, list[Axes]]:
@@ -72,24 +115,35 @@ def metric_vs_budget(runs: pd.DataFrame, metric: str, *, facet: tuple[str, ...] 
     """metric against the budget, one line per series (the mean over seeds), one panel per facet.
 
     dashed: a second metric of the same unit drawn dashed in the series' colour (e.g. p99 beside mean).
+    A policy that ignores the budget (all_resident holds every expert) is one horizontal line, not
+    points at budgets it never used. The title says the model, hardware, trace and routing.
     """
     varying = [c for c in facet if c in runs.columns and runs[c].nunique(dropna=False) > 1]
     table = runs.assign(series=series_labels(runs, series_columns(runs, within=varying)))
     groups = facet_groups(table, varying)
     palette = colors(table["series"].tolist())
-    label, scale = axis(metric)
+    drawn = [metric] + ([dashed] if dashed else [])
+    largest = float(np.nanmax(runs[drawn].to_numpy(dtype=float))) if len(runs) else None
+    label, scale = axis(metric, largest)
     fig, axes = panels(len(groups))
     for ax, (title, rows) in zip(axes, groups):
-        means = rows.groupby(["series", "budget_gb"], sort=True)[[metric] + ([dashed] if dashed else [])].mean()
+        means = rows.groupby(["series", "budget_gb"], sort=True)[drawn].mean()
+        fixed = {name for name, policy in zip(rows["series"], rows["policy"]) if ignores_budget(policy)}
         for name, curve in means.groupby(level="series", sort=True):
             x = curve.index.get_level_values("budget_gb")
+            if name in fixed:
+                ax.axhline(curve[metric].mean() * scale, color=palette[name], linestyle=":",
+                           label=f"{name} (every expert resident, any budget)")
+                continue
             ax.plot(x, curve[metric] * scale, marker="o", color=palette[name], label=name)
             if dashed:
                 ax.plot(x, curve[dashed] * scale, marker=".", linestyle="--", color=palette[name])
         ax.set(xlabel=BUDGET_AXIS, ylabel=label, title=title)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)  # no "x 1e6" beside the axis
         ax.grid(alpha=0.3)
-    legend_title = f"solid: {label}\ndashed: {axis(dashed)[0]}" if dashed else None
+    legend_title = f"solid: {label}\ndashed: {axis(dashed, largest)[0]}" if dashed else None
     axes[0].legend(fontsize="small", title=legend_title, title_fontsize="small")
+    fig.suptitle(context(runs), fontsize="small")
     return fig
 
 
@@ -108,6 +162,7 @@ def layer_hit_rate_heatmap(layers: pd.DataFrame) -> Figure:
         ax.set_yticks(np.arange(len(grid.index)), [f"{b:g}" for b in grid.index])
         ax.set(xlabel="layer", ylabel=BUDGET_AXIS, title=name)
     fig.colorbar(image, ax=axes, label="expert hit rate (%)")
+    fig.suptitle(context(layers), fontsize="small")
     return fig
 
 

@@ -12,7 +12,10 @@ from rich.table import Table
 from sim.api import RunResult
 from sim.budget import format_bytes
 from sim.config import DEFAULT_TRAIN_FRACTION
+from sim.overload import open_loop_load
+from sim.provenance import PROVENANCE_FILE, provenance
 from traces.atomic import atomic_write_csv, atomic_write_text, write_atomically  # noqa: F401 (re-exported)
+from traces.cli import console as cli_console
 
 METRICS_FILE = "metrics.json"
 REQUESTS_FILE = "requests.csv"
@@ -43,10 +46,12 @@ def config_json(config: dict[str, Any]) -> str:
 
 
 def write_run(result: RunResult, out_dir: str | Path) -> Path:
-    """metrics.json, requests.csv, layers.csv and the run's config; metrics.json last (marks a complete run)."""
+    """metrics.json, requests.csv, layers.csv, the run's config and provenance (sim.provenance: the
+    trace's hash, the code's version); metrics.json last (marks a complete run)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, config_json(result.config))
+    atomic_write_text(out / PROVENANCE_FILE, json.dumps(provenance(result.config["trace"]), indent=2, sort_keys=True))
     atomic_write_csv(out / REQUESTS_FILE, result.per_request)
     atomic_write_csv(out / LAYERS_FILE, result.per_layer)
     atomic_write_text(out / METRICS_FILE, json.dumps(_jsonable({**result.metrics.to_dict(), "wall_s": result.wall_s}),
@@ -59,7 +64,7 @@ def _ms(seconds: float) -> str:
 
 
 def print_run(result: RunResult, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or cli_console()
     m = result.metrics
     reuse = "unknown" if m.trace_token_reuse is None else f"{m.trace_token_reuse:.1%}"
     distance = ("unknown (no real trace of this routing shape)" if m.trace_distance_to_real is None
@@ -85,8 +90,13 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
         ("host->GPU bytes (wasted prefetch)", f"{format_bytes(m.bytes_h2d)} ({format_bytes(m.wasted_prefetch_bytes)})"),
         ("stall on copies (s)", f"{m.stall_s:.3f}"),
         ("GPU expert memory high-water", format_bytes(m.gpu_mem_high_water_bytes)),
+        ("throughput (output tokens/s)", f"{m.throughput_tokens_per_s:.2f}"),
         ("simulated / wall time (s)", f"{m.makespan_s:.3f} / {result.wall_s:.2f}"),
     ]
+    load = open_loop_load(result.per_request, result.config["arrival"], result.config["rate_rps"])
+    if load is not None:
+        rows.append(("offered load / capacity (requests/s)",
+                     f"{load.offered_rps:.3g} / {load.capacity_rps:.3g} ({load.utilisation:.0%})"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -95,6 +105,8 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
         console.print(f"[yellow]note[/]: the trace's first {trained} requests trained {m.policy} offline and are "
                       f"not measured (train_fraction={result.config['train_fraction']:g}; unset, a policy that learns "
                       f"offline takes {DEFAULT_TRAIN_FRACTION:g})")
+    if load is not None and load.warning():
+        console.print(f"[bold red]warning[/]: {load.warning()}")
     host = m.policy_info.get("policy_host_s")
     if host:
         console.print(f"[yellow]note[/]: hardware '{m.hardware}' charges {m.policy}'s decisions "

@@ -3,9 +3,11 @@
     python -m sim.reproduce [--out results/reproduce] [--hardware rtx3090] [--budgets 2GB,4GB,...]
                             [--traces NAME,...] [--train-requests 32] [--replay-requests 8] [--jobs 2] [--quick]
 
-Writes into one folder: runs.csv (one row per trace, policy and budget), reproduction.md (hit rate
-and TPOT per policy and budget, ProMoE's predictor precision and recall, MoEpic's split ratios, and
-FineMoE against the best of the paper's baselines at 6 GB beside the paper's claims, with why ours
+Each run is kept in runs/TRACE/POLICY-BUDGET/ as soon as it finishes, with its config, the trace's
+content hash and the code's version; run again, the command skips the runs kept for the same
+three and runs only the rest (a killed reproduction loses nothing). Then it writes runs.csv (one
+row per trace, policy and budget), reproduction.md (hit rate and TPOT per policy and budget,
+ProMoE's predictor precision and recall, MoEpic's split ratios, and FineMoE against the best of the paper's baselines at 6 GB beside the paper's claims, with why ours
 differ), and per trace TRACE_hit_rate.png and TRACE_tpot.png (each against the budget, per policy).
 
 Budgets are the paper's sizes (GB of expert memory) for the real model of the trace's routing shape;
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from concurrent.futures import ProcessPoolExecutor
+import json
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,8 @@ from policies import available, policy_class  # noqa: E402
 from sim.api import prepare, resolve_hardware, simulate, split_requests  # noqa: E402
 from sim.budget import format_bytes, parse_budget  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
-from sim.report import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
+from sim.provenance import PROVENANCE_FILE, provenance, same_provenance  # noqa: E402
+from sim.report import CONFIG_FILE, atomic_save_figure, atomic_write_csv, atomic_write_text, config_json  # noqa: E402
 from traces import Trace, load_trace  # noqa: E402
 from traces.cli import run_cli  # noqa: E402
 from traces.defaults import resolve_trace, shipped_traces  # noqa: E402
@@ -51,6 +55,8 @@ BOUNDS = ("all_resident", "belady", "oracle_prefetch")
 # ../shared/docs/policies.md: FineMoE against the best baseline
 PAPER_CLAIMS = {"latency_reduction": 0.47, "hit_rate_gain": 0.36, "tpot_reduction": 0.32}
 DIFFERENCE_TOLERANCE = 0.10  # a claim is matched when ours lies within 10 points of it
+RUNS_DIR = "runs"  # one directory per run, written as it finishes: a restart skips those complete
+ROW_FILE = "row.json"
 
 
 @dataclass(frozen=True)
@@ -115,19 +121,58 @@ def execute(run: Run) -> dict[str, Any]:
     }
 
 
-def run_all(runs: list[Run], jobs: int) -> pd.DataFrame:
-    rows = []
-    with tqdm(total=len(runs), desc="runs", unit="run") as bar:
+def run_dir(out: Path, run: Run) -> Path:
+    return out / RUNS_DIR / run.trace / f"{run.policy}-{run.budget_label}"
+
+
+def stored_row(directory: Path, run: Run) -> dict[str, Any] | None:
+    """The row of a run finished earlier with the same config, trace content and code version, else None."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        made_by = json.loads((directory / PROVENANCE_FILE).read_text())
+        row = json.loads((directory / ROW_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = config == json.loads(config_json(run.cfg.to_dict())) and same_provenance(made_by, provenance(run.cfg.trace))
+    return row if same else None
+
+
+def keep(directory: Path, run: Run, row: dict[str, Any]) -> None:
+    """A finished run's row, written at once (the row last: it marks the run complete)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / CONFIG_FILE, config_json(run.cfg.to_dict()))
+    atomic_write_text(directory / PROVENANCE_FILE, json.dumps(provenance(run.cfg.trace), sort_keys=True))
+    atomic_write_text(directory / ROW_FILE, json.dumps(row, sort_keys=True, default=lambda v: v.item()))
+
+
+def run_all(runs: list[Run], jobs: int, out: Path) -> pd.DataFrame:
+    """Every run's row; each run is kept under out/runs/ as it finishes, and one kept earlier (same
+    config, trace and code) is not run again, so a killed reproduction restarted loses nothing."""
+    rows: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, run in enumerate(runs):
+        row = stored_row(run_dir(out, run), run)
+        if row is None:
+            todo.append(i)
+        else:
+            rows[i] = row
+    if rows:
+        print(f"{len(rows)} of {len(runs)} runs already complete in {out / RUNS_DIR}")
+    with tqdm(total=len(todo), desc="runs", unit="run") as bar:
+        def done(i: int, row: dict[str, Any]) -> None:
+            keep(run_dir(out, runs[i]), runs[i], row)
+            rows[i] = row
+            bar.update()
+
         if jobs <= 1:
-            for run in runs:
-                rows.append(execute(run))
-                bar.update()
+            for i in todo:
+                done(i, execute(runs[i]))
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
-                for row in pool.map(execute, runs):
-                    rows.append(row)
-                    bar.update()
-    frame = pd.DataFrame(rows)
+                futures = {pool.submit(execute, runs[i]): i for i in todo}
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
+    frame = pd.DataFrame([rows[i] for i in range(len(runs))])
     frame["policy"] = pd.Categorical(frame["policy"], categories=list(dict.fromkeys(r.policy for r in runs)))
     return frame.sort_values(["trace", "budget_bytes", "policy"], kind="stable").reset_index(drop=True)
 
@@ -316,8 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                          args.seed)
         for run in {r.cfg.policy: r for r in runs}.values():
             prepare(run.cfg)  # one clear error for a bad policy, hardware or trace, before any run
-        frame = run_all(runs, args.jobs)
-        args.out.mkdir(parents=True, exist_ok=True)
+        frame = run_all(runs, args.jobs, args.out)
         trace_facts = {t.path.name: facts(t, args.hardware) for t in traces}
         split = {}
         for t in traces:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sim.budget import parse_budget
 from sim.config import SimConfig
 from sim.report import CONFIG_FILE, LAYERS_FILE, METRICS_FILE, atomic_write_csv, write_atomically
-from traces.cli import run_cli
+from traces.cli import console as cli_console, run_cli
 from traces.errors import UserError
 from traces.format import REQUESTS
 
@@ -190,7 +190,7 @@ def write_tables(results: SweepResults, out_dir: Path) -> list[Path]:
 
 
 def print_summary(results: SweepResults, written: list[Path], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or cli_console()
     hit = by_budget(results.runs, "hit_rate")
     table = Table(title=f"expert hit rate, {len(results.runs)} runs")
     table.add_column("series")

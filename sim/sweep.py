@@ -2,7 +2,7 @@
 
 Hydra names a sweep's directory after the clock; here it is named after the sweep's own overrides
 (multirun/budget=2GB,6GB_policy=lru,belady) and each run's directory after its overrides
-(conf/config.yaml: hydra.sweep.subdir), so the same command run again finds the runs it finished and
+(conf/cli/config.yaml: hydra.sweep.subdir), so the same command run again finds the runs it finished and
 skips them: an interrupted sweep, restarted, runs only what is missing.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from sim.cli import CLI_ONLY
 from sim.errors import ConfigError
 from sim.metrics import RunMetrics
+from sim.provenance import PROVENANCE_FILE, provenance, same_provenance
 from sim.report import CONFIG_FILE, METRICS_FILE, config_json
 
 SWEEP_ROOT = "multirun"
@@ -64,14 +65,18 @@ def completed_metrics(out_dir: str | Path, config: dict[str, Any]) -> dict[str, 
     """The metrics of a complete run of exactly this config in out_dir, else None.
 
     metrics.json is written last, so its presence marks a complete run; the stored config must
-    equal this one, or a changed default (a trace, a profile) would pass off old results as new.
+    equal this one, or a changed default (a trace, a profile) would pass off old results as new;
+    and so must the trace's content and the code's version (sim.provenance): a trace rewritten in
+    place, or an update that changes results, runs it again.
     """
     out = Path(out_dir)
-    metrics, stored = out / METRICS_FILE, out / CONFIG_FILE
-    if not (metrics.is_file() and stored.is_file()):
+    metrics, stored, made_by = out / METRICS_FILE, out / CONFIG_FILE, out / PROVENANCE_FILE
+    if not (metrics.is_file() and stored.is_file() and made_by.is_file()):
         return None
     try:
         if json.loads(stored.read_text()) != json.loads(config_json(config)):
+            return None
+        if not same_provenance(json.loads(made_by.read_text()), provenance(config["trace"])):
             return None
         return json.loads(metrics.read_text())
     except json.JSONDecodeError:

@@ -74,3 +74,11 @@ def small_sweep(tmp_path_factory) -> Path:
                            f"hydra.sweep.dir={root / 'sweep'}"], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return root / "sweep"
+
+
+def repo_env() -> dict[str, str]:
+    """The environment for a subprocess that must run this checkout's code, whatever is installed."""
+    import os
+
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}

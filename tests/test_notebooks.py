@@ -50,3 +50,21 @@ def test_notebook_runs_headless(path, small_sweep, tmp_path):
     figures = [output for cell in executed.cells for output in cell.get("outputs", [])
                if "image/png" in output.get("data", {})]
     assert figures, f"{path.name} drew no figure"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_takes_its_inputs_as_papermill_parameters(path):
+    notebook = nbformat.read(path, as_version=4)
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: one cell tagged 'parameters' (notebooks/README.md)"
+    defined = {line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line}
+    assert defined & {"sweep_dir", "trace"}, f"{path.name}: its parameters cell defines neither sweep_dir nor trace"
+
+
+def test_the_routing_entropy_notebook_draws_the_trace_it_is_given(tmp_path):
+    path = REPO / "notebooks" / "routing_entropy.ipynb"
+    given = resolve_trace("standin/qwen1.5-moe-sharegpt")
+    executed = papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), cwd=str(REPO), progress_bar=False,
+                                          kernel_name="python3", parameters={"trace": str(given)})
+    printed = "".join(o.get("text", "") for cell in executed.cells for o in cell.get("outputs", []))
+    assert f"{given.name}: 160 requests" in printed

@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from conf import CONF_DIR
+from conf import CLI_CONF_DIR
 from policies import available, policy_class
 from sim.api import simulate
 from sim.config import SimConfig
@@ -21,8 +21,8 @@ def trace(tmp_path_factory):
 
 def test_every_policy_has_a_config_named_after_it():
     for name in POLICIES:
-        path = CONF_DIR / "policy" / f"{name}.yaml"
-        assert path.is_file(), f"conf/policy/{name}.yaml missing"
+        path = CLI_CONF_DIR / "policy" / f"{name}.yaml"
+        assert path.is_file(), f"conf/cli/policy/{name}.yaml missing"
         assert yaml.safe_load(path.read_text())["name"] == name
 
 

@@ -43,3 +43,30 @@ def test_a_malformed_budget_is_one_line(tmp_path, capsys):
         main(["--budgets", "6GB,6XB", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_reproduction_keeps_each_run_and_a_restart_runs_only_what_is_missing_or_stale(tmp_path, capsys):
+    trace = generate_synthetic(tmp_path / "syn", load_model_spec("mixtral-8x7b"),
+                               SyntheticParams(requests=6, prompt_tokens=(4, 8), output_tokens=(4, 8)))
+    out = tmp_path / "out"
+    args = ["--quick", "--traces", str(trace), "--out", str(out), "--jobs", "1", "--train-requests", "3",
+            "--policies", "lru,belady,all_resident"]
+    main(args)
+    first = pd.read_csv(out / "runs.csv")
+    rows = {p.parent.name: p for p in (out / "runs").rglob("row.json")}
+    assert sorted(rows) == ["all_resident-6GB", "belady-6GB", "lru-6GB"]
+    stamps = {name: p.stat().st_mtime_ns for name, p in rows.items()}
+    rows["belady-6GB"].unlink()  # killed before belady finished
+    made_by = rows["lru-6GB"].parent / "provenance.json"
+    made_by.write_text(made_by.read_text().replace('"code_version": "', '"code_version": "older-'))  # stale code
+    capsys.readouterr()
+    main(args)
+    assert "1 of 3 runs already complete" in capsys.readouterr().out
+    assert rows["all_resident-6GB"].stat().st_mtime_ns == stamps["all_resident-6GB"]  # kept, not run again
+    assert rows["lru-6GB"].stat().st_mtime_ns != stamps["lru-6GB"] and rows["belady-6GB"].is_file()
+    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), first)
+    # The trace rewritten in place (its content hash changes): every run is done again.
+    meta = trace / "meta.json"
+    meta.write_text(meta.read_text() + "\n")
+    main(args)
+    assert "already complete" not in capsys.readouterr().out

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 
-from conf import CONF_DIR
+from conf import CLI_CONF_DIR
 from policies import available, make_policy, policy_class
 from sim.api import simulate
 from sim.cli import CLI_ONLY
@@ -20,7 +20,7 @@ from sim.report import write_run
 from sim.sweep import check_objective, completed_metrics, objective_value, sweep_dir_name, with_stable_sweep_dir
 from traces.errors import UserError
 
-TUNE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "tune").glob("*.yaml"))
+TUNE_CONFIGS = sorted(p.stem for p in (CLI_CONF_DIR / "tune").glob("*.yaml"))
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
@@ -30,7 +30,7 @@ def sim(cwd, *args, timeout=300):
 
 
 def hydra_config(*overrides):
-    with initialize_config_module(config_module="conf", version_base=None):
+    with initialize_config_module(config_module="conf.cli", version_base=None):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
@@ -134,7 +134,7 @@ def test_optuna_tunes_a_policy_knob_and_a_repeated_trial_is_skipped(tmp_path):
 @pytest.mark.parametrize("name", TUNE_CONFIGS)
 def test_tune_configs_compose_and_name_real_knobs(name):
     """finemoe and moepic are checked once their policies are registered."""
-    config = yaml.safe_load((CONF_DIR / "tune" / f"{name}.yaml").read_text())
+    config = yaml.safe_load((CLI_CONF_DIR / "tune" / f"{name}.yaml").read_text())
     policy = next(entry["/policy"] for entry in config["defaults"] if "/policy" in entry)
     if policy not in available():
         pytest.skip(f"policy '{policy}' is not registered on this branch")
@@ -172,3 +172,23 @@ def test_submitit_runs_the_task_as_it_would_on_slurm(tmp_path):
                "progress=false", f"hydra.sweep.dir={tmp_path / 's'}")
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "s").glob("*/metrics.json"))) == 1
+
+
+def test_a_complete_run_is_done_again_when_its_trace_or_the_code_changed(tmp_path):
+    import shutil
+
+    from traces.defaults import resolve_trace
+
+    trace = tmp_path / "trace"
+    shutil.copytree(resolve_trace("mixtral-8x7b-gsm8k"), trace)
+    cfg = SimConfig(trace=str(trace), policy="lru", budget="128experts", max_requests=1)
+    write_run(simulate(cfg), tmp_path / "run")
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is not None
+    made_by = tmp_path / "run" / "provenance.json"
+    stored = json.loads(made_by.read_text())
+    made_by.write_text(json.dumps({**stored, "code_version": "0.0.1+src.older"}))
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is None  # made by other code
+    made_by.write_text(json.dumps(stored))
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is not None
+    (trace / "meta.json").write_text((trace / "meta.json").read_text() + "\n")  # same name, other content
+    assert completed_metrics(tmp_path / "run", cfg.to_dict()) is None

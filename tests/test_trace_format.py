@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -140,3 +141,31 @@ def test_model_spec_from_transformers_configs(tmp_path):
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(UserError, match="known models: mixtral-8x7b"):
         load_model_spec("nope")
+
+
+def _copy_shipped(tmp_path):
+    import shutil
+
+    from traces.defaults import resolve_trace
+
+    return Path(shutil.copytree(resolve_trace("mixtral-8x7b-gsm8k"), tmp_path / "trace"))
+
+
+def test_overwritten_string_bytes_in_the_requests_table_are_named_on_load(tmp_path):
+    trace = _copy_shipped(tmp_path)
+    data = bytearray((trace / "requests.parquet").read_bytes())
+    at = bytes(data).index(b"gsm8k")
+    data[at:at + 3] = b"\xff\xfe\xfd"  # passes the Parquet reader, fails UTF-8 decoding later
+    (trace / "requests.parquet").write_bytes(bytes(data))
+    with pytest.raises(TraceError, match=r"requests.parquet: corrupt content .*UTF8.*re-create the trace"):
+        load_trace(trace)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -0.5, 7.0])
+def test_probabilities_that_are_not_probabilities_are_named_on_load(tmp_path, value):
+    trace = _copy_shipped(tmp_path)
+    probs = np.load(trace / "probs.npy")
+    probs[10, 3, 2] = value
+    np.save(trace / "probs.npy", probs)
+    with pytest.raises(TraceError, match=r"probs.npy: probability .* at \[iteration, layer, expert\] \[10, 3, 2\]"):
+        load_trace(trace)

@@ -11,6 +11,17 @@ from traces.errors import UserError
 T = TypeVar("T")
 
 
+WIDE = 200  # columns of a report printed to a file or a pipe (rich would cut its tables at 80)
+
+
+def console():
+    """A rich Console for a command's report: the terminal's width, or WIDE when the output is not a
+    terminal, so that tables redirected to a file or read by a test keep their full rows."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=WIDE)
+
+
 def run_cli(work: Callable[[], T]) -> T:
     """Run a command; a UserError prints 'error: ...' on stderr and exits with status 2."""
     try:

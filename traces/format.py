@@ -20,7 +20,6 @@ temporary name and renames it into place, so a crash never leaves a half-written
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from traces.atomic import remove_stale_temporaries, temporary
 from traces.errors import TraceError, UserError
 from traces.model_spec import ModelSpec
 
@@ -226,6 +226,22 @@ def _load_array(path: Path, dtype: np.dtype, shape: tuple[int | None, ...]) -> n
     return array
 
 
+_SCAN_ROWS = 4096  # iterations checked at a time: a memory-mapped array is never read whole
+
+
+def _check_probabilities(path: Path, probs: np.ndarray) -> None:
+    """Router probabilities are finite and in [0, 1]: NaN would pass unseen through LRU and break
+    the policies that rank experts by probability."""
+    for start in range(0, len(probs), _SCAN_ROWS):
+        block = np.asarray(probs[start:start + _SCAN_ROWS], dtype=np.float32)
+        bad = ~np.isfinite(block) | (block < 0) | (block > 1 + 1e-3)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            at = (at[0] + start, *at[1:])
+            raise _fail(path, f"probability {block[bad][0]} at [iteration, layer, expert] {list(at)}; router "
+                        "probabilities must be finite and in [0, 1]: the file is corrupt, re-create the trace")
+
+
 def load_trace(path: str | Path) -> Trace:
     """Open and validate a trace directory; any problem raises TraceError naming the file."""
     path = Path(path)
@@ -242,9 +258,14 @@ def load_trace(path: str | Path) -> Trace:
 
     req_path = path / REQUESTS
     try:
-        requests = pq.read_table(req_path).to_pandas()
+        table = pq.read_table(req_path)
     except (OSError, pa.ArrowException) as exc:
         raise _fail(req_path, f"unreadable ({exc}); re-create the trace") from None
+    try:
+        table.validate(full=True)  # decodable strings: bytes overwritten in place pass the reader
+    except pa.ArrowException as exc:
+        raise _fail(req_path, f"corrupt content ({exc}); re-create the trace") from None
+    requests = table.to_pandas()
     missing = [c for c in REQUEST_COLUMNS if c not in requests.columns]
     if missing:
         raise _fail(req_path, f"missing columns {missing}; re-create the trace")
@@ -271,6 +292,9 @@ def load_trace(path: str | Path) -> Trace:
         arrays[LOOKAHEAD] = _load_array(path / LOOKAHEAD, np.float16, (n, layers, meta.lookahead_distance, experts))
     if meta.hidden_proj_dim:
         arrays[HIDDEN_PROJ] = _load_array(path / HIDDEN_PROJ, np.float16, (n, layers, meta.hidden_proj_dim))
+    for name in (PROBS, TOPM_PROBS):
+        if name in arrays:
+            _check_probabilities(path / name, arrays[name])
     if n and int(arrays[EXPERTS].max()) >= experts:
         raise _fail(path / EXPERTS, f"expert id {int(arrays[EXPERTS].max())} out of range for {experts} experts")
 
@@ -292,7 +316,7 @@ def replace_directory(tmp: Path, final: Path, overwrite: bool) -> None:
         if not overwrite:
             shutil.rmtree(tmp)
             raise UserError(f"{final} already exists; choose another output directory or allow overwriting")
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = temporary(final, "old")
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -303,9 +327,11 @@ def replace_directory(tmp: Path, final: Path, overwrite: bool) -> None:
 def write_directory(out: Path, fill: Callable[[Path], Any], overwrite: bool) -> Path:
     """Build a directory with fill(tmp) under a temporary name, then move it into place: a failure
     or a crash never leaves it half-written."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent)
+    tmp = temporary(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         fill(tmp)
     except BaseException:
@@ -425,7 +451,8 @@ class TraceWriter:
         if not self._rows:
             raise UserError(f"{self.out_dir}: no requests were added; nothing to write")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        remove_stale_temporaries(self.out_dir.parent)  # a writer killed outright leaves its temporary
+        tmp = temporary(self.out_dir)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()

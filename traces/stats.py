@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from traces.atomic import atomic_write_csv, atomic_write_text
-from traces.cli import run_cli
+from traces.cli import console as cli_console, run_cli
 from traces.defaults import DATA_DIR, resolve_trace
 from traces.errors import UserError
 from traces.format import META, Trace, TraceMeta, load_trace, tally_experts
@@ -426,13 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def work() -> None:
-        from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
 
         from traces.stats_plot import plot_stats
 
-        console = Console()
+        console = cli_console()
         traces = [load_trace(resolve_trace(name)) for name in args.traces]
         if args.annotate:
             for trace in traces:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from traces.atomic import atomic_write_csv
-from traces.cli import run_cli
+from traces.cli import console as cli_console, run_cli
 from traces.defaults import resolve_trace
 from traces.errors import UserError
 from traces.format import Trace, TraceWriter, load_trace
@@ -109,13 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def work() -> None:
-        from rich.console import Console
         from rich.table import Table
 
         if args.repeats < 2:
             raise UserError("--repeats must be at least 2")
         table = check(load_trace(resolve_trace(args.trace)), args.repeats, args.seed)
-        console = Console()
+        console = cli_console()
         for label, rows in table.groupby("check", sort=False):
             view = Table(title=label)
             for column in ("figure", "real", "synthetic (mean ± sd)", "relative error"):

@@ -35,6 +35,7 @@ from traces.cli import parse_key_values, run_cli
 from traces.collect.tiny import WEIGHTS_ORIGIN_FILE
 from traces.errors import UserError
 from traces.format import write_directory
+from traces.standin.preflight import check_train
 from traces.standin.realism_probe import flat_figures, probe
 from traces.standin.shapes import get_shape, standin_config
 
@@ -268,6 +269,9 @@ def _write(out: Path, cfg: TrainConfig, model, tokenizer, summary: dict[str, Any
 def main(argv: list[str] | None = None) -> None:
     def work() -> None:
         cfg = parse_key_values(sys.argv[1:] if argv is None else argv, TrainConfig, __doc__ or "")
+        corpus = Path(cfg.corpus) / "corpus.json"
+        if corpus.is_file():  # else train() names what is missing
+            check_train(cfg, json.loads(corpus.read_text())["vocab_size"])
         out = train(cfg)
         summary = json.loads((out / "summary.json").read_text())
         realism = summary["realism"]
