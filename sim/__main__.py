@@ -62,7 +62,7 @@ def run_in(cfg: DictConfig, out_dir: str) -> float:
     write_run(result, out_dir)
     print_run(result)
     print(f"results: {out_dir}")
-    return objective_value(result.metrics.to_dict(), objective)
+    return objective_value({**result.metrics.to_dict(), "wall_s": result.wall_s}, objective)
 
 
 @hydra.main(version_base=None, config_path="pkg://conf.cli", config_name="config")
