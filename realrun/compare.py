@@ -195,7 +195,7 @@ def _tagged(frame: pd.DataFrame, engine: str, policy: str, budget: str) -> pd.Da
 
 
 def run_compare(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
-                out_dir: Path, max_requests: int | None = None, warm_start: bool = False, train_fraction: float = 0.0,
+                out_dir: Path, max_requests: int | None = None, warm_start: bool = False, train_fraction: float | None = None,
                 header: list[str] | None = None, stored: StoredRuns | None = None, timeline: bool = False,
                 clocks: bool = False, repeats: int = 1, gpus: int = 1) -> pd.DataFrame:
     """Both engines over every (policy, budget); writes runs.csv, layers.csv, tokens.csv, compare.csv
@@ -229,7 +229,7 @@ def _measure(cfg: SimConfig, trace: Trace, machine: Machine, timeline: bool) -> 
 
 
 def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardware: str, machine: Machine | None,
-                  out_dir: Path, max_requests: int | None, warm_start: bool, train_fraction: float,
+                  out_dir: Path, max_requests: int | None, warm_start: bool, train_fraction: float | None,
                   header: list[str] | None, stored: StoredRuns | None, timeline: bool, repeats: int,
                   gpus: int) -> pd.DataFrame:
     profile = load_hardware(hardware)
@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
                         help="how the executor waits for a block: poll its copy's event, or sleep until it lands")
     parser.add_argument("--warm-start", action="store_true")
-    parser.add_argument("--train-fraction", type=float, default=0.0,
-                        help="leading share of requests for policies' offline training (needed by promoe)")
+    parser.add_argument("--train-fraction", type=float, default=None,
+                        help="leading share of requests for policies' offline training (default: 0.25 for a policy "
+                             "that learns offline, such as promoe, 0 for the others)")
     parser.add_argument("--real-from", default=None,
                         help="directories of earlier compares (comma-separated): reuse their measured runs, pooling "
                              "their repeats, and re-run only the simulator")

@@ -9,6 +9,7 @@ missing. A run returns its `objective` metric to the sweeper (Optuna: +tune=NAME
 """
 from __future__ import annotations
 
+import shutil
 import sys
 
 import hydra
@@ -16,13 +17,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from sim.api import execute, prepare
+from sim.api import execute, prepare, with_training_split
 from sim.cli import check_arguments, config_from_hydra
 from sim.report import print_run, write_run
 from sim.rundir import claimed, discard_failed_run
 from sim.sweep import check_objective, completed_metrics, objective_value, runs_side_by_side, with_stable_sweep_dir
 from traces.cli import run_cli
 from traces.errors import UserError
+
+
+SLURM_LAUNCHERS = {"slurm", "submitit_slurm"}
+
+
+def check_slurm(argv: list[str]) -> None:
+    """hydra/launcher=slurm where Slurm is absent: one line, not submitit's traceback at launch."""
+    asks = any(arg.lstrip("+~").partition("=")[::2] in {("hydra/launcher", n) for n in SLURM_LAUNCHERS} for arg in argv)
+    if asks and (shutil.which("sbatch") is None or shutil.which("srun") is None):
+        raise UserError("hydra/launcher=slurm: no Slurm on this machine (sbatch/srun not on PATH); run the sweep "
+                        "from a Slurm login node, or here without hydra/launcher=slurm (every core of this machine)")
 
 
 def run(cfg: DictConfig) -> float:
@@ -36,7 +48,7 @@ def run(cfg: DictConfig) -> float:
 
 
 def run_in(cfg: DictConfig, out_dir: str) -> float:
-    sim_cfg = config_from_hydra(cfg)
+    sim_cfg = with_training_split(config_from_hydra(cfg))  # run_config.json records the split used
     objective = check_objective(cfg.objective)
     hydra_cfg = HydraConfig.get()
     done = completed_metrics(out_dir, sim_cfg.to_dict()) if cfg.skip_complete else None
@@ -50,7 +62,7 @@ def run_in(cfg: DictConfig, out_dir: str) -> float:
     write_run(result, out_dir)
     print_run(result)
     print(f"results: {out_dir}")
-    return objective_value(result.metrics.to_dict(), objective)
+    return objective_value({**result.metrics.to_dict(), "wall_s": result.wall_s}, objective)
 
 
 @hydra.main(version_base=None, config_path="pkg://conf.cli", config_name="config")
@@ -59,6 +71,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: check_arguments(sys.argv[1:]))
+    run_cli(lambda: (check_arguments(sys.argv[1:]), check_slurm(sys.argv[1:])))
     sys.argv = [sys.argv[0], *with_stable_sweep_dir(sys.argv[1:])]
     main()

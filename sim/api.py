@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import pandas as pd
 
 from policies import Policy, make_policy
+from policies.registry import policy_class
 from sim.budget import parse_budget
-from sim.config import SimConfig
+from sim.config import DEFAULT_TRAIN_FRACTION, SimConfig
 from sim.engine import RunState, SimOptions, Simulation
 from sim.fast.engine import FastPathDeclined, FastSimulation, fast_kind, tables_for
 from sim.errors import ConfigError
@@ -65,6 +66,15 @@ def split_requests(num_requests: int, train_fraction: float, max_requests: int |
     return list(range(n_train)), replay
 
 
+def with_training_split(cfg: SimConfig) -> SimConfig:
+    """cfg with train_fraction settled: as given, else DEFAULT_TRAIN_FRACTION for a policy that learns
+    offline and 0 for the others (run_config.json then records the split used)."""
+    if cfg.train_fraction is not None:
+        return cfg
+    trains = policy_class(cfg.policy).needs_training
+    return replace(cfg, train_fraction=DEFAULT_TRAIN_FRACTION if trains else 0.0)
+
+
 @dataclass
 class PreparedRun:
     """A validated run, ready to execute: every input resolved, nothing simulated yet."""
@@ -81,6 +91,7 @@ class PreparedRun:
 
 def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     """Resolve and check every input; bad ones raise a UserError before anything runs."""
+    cfg = with_training_split(cfg)
     trace = trace if trace is not None else shared_trace(resolve_trace(cfg.trace))
     model = resolve_model(trace, cfg.model)
     hardware = resolve_hardware(cfg.hardware)
@@ -89,7 +100,7 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     train, replay = split_requests(trace.num_requests, cfg.train_fraction, cfg.max_requests)
     if policy.needs_training and not train:
         raise ConfigError(f"policy '{cfg.policy}' learns offline from a training split of the trace; "
-                          f"set train_fraction (e.g. train_fraction=0.5)")
+                          f"set train_fraction above 0 (unset, it is {DEFAULT_TRAIN_FRACTION})")
     return PreparedRun(cfg, trace, model, hardware, budget, policy, train, replay)
 
 
@@ -155,6 +166,7 @@ def run_result(run: PreparedRun, state: RunState, wall_s: float, hardware_name: 
         trace_distance_to_real=trace.meta.realism.get("distance_to_real"),
         policy_info={**run.policy.describe(),
                      "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v],
+                     **({"train_requests": len(run.train)} if run.train else {}),
                      **(extra_info or {})},
     )
     return RunResult(metrics, per_request, per_layer, cfg.to_dict(), wall_s, list(state.recorder.token_latencies))

@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from sim.api import prepare, simulate  # noqa: E402
-from sim.config import SimConfig  # noqa: E402
+from sim.config import DEFAULT_HARDWARE, SimConfig  # noqa: E402
 from sim.report import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
 from traces.cli import run_cli  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--budget", default="6GB")
-    parser.add_argument("--hardware", default="h100")
+    parser.add_argument("--hardware", default=DEFAULT_HARDWARE)
     parser.add_argument("--trace", default="default")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-requests", type=int, default=None)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sim.api import RunResult
 from sim.budget import format_bytes
+from sim.config import DEFAULT_TRAIN_FRACTION
 from sim.overload import open_loop_load
 from sim.provenance import PROVENANCE_FILE, provenance
 from traces.atomic import atomic_write_csv, atomic_write_text, write_atomically  # noqa: F401 (re-exported)
@@ -20,6 +21,7 @@ METRICS_FILE = "metrics.json"
 REQUESTS_FILE = "requests.csv"
 LAYERS_FILE = "layers.csv"
 CONFIG_FILE = "run_config.json"
+TIMING_FILE = "timing.json"  # the run's wall time
 
 
 def atomic_save_figure(fig, path: Path) -> None:
@@ -45,7 +47,7 @@ def config_json(config: dict[str, Any]) -> str:
 
 
 def write_run(result: RunResult, out_dir: str | Path) -> Path:
-    """metrics.json, requests.csv, layers.csv, the run's config and provenance (sim.provenance: the
+    """metrics.json, requests.csv, layers.csv, timing.json, the run's config and provenance (sim.provenance: the
     trace's hash, the code's version); metrics.json last (marks a complete run)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,8 +55,10 @@ def write_run(result: RunResult, out_dir: str | Path) -> Path:
     atomic_write_text(out / PROVENANCE_FILE, json.dumps(provenance(result.config["trace"]), indent=2, sort_keys=True))
     atomic_write_csv(out / REQUESTS_FILE, result.per_request)
     atomic_write_csv(out / LAYERS_FILE, result.per_layer)
-    atomic_write_text(out / METRICS_FILE, json.dumps(_jsonable({**result.metrics.to_dict(), "wall_s": result.wall_s}),
-                                                     indent=2, sort_keys=True))
+    # The wall time varies between identical runs: it stays out of metrics.json, which is then the
+    # same byte for byte for the same config, alone or in a sweep, in any process.
+    atomic_write_text(out / TIMING_FILE, json.dumps({"wall_s": result.wall_s}))
+    atomic_write_text(out / METRICS_FILE, json.dumps(_jsonable(result.metrics.to_dict()), indent=2, sort_keys=True))
     return out
 
 
@@ -101,6 +105,11 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    trained = m.policy_info.get("train_requests")
+    if trained:
+        console.print(f"[yellow]note[/]: the trace's first {trained} requests trained {m.policy} offline and are "
+                      f"not measured (train_fraction={result.config['train_fraction']:g}; unset, a policy that learns "
+                      f"offline takes {DEFAULT_TRAIN_FRACTION:g})")
     if load is not None and load.warning():
         console.print(f"[bold red]warning[/]: {load.warning()}")
     host = m.policy_info.get("policy_host_s")

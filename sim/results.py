@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from sim.budget import parse_budget
 from sim.config import SimConfig
-from sim.report import CONFIG_FILE, LAYERS_FILE, METRICS_FILE, atomic_write_csv, write_atomically
+from sim.report import CONFIG_FILE, LAYERS_FILE, METRICS_FILE, TIMING_FILE, atomic_write_csv, write_atomically
 from traces.cli import console as cli_console, run_cli
 from traces.errors import UserError
 from traces.format import REQUESTS
@@ -77,6 +77,12 @@ def read_run(run_dir: Path, root: Path) -> tuple[dict[str, Any], pd.DataFrame]:
         elif key not in metrics:  # else metrics.json holds the value resolved (a trace's path, a model's name)
             row[key] = _cell(value)
     row.update({key: _cell(value) for key, value in metrics.items()})
+    timing = run_dir / TIMING_FILE
+    if timing.is_file():
+        try:
+            row["wall_s"] = json.loads(timing.read_text())["wall_s"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # the wall time is informative only: a damaged timing.json leaves the column empty
     row["trace_name"] = Path(metrics["trace"]).name
     row["dataset"] = trace_dataset(metrics["trace"])
     # The budget asked for (budget_bytes is the one used: all_resident ignores the budget and holds every expert).

@@ -1,0 +1,82 @@
+"""What a new user runs first (issue 24): every policy from one command, a measured default machine,
+Slurm refused in one line where there is none, and the same numbers from the same command."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import repo_env
+from hydra import compose, initialize_config_module
+
+from policies import available
+from sim.cli import register
+from sim.config import DEFAULT_HARDWARE, DEFAULT_TRAIN_FRACTION, SimConfig
+from sim.profiles import load_hardware
+from traces import load_trace
+from traces.defaults import resolve_trace
+from traces.model_spec import load_model_spec
+
+
+def sim(cwd, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "sim", *args, "progress=false"], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env or repo_env())
+
+
+def test_promoe_runs_from_the_readme_command_with_the_default_training_split(tmp_path):
+    done = sim(tmp_path, "+policy=promoe", "+budget=6GB", "max_requests=2", f"hydra.run.dir={tmp_path}/run")
+    assert done.returncode == 0, done.stderr
+    stored = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert stored["train_fraction"] == DEFAULT_TRAIN_FRACTION == 0.25
+    assert "not measured (train_fraction=0.25" in " ".join(done.stdout.split())
+    trace = load_trace(resolve_trace("default"))
+    n_train = int(trace.num_requests * DEFAULT_TRAIN_FRACTION)
+    measured = pd.read_csv(tmp_path / "run" / "requests.csv")["request_id"].tolist()
+    # The measured requests are the two right after the training split, none of the training ones.
+    assert measured == trace.requests["request_id"].iloc[n_train:n_train + 2].tolist()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["policy_info"]["train_requests"] == n_train
+
+
+def test_train_fraction_overrides_the_default_and_other_policies_train_on_nothing(tmp_path):
+    done = sim(tmp_path, "-m", "+policy=promoe,lru", "+budget=6GB", "max_requests=1", "train_fraction=0.5,null",
+               "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert done.returncode == 0, done.stderr
+    fractions = sorted((json.loads(p.read_text())["policy"], json.loads(p.read_text())["train_fraction"])
+                       for p in (tmp_path / "sweep").glob("*/run_config.json"))
+    assert fractions == [("lru", 0.0), ("lru", 0.5), ("promoe", 0.25), ("promoe", 0.5)]
+
+
+def test_every_policy_runs_from_the_one_command(tmp_path):
+    names = available()
+    done = sim(tmp_path, "-m", f"+policy={','.join(names)}", "+budget=6GB", "max_requests=1", "hydra/launcher=basic",
+               f"hydra.sweep.dir={tmp_path}/sweep")
+    assert done.returncode == 0, done.stderr
+    ran = sorted(json.loads(p.read_text())["policy"] for p in (tmp_path / "sweep").glob("*/metrics.json"))
+    assert ran == sorted(names) and len(names) >= 10
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm")
+def test_slurm_launcher_without_slurm_is_one_line_and_status_2(tmp_path):
+    env = {**repo_env(), "PATH": os.path.dirname(sys.executable)}
+    done = sim(tmp_path, "-m", "hydra/launcher=slurm", "+policy=lru,belady", env=env)
+    assert done.returncode == 2
+    err = done.stderr.strip()
+    assert err.startswith("error: hydra/launcher=slurm: no Slurm on this machine") and "\n" not in err, err
+    assert "Traceback" not in done.stderr and "srun" in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_default_hardware_is_a_measured_profile():
+    register()
+    with initialize_config_module(version_base=None, config_module="conf.cli"):
+        cfg = compose(config_name="config")
+    assert cfg.hardware == SimConfig().hardware == DEFAULT_HARDWARE == "h200-measured"
+    hardware = load_hardware(DEFAULT_HARDWARE)
+    assert hardware.host_link.measured is not None  # a measured copy curve, not latency + bandwidth
+    assert "realrun.calibrate" in hardware.origin
+    # Every model profile whose shape the calibration knows is charged measured compute times:
+    # a run on a Mixtral trace prints no roofline fallback.
+    for model in ("mixtral-8x7b", "qwen1.5-moe", "phi-3.5-moe"):
+        assert all(hardware.measured_for(load_model_spec(model)).values()), model
