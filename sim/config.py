@@ -23,6 +23,7 @@ class SimConfig:
     gpus: int | None = None  # None: as many as the hardware profile has
     placement: str = "layers"  # layers (split in order, like device_map) | experts (expert-parallel)
     budget_scope: str = "per_gpu"  # the budget is each GPU's, or the total split evenly
+    host_budget: str | None = None  # host RAM for experts (64GB, 300experts) over the profile's disk; None: all in RAM
     max_requests: int | None = None
     train_fraction: float = 0.0  # leading share of the requests given to policy.fit(), not replayed
     seed: int = 0
