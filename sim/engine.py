@@ -237,14 +237,14 @@ class Simulation(Serving):
         down, up = self.compute.activation_time(rows)
         self.recorder.activation_bytes += 2 * rows * self.activation_bytes_per_token
         yield self.env.timeout(down)
-        started = self.env.now
         for e, t in zip(experts, tokens):
             if self.tier is not None:
                 wait = self.tier.read(layer, e, self.env.now)
                 if wait:
                     yield self.env.timeout(wait)
-            yield self.env.timeout(self.compute.cpu_expert_time(t))
-        self.recorder.cpu_busy_s += self.env.now - started
+            seconds = self.compute.cpu_expert_time(t)
+            self.recorder.cpu_busy_s += seconds
+            yield self.env.timeout(seconds)
         yield self.env.timeout(up)
 
     def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None):
