@@ -105,10 +105,14 @@ def markdown(frame: pd.DataFrame, header: str) -> str:
         if part.empty:
             continue
         table = part.pivot(index=axis, columns="strategy", values=metric)
+        offloaded = [c for c in table.columns if c != "all_resident"]
         table["winner"] = table.idxmin(axis=1)
-        lines += [f"## {what} by {axis}", "", table.to_markdown(floatfmt=".2f"), "", "Crossovers:", ""]
-        lines += [f"- {note}" for note in crossovers(part, axis, metric)] or ["- none: one strategy wins throughout"]
-        lines.append("")
+        table["best offloaded"] = table[offloaded].idxmin(axis=1)
+        lines += [f"## {what} by {axis}", "", table.to_markdown(floatfmt=".2f"), ""]
+        for title, rows in (("Crossovers", part), ("Crossovers among the offloading strategies (all_resident left out)",
+                                                    part[part["strategy"] != "all_resident"])):
+            notes = crossovers(rows, axis, metric)
+            lines += [f"{title}:", ""] + ([f"- {n}" for n in notes] or ["- none: one strategy wins throughout"]) + [""]
     return "\n".join(lines)
 
 
