@@ -43,10 +43,16 @@ class PrefetchPlan:
     priority, gpu) to stage it in another GPU's cache, from where its home can later fetch it over
     NVLink. replace=True first cancels every queued prefetch that has not started (MoE-Infinity and
     FineMoE replace their queue after each layer); copies already on a link finish.
+
+    cpu (only in on_layer_start's answer, only for policies that set uses_cpu): experts of this
+    layer whose work for this pass runs on the host CPU instead (sim.host_cpu); their weights are
+    neither copied nor pinned, the hidden state goes down and the results come up, and the layer
+    waits for the CPU and the GPU, which compute meanwhile.
     """
 
     blocks: list[tuple] = field(default_factory=list)
     replace: bool = False
+    cpu: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,7 @@ class Step:
     token_request: np.ndarray  # for each row of `probs`, the position in `requests` it belongs to
     lookahead: Any = None  # callable layer -> [tokens, distance, experts] or None (speculative gates)
     hidden: Any = None  # callable layer -> [tokens, dim] or None (projection of the hidden state entering the layer)
+    expert_tokens: Any = None  # callable layer -> tokens per needed expert (in the order given), or None: one each
 
 
 class CacheView(Protocol):
@@ -105,6 +112,8 @@ class Timing:
     copy_s: Callable[[float], float]  # bytes -> one host-to-GPU copy
     expert_s: Callable[[int], float]  # tokens -> one expert's FFN
     non_expert_s: Callable[[int], float]  # tokens -> one layer's attention and router
+    cpu_expert_s: Callable[[int], float] | None = None  # tokens -> one expert's FFN on the host CPU; None: no CPU
+    activation_s: Callable[[int], float] | None = None  # tokens -> hidden state down plus results up the host link
 
 
 @dataclass
@@ -140,6 +149,8 @@ class Policy:
     # What the policy is, for the fast engine (sim.fast.engine.KINDS), declared on the class itself;
     # None: only the SimPy engine runs it.
     fast_path: ClassVar[str | None] = None
+    preloads: ClassVar[bool] = False  # static placements: warm_blocks() are loaded before serving, warm_start or not
+    uses_cpu: ClassVar[bool] = False  # may answer PrefetchPlan.cpu: needs a hardware profile with a cpu section
 
     ctx: PolicyContext
 

@@ -542,5 +542,11 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(work)
 
 
+def cpu_expert_section(models, tokens=(1, 2, 4, 8, 16, 32, 64, 128), threads=None, **spec) -> dict:
+    """The host CPU's expert-FFN tables for a profile's `cpu:` section (realrun.cpu_experts)."""
+    from realrun.cpu_experts import cpu_section
+    return cpu_section(list(models), list(tokens), threads=threads, **spec)
+
+
 if __name__ == "__main__":
     main()

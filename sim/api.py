@@ -104,11 +104,13 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     return PreparedRun(cfg, trace, model, hardware, budget, policy, train, replay)
 
 
-def replay_options(cfg: SimConfig) -> SimOptions:
-    """How requests are served (arrivals, batching, GPUs), as every engine takes it."""
+def replay_options(cfg: SimConfig, bytes_per_expert: int | None = None) -> SimOptions:
+    """How requests are served (arrivals, batching, GPUs, the host-RAM tier), as every engine takes it."""
+    host = None if cfg.host_budget is None or bytes_per_expert is None else parse_budget(cfg.host_budget,
+                                                                                          bytes_per_expert)
     return SimOptions(warm_start=cfg.warm_start, arrival=cfg.arrival, clients=cfg.clients, rate_rps=cfg.rate_rps,
                       max_batch=cfg.max_batch, gpus=cfg.gpus, placement=cfg.placement,
-                      budget_scope=cfg.budget_scope, seed=cfg.seed)
+                      budget_scope=cfg.budget_scope, host_budget_bytes=host, seed=cfg.seed)
 
 
 def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None) -> RunResult:
@@ -136,7 +138,7 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
                 run = prepare(run.cfg, run.trace)  # a fresh policy: the fast engine has bound this one
     started = time.perf_counter()
     sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
-                     replay_options(run.cfg), on_request_done)
+                     replay_options(run.cfg, run.model.bytes_per_expert), on_request_done)
     sim.prepare(run.train)
     state = sim.run()
     charged = _host_info(sim.policy_host)

@@ -1,7 +1,9 @@
 """Compute times of one model on one hardware profile, memoised by token count (the hot path),
-and how warm each GPU is after waiting, where the profile models it (sim.profiles.AfterWaitSpec)."""
+and how warm each GPU is after waiting, where the profile models it (sim.profiles.AfterWaitSpec);
+the host CPU's expert times and the activations' trips over the host link (sim.host_cpu)."""
 from __future__ import annotations
 
+from sim.host_cpu import activation_time
 from sim.profiles import HardwareProfile
 from traces import ModelSpec
 
@@ -12,6 +14,7 @@ class ComputeModel:
         self.model = model
         self.after_wait = hardware.after_wait
         self._expert: dict[int, float] = {}
+        self._cpu_expert: dict[int, float] = {}
         self._non_expert: dict[int, float] = {}
         self._warmth: dict[int, float] = {}  # per GPU, 0 cold .. 1 warm; a run starts cold (loading idles it)
         self._busy_until: dict[int, float] = {}  # per GPU: when the compute started last ends
@@ -22,6 +25,18 @@ class ComputeModel:
         if seconds is None:
             seconds = self._expert[tokens] = self.hardware.expert_time(self.model, tokens)
         return seconds
+
+    def cpu_expert_time(self, tokens: int) -> float:
+        """One expert's FFN over `tokens` tokens on the host CPU (the profile's cpu section)."""
+        seconds = self._cpu_expert.get(tokens)
+        if seconds is None:
+            seconds = self._cpu_expert[tokens] = self.hardware.cpu.expert_time(self.model, tokens)
+        return seconds
+
+    def activation_time(self, tokens: int) -> tuple[float, float]:
+        """(down, up): `tokens` hidden states GPU -> host, and their expert outputs host -> GPU."""
+        return activation_time(self.hardware.cpu, self.hardware.host_link,
+                               tokens * self.model.hidden_size * self.model.bytes_per_param)
 
     def non_expert_time(self, tokens: int) -> float:
         seconds = self._non_expert.get(tokens)

@@ -42,6 +42,7 @@ class SimConfig:
     placement: Literal["layers", "experts", "round_robin"] = "layers"  # layers (split in order, like
     # device_map) | experts (expert-parallel) | round_robin (experts dealt over all GPUs, FineMoE's artifact)
     budget_scope: Literal["per_gpu", "total"] = "per_gpu"  # the budget is each GPU's, or the total split evenly
+    host_budget: str | None = None  # host RAM for experts (64GB, 300experts) over the profile's disk; None: all in RAM
     max_requests: int | None = None
     # Leading share of the requests given to policy.fit(), not replayed; None: DEFAULT_TRAIN_FRACTION
     # for a policy that learns offline (needs_training), 0 for the others (sim.api.with_training_split).

@@ -23,8 +23,9 @@ import simpy
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
-from sim.errors import StallError
-from sim.layer_protocol import apply_plan, start_layer
+from sim.errors import ConfigError, StallError
+from sim.disk import HostTier
+from sim.layer_protocol import apply_plan, split_cpu, start_layer
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.placement import Placement, PlacedCache, fragments
@@ -47,6 +48,7 @@ class SimOptions:
     gpus: int | None = None  # None: the hardware profile's count
     placement: str = "layers"  # layers | experts | round_robin
     budget_scope: str = "per_gpu"  # the budget is per GPU, or the total over all GPUs
+    host_budget_bytes: int | None = None  # host RAM for experts over the profile's disk; None: no disk tier
     seed: int = 0
 
 
@@ -74,6 +76,11 @@ class Simulation(Serving):
         self.env = simpy.Environment()
         self.recorder = Recorder(model.num_layers)
         self.compute = ComputeModel(hardware, model)
+        if policy.uses_cpu and hardware.cpu is None:
+            raise ConfigError(f"policy '{policy.name}' computes experts on the host CPU, and hardware "
+                              f"'{hardware.name}' has no cpu section; use a profile with one (e.g. h200-measured)")
+        self.tier = None if opts.host_budget_bytes is None else HostTier(
+            _disk_of(hardware), opts.host_budget_bytes, model.bytes_per_expert, model.num_layers, model.num_experts)
         self.policy_host = hardware.policy_host_time(policy.name)
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
@@ -84,7 +91,7 @@ class Simulation(Serving):
         fabric = HostFabric(self.env, hardware.host_aggregate_Bps) if host_limited else None
         self.links: list[HostLink] = []
         self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
-                                   self.links, self.compute) for g in range(topo.num_gpus))
+                                   self.links, self.compute, self.tier) for g in range(topo.num_gpus))
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
         self._step_index = 0
@@ -96,7 +103,10 @@ class Simulation(Serving):
     def prepare(self, train_requests: list[int]) -> None:
         """Bind the policy, let it learn from the training split, fix expert splits, warm the caches."""
         topo = self.topology
-        timing = Timing(self.hardware.host_link.copy_time, self.compute.expert_time, self.compute.non_expert_time)
+        cpu = self.hardware.cpu is not None
+        timing = Timing(self.hardware.host_link.copy_time, self.compute.expert_time, self.compute.non_expert_time,
+                        self.compute.cpu_expert_time if cpu else None,
+                        (lambda tokens: sum(self.compute.activation_time(tokens))) if cpu else None)
         ctx = PolicyContext(self.model, self.caches, topo.home, topo.layers_of,
                             np.random.default_rng(self.options.seed), policy_future(self.policy, self.trace, self.requests),
                             timing)
@@ -118,6 +128,8 @@ class Simulation(Serving):
         else:
             self.env.process(self._open_arrivals())
         self.env.run()
+        if self.tier is not None:
+            self.recorder.tier = self.tier.summary()
         if self._done < len(self.requests):
             raise StallError(f"the simulation stopped at t={self.env.now:.6g}s with {self._done} of "
                              f"{len(self.requests)} requests served (step {self._step_index}): "
@@ -198,8 +210,42 @@ class Simulation(Serving):
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
             if host.layer_s:  # the policy decided on the host; its fetches go out after
                 yield from advance(host.layer_s)
-            yield from run_experts(layer, experts[layer], None if expert_tokens is None else expert_tokens[layer], plan)
+            tokens = None if expert_tokens is None else expert_tokens[layer]
+            if plan is not None and plan.cpu:
+                yield from self._hybrid(layer, experts[layer], tokens, plan, spec.tokens)
+            else:
+                yield from run_experts(layer, experts[layer], tokens, plan)
         policy.on_step_end(step)
+
+    def _hybrid(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan,
+                pass_tokens: int):
+        """A layer whose policy sent some experts to the host CPU: the GPU computes the others
+        meanwhile, and the layer ends when both have."""
+        gpu_experts, gpu_tokens, cpu_experts, cpu_tokens = split_cpu(plan, experts, tokens, self.policy, layer,
+                                                                     self.recorder)
+        cpu = self.env.process(self._on_cpu(layer, cpu_experts, cpu_tokens, pass_tokens))
+        yield from self._run_experts(layer, gpu_experts, gpu_tokens, plan)
+        if cpu.is_alive:
+            yield cpu
+
+    def _on_cpu(self, layer: int, experts: list[int], tokens: list[int], pass_tokens: int):
+        """The hidden state of the tokens routed to CPU experts goes down the host link, the CPU
+        runs those experts one after another (each on all its cores; weights read from host RAM,
+        or from the drive first where the disk tier is on), their combined output comes up. The two
+        small copies are not queued behind the weight copies (they take microseconds)."""
+        rows = min(pass_tokens, sum(tokens))
+        down, up = self.compute.activation_time(rows)
+        self.recorder.activation_bytes += 2 * rows * self.activation_bytes_per_token
+        yield self.env.timeout(down)
+        for e, t in zip(experts, tokens):
+            if self.tier is not None:
+                wait = self.tier.read(layer, e, self.env.now)
+                if wait:
+                    yield self.env.timeout(wait)
+            seconds = self.compute.cpu_expert_time(t)
+            self.recorder.cpu_busy_s += seconds
+            yield self.env.timeout(seconds)
+        yield self.env.timeout(up)
 
     def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None):
         """Run one layer's experts; tokens[i] is how many tokens expert i serves (None: one each)."""
@@ -276,3 +322,10 @@ class Simulation(Serving):
         blocks.clear()
         if self.links[gpu].blocked:
             self.links[gpu].kick()
+
+
+def _disk_of(hardware: HardwareProfile):
+    if hardware.disk is None:
+        raise ConfigError(f"host_budget is set and hardware '{hardware.name}' has no disk section; add one "
+                          "(bandwidth_Bps, latency_s, queue_depth) or leave host_budget unset")
+    return hardware.disk

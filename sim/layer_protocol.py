@@ -172,3 +172,28 @@ def _gather_entries(layer: int, experts: tuple[int, ...], homes: list[int], npar
         blocks.append([(layer, e, p) for p in range(nparts)])
         homes.append(gpu)
     return list(range(first, len(blocks)))
+
+
+def split_cpu(plan: PrefetchPlan | None, experts: tuple[int, ...], tokens: list[int] | None, policy: Policy,
+              layer: int, rec: Recorder) -> tuple[tuple[int, ...], list[int] | None, list[int], list[int]]:
+    """Split a layer's experts between the GPU and the host CPU by the plan's `cpu` field.
+    Returns (GPU experts, their tokens or None, CPU experts, their tokens). A CPU expert's use
+    counts as a miss (its weights were not on the GPU; they do not move) and as a CPU use."""
+    cpu = () if plan is None else plan.cpu
+    if not cpu:
+        return experts, tokens, [], []
+    if not policy.uses_cpu:
+        raise PolicyError(f"policy '{policy.name}' sent experts to the CPU without setting uses_cpu")
+    chosen = set(cpu)
+    if not chosen.issubset(experts):
+        raise PolicyError(f"policy '{policy.name}' sent experts {sorted(chosen - set(experts))} of layer {layer} "
+                          "to the CPU, which the layer does not need")
+    counts = [1] * len(experts) if tokens is None else tokens
+    gpu = tuple(e for e in experts if e not in chosen)
+    gpu_tokens = None if tokens is None else [t for e, t in zip(experts, tokens) if e not in chosen]
+    cpu_experts = [e for e in experts if e in chosen]
+    cpu_tokens = [t for e, t in zip(experts, counts) if e in chosen]
+    rec.cpu_uses[layer] += len(cpu_experts)
+    rec.uses[layer] += len(cpu_experts)
+    rec.misses[layer] += len(cpu_experts)
+    return gpu, gpu_tokens, cpu_experts, cpu_tokens

@@ -81,7 +81,7 @@ class HostLink:
     def __init__(self, env: simpy.Environment, gpu: int, caches: list[ExpertCache], policy: Policy,
                  hardware: HardwareProfile, peers: tuple[int, ...], recorder: Recorder,
                  fabric: HostFabric | None = None, links: list[HostLink] | None = None,
-                 compute: ComputeModel | None = None):
+                 compute: ComputeModel | None = None, tier=None):
         self.env = env
         self.gpu = gpu
         self.caches = caches
@@ -95,6 +95,7 @@ class HostLink:
         self.links = links  # every GPU's link, to wake a peer's blocked demand after unpinning there
         self.compute = compute  # the GPUs' compute, which slides in the cache wait for and hold up
         self.mem_bandwidth_Bps = hardware.mem_bandwidth_Bps
+        self.tier = tier  # sim.disk.HostTier: host RAM over the drive; None: every expert in RAM
         self.queue = CopyQueue()
         self.current: CopyJob | None = None
         self.blocked = False  # a demand copy waits for evictable memory
@@ -266,6 +267,14 @@ class HostLink:
 
     def _start(self, job: CopyJob) -> None:
         self.current = job
+        if self.tier is not None and job.source is None and job.chunks_left == job.chunks:
+            wait = self.tier.read(job.block[0], job.block[1], self.env.now)  # RAM, or the drive first
+            if wait:
+                self.env.timeout(wait).callbacks.append(lambda _e: self._copy(job))
+                return
+        self._copy(job)
+
+    def _copy(self, job: CopyJob) -> None:
         if job.source is not None:
             self.env.timeout(self.nvlink.copy_time(job.chunk_bytes)).callbacks.append(self._chunk_done)
         elif self.fabric is None:

@@ -30,6 +30,10 @@ class Recorder:
         self.late = list(zeros)
         self.misses = list(zeros)
         self.stall_s = [0.0] * num_layers
+        self.cpu_uses = list(zeros)  # experts computed on the host CPU (sim.host_cpu); uses and misses too
+        self.cpu_busy_s = 0.0
+        self.activation_bytes = 0.0  # hidden states down and results up the host link, for CPU experts
+        self.tier: dict[str, float] = {}  # the disk tier's summary (sim.disk.HostTier), when on
         self.layer_bytes = [0.0] * num_layers
         self.demand_bytes = 0.0
         self.prefetch_bytes = 0.0
@@ -113,6 +117,16 @@ class RunMetrics:
     trace_distance_to_real: float | None = None  # traces.stats: relative error of reuse and LRU/Belady vs real
     seed: int = 0
     policy_info: dict[str, Any] = field(default_factory=dict)
+    # Hybrid execution and tiers (zero when off): experts computed on the host CPU, the activations
+    # they moved over the host link (both directions), and where copies to the GPU came from.
+    cpu_expert_uses: int = 0
+    cpu_rate: float = 0.0  # CPU expert uses / expert uses (a CPU use counts as a miss: not on the GPU)
+    cpu_busy_s: float = 0.0
+    bytes_activations: float = 0.0
+    ram_hits: int = 0  # expert reads host RAM served (copies to the GPU and CPU computes)
+    disk_reads: int = 0  # expert reads from the drive (RAM did not hold them)
+    bytes_disk: float = 0.0
+    disk_wait_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,5 +184,12 @@ def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, mode
         gpu_mem_high_water_bytes=int(high_water_bytes), trace_token_reuse=trace_token_reuse,
         trace_distance_to_real=trace_distance_to_real, seed=seed,
         policy_info=policy_info,
+        cpu_expert_uses=int(sum(rec.cpu_uses)),
+        cpu_rate=sum(rec.cpu_uses) / total_uses if sum(rec.cpu_uses) else 0.0,
+        cpu_busy_s=rec.cpu_busy_s, bytes_activations=rec.activation_bytes,
+        ram_hits=int(rec.tier.get("ram_hits", 0)), disk_reads=int(rec.tier.get("disk_reads", 0)),
+        bytes_disk=float(rec.tier.get("bytes_disk", 0.0)), disk_wait_s=float(rec.tier.get("disk_wait_s", 0.0)),
     )
+    if sum(rec.cpu_uses):
+        per_layer["cpu_expert_uses"] = np.asarray(rec.cpu_uses, dtype=np.int64)
     return metrics, per_request, per_layer

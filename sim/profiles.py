@@ -176,6 +176,8 @@ class HardwareProfile:
     after_wait: AfterWaitSpec | None = None  # None: compute always takes its table time
     # Per registered policy name; a policy not listed decides in no time.
     policy_host_s: dict[str, PolicyHostTime] = field(default_factory=dict)
+    cpu: Any = None  # sim.host_cpu.CpuSpec: the host CPU as a compute resource; None: no CPU compute
+    disk: Any = None  # sim.disk.DiskSpec: the NVMe drive under host memory; None: no disk tier
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -205,6 +207,8 @@ class HardwareProfile:
                 if data.get("after_wait") else None,
                 policy_host_s={k: PolicyHostTime.from_dict(v, f"{where}.policy_host_s.{k}")
                                for k, v in (data.get("policy_host_s") or {}).items()},
+                cpu=_cpu(data.get("cpu"), f"{where}.cpu"),
+                disk=_disk(data.get("disk"), f"{where}.disk"),
                 extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as exc:
@@ -223,6 +227,8 @@ class HardwareProfile:
             "non_expert_layer_time_s": {k: v.to_points() for k, v in self.non_expert_layer_time_s.items()},
             **({"after_wait": self.after_wait.to_dict()} if self.after_wait is not None else {}),
             **({"policy_host_s": {k: v.to_dict() for k, v in self.policy_host_s.items()}} if self.policy_host_s else {}),
+            **({"cpu": self.cpu.to_dict()} if self.cpu is not None else {}),
+            **({"disk": self.disk.to_dict()} if self.disk is not None else {}),
             **self.extra,
         }
 
@@ -253,11 +259,21 @@ class HardwareProfile:
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
            "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps",
-           "after_wait", "policy_host_s"}
+           "after_wait", "policy_host_s", "cpu", "disk"}
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:
     return LinkSpec.from_dict(data, where) if data else None
+
+
+def _cpu(data: dict[str, Any] | None, where: str):
+    from sim.host_cpu import CpuSpec  # host_cpu builds on this module's tables
+    return CpuSpec.from_dict(data, where) if data else None
+
+
+def _disk(data: dict[str, Any] | None, where: str):
+    from sim.disk import DiskSpec
+    return DiskSpec.from_dict(data, where) if data else None
 
 
 def known_hardware() -> list[str]:

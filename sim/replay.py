@@ -88,11 +88,11 @@ def check_room(policy: Policy, caches: list[ExpertCache], part_bytes: list[list[
 def initial_blocks(policy: Policy, ctx: PolicyContext, gpu: int, fractions: list[tuple[float, ...]],
                    warm_start: bool) -> list[Block]:
     """What a GPU's cache holds before the first request: every expert homed there (bounds that
-    ignore the budget), the policy's warm set (warm_start), or nothing."""
+    ignore the budget), the policy's warm set (warm_start, or a static placement's), or nothing."""
     if policy.ignores_budget:
         return [(l, e, p) for l in ctx.layers_of(gpu) for e in range(ctx.model.num_experts)
                 if ctx.home(l, e) == gpu for p in range(len(fractions[l]))]
-    if warm_start:
+    if warm_start or policy.preloads:
         return policy.warm_blocks(gpu)
     return []
 
@@ -167,8 +167,9 @@ class RequestTimer:
 def pass_step(index: int, spec: Pass, trace: Trace) -> Step:
     """The policy's view of a forward pass (with the trace's lookahead gates and hidden-state
     projections where it has them)."""
+    counts = spec.expert_tokens
     return Step(index, spec.kind, spec.requests, spec.token_request, _rows_view(trace.lookahead, spec.rows),
-                _rows_view(trace.hidden_proj, spec.rows))
+                _rows_view(trace.hidden_proj, spec.rows), None if counts is None else counts.__getitem__)
 
 
 def _rows_view(table: np.ndarray | None, rows) -> Callable[[int], np.ndarray] | None:

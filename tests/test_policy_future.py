@@ -22,7 +22,7 @@ def decisions(trace, name):
             if hook == "on_step_start":
                 now[0] = args[0].index
             plan = original(*args)
-            log.append((now[0], hook, None if plan is None else (plan.replace, [(b, round(p, 9)) for b, p in plan.blocks])))
+            log.append((now[0], hook, None if plan is None else (plan.replace, [(b, round(p, 9)) for b, p in plan.blocks], plan.cpu)))
             return plan
         setattr(policy, hook, logged)
 
