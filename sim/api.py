@@ -120,15 +120,16 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
     if engine not in ENGINES:
         raise ConfigError(f"engine '{engine}' unknown; use {', '.join(ENGINES)}")
     declined = ""
+    options = replay_options(run.cfg, run.model.bytes_per_expert)
     if engine != "simpy":
-        kind, why = fast_kind(run.policy, replay_options(run.cfg), run.hardware)
+        kind, why = fast_kind(run.policy, options, run.hardware)
         if kind is None and engine == "fast":
             raise ConfigError(f"engine=fast: {why}; use engine=auto or engine=simpy")
         if kind is not None:
             started = time.perf_counter()
             try:
                 fast = FastSimulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
-                                      replay_options(run.cfg), on_request_done, tables_for(run.trace))
+                                      options, on_request_done, tables_for(run.trace))
                 fast.prepare(run.train)
                 state = fast.run()
                 return run_result(run, state, time.perf_counter() - started,
@@ -137,8 +138,8 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
                 declined = str(reason)
                 run = prepare(run.cfg, run.trace)  # a fresh policy: the fast engine has bound this one
     started = time.perf_counter()
-    sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
-                     replay_options(run.cfg, run.model.bytes_per_expert), on_request_done)
+    sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay, options,
+                     on_request_done)
     sim.prepare(run.train)
     state = sim.run()
     charged = _host_info(sim.policy_host)

@@ -48,6 +48,8 @@ def fast_kind(policy: Policy, options: SimOptions, hardware: HardwareProfile) ->
         return None, "placement=experts runs on the SimPy engine"
     if hardware.after_wait is not None:
         return None, f"hardware '{hardware.name}' models compute warm-up (after_wait)"
+    if options.host_budget_bytes is not None:
+        return None, "host_budget (the disk tier) runs on the SimPy engine"
     if policy.copy_chunks != 1 or policy.loads_whole_layer or policy.compute_order != "index":
         return None, f"policy '{policy.name}' copies in chunks, gathers layers or reorders compute"
     return kind, ""
