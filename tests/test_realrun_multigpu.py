@@ -98,3 +98,16 @@ def test_calibrate_validates_its_profile_and_records_rounds(two_cpu_profile):
     assert cal["rounds"]["copies"]["worst"]["rounds"] >= 3
     assert "decode four" not in cal["rounds"]["decode_layer"]["spread"]  # keyed by model name and mode
     assert any(note.startswith("validation") for note in result.notes)
+
+
+def test_compare_header_records_code_command_machine_and_the_profiles_validation(two_cpu_profile):
+    from realrun.compare import provenance
+
+    path, _ = two_cpu_profile
+    validation = load_hardware(str(path)).extra["calibration"]["validation"]
+    lines = provenance(["--layers", "4", "--policies", "lru,belady"], "cpu", validation)
+    assert lines[0].startswith("- code: ") and len(lines[0].split()[2]) in (40, len("unknown"))
+    assert lines[1] == "- command: `python -m realrun.compare --layers 4 --policies lru,belady`"
+    assert lines[2].startswith("- machine: cpu on host ")
+    assert "all_resident" in lines[3] and "oracle_prefetch" in lines[3]
+    assert provenance([], "cpu", None)[3].startswith("- profile's validation: none recorded")
