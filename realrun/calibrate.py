@@ -421,18 +421,22 @@ class Measurements:
             self.backend, self.sizes, self.copy_reps, self.copy_wait, spread_limit=self.spread_limit)
         self.copy_idle, self.copy_busy = copy_under_compute(self.backend, self.largest)
 
-    def measure_decode_layer(self) -> None:
+    def measure_decode_layer(self, one_token: bool = False) -> None:
         """The kernel tables and the in-run decode layer, all in rounds together: a slow spell
-        shifts the tables and the layer alike, so their difference (the executor's own time) holds."""
+        shifts the tables and the layer alike, so their difference (the executor's own time) holds.
+        `one_token`: only what a decode step is made of (the one-token kernels and the in-run layer),
+        replacing their earlier rounds: what the validation re-measures (prefill entries stay)."""
         per_round = max(1, -(-self.trials // ROUNDS))
+        tokens = self.tokens[:1] if one_token else self.tokens
         probes: dict[str, Callable[[], float]] = {}
         for key, m in self.shapes.items():
             probes |= {f"expert {key} {t}": p
-                       for t, p in expert_probes(self.backend, m, self.tokens, per_round, self.reps).items()}
+                       for t, p in expert_probes(self.backend, m, tokens, per_round, self.reps).items()}
         for m in self.models:  # launch-bound: noisier, four times the trials
             probes |= {f"non_expert {m.name} {t}": p
-                       for t, p in non_expert_probes(self.backend, m, self.tokens, self.kv_tokens, 4 * per_round).items()}
-        self.times["decode_layer"] = measure(probes | self.decode_probes, spread_limit=self.spread_limit)
+                       for t, p in non_expert_probes(self.backend, m, tokens, self.kv_tokens, 4 * per_round).items()}
+        found = measure(probes | self.decode_probes, spread_limit=self.spread_limit)
+        self.times["decode_layer"] = {**self.times.get("decode_layer", {}), **found}
         if self.backend.is_cuda:
             torch.cuda.empty_cache()
 
@@ -441,7 +445,7 @@ class Measurements:
         self.after_wait = fit_after_wait(self.response)
 
     def remeasure(self, term: str) -> None:
-        {"copies": self.measure_copies, "decode_layer": self.measure_decode_layer,
+        {"copies": self.measure_copies, "decode_layer": lambda: self.measure_decode_layer(one_token=True),
          "after_wait": self.measure_after_wait}[term]()
 
     def value(self, key: str) -> float:

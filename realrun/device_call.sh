@@ -28,11 +28,11 @@ PROFILE=/tmp/$NAME-$MODEL.yaml
 {
   date -u +%T; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv
   echo "== calibrate"
-  timeout "${CAL_TIMEOUT:-240}" python3 -m realrun.calibrate --graphs --name "$NAME" --policy-trace "$TRACE" \
+  timeout "${CAL_TIMEOUT:-270}" python3 -m realrun.calibrate --graphs --name "$NAME" --policy-trace "$TRACE" \
     --policy-layers "$LAYERS" --train-fraction "$TRAIN" --host-sources "$HOST_SOURCES" --out "$PROFILE" \
     && cp "$PROFILE" "$DIR/profile.yaml" || exit 1
   date -u +%T; echo "== compare"
-  timeout "${CMP_TIMEOUT:-330}" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" --train-fraction "$TRAIN" \
+  timeout "${CMP_TIMEOUT:-300}" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" --train-fraction "$TRAIN" \
     --graphs --hardware "$PROFILE" --host-sources "$HOST_SOURCES" --budgets "$BUDGETS" --policies "$POLICIES" \
     --repeats "$REPEATS" --out /tmp/cmp-$MODEL | tail -40
   date -u +%T
