@@ -39,6 +39,7 @@ import yaml
 from tqdm import tqdm
 
 from conf import CONF_DIR
+from policies import available
 from policies.base import DEMAND_PRIORITY, Policy
 from realrun.api import execute_real
 from realrun.backend import Backend
@@ -50,8 +51,11 @@ from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
 from realrun.memory import HostExperts, SlotPool, random_bf16
 from realrun.policy_host import policy_host_times
 from realrun.preflight import check_calibrate
+from realrun.rounds import EXTRA_ROUNDS, MAX_REMEASURES, ROUNDS, SPREAD_LIMIT, Measured, measure, unsettled
+from realrun.validate import DEFAULT_CHECKS, Check, validate
+from realrun.validate import MAX_REMEASURES as VALIDATION_REMEASURES
 from realrun.subset import first_layers
-from sim.api import prepare
+from sim.api import execute, prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
 from sim.placement import PlacedCache
@@ -126,25 +130,27 @@ class _CopyRig:
 
 
 def copy_curve(backend: Backend, sizes: list[int], reps: int, copy_wait: str = "spin",
-               rounds: int = COPY_ROUNDS) -> tuple[list[list[float]], list[list[float]]]:
-    """[[bytes, seconds per copy through the copy engine]], [[bytes, bare DMA seconds]] (medians);
-    the host waits for each copy as the executor will (copy_wait). Measured in rounds over all the
-    sizes: on some machines the link's speed drifts over seconds, and measured one size after
-    another, one size could catch a slow spell the others miss (a 352 MB copy 8% over the line
-    through its neighbours); in rounds every size samples the drift alike."""
-    rigs = [_CopyRig(backend, size, max(4, min(reps, int(8 * 512 * MIB // size)) // rounds), rounds, copy_wait)
-            for size in sizes]
-    gaps: dict[int, list[float]] = {size: [] for size in sizes}
+               rounds: int = COPY_ROUNDS, spread_limit: float = SPREAD_LIMIT
+               ) -> tuple[list[list[float]], list[list[float]], dict[str, Measured]]:
+    """[[bytes, seconds per copy through the copy engine]], [[bytes, bare DMA seconds]] (medians),
+    and each size's rounds; the host waits for each copy as the executor will (copy_wait). Measured
+    in rounds over all the sizes (realrun.rounds): on some machines the link's speed drifts over
+    seconds, and measured one size after another, one size could catch a slow spell the others miss
+    (a 352 MB copy 8% over the line through its neighbours); in rounds every size samples the drift
+    alike, and a size whose rounds disagree is measured again."""
+    rigs = {size: _CopyRig(backend, size, max(4, min(reps, int(8 * 512 * MIB // size)) // rounds),
+                           rounds * (1 + EXTRA_ROUNDS * MAX_REMEASURES), copy_wait) for size in sizes}
     dma: dict[int, list[float]] = {size: [] for size in sizes}
-    with tqdm(total=rounds * len(rigs), desc="copies", unit="size", leave=False) as bar:
-        for _ in range(rounds):
-            for rig in rigs:
-                engine_s, dma_s = rig.round()
-                gaps[rig.size] += engine_s
-                dma[rig.size].append(dma_s)
-                bar.update()
-    return ([[size, float(np.median(gaps[size]))] for size in sizes],
-            [[size, float(np.median(dma[size]))] for size in sizes])
+
+    def probe(rig: _CopyRig) -> Callable[[], float]:
+        def one_round() -> float:
+            engine_s, dma_s = rig.round()
+            dma[rig.size].append(dma_s)
+            return float(np.median(engine_s))
+        return one_round
+    found = measure({f"copy {size}": probe(rig) for size, rig in rigs.items()}, rounds, spread_limit)
+    return ([[size, found[f"copy {size}"].value] for size in sizes],
+            [[size, float(np.median(dma[size]))] for size in sizes], found)
 
 
 def _dma_time(backend: Backend, dst: torch.Tensor, src: torch.Tensor, reps: int) -> float:
@@ -185,31 +191,38 @@ def _rotating(count: int, make: Callable[[], object]) -> Callable[[], object]:
     return next_item
 
 
-def expert_times(backend: Backend, model: ModelSpec, tokens: list[int], trials: int, reps: int) -> list[list[float]]:
+def expert_probes(backend: Backend, model: ModelSpec, tokens: list[int], trials: int,
+                  reps: int) -> dict[int, Callable[[], float]]:
+    """Per token count, one round's expert FFN time: `reps` launched back to back as the executor
+    launches a layer's resident experts (whichever of launching and running is slower counts),
+    median of `trials`."""
     h = model.hidden_size
     generator = torch.Generator(backend.device).manual_seed(1)
     weights = _rotating(copies_beyond_cache(model.bytes_per_expert),
                         lambda: random_bf16(generator, model.bytes_per_expert // 2))
     backend.synchronize()
-    points = []
-    for t in tokens:
+
+    def probe(t: int) -> Callable[[], float]:
         x = torch.randn(t, h, generator=generator, device=backend.device).to(torch.bfloat16)
         out = torch.zeros_like(x)
 
         def run() -> None:
             with backend.on_compute():
                 out.add_(swiglu(x, weights(), h))
-        points.append([t, _median_time(run, backend.synchronize, trials, reps)])
-    return points
+        return lambda: _median_time(run, backend.synchronize, trials, reps)
+    return {t: probe(t) for t in tokens}
 
 
-def non_expert_times(backend: Backend, model: ModelSpec, tokens: list[int], kv_tokens: int, trials: int) -> list[list[float]]:
+def non_expert_probes(backend: Backend, model: ModelSpec, tokens: list[int], kv_tokens: int,
+                      trials: int) -> dict[int, Callable[[], float]]:
+    """Per token count, one round's non-expert layer time: launched, then waited for by polling (the
+    executor waits for the router's output every layer), median of `trials`."""
     generator = torch.Generator(backend.device).manual_seed(2)
     per_layer = model.non_expert_params_per_layer * model.bytes_per_param
     layer = _rotating(copies_beyond_cache(per_layer), lambda: NonExpertLayer(model, backend.device, kv_tokens, generator))
     backend.synchronize()
-    points = []
-    for t in tokens:
+
+    def probe(t: int) -> Callable[[], float]:
         x = torch.randn(t, model.hidden_size, generator=generator, device=backend.device).to(torch.bfloat16)
 
         def run() -> None:
@@ -218,24 +231,27 @@ def non_expert_times(backend: Backend, model: ModelSpec, tokens: list[int], kv_t
                 done = backend.record_compute()
             while not done.query():
                 pass
-        points.append([t, _median_time(run, backend.synchronize, trials, 1)])
-    return points
+        return lambda: _median_time(run, backend.synchronize, trials, 1)
+    return {t: probe(t) for t in tokens}
 
 
-def layer_host_overhead(model: ModelSpec, options: RealOptions, non_expert_1: float, expert_1: float,
-                        work_dir: Path) -> float:
-    """The executor's time per decode layer beyond its kernels (launches, the wait for the router,
-    policy calls, the layer protocol): an all-resident run of a few layers of the model, its token
-    time per layer (median of the second half, once warm) less the kernels' times."""
+def decode_layer_probe(model: ModelSpec, options: RealOptions, work_dir: Path,
+                       steps: int = OVERHEAD_STEPS) -> Callable[[], float]:
+    """One round's time of a one-token decode layer inside the executor, at its real duty cycle: an
+    all-resident run of a few layers of the model (launches, the wait for the router, the experts,
+    policy calls, the layer protocol), its token time per layer, median of the second half (warm)."""
     layers = min(OVERHEAD_LAYERS, model.num_layers)
     small = dataclasses.replace(model, num_layers=layers)
-    params = SyntheticParams(requests=1, prompt_tokens=(0, 0), output_tokens=(OVERHEAD_STEPS, OVERHEAD_STEPS))
-    trace = load_trace(generate_synthetic(work_dir / f"overhead-{model.name}", small, params, overwrite=True))
+    params = SyntheticParams(requests=1, prompt_tokens=(0, 0), output_tokens=(steps, steps))
+    trace = load_trace(generate_synthetic(work_dir / f"decode-{model.name}-{options.graphs}", small, params,
+                                          overwrite=True))
     machine = Machine(small, dataclasses.replace(options, host_sources=2))
-    result = execute_real(prepare(SimConfig(trace=str(trace.path), policy="all_resident"), trace), machine)
-    del machine
-    tpot = statistics.median(result.token_latencies_s[len(result.token_latencies_s) // 2:])
-    return tpot / layers - non_expert_1 - model.top_k * expert_1
+    cfg = SimConfig(trace=str(trace.path), policy="all_resident")
+
+    def one_round() -> float:
+        latencies = execute_real(prepare(cfg, trace), machine).token_latencies_s
+        return statistics.median(latencies[len(latencies) // 2:]) / layers
+    return one_round
 
 
 def copy_under_compute(backend: Backend, model: ModelSpec, reps: int = 5) -> tuple[float, float]:
@@ -272,10 +288,12 @@ def after_wait_response(backend: Backend, model: ModelSpec, kv_tokens: int, copy
 
     Decode layers run as the executor runs them (realrun.clock_probe.DecodeLoop: a layer's experts,
     the next non-expert kernels, a wait for the router), and the host time of each launch group is
-    measured: warm (back to back), then in the 8 layers after waiting for a host-to-GPU copy of
-    8..704 MiB (as the executor waits, RealOptions.copy_wait), and after 1 s of idle. Medians over
-    9 repeats, as factors of the warm times, in the order the groups ran (experts, non-expert,
-    experts, ...). Empty on the CPU."""
+    measured in rounds: each round times a warm reference (back to back), then the 8 layers after
+    waiting for a host-to-GPU copy of each size of 8..704 MiB (as the executor waits,
+    RealOptions.copy_wait), as factors of that round's warm times (a warm reference measured once
+    drifts away from the waits measured minutes later: factors of 0.7 on one H100); then after 1 s
+    of idle. Medians over 9 rounds, in the order the groups ran (experts, non-expert, experts, ...),
+    with the spread of each wait's first factor over the rounds. Empty on the CPU."""
     if not backend.is_cuda:
         return {}
     loop = DecodeLoop(backend, model, kv_tokens, max(WAIT_BYTES))
@@ -283,21 +301,28 @@ def after_wait_response(backend: Backend, model: ModelSpec, kv_tokens: int, copy
     def factors(layers: list[tuple[float, float, float, float]], warm: tuple[float, float]) -> list[float]:
         return [f for _, _, experts, non_expert in layers for f in (experts / warm[0], non_expert / warm[1])]
 
+    def warm_reference(layers: int) -> tuple[float, float]:
+        timed = loop.run(layers)
+        return statistics.median(r[2] for r in timed), statistics.median(r[3] for r in timed)
+
     loop.heat(0.5)
-    layers = loop.run(256)
-    warm = (statistics.median(r[2] for r in layers), statistics.median(r[3] for r in layers))
-    after_wait = []
-    for nbytes in WAIT_BYTES:
-        waits, series = [], []
-        for _ in range(REPEATS):
+    warms, waits, series = [], {n: [] for n in WAIT_BYTES}, {n: [] for n in WAIT_BYTES}
+    for _ in range(REPEATS):
+        loop.heat(0.05)
+        warm = warm_reference(32)
+        warms.append(warm)
+        for nbytes in WAIT_BYTES:
             loop.heat(0.05)
-            waits.append(loop.stall(nbytes, copy_wait))
-            series.append(factors(loop.run(LAYERS_AFTER_WAIT), warm))
-        after_wait.append({"wait_s": statistics.median(waits),
-                           "factors": [float(f) for f in np.median(np.asarray(series), axis=0)]})
+            waits[nbytes].append(loop.stall(nbytes, copy_wait))
+            series[nbytes].append(factors(loop.run(LAYERS_AFTER_WAIT), warm))
+    warm = (statistics.median(w[0] for w in warms), statistics.median(w[1] for w in warms))
+    after_wait = [{"wait_s": statistics.median(waits[n]),
+                   "factors": [float(f) for f in np.median(np.asarray(series[n]), axis=0)],
+                   "first_factor_spread": Measured([s[0] for s in series[n]]).spread} for n in WAIT_BYTES]
     loop.heat(0.05)
     loop.spin(1.0)
-    return {"warm_experts_s": warm[0], "warm_non_expert_s": warm[1], "after_copy_wait": after_wait,
+    return {"warm_experts_s": warm[0], "warm_non_expert_s": warm[1],
+            "warm_spread": Measured([w[0] + w[1] for w in warms]).spread, "after_copy_wait": after_wait,
             "after_1s_idle": {"wait_s": 1.0, "factors": factors(loop.run(LAYERS_AFTER_WAIT), warm)}}
 
 
@@ -360,98 +385,233 @@ class Calibration:
     notes: list[str]
 
 
-def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
-              tokens: list[int] | None = None, kv_tokens: int = 512, trials: int = 7, reps: int = 20,
-              copy_reps: int = 30, copy_wait: str = "spin", graphs: bool = False,
-              others: list[Backend] | None = None, policy_trace: Trace | None = None,
-              train_fraction: float = 0.0) -> Calibration:
-    """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too;
-    with `policy_trace`, every policy's host time replaying it (its leading `train_fraction` trains)."""
-    tokens = tokens or TOKENS
-    gpu = backend.name
-    backends = [backend, *(others or [])]
-    name = name or profile_name(gpu, len(backends))
-    sizes = sorted(set(copy_sizes or COPY_SIZES) | {m.bytes_per_expert for m in models})
-    copy_points, dma_points = copy_curve(backend, sizes, copy_reps, copy_wait)
-    latency, bandwidth = fit_link(copy_points)
-    mem_bw, flops, launch = device_ceilings(backend)
+def _spreads(found: dict[str, Measured]) -> dict:
+    """Each quantity's spread over its rounds, and the worst, for the profile and the notes."""
+    worst = max(found.items(), key=lambda item: item[1].spread) if found else None
+    return {"worst": {"quantity": worst[0], **worst[1].summary()} if worst else None,
+            "unsettled": unsettled(found), "remeasured": sorted(n for n, m in found.items() if m.remeasured),
+            "spread": {n: m.spread for n, m in found.items()}}
 
-    shapes = {m.expert_shape_key: m for m in models}
-    expert_tables = {key: expert_times(backend, m, tokens, trials, reps)
-                     for key, m in tqdm(shapes.items(), desc="expert FFNs", unit="shape", leave=False)}
-    options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens, copy_wait=copy_wait)
-    # With graphs, one-token passes are graphs and the rest eager: each gets its own host time.
-    modes = {"eager": options, **({"graphs": dataclasses.replace(options, graphs=True)} if graphs else {})}
-    non_expert_tables, overheads = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for m in tqdm(models, desc="non-expert layers", unit="model", leave=False):
-            points = non_expert_times(backend, m, tokens, kv_tokens, 4 * trials)  # launch-bound: noisier
-            kernels_1 = (TimeTable.from_points(points, "ne")(1),
-                         TimeTable.from_points(expert_tables[m.expert_shape_key], "e")(1))
-            overheads[m.name] = {mode: layer_host_overhead(m, opts, *kernels_1, Path(tmp)) for mode, opts in modes.items()}
-            one_token = overheads[m.name]["graphs" if graphs else "eager"]
-            non_expert_tables[m.name] = [[t, max(0.0, s + (one_token if t == 1 else overheads[m.name]["eager"]))]
-                                         for t, s in points]
-            if backend.is_cuda:
-                torch.cuda.empty_cache()
 
-    largest = max(models, key=lambda m: m.bytes_per_expert)
-    copy_idle, copy_busy = copy_under_compute(backend, largest)
-    response = after_wait_response(backend, largest, kv_tokens, copy_wait)
-    after_wait = fit_after_wait(response)
-    fabric = measure_fabric(backends, largest.bytes_per_expert) if len(backends) > 1 else None
+class Measurements:
+    """Every term of the profile, each measured in interleaved rounds (realrun.rounds), and each
+    measured again on demand (the validation's remeasure): copies, decode_layer (the kernel tables
+    and the in-run decode layer), after_wait."""
+
+    def __init__(self, backend: Backend, models: list[ModelSpec], sizes: list[int], tokens: list[int],
+                 kv_tokens: int, trials: int, reps: int, copy_reps: int, copy_wait: str, graphs: bool,
+                 work_dir: Path, spread_limit: float = SPREAD_LIMIT, decode_steps: int = OVERHEAD_STEPS):
+        self.backend, self.models, self.sizes, self.tokens = backend, models, sizes, tokens
+        self.kv_tokens, self.trials, self.reps, self.copy_reps = kv_tokens, trials, reps, copy_reps
+        self.copy_wait, self.graphs, self.spread_limit = copy_wait, graphs, spread_limit
+        self.largest = max(models, key=lambda m: m.bytes_per_expert)
+        self.shapes = {m.expert_shape_key: m for m in models}
+        options = RealOptions(device=str(backend.device), kv_tokens=kv_tokens, copy_wait=copy_wait)
+        # With graphs, one-token passes are graphs and the rest eager: each gets its own in-run time.
+        modes = {"eager": options, **({"graphs": dataclasses.replace(options, graphs=True)} if graphs else {})}
+        self.decode_probes = {f"decode {m.name} {mode}": decode_layer_probe(m, opts, work_dir, decode_steps)
+                              for m in models for mode, opts in modes.items()}
+        self.modes = list(modes)
+        self.times: dict[str, dict[str, Measured]] = {}
+        self.measure_copies()
+        self.measure_decode_layer()
+        self.measure_after_wait()
+
+    def measure_copies(self) -> None:
+        self.copy_points, self.dma_points, self.times["copies"] = copy_curve(
+            self.backend, self.sizes, self.copy_reps, self.copy_wait, spread_limit=self.spread_limit)
+        self.copy_idle, self.copy_busy = copy_under_compute(self.backend, self.largest)
+
+    def measure_decode_layer(self, one_token: bool = False) -> None:
+        """The kernel tables and the in-run decode layer, all in rounds together: a slow spell
+        shifts the tables and the layer alike, so their difference (the executor's own time) holds.
+        `one_token`: only what a decode step is made of (the one-token kernels and the in-run layer),
+        replacing their earlier rounds: what the validation re-measures (prefill entries stay)."""
+        per_round = max(1, -(-self.trials // ROUNDS))
+        tokens = self.tokens[:1] if one_token else self.tokens
+        probes: dict[str, Callable[[], float]] = {}
+        for key, m in self.shapes.items():
+            probes |= {f"expert {key} {t}": p
+                       for t, p in expert_probes(self.backend, m, tokens, per_round, self.reps).items()}
+        for m in self.models:  # launch-bound: noisier, four times the trials
+            probes |= {f"non_expert {m.name} {t}": p
+                       for t, p in non_expert_probes(self.backend, m, tokens, self.kv_tokens, 4 * per_round).items()}
+        found = measure(probes | self.decode_probes, spread_limit=self.spread_limit)
+        self.times["decode_layer"] = {**self.times.get("decode_layer", {}), **found}
+        if self.backend.is_cuda:
+            torch.cuda.empty_cache()
+
+    def measure_after_wait(self) -> None:
+        self.response = after_wait_response(self.backend, self.largest, self.kv_tokens, self.copy_wait)
+        self.after_wait = fit_after_wait(self.response)
+
+    def remeasure(self, term: str) -> None:
+        {"copies": self.measure_copies, "decode_layer": lambda: self.measure_decode_layer(one_token=True),
+         "after_wait": self.measure_after_wait}[term]()
+
+    def value(self, key: str) -> float:
+        return self.times["decode_layer"][key].value
+
+    def tables(self) -> tuple[dict, dict, dict]:
+        """expert_time_s, non_expert_layer_time_s, and per model and mode the executor's time per
+        one-token decode layer beyond its separately timed kernels (in_run_offset_s)."""
+        experts = {key: [[t, self.value(f"expert {key} {t}")] for t in self.tokens] for key in self.shapes}
+        non_expert, offsets = {}, {}
+        for m in self.models:
+            kernels = (self.value(f"non_expert {m.name} {self.tokens[0]}")
+                       + m.top_k * self.value(f"expert {m.expert_shape_key} {self.tokens[0]}"))
+            offsets[m.name] = {mode: self.value(f"decode {m.name} {mode}") - kernels for mode in self.modes}
+            one_token = offsets[m.name]["graphs" if self.graphs else "eager"]
+            # The one-token entry makes the decode layer's in-run time, as measured; prefills and
+            # batches (eager) get the eager offset on their kernels' time.
+            non_expert[m.name] = [[t, max(0.0, self.value(f"non_expert {m.name} {t}")
+                                          + (one_token if t == 1 else offsets[m.name]["eager"]))] for t in self.tokens]
+        return experts, non_expert, offsets
+
+    def spreads(self) -> dict:
+        return {term: _spreads(found) for term, found in self.times.items()}
+
+
+def _term_notes(m: Measurements, offsets: dict) -> list[str]:
+    latency, bandwidth = fit_link(m.copy_points)
     fitted = LinkSpec(latency, bandwidth)
-    worst = max(copy_points, key=lambda p: abs(fitted.copy_time(p[0]) / p[1] - 1.0))
+    worst = max(m.copy_points, key=lambda p: abs(fitted.copy_time(p[0]) / p[1] - 1.0))
+    aw = m.after_wait
     notes = [f"copies: {latency * 1e6:.1f} us + bytes / {bandwidth / 1e9:.2f} GB/s fitted on >= {FIT_FROM_BYTES // MIB} MiB; "
              f"worst point {worst[0] / MIB:.0f} MiB: measured {worst[1] * 1e6:.1f} us, fit "
              f"{fitted.copy_time(worst[0]) * 1e6:.1f} us ({fitted.copy_time(worst[0]) / worst[1] - 1:+.1%}); "
              "the simulator interpolates the measured curve (host_link.copy_time_s)",
-             f"one {largest.name} expert copy: {copy_idle * 1e3:.3f} ms with the GPU idle, {copy_busy * 1e3:.3f} ms "
+             f"one {m.largest.name} expert copy: {m.copy_idle * 1e3:.3f} ms with the GPU idle, {m.copy_busy * 1e3:.3f} ms "
              "while expert FFNs run",
-             "after a wait: " + ("waiting does not slow the work measurably" if after_wait is None else
-                                 f"{largest.name} decode layers take up to {after_wait.cold_factor:.2f}x as long "
+             "after a wait: " + ("waiting does not slow the work measurably" if aw is None else
+                                 f"{m.largest.name} decode layers take up to {aw.cold_factor:.2f}x as long "
                                  f"right after a long wait; warmth returns with time constant "
-                                 f"{after_wait.warm_up_s * 1e3:.2f} ms of work and leaves with "
-                                 f"{after_wait.cool_down_s * 1e3:.2f} ms of waiting (sim.profiles.AfterWaitSpec, "
-                                 "fitted to the launch groups after copy waits of 0.2..15 ms)"),
-             *[f"executor host time per layer, {m}: " + ", ".join(f"{v * 1e6:+.1f} us {mode}" for mode, v in by_mode.items())
-               + " (added to its non-expert layer time" + ("; graphs: one-token passes)" if graphs else ")")
-               for m, by_mode in overheads.items()],
-             *(fabric.notes() if fabric is not None else [])]
+                                 f"{aw.warm_up_s * 1e3:.2f} ms of work and leaves with "
+                                 f"{aw.cool_down_s * 1e3:.2f} ms of waiting (sim.profiles.AfterWaitSpec, "
+                                 "fitted to the launch groups after copy waits of 0.2..15 ms, each round against "
+                                 "its own warm reference; validated by the lru run below)"),
+             *[f"one-token decode layer in the executor, {name}: " + ", ".join(
+                 f"{m.value(f'decode {name} {mode}') * 1e6:.1f} us {mode} ({v * 1e6:+.1f} us beyond its kernels "
+                 "timed one by one)" for mode, v in by_mode.items()) for name, by_mode in offsets.items()]]
+    if any(v < 0 for by_mode in offsets.values() for v in by_mode.values()):
+        notes.append("a negative offset is no host time: each kernel group timed alone pays its launch and the "
+                     "host's poll of its end, which inside a decode layer overlap the previous group's run; the "
+                     "profile holds the in-run time as measured")
+    for term, spread in m.spreads().items():
+        w = spread["worst"]
+        if w is not None:
+            notes.append(f"rounds, {term}: worst spread {w['spread']:.1%} ({w['quantity']}, {w['rounds']} rounds)"
+                         + (f"; still over {SPREAD_LIMIT:.0%} after re-measuring: {', '.join(spread['unsettled'])}"
+                            if spread["unsettled"] else ""))
+    return notes
+
+
+def _build_profile(m: Measurements, name: str, gpu: str, ceilings: tuple[float, float, float],
+                   fabric: Fabric | None, host_times: dict | None) -> tuple[HardwareProfile, list[str]]:
+    latency, bandwidth = fit_link(m.copy_points)
+    experts, non_expert, offsets = m.tables()
     torch_version = str(torch.__version__)
     profile = HardwareProfile.from_dict({
         "name": name,
         "description": f"{gpu}, measured by realrun.calibrate",
         "origin": f"realrun.calibrate on {gpu}, torch {torch_version}, "
                   f"{datetime.date.today().isoformat()}; times as realrun's executor achieves them",
-        "gpu_memory_bytes": float(torch.cuda.get_device_properties(backend.device).total_memory)
-        if backend.is_cuda else 0.0,
-        "host_link": {"latency_s": latency, "bandwidth_Bps": bandwidth, "copy_time_s": copy_points},
-        "mem_bandwidth_Bps": mem_bw, "matmul_flops": flops, "launch_s": launch,
-        "expert_time_s": expert_tables,
-        "non_expert_layer_time_s": non_expert_tables,
-        **({"after_wait": after_wait.to_dict()} if after_wait is not None else {}),
-        "calibration": {"torch": torch_version, "gpu": gpu, "kv_tokens": kv_tokens, "copy_wait": copy_wait,
-                        "graphs": graphs,
-                        "copy_dma_s": dma_points, "layer_host_overhead_s": overheads,
-                        "copy_under_compute_s": {"bytes": largest.bytes_per_expert, "idle": copy_idle,
-                                                 "busy": copy_busy},
-                        "after_wait_response": response,
-                        "models": [m.name for m in models],
+        "gpu_memory_bytes": float(torch.cuda.get_device_properties(m.backend.device).total_memory)
+        if m.backend.is_cuda else 0.0,
+        "host_link": {"latency_s": latency, "bandwidth_Bps": bandwidth, "copy_time_s": m.copy_points},
+        "mem_bandwidth_Bps": ceilings[0], "matmul_flops": ceilings[1], "launch_s": ceilings[2],
+        "expert_time_s": experts,
+        "non_expert_layer_time_s": non_expert,
+        **({"after_wait": m.after_wait.to_dict()} if m.after_wait is not None else {}),
+        "calibration": {"torch": torch_version, "gpu": gpu, "kv_tokens": m.kv_tokens, "copy_wait": m.copy_wait,
+                        "graphs": m.graphs, "copy_dma_s": m.dma_points,
+                        "decode_layer_s": {mm.name: {mode: m.value(f"decode {mm.name} {mode}") for mode in m.modes}
+                                           for mm in m.models},
+                        "decode_layer_offset_s": offsets,
+                        "copy_under_compute_s": {"bytes": m.largest.bytes_per_expert, "idle": m.copy_idle,
+                                                 "busy": m.copy_busy},
+                        "after_wait_response": m.response, "rounds": m.spreads(),
+                        "models": [mm.name for mm in m.models],
                         **({"host_bandwidth_Bps": {"alone": fabric.single_Bps, "together": fabric.together_Bps}}
                            if fabric is not None else {})},
         **(fabric_keys(fabric) if fabric is not None else {}),
     })
-    if policy_trace is not None:
-        host_times, hook_times = policy_host_times(policy_trace, profile, train_fraction)
+    if host_times is not None:
         profile = dataclasses.replace(profile, policy_host_s=host_times)
+    return profile, _term_notes(m, offsets)
+
+
+def validation_runners(profile_of: Callable[[], HardwareProfile], trace: Trace, machine: Machine,
+                       train_fraction: float) -> tuple[Callable[[Check], dict], Callable[[Check], dict]]:
+    """(run on the executor, simulate on the current profile) for a validation check: the trace
+    compare will run, at half of all experts."""
+    budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
+
+    def config(check: Check) -> SimConfig:
+        return SimConfig(trace=str(trace.path), policy=check.policy, budget=budget, hardware=profile_of().to_dict(),
+                         train_fraction=train_fraction)
+
+    def summary(result) -> dict:
+        m = result.metrics
+        return {"tpot_mean_s": m.tpot_mean_s, "hit_rate": m.hit_rate, "ttft_mean_s": m.ttft_mean_s}
+    return (lambda c: summary(execute_real(prepare(config(c), trace), machine)),
+            lambda c: summary(execute(prepare(config(c), trace))))
+
+
+def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
+              tokens: list[int] | None = None, kv_tokens: int = 512, trials: int = 7, reps: int = 20,
+              copy_reps: int = 30, copy_wait: str = "spin", graphs: bool = False,
+              others: list[Backend] | None = None, policy_trace: Trace | None = None,
+              train_fraction: float = 0.0, validate_runs: bool = True, host_sources: int = 8,
+              spread_limit: float = SPREAD_LIMIT, validation_remeasures: int = VALIDATION_REMEASURES,
+              decode_steps: int = OVERHEAD_STEPS) -> Calibration:
+    """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too;
+    with `policy_trace`, every policy's host time replaying it (its leading `train_fraction` trains),
+    and (validate_runs) the profile validated on short executor runs of it (realrun.validate)."""
+    tokens = tokens or TOKENS
+    gpu = backend.name
+    backends = [backend, *(others or [])]
+    name = name or profile_name(gpu, len(backends))
+    sizes = sorted(set(copy_sizes or COPY_SIZES) | {m.bytes_per_expert for m in models})
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = Measurements(backend, models, sizes, tokens, kv_tokens, trials, reps, copy_reps, copy_wait, graphs,
+                                Path(tmp), spread_limit, decode_steps)
+        ceilings = device_ceilings(backend)
+        fabric = measure_fabric(backends, measured.largest.bytes_per_expert) if len(backends) > 1 else None
+        profile, notes = _build_profile(measured, name, gpu, ceilings, fabric, None)
+        host_times = hook_times = None
+        if policy_trace is not None:
+            host_times, hook_times = policy_host_times(policy_trace, profile, train_fraction)
+        build = lambda: _build_profile(measured, name, gpu, ceilings, fabric, host_times)  # noqa: E731
+        profile, notes = build()
+        validation = None
+        if policy_trace is not None and validate_runs:
+            machine = Machine(policy_trace.model, RealOptions(device=str(backend.device), kv_tokens=kv_tokens,
+                                                              copy_wait=copy_wait, graphs=graphs,
+                                                              host_sources=host_sources))
+            current = {"profile": profile}
+
+            def remeasure(term: str) -> None:
+                measured.remeasure(term)
+                current["profile"], _ = build()
+            run_real, run_sim = validation_runners(lambda: current["profile"], policy_trace, machine, train_fraction)
+            checks = [c for c in DEFAULT_CHECKS if c.policy in available()]
+            validation = validate(checks, run_real, run_sim, remeasure, max_remeasures=validation_remeasures)
+            del machine
+            profile, notes = build()
+    if host_times is not None:
         profile.extra["calibration"]["policy_host_trace"] = (f"{policy_trace.source.label()}, {policy_trace.model.num_layers} "
                                                              f"layers, train fraction {train_fraction}")
-        profile.extra["calibration"]["policy_hooks_s"] = {name: t.to_dict() for name, t in hook_times.items()}
+        profile.extra["calibration"]["policy_hooks_s"] = {n: t.to_dict() for n, t in hook_times.items()}
         for label, times in (("decisions carried out, beyond all_resident's", host_times),
                              ("the policy's hooks alone", hook_times)):
             notes.append(f"policy host time per layer / per pass (us), {label}: " + ", ".join(
-                f"{name} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for name, t in times.items()))
+                f"{n} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for n, t in times.items()))
+    if validation is not None:
+        profile.extra["calibration"]["validation"] = validation.to_dict()
+        notes += validation.notes()
+    if fabric is not None:
+        notes += fabric.notes()
     return Calibration(profile, notes)
 
 
@@ -507,6 +667,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")
     parser.add_argument("--train-fraction", type=float, default=0.0,
                         help="its leading share that trains the policies (as compare --train-fraction)")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip the validation (short all_resident, lru and oracle_prefetch runs of --policy-trace "
+                             "on the executor, simulated on the new profile)")
+    parser.add_argument("--host-sources", type=int, default=8,
+                        help="the validation runs' pinned host buffers shared by experts (0: one each), as compare's")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
     args = parser.parse_args(argv)
 
@@ -529,7 +694,8 @@ def main(argv: list[str] | None = None) -> None:
                     policy_trace = first_layers(policy_trace, args.policy_layers, Path(scratch) / "trace")
             result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
                                graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
-                               train_fraction=args.train_fraction, **quick)
+                               train_fraction=args.train_fraction, validate_runs=not args.no_validate,
+                               host_sources=args.host_sources, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
+import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +113,35 @@ def markdown(table: pd.DataFrame, header: list[str]) -> str:
               f"{table['stall_rel_err'].abs().median():.1%}, the rest of the time (compute, launches, the "
               f"executor's own work) {table['rest_rel_err'].abs().median():.1%}."]
     return "\n".join(lines)
+
+
+def code_commit() -> str:
+    """The commit the code runs from (with '+changes' when the work tree differs), or 'unknown'."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" +changes" if dirty else "")
+
+
+def provenance(argv: list[str], device: str, profile_validation: dict | None) -> list[str]:
+    """Header lines that make a table reproducible: code, command, machine, and the profile's own
+    validation figures (calibrate's short runs, realrun.validate)."""
+    lines = [f"- code: {code_commit()}", f"- command: `python -m realrun.compare {shlex.join(argv)}`",
+             f"- machine: {device} on host {platform.node()}, {platform.platform()}"]
+    if profile_validation:
+        checks = ", ".join(f"{c['policy']} {c['tpot_rel_err']:+.1%}" for c in profile_validation["checks"])
+        residual = profile_validation.get("residual_error") or {}
+        lines.append(f"- profile's validation (calibrate's short runs, TPOT error): {checks}"
+                     + (f"; residual beyond {profile_validation['tolerance']:.0%}: "
+                        + ", ".join(f"{t} {e:+.1%}" for t, e in residual.items()) if residual else ""))
+    else:
+        lines.append("- profile's validation: none recorded (a profile from before calibrate validated)")
+    return lines
 
 
 def flat_metrics(result: RunResult, engine: str, budget: str) -> dict:
@@ -353,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"no profile '{hardware}' for this GPU: run python -m realrun.calibrate first, "
                             "or give --hardware NAME")
         subset = " (a subset: host memory and time)" if trace.model.num_layers < full_layers else ""
+        validation = load_hardware(hardware).extra.get("calibration", {}).get("validation")
         header = [f"# Simulated ({hardware}) against measured ({device})", "",
+                  *provenance(sys.argv[1:] if argv is None else argv, device, validation), "",
                   f"Trace: {args.trace} ({trace.source.label()}); model {trace.model.name}, "
                   f"{trace.model.num_layers} of {full_layers} layers{subset}; requests: {args.max_requests or 'all'}",
                   *([f"- layers split over {args.gpus} GPUs in order; every budget is each GPU's"] if args.gpus > 1 else []),

@@ -31,7 +31,7 @@ def two_cpu_profile(tmp_path_factory, four_layers):
     backends = [Backend("cpu"), Backend("cpu")]
     result = calibrate(backends[0], [four_layers.model], copy_sizes=[1 << 20], tokens=[1, 2], trials=1, reps=1,
                        copy_reps=2, kv_tokens=8, others=backends[1:], policy_trace=four_layers,
-                       train_fraction=0.5)
+                       train_fraction=0.5, spread_limit=float("inf"), validation_remeasures=1, decode_steps=20)
     return write_profile(result, tmp_path_factory.mktemp("p") / "two.yaml"), result
 
 
@@ -82,3 +82,32 @@ def test_compare_on_two_devices_splits_layers_in_both_engines_and_decides_alike(
     one_gpu.write_text(yaml.safe_dump(unit_hardware().to_dict()))
     with pytest.raises(UserError, match="describes 1 GPU"):
         run_compare(four_layers, ["lru"], ["2experts"], str(one_gpu), machine, tmp_path / "two")
+
+
+def test_calibrate_validates_its_profile_and_records_rounds(two_cpu_profile):
+    """On the CPU the timings mean nothing, but the profile must carry the validation's decisions
+    (every check, what was measured again, the residual per term) and every quantity's rounds."""
+    path, result = two_cpu_profile
+    cal = load_hardware(str(path)).extra["calibration"]
+    validation = cal["validation"]
+    assert [c["policy"] for c in validation["checks"]] == ["all_resident", "lru", "oracle_prefetch"]
+    assert len(validation["remeasured_terms"]) <= 1  # the bound given
+    assert set(validation["residual_error"]) <= {"decode_layer", "after_wait", "copies"}
+    assert all(abs(err) > validation["tolerance"] for err in validation["residual_error"].values())
+    assert set(cal["rounds"]) == {"copies", "decode_layer"}  # after_wait needs a GPU
+    assert cal["rounds"]["copies"]["worst"]["rounds"] >= 3
+    assert "decode four" not in cal["rounds"]["decode_layer"]["spread"]  # keyed by model name and mode
+    assert any(note.startswith("validation") for note in result.notes)
+
+
+def test_compare_header_records_code_command_machine_and_the_profiles_validation(two_cpu_profile):
+    from realrun.compare import provenance
+
+    path, _ = two_cpu_profile
+    validation = load_hardware(str(path)).extra["calibration"]["validation"]
+    lines = provenance(["--layers", "4", "--policies", "lru,belady"], "cpu", validation)
+    assert lines[0].startswith("- code: ") and len(lines[0].split()[2]) in (40, len("unknown"))
+    assert lines[1] == "- command: `python -m realrun.compare --layers 4 --policies lru,belady`"
+    assert lines[2].startswith("- machine: cpu on host ")
+    assert "all_resident" in lines[3] and "oracle_prefetch" in lines[3]
+    assert provenance([], "cpu", None)[3].startswith("- profile's validation: none recorded")

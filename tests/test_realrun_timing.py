@@ -118,9 +118,15 @@ def test_copy_curve_samples_every_size_in_rounds(monkeypatch):
         return real_round(rig)
     monkeypatch.setattr(calibrate_module._CopyRig, "round", logged)
     sizes = [1 << 16, 1 << 18]
-    points, dma = calibrate_module.copy_curve(Backend("cpu"), sizes, reps=12, rounds=3)
+    points, dma, found = calibrate_module.copy_curve(Backend("cpu"), sizes, reps=12, rounds=3,
+                                                     spread_limit=float("inf"))
     assert measured == sizes * 3  # round after round over all sizes, not one size's samples back to back
     assert [p[0] for p in points] == [p[0] for p in dma] == sizes and all(p[1] > 0 for p in points + dma)
+    assert [len(m.values) for m in found.values()] == [3, 3]
+    measured.clear()
+    # Every size's rounds disagree (limit 0): both are measured again, in rounds, twice (the bound).
+    _, _, found = calibrate_module.copy_curve(Backend("cpu"), sizes, reps=12, rounds=3, spread_limit=0.0)
+    assert measured == sizes * 7 and [m.remeasured for m in found.values()] == [2, 2]
 
 
 def test_after_wait_needs_a_gpu_and_a_cpu_calibration_models_none():

@@ -1,0 +1,43 @@
+#!/bin/bash
+# One device call: calibrate and compare in the same call, on a fresh GPU machine, results under $OUT.
+#   MODEL=mixtral (default): Mixtral-8x7B, first 16 layers, the real gsm8k trace, 32/64/96 experts.
+#   Override any of TRACE, LAYERS, BUDGETS, POLICIES, REPEATS, HOST_SOURCES, TRAIN, CAL_TIMEOUT, CMP_TIMEOUT.
+# Run from the repository root on the device (wheels of simpy, hydra-core, omegaconf, antlr4 in .whl/,
+# carried: see /work/.library/device/README.md):  MODEL=mixtral bash realrun/device_call.sh
+# Writes $OUT/<profile>-<model>/: compare.md, compare.csv, profile.yaml (with its validation), log.txt,
+# and runs.tgz (runs, layers, tokens: for --real-from; not for the repository).
+set -o pipefail
+: "${OUT:?set OUT to the folder that comes back}"
+MODEL=${MODEL:-mixtral}
+case $MODEL in
+  mixtral) TRACE=${TRACE:-mixtral-8x7b-gsm8k}; LAYERS=${LAYERS:-16}; BUDGETS=${BUDGETS:-32experts,64experts,96experts}
+           HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5} ;;
+  *) [ -n "$TRACE" ] && [ -n "$LAYERS" ] || { echo "MODEL=$MODEL: give TRACE and LAYERS" >&2; exit 2; }
+     BUDGETS=${BUDGETS:-auto}; HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5} ;;
+esac
+POLICIES=${POLICIES:-all_resident,lru,belady,mixtral_offload,finemoe,moe_infinity,moepic,promoe,oracle_prefetch}
+REPEATS=${REPEATS:-1}
+export TQDM_MININTERVAL=60 PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+NAME=$(python3 -c "from realrun.backend import Backend; from realrun.calibrate import profile_name; print(profile_name(Backend('cuda').name))")
+DIR=$OUT/$NAME-$MODEL; mkdir -p "$DIR"
+PROFILE=/tmp/$NAME-$MODEL.yaml
+{
+  date -u +%T; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv
+  echo "== calibrate"
+  timeout "${CAL_TIMEOUT:-270}" python3 -m realrun.calibrate --graphs --name "$NAME" --policy-trace "$TRACE" \
+    --policy-layers "$LAYERS" --train-fraction "$TRAIN" --host-sources "$HOST_SOURCES" --out "$PROFILE" \
+    && cp "$PROFILE" "$DIR/profile.yaml" || exit 1
+  date -u +%T; echo "== compare"
+  timeout "${CMP_TIMEOUT:-300}" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" --train-fraction "$TRAIN" \
+    --graphs --hardware "$PROFILE" --host-sources "$HOST_SOURCES" --budgets "$BUDGETS" --policies "$POLICIES" \
+    --repeats "$REPEATS" --out /tmp/cmp-$MODEL | tail -40
+  date -u +%T
+} 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/run\]\|req/s\]\|run/s\]\|size/s\]\|shape/s\]\|model/s\]\|policy/s\]\|^\s*$" \
+  | tee "$DIR/log.txt"
+for f in compare.md compare.csv; do [ -f /tmp/cmp-$MODEL/$f ] && cp /tmp/cmp-$MODEL/$f "$DIR/"; done
+[ -d /tmp/cmp-$MODEL ] && tar czf "$DIR/runs.tgz" -C /tmp --exclude "cmp-$MODEL/trace-*" cmp-$MODEL
+ls -la "$DIR"
