@@ -18,7 +18,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from policies import available
+from policies import available, policy_class
 from sim.api import prepare, replay_options
 from sim.config import SimConfig
 from sim.engine import Simulation
@@ -67,7 +67,10 @@ def policy_host_times(trace: Trace, hardware: HardwareProfile, train_fraction: f
                       policies: list[str] | None = None) -> tuple[dict[str, PolicyHostTime], dict[str, PolicyHostTime]]:
     """Every registered policy (or `policies`) at half of all experts: (what the simulator charges,
     the decisions carried out beyond all_resident's; the hooks alone, for the record)."""
-    names = policies or [p for p in available() if not p.startswith("test_")]
+    # A policy that computes on the host CPU needs the profile's cpu section, which calibrate does not
+    # measure (realrun.calibrate.cpu_expert_section does, on its own).
+    names = policies or [p for p in available()
+                         if not p.startswith("test_") and (hardware.cpu is not None or not policy_class(p).uses_cpu)]
     budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
     measured = {name: host_times(trace, name, budget, hardware, train_fraction)
                 for name in tqdm(sorted({*names, BASELINE}), desc="policy host time", unit="policy", leave=False)}
