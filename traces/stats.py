@@ -113,7 +113,8 @@ def iteration_entropy(trace: Trace, phase: str = "decode") -> np.ndarray:
     step = max(1, _CHUNK_VALUES // (trace.model.num_layers * trace.model.num_experts))
     for rows in phase_rows(trace, phase):
         for start in range(rows.start, rows.stop, step):
-            chunk = trace.probs(slice(start, min(start + step, rows.stop)))
+            # Entropy of what was recorded: a topm trace's unknown tail counts as no mass (hence the cap).
+            chunk = trace.probs(slice(start, min(start + step, rows.stop)), unknown=0.0)
             total += entropy_bits(chunk).sum(axis=0)
             count += len(chunk)
     return total / count if count else np.full(trace.model.num_layers, np.nan)
