@@ -128,6 +128,7 @@ def run_result(run: PreparedRun, state: RunState, wall_s: float, hardware_name: 
         wasted_prefetch_bytes=sum(c.wasted_prefetch_bytes for c in caches),
         makespan_s=state.makespan_s, seed=cfg.seed, trace_token_reuse=trace_reuse(trace),
         trace_distance_to_real=trace.meta.realism.get("distance_to_real"),
+        ttft_prefill="recorded" if trace.prefill_recorded else "left out",
         policy_info={**run.policy.describe(),
                      "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v],
                      "expert_format": model.expert_format, "bytes_per_expert": model.bytes_per_expert,
