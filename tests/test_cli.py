@@ -40,7 +40,7 @@ def test_sweep_runs_every_combination(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["+policy=nope"], "unknown policy 'nope'; known policies: "),
     (["+budget=6XB"], "unknown unit 'XB'"),
-    (["+budget=100MB"], "below one expert"),
+    (["+budget=10MB"], "below one expert"),
     (["trace=/no/such/trace"], "no such directory"),
     (["+policy=lru", "policy.scope=sideways"], "scope 'sideways' unknown"),
     (["model=qwen1.5-moe"], "pick a model of the trace's shape"),
