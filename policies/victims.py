@@ -16,18 +16,17 @@ def lowest_ranked(cache: CacheView, need_bytes: int, rank: Ranking) -> list[Bloc
     free = cache.free_bytes()
     if free >= need_bytes:
         return []
-    blocks = [b for b in cache.resident_blocks() if cache.is_evictable(b)]
-    if not blocks:
+    table = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
+    if not len(table):
         return []
-    table = np.asarray(blocks, dtype=np.int64)
     layers, experts, parts = table[:, 0], table[:, 1], table[:, 2]
     keys = rank(layers, experts, parts)
-    order = np.lexsort((parts, experts, layers) + tuple(reversed(keys)))
+    order = np.lexsort((parts, experts, layers) + tuple(reversed(keys)))  # a total order: rows' order is moot
     victims: list[Block] = []
     for i in order:
         if free >= need_bytes:
             break
-        block = blocks[i]
+        block = (int(layers[i]), int(experts[i]), int(parts[i]))
         victims.append(block)
         free += cache.block_bytes(block)
     return victims

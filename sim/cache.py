@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, NamedTuple
 
+import numpy as np
+
 from policies.base import Block, Policy
 from sim.errors import PolicyError
 
@@ -61,6 +63,11 @@ class ExpertCache:
         self.evictions = 0
         self.wasted_prefetch_bytes = 0
         self.running_layer: RunningLayer | None = None
+        # The resident blocks as rows of an array, and which are evictable, kept as they change so a
+        # policy ranking them with numpy (policies.victims) does not rebuild it on every copy.
+        self._rows: dict[Block, int] = {}
+        self._table = np.zeros((16, 3), dtype=np.int64)
+        self._evictable = np.zeros(16, dtype=np.bool_)
 
     # --- what a policy may see (policies.base.CacheView) ---
     def free_bytes(self) -> int:
@@ -80,6 +87,29 @@ class ExpertCache:
 
     def resident_blocks(self) -> Iterator[Block]:
         return (b for b, s in self._state.items() if s == RESIDENT)
+
+    def evictable_table(self) -> np.ndarray:
+        """The evictable blocks as rows (layer, expert, part) of an int64 array, in no set order."""
+        n = len(self._rows)
+        return self._table[:n][self._evictable[:n]]
+
+    def _add_row(self, block: Block) -> None:
+        n = len(self._rows)
+        if n == len(self._table):
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+            self._evictable = np.concatenate([self._evictable, np.zeros_like(self._evictable)])
+        self._rows[block] = n
+        self._table[n] = block
+        self._evictable[n] = block not in self._pins
+
+    def _drop_row(self, block: Block) -> None:
+        i = self._rows.pop(block)
+        last = len(self._rows)
+        if i != last:  # the last row moves into the gap
+            moved = tuple(int(x) for x in self._table[last])
+            self._rows[moved] = i
+            self._table[i] = self._table[last]
+            self._evictable[i] = self._evictable[last]
 
     # --- engine side ---
     def state(self, block: Block) -> int | None:
@@ -109,6 +139,7 @@ class ExpertCache:
     def commit(self, block: Block, prefetched: bool) -> None:
         """An in-flight copy has landed."""
         self._state[block] = RESIDENT
+        self._add_row(block)
         nbytes = self._block_bytes(block)
         self.resident_bytes += nbytes
         if block in self._pins:
@@ -127,6 +158,7 @@ class ExpertCache:
             raise PolicyError(f"block {block} is not evictable (not resident, or pinned by the running layer)")
         nbytes = self._block_bytes(block)
         del self._state[block]
+        self._drop_row(block)
         self.used_bytes -= nbytes
         self.resident_bytes -= nbytes
         self.evictions += 1
@@ -144,6 +176,7 @@ class ExpertCache:
         self._pins[block] = count + 1
         if count == 0 and self._state.get(block) == RESIDENT:
             self.pinned_resident_bytes += self._block_bytes(block)
+            self._evictable[self._rows[block]] = False
 
     def unpin(self, block: Block) -> None:
         count = self._pins[block]
@@ -151,6 +184,7 @@ class ExpertCache:
             del self._pins[block]
             if self._state.get(block) == RESIDENT:
                 self.pinned_resident_bytes -= self._block_bytes(block)
+                self._evictable[self._rows[block]] = True
         else:
             self._pins[block] = count - 1
 

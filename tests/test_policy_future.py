@@ -12,7 +12,7 @@ from sim.config import SimConfig
 def decisions(trace, name):
     """Every plan and victim choice of a run, each tagged with the pass it was taken in."""
     run = prepare(SimConfig(policy=name, budget="5experts", hardware=unit_hardware(copy_s=0.3).to_dict(),
-                            train_fraction=0.5), trace=trace)
+                            train_fraction=0.5, engine="simpy"), trace=trace)  # hooks observed: the reference
     policy, log, now = run.policy, [], [-1]
 
     def plans(hook):

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from policies.base import Block, Policy, PolicyContext, Timing
+from policies.base import Policy, PolicyContext, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
 from sim.engine import RunState, SimOptions
@@ -153,14 +153,12 @@ class FastSimulation(Serving):
                 self.resident[b] = True
                 _append(self.gprev, self.gnext, N, b)
                 _append(self.lprev, self.lnext, N + layer, b)
-        G = len(self.caches)
         self.cap = np.array([c.capacity_bytes for c in self.caches], np.int64)
         self.used = np.array([c.used_bytes for c in self.caches], np.int64)
         self.nres = np.array([sum(1 for _ in c.resident_blocks()) for c in self.caches], np.int64)
         self.high = np.array([c.high_water_bytes for c in self.caches], np.int64)
         self.evictions = np.array([c.evictions for c in self.caches], np.int64)
         quota = getattr(self.policy, "quota", None) if self.kind != "resident" else None
-        N = L * E
         future = self.future
         self.uses_ptr = future.uses_ptr if future is not None else np.zeros(N + 1, np.int64)
         self.uses_pos = future.block_uses if future is not None else np.zeros(0, np.int64)
@@ -179,7 +177,6 @@ class FastSimulation(Serving):
         self.hits, self.misses, self.uses = (np.zeros(L, np.int64) for _ in range(3))
         self.stall, self.lbytes = np.zeros(L), np.zeros(L)
         self.dbytes = np.zeros(1)
-        assert G == len(self.cap)
         self._expert_times()
         self._xfer: dict[int, int] = {}
         self._xfer_rows: list[np.ndarray] = []
@@ -318,7 +315,7 @@ class FastSimulation(Serving):
         rec.uses, rec.hits, rec.misses = self.uses.tolist(), self.hits.tolist(), self.misses.tolist()
         rec.stall_s, rec.layer_bytes = self.stall.tolist(), self.lbytes.tolist()
         rec.demand_bytes = float(self.dbytes[0])
-        rec.layer_iterations = int(self.uses.size and rec.steps * self.model.num_layers)
+        rec.layer_iterations = rec.steps * self.model.num_layers  # start_layer counts one per layer of a pass
 
 
 _tables: "weakref.WeakKeyDictionary[Trace, TraceTables]" = weakref.WeakKeyDictionary()
