@@ -35,6 +35,27 @@ Block = tuple[int, int, int]  # (layer, expert, part)
 DEMAND_PRIORITY = float("inf")
 
 
+def known_probs(probs: np.ndarray) -> np.ndarray:
+    """Router probabilities [..., experts] with the unknown ones (NaN: a topm trace did not record
+    them, traces.format) replaced by the one estimate every policy uses: the row's unrecorded mass
+    (1 - recorded sum, at least 0) shared equally by its unknown experts, and never more than the
+    smallest recorded probability (they were not among the m most probable). A policy that reads
+    probability values goes through here, never np.nan_to_num: an unknown probability is not
+    "never chosen". Where the recorded weights were renormalised to sum to 1 (the gpt-oss and
+    Mixtral logs) the estimate is 0: the log holds no mass for them. Ranking by NaN-bearing rows
+    (np.argsort(-probs), NaN last) needs no estimate. tests/test_unknown_probs.py checks that every
+    registered policy behaves on a trace with unknowns exactly as on the same trace with this estimate
+    written in."""
+    unknown = np.isnan(probs)
+    if not unknown.any():
+        return probs
+    known = np.where(unknown, 0.0, probs).astype(np.float32)
+    missing = unknown.sum(axis=-1, keepdims=True)
+    share = np.clip(1.0 - known.sum(axis=-1, keepdims=True), 0.0, None) / np.maximum(missing, 1)
+    floor = np.where(unknown, np.inf, known).min(axis=-1, keepdims=True)
+    return np.where(unknown, np.minimum(share, floor), known).astype(np.float32)
+
+
 @dataclass(slots=True)
 class PrefetchPlan:
     """Blocks to copy ahead of use, each with a priority (higher is copied first).

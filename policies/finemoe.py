@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
+from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, known_probs
 from policies.registry import register
 from policies.matching import EPS, best_match, union_plan, unit
 from policies.victims import lowest_ranked
@@ -129,7 +129,7 @@ class FineMoE(Policy):
         for r in requests:
             offset, prefill, decode = trace.rows(r)
             embed = None if embeddings is None or np.isnan(embeddings[r]).any() else unit(embeddings[r])
-            self.store.add(trace.probs(slice(offset, offset + prefill + decode)), embed)
+            self.store.add(known_probs(trace.probs(slice(offset, offset + prefill + decode))), embed)
 
     # --- prediction ---
     def _predict(self, expert_map: np.ndarray, similarity: float, first: int, last: int,
@@ -184,6 +184,7 @@ class FineMoE(Policy):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
+        probs = known_probs(probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
         rows = probs[self._rows]
         self._current[:, layer] = rows
         if step.kind == "prefill" and len(probs) > 1:

@@ -40,7 +40,7 @@ def pass_counts(step: Step, probs: np.ndarray, experts: tuple[int, ...], top_k: 
         counts[list(experts)] = 1.0
     elif step.kind == "prefill" and len(probs) == 1:  # a prefill known by counts: probs are normalised counts
         counts += probs[0] * prompt_tokens * top_k
-    else:  # per-token rows: each token's top-k
+    else:  # per-token rows: each token's top-k (unknown probabilities are NaN and rank last)
         np.add.at(counts, top_k_experts(probs, top_k).ravel(), 1.0)
     return counts
 

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-from policies.base import Block, PolicyContext, PrefetchPlan, Step
+from policies.base import Block, PolicyContext, PrefetchPlan, Step, known_probs
 from policies.lru import LRU
 from policies.registry import register
 from traces import Trace
@@ -112,7 +112,7 @@ class ProMoE(LRU):
         use_gates = trace.lookahead is not None and trace.lookahead.shape[2] >= self.stride
         self.inputs = ["router probabilities"] + ["hidden state"] * (hidden is not None) + \
             [f"layer l+{self.stride} gates on this hidden state"] * use_gates
-        probs = trace.probs(rows)  # [n, layers, experts]
+        probs = known_probs(trace.probs(rows))  # [n, layers, experts]; unknown ones estimated, not 0
         x = np.stack([self._features(None if hidden is None else np.asarray(hidden[rows, l], dtype=np.float32),
                                      probs[:, l],
                                      np.asarray(trace.lookahead[rows, l, self.stride - 1], dtype=np.float32)
@@ -128,7 +128,7 @@ class ProMoE(LRU):
     def _predict(self, step: Step, layer: int, probs: np.ndarray) -> set[int]:
         hidden = step.hidden(layer) if step.hidden is not None else None
         gates = step.lookahead(layer)[:, self.stride - 1] if self._use_gates and step.lookahead is not None else None
-        scores = self.predictor.scores(layer, self._features(hidden, probs, gates))
+        scores = self.predictor.scores(layer, self._features(hidden, known_probs(probs), gates))
         top = np.argsort(-scores, axis=1, kind="stable")[:, : self.width]
         return {int(e) for e in top.ravel()}  # a prefill needs the union of its tokens' experts
 

@@ -32,7 +32,13 @@ class RunResult:
 
 
 def resolve_model(trace: Trace, model: str | dict[str, Any] | None) -> ModelSpec:
-    """The trace's model, or a profile of the same routing shape (real sizes for a stand-in trace)."""
+    """The trace's model, or a profile of the same routing shape (real sizes for a stand-in trace).
+    A dict without a name changes the trace's model (e.g. {"expert_format": "bf16"}); None values
+    keep the model's own setting (Hydra's `model.expert_format: null`)."""
+    if isinstance(model, dict):
+        model = {k: v for k, v in model.items() if v is not None}
+        if "name" not in model:
+            return ModelSpec.from_dict({**trace.model.to_dict(), **model})
     if model is None:
         return trace.model
     spec = ModelSpec.from_dict(dict(model)) if isinstance(model, dict) else load_model_spec(model)
@@ -124,8 +130,11 @@ def run_result(run: PreparedRun, state: RunState, wall_s: float, hardware_name: 
         wasted_prefetch_bytes=sum(c.wasted_prefetch_bytes for c in caches),
         makespan_s=state.makespan_s, seed=cfg.seed, trace_token_reuse=trace_reuse(trace),
         trace_distance_to_real=trace.meta.realism.get("distance_to_real"),
+        ttft_prefill="recorded" if trace.prefill_recorded else "left out",
         policy_info={**run.policy.describe(),
                      "compute_estimated": [k for k, v in hardware.measured_for(model).items() if not v],
+                     "expert_format": model.expert_format, "bytes_per_expert": model.bytes_per_expert,
+                     **({"dequant_uncharged": model.expert_format} if hardware.dequant_uncharged(model) else {}),
                      **(extra_info or {})},
     )
     return RunResult(metrics, per_request, per_layer, cfg.to_dict(), wall_s, list(state.recorder.token_latencies))

@@ -8,7 +8,7 @@ Definitions:
   layer's router has run; a prefetch hit when it is resident thanks to a prefetch not used before;
   a late prefetch when its copy is queued or on the link at that moment; otherwise a miss.
 - TTFT: arrival to the end of the first forward pass of the request (its prefill; for decode-only
-  traces, its first recorded decode step). TPOT: time between consecutive output tokens, one
+  traces, its first recorded decode step: ttft_prefill says "left out" then). TPOT: time between consecutive output tokens, one
   sample per later decode step; tpot_*_s are over all samples of the run.
 """
 from __future__ import annotations
@@ -116,6 +116,9 @@ class RunMetrics:
     trace_token_reuse: float | None = None
     trace_distance_to_real: float | None = None  # traces.stats: relative error of reuse and LRU/Belady vs real
     seed: int = 0
+    # What TTFT holds of the prompt: "recorded" (the trace's prefill routing is simulated) or
+    # "left out" (a decode-only trace: no prefill expert work, TTFT ends at the first decode step).
+    ttft_prefill: str = "recorded"
     policy_info: dict[str, Any] = field(default_factory=dict)
     # Hybrid execution and tiers (zero when off): experts computed on the host CPU, the activations
     # they moved over the host link (both directions), and where copies to the GPU came from.
@@ -135,7 +138,7 @@ class RunMetrics:
 def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, model: str, hardware: str, gpus: int,
               budget_bytes: int, bytes_per_expert: int, high_water_bytes: int, evictions: int,
               wasted_prefetch_bytes: float, makespan_s: float, seed: int, trace_token_reuse: float | None,
-              trace_distance_to_real: float | None = None,
+              trace_distance_to_real: float | None = None, ttft_prefill: str = "recorded",
               policy_info: dict[str, Any]) -> tuple[RunMetrics, pd.DataFrame, pd.DataFrame]:
     per_request = pd.DataFrame(rec.requests, columns=[
         "request_id", "prompt_tokens", "output_tokens", "arrival_s", "start_s", "first_token_s", "end_s"])
@@ -182,7 +185,7 @@ def summarize(rec: Recorder, *, policy: str, trace: str, trace_origin: str, mode
         prefetches_cancelled=rec.prefetches_cancelled, evictions=evictions, stall_s=float(sum(rec.stall_s)),
         makespan_s=makespan_s, throughput_tokens_per_s=tokens / makespan_s if makespan_s > 0 else float("nan"),
         gpu_mem_high_water_bytes=int(high_water_bytes), trace_token_reuse=trace_token_reuse,
-        trace_distance_to_real=trace_distance_to_real, seed=seed,
+        trace_distance_to_real=trace_distance_to_real, seed=seed, ttft_prefill=ttft_prefill,
         policy_info=policy_info,
         cpu_expert_uses=int(sum(rec.cpu_uses)),
         cpu_rate=sum(rec.cpu_uses) / total_uses if sum(rec.cpu_uses) else 0.0,

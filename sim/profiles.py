@@ -178,6 +178,9 @@ class HardwareProfile:
     policy_host_s: dict[str, PolicyHostTime] = field(default_factory=dict)
     cpu: Any = None  # sim.host_cpu.CpuSpec: the host CPU as a compute resource; None: no CPU compute
     disk: Any = None  # sim.disk.DiskSpec: the NVMe drive under host memory; None: no disk tier
+    # Seconds to dequantise one expert's weights before its matmul, per stored format (bf16 needs none);
+    # a format not listed is charged nothing, and the report says so (dequant_uncharged).
+    dequant_s_per_expert: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -209,6 +212,8 @@ class HardwareProfile:
                                for k, v in (data.get("policy_host_s") or {}).items()},
                 cpu=_cpu(data.get("cpu"), f"{where}.cpu"),
                 disk=_disk(data.get("disk"), f"{where}.disk"),
+                dequant_s_per_expert={str(k): _number(v, f"{where}.dequant_s_per_expert.{k}")
+                                      for k, v in (data.get("dequant_s_per_expert") or {}).items()},
                 extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as exc:
@@ -229,16 +234,24 @@ class HardwareProfile:
             **({"policy_host_s": {k: v.to_dict() for k, v in self.policy_host_s.items()}} if self.policy_host_s else {}),
             **({"cpu": self.cpu.to_dict()} if self.cpu is not None else {}),
             **({"disk": self.disk.to_dict()} if self.disk is not None else {}),
+            **({"dequant_s_per_expert": dict(self.dequant_s_per_expert)} if self.dequant_s_per_expert else {}),
             **self.extra,
         }
 
     def expert_time(self, model: ModelSpec, tokens: float) -> float:
+        """One expert's compute; the roofline reads the weights in their stored format. A quantised
+        format adds its dequantisation where this profile knows it (dequant_s_per_expert)."""
+        dequant = self.dequant_s_per_expert.get(model.expert_format, 0.0)
         table = self.expert_time_s.get(model.expert_shape_key)
         if table is not None:
-            return table(tokens)
+            return table(tokens) + dequant
         flops = 2.0 * model.params_per_expert * tokens
-        return EXPERT_KERNELS * self.launch_s + max(model.bytes_per_expert / self.mem_bandwidth_Bps,
-                                                   flops / self.matmul_flops)
+        return EXPERT_KERNELS * self.launch_s + dequant + max(model.bytes_per_expert / self.mem_bandwidth_Bps,
+                                                             flops / self.matmul_flops)
+
+    def dequant_uncharged(self, model: ModelSpec) -> bool:
+        """A quantised expert format whose dequantisation this profile does not know (charged 0 s)."""
+        return model.expert_format != "bf16" and model.expert_format not in self.dequant_s_per_expert
 
     def non_expert_time(self, model: ModelSpec, tokens: float) -> float:
         table = self.non_expert_layer_time_s.get(model.name)
@@ -259,7 +272,7 @@ class HardwareProfile:
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
            "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps",
-           "after_wait", "policy_host_s", "cpu", "disk"}
+           "after_wait", "policy_host_s", "cpu", "disk", "dequant_s_per_expert"}
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:

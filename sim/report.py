@@ -70,7 +70,7 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
                   f"[bold]distance to real routing[/]: {distance} (largest relative error of the reuse and of "
                   f"per-layer LRU/Belady hit rates at 1/4, 1/2, 3/4 of the experts, python -m traces.stats)")
     table = Table(title=f"{m.policy} | budget {format_bytes(m.budget_bytes)} ({m.budget_experts:.1f} experts) | "
-                        f"{m.model} on {m.hardware}")
+                        f"{m.model} ({m.policy_info.get('expert_format', 'bf16')} experts) on {m.hardware}")
     for column in ("metric", "value"):
         table.add_column(column)
     rows = [
@@ -78,7 +78,8 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
         ("expert hit rate", f"{m.hit_rate:.2%}"),
         ("  demand hits / prefetch hits", f"{m.demand_hit_rate:.2%} / {m.prefetch_hit_rate:.2%}"),
         ("  late prefetches / misses", f"{m.late_prefetch_rate:.2%} / {m.miss_rate:.2%}"),
-        ("TTFT mean / p99 (ms)", f"{_ms(m.ttft_mean_s)} / {_ms(m.ttft_p99_s)}"),
+        ("TTFT mean / p99 (ms)", f"{_ms(m.ttft_mean_s)} / {_ms(m.ttft_p99_s)}"
+         + ("" if m.ttft_prefill == "recorded" else " (prefill left out: not recorded in the trace)")),
         ("TPOT mean / p50 / p99 (ms)", f"{_ms(m.tpot_mean_s)} / {_ms(m.tpot_p50_s)} / {_ms(m.tpot_p99_s)}"),
         ("end-to-end mean (ms)", _ms(m.e2e_mean_s)),
         ("host->GPU bytes (wasted prefetch)", f"{format_bytes(m.bytes_h2d)} ({format_bytes(m.wasted_prefetch_bytes)})"),
@@ -98,3 +99,9 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
     if estimated:
         console.print(f"[yellow]note[/]: {', '.join(estimated)} estimated by roofline: hardware '{m.hardware}' "
                       f"has no measured table for {m.model}")
+    if m.policy_info.get("dequant_uncharged"):
+        console.print(f"[yellow]note[/]: dequantising {m.policy_info['dequant_uncharged']} experts is charged 0 s: "
+                      f"hardware '{m.hardware}' has no dequant_s_per_expert for it")
+    if m.ttft_prefill != "recorded":
+        console.print("[yellow]note[/]: the trace did not record the prompts' routing: TTFT leaves out the prefill "
+                      "(no prefill pass is simulated; TTFT ends at the first decode step)")

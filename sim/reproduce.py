@@ -138,7 +138,7 @@ def facts(trace: Trace, hardware: str) -> dict[str, Any]:
     model = trace.model
     hw = resolve_hardware(hardware)
     layer_s = hw.non_expert_time(model, 1) + model.top_k * hw.expert_time(model, 1)
-    sample = trace.probs(slice(0, min(trace.num_iterations, 256)))
+    sample = trace.probs(slice(0, min(trace.num_iterations, 256)), unknown=0.0)  # recorded non-zeros only
     return {
         "requests": trace.num_requests,
         "prefill": "per token" if trace.prefill_iters.sum() else "as counts only" if trace.prefill_counts.any() else "none",

@@ -11,7 +11,11 @@ import pytest
 from sim.profiles import HardwareProfile
 from traces import ModelSpec, Provenance, TraceWriter, load_trace
 
-SHARED_ROUTING = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing" / "mixtral-8x7b-instruct"
+# ../shared seen from /work/main (parents[2]) or from a worktree one level deeper (parents[3])
+SHARED_DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents[2:4] if (p / "shared" / "data").is_dir()),
+                   Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED_ROUTING = SHARED_DATA / "routing" / "mixtral-8x7b-instruct"
+SHARED_GPT_OSS = SHARED_DATA / "routing" / "gpt-oss-20b"
 
 
 def tiny_model(layers: int = 1, experts: int = 4, top_k: int = 1, name: str = "tiny") -> ModelSpec:

@@ -1,11 +1,11 @@
-"""traces.compact, and the compact stand-in traces shipped in traces/data/standin."""
+"""traces.compact, and the compact stand-in traces kept in data/standin (outside the package)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from traces.compact import CompactConfig, compact_trace
-from traces.defaults import DATA_DIR, shipped_traces
+from traces.defaults import DATA_DIR, resolve_trace, shipped_traces, standin_root
 from traces.errors import UserError
 from traces.format import load_trace, tally_experts
 from traces.model_spec import ModelSpec, load_model_spec
@@ -62,24 +62,31 @@ def test_bad_compaction_settings_are_one_line_errors():
         CompactConfig(src="x", out="y", embed="bert")
 
 
+@pytest.mark.skipif(not standin_root().is_dir(), reason="stand-in traces (data/standin) not present")
 def test_shipped_stand_in_traces_are_labelled_compact_and_named():
     names = [n for n in shipped_traces() if n.startswith("standin/")]
-    assert {load_trace(DATA_DIR / n).model.name for n in names} == STANDIN_MODELS
+    assert {load_trace(resolve_trace(n)).model.name for n in names} == STANDIN_MODELS
     for name in names:
-        trace = load_trace(DATA_DIR / name)
+        trace = load_trace(resolve_trace(name))
         assert trace.source.weights_origin.startswith("trained stand-in")
         assert trace.source.model.startswith("standin-") and trace.meta.realism["token_reuse"] is not None
         assert trace.meta.default_embedding == "minilm" and trace.num_requests >= 100
-    total = sum(f.stat().st_size for f in (DATA_DIR / "standin").rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in standin_root().rglob("*") if f.is_file())
     assert total <= 25e6
 
 
-def test_the_default_trace_is_the_shipped_trace_closest_to_real_routing():
+def test_the_default_trace_is_real_routing_and_package_data_stays_small():
     from traces.defaults import DEFAULT_TRACE
     from traces.stats import REAL_REFERENCES
 
-    real = set(REAL_REFERENCES.values())
-    distances = {name: load_trace(DATA_DIR / name).meta.realism.get("distance_to_real") for name in shipped_traces()
-                 if name not in real}
-    measured = {name: d for name, d in distances.items() if d is not None}
-    assert min(measured, key=measured.get) == DEFAULT_TRACE
+    assert DEFAULT_TRACE in REAL_REFERENCES.values()
+    trace = load_trace(resolve_trace("default"))
+    assert trace.source.model == "openai/gpt-oss-20b" and trace.meta.realism["distance_to_real"] == 0.0
+    total = sum(f.stat().st_size for f in DATA_DIR.rglob("*") if f.is_file())
+    assert total <= 30e6  # everything under traces/data ships in the wheel
+
+
+def test_a_missing_stand_in_trace_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_STANDIN_DATA", str(tmp_path / "none"))
+    with pytest.raises(UserError, match="stand-in traces are not installed here"):
+        resolve_trace("standin/mixtral-8x7b-sharegpt")

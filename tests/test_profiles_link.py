@@ -63,8 +63,9 @@ def test_the_shipped_measured_profile_has_every_table_the_simulator_needs():
 
     profile = load_hardware("h100-measured")
     assert profile.host_link.measured is not None and profile.after_wait is not None
-    for name in known_models():
+    for name in sorted(set(known_models()) - {"gpt-oss-20b"}):  # gpt-oss: not calibrated on a GPU yet (roofline)
         assert all(profile.measured_for(load_model_spec(name)).values()), name
+    assert not any(profile.measured_for(load_model_spec("gpt-oss-20b")).values())
     assert 6e-3 < profile.host_link.copy_time(352_321_536) < 7e-3  # one Mixtral expert, as measured
 
 

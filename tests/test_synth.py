@@ -126,9 +126,9 @@ def test_workload_files(tmp_path):
         load_workload(str(tmp_path / "w.csv"))
 
 
-def test_the_default_trace_is_the_calibrated_sharegpt_one():
-    trace = load_trace(resolve_trace("default"))
-    assert trace.path.name == DEFAULT_TRACE == "mixtral-8x7b-sharegpt-synth"
+def test_the_shipped_synthetic_trace_is_the_calibrated_sharegpt_one():
+    trace = load_trace(resolve_trace("mixtral-8x7b-sharegpt-synth"))
+    assert DEFAULT_TRACE != trace.path.name  # the default is real routing (traces.defaults)
     assert trace.source.tool == "traces.synth" and trace.source.details["source_trace"] == "mixtral-8x7b-gsm8k"
     assert set(trace.requests["dataset"]) == {"sharegpt"} and trace.num_requests == 100
     assert trace.meta.realism["distance_to_real"] < 0.10

@@ -138,5 +138,5 @@ def test_model_spec_from_transformers_configs(tmp_path):
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(UserError, match="known models: mixtral-8x7b"):
+    with pytest.raises(UserError, match="known models: gpt-oss-20b, mixtral-8x7b"):
         load_model_spec("nope")

@@ -1,7 +1,7 @@
-"""The on-disk trace format (version 1): one directory per trace.
+"""The on-disk trace format (version 2; version 1 traces still read): one directory per trace.
 
     meta.json             format version, model shape, provenance, layout, realism figures
-    requests.parquet      one row per request (ids, dataset, prompt, token counts, arrival, offsets)
+    requests.parquet      one row per request (ids, dataset, subject, prompt, token counts, arrival, offsets)
     experts.npy           uint16 [iterations, layers, top_k]: experts each iteration actually ran
     probs.npy             float16 [iterations, layers, experts]: full router probabilities (dense layout)
     topm_experts.npy      uint16  [iterations, layers, m]   } sparse layout for large expert counts:
@@ -11,6 +11,16 @@
     lookahead.npy         float16 [iterations, layers, distance, experts] (optional): gates of layers
                           l+1..l+distance applied to layer l's hidden state
     hidden_proj.npy       float16 [iterations, layers, dim] (optional): low-dim hidden-state projection
+
+Unknown probabilities. A topm trace recorded only the m most probable experts of each (iteration,
+layer): the other probabilities are unknown, not zero (meta `probs_known`: "full" | "topm"), and
+Trace.probs() returns them as NaN unless the caller names another value. Policies turn them into
+numbers only through policies.base.known_probs (see there). A dense trace is full: every value
+was recorded. Version 1 had no `probs_known`; it reads as "topm" for the topm layout, else "full".
+
+Prefill. meta `prefill_recorded` says whether the prompts' routing was recorded (prefill rows or
+prefill_counts); when it was not, the simulator leaves prefill expert work out of TTFT and says so.
+Version 1 traces infer it from their data.
 
 A request's iterations are rows iter_offset .. iter_offset + prefill_iters + decode_iters: first its
 prefill iterations (one per prompt token, as FineMoE counts them; none for decode-only logs), then
@@ -34,7 +44,9 @@ import pyarrow.parquet as pq
 from traces.errors import TraceError, UserError
 from traces.model_spec import ModelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before probs_known and prefill_recorded (inferred on read)
+PROBS_KNOWN = ("full", "topm")
 
 META = "meta.json"
 REQUESTS = "requests.parquet"
@@ -58,6 +70,7 @@ REQUEST_COLUMNS = {
     "prefill_iters": pa.int32(),
     "decode_iters": pa.int32(),
 }
+OPTIONAL_COLUMNS = {"subject": pa.string()}  # version 2: what the prompt is about (a benchmark's subject)
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class TraceMeta:
     hidden_proj_dim: int
     realism: dict[str, Any]
     extra: dict[str, Any]
+    probs_known: str = "full"  # "full": every router probability recorded; "topm": only the topm largest
+    prefill_recorded: bool | None = None  # None (version 1): inferred from the arrays on load
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -103,17 +118,23 @@ class TraceMeta:
         except json.JSONDecodeError as exc:
             raise TraceError(f"{where}: not valid JSON ({exc}); the trace is corrupt, re-create it") from None
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise TraceError(
-                f"{where}: trace format version {version!r}, this reader reads version {FORMAT_VERSION}; "
-                "convert the trace again with this version's tools"
+                f"{where}: trace format version {version!r}, this reader reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; convert the trace again with this version's tools"
             )
+        if version == 1:
+            data.setdefault("probs_known", "topm" if data.get("probs_layout") == "topm" else "full")
         try:
             data["model"] = ModelSpec.from_dict(data["model"])
             data["source"] = Provenance(**data["source"])
-            return cls(**data)
+            meta = cls(**data)
         except (KeyError, TypeError) as exc:
             raise TraceError(f"{where}: missing or unexpected field ({exc}); the trace is corrupt, re-create it") from None
+        if meta.probs_known not in PROBS_KNOWN or (meta.probs_known == "topm") != (meta.probs_layout == "topm"):
+            raise TraceError(f"{where}: probs_known '{meta.probs_known}' does not fit probs_layout "
+                             f"'{meta.probs_layout}' (topm layout: topm, dense: full); re-create the trace")
+        return meta
 
 
 def top_k_experts(probs: np.ndarray, k: int) -> np.ndarray:
@@ -149,6 +170,14 @@ class Trace:
         self.iter_offset = requests["iter_offset"].to_numpy(np.int64)
         self.prefill_iters = requests["prefill_iters"].to_numpy(np.int64)
         self.decode_iters = requests["decode_iters"].to_numpy(np.int64)
+        recorded = meta.prefill_recorded
+        self.prefill_recorded: bool = bool(self.prefill_iters.any() or np.asarray(self.prefill_counts).any()) \
+            if recorded is None else recorded
+
+    @property
+    def probs_known(self) -> str:
+        """"full" or "topm": in a topm trace only meta.topm probabilities per (iteration, layer) are known."""
+        return self.meta.probs_known
 
     @property
     def model(self) -> ModelSpec:
@@ -172,6 +201,7 @@ class Trace:
         row = self.requests.iloc[request]
         return {"request_id": str(row["request_id"]), "dataset": str(row["dataset"]),
                 "prompt": row["prompt"] if isinstance(row["prompt"], str) else None,
+                "subject": row["subject"] if isinstance(row["subject"], str) else None,
                 "prompt_tokens": int(row["prompt_tokens"]), "output_tokens": int(row["output_tokens"]),
                 "arrival_s": None if np.isnan(row["arrival_s"]) else float(row["arrival_s"])}
 
@@ -179,19 +209,21 @@ class Trace:
         """(first iteration row, prefill iterations, decode iterations) of a request."""
         return int(self.iter_offset[request]), int(self.prefill_iters[request]), int(self.decode_iters[request])
 
-    def probs(self, rows: slice | np.ndarray | int, layer: int | slice = slice(None)) -> np.ndarray:
-        """Router probabilities of the given iteration rows, dense, float32."""
+    def probs(self, rows: slice | np.ndarray | int, layer: int | slice = slice(None),
+              unknown: float = np.nan) -> np.ndarray:
+        """Router probabilities of the given iteration rows, dense, float32; probabilities the trace
+        did not record (topm traces) are `unknown`: NaN unless the caller says what it takes them for."""
         if self._dense is not None:
             return np.asarray(self._dense[rows, layer], dtype=np.float32)
         idx = np.asarray(self._topm_experts[rows, layer], dtype=np.intp)
         val = np.asarray(self._topm_probs[rows, layer], dtype=np.float32)
-        out = np.zeros(idx.shape[:-1] + (self.model.num_experts,), dtype=np.float32)
+        out = np.full(idx.shape[:-1] + (self.model.num_experts,), unknown, dtype=np.float32)
         np.put_along_axis(out, idx, val, axis=-1)
         return out
 
-    def dense_probs(self) -> np.ndarray:
+    def dense_probs(self, unknown: float = np.nan) -> np.ndarray:
         """All router probabilities [iterations, layers, experts] (memory-mapped when dense)."""
-        return self._dense if self._dense is not None else self.probs(slice(None))
+        return self._dense if self._dense is not None else self.probs(slice(None), unknown=unknown)
 
     @property
     def embedding_names(self) -> list[str]:
@@ -248,6 +280,9 @@ def load_trace(path: str | Path) -> Trace:
     missing = [c for c in REQUEST_COLUMNS if c not in requests.columns]
     if missing:
         raise _fail(req_path, f"missing columns {missing}; re-create the trace")
+    for column in OPTIONAL_COLUMNS:
+        if column not in requests.columns:
+            requests[column] = None
     if len(requests) != r:
         raise _fail(req_path, f"{len(requests)} rows, meta.json says {r} requests; the trace is inconsistent")
     lengths = requests["prefill_iters"].to_numpy(np.int64) + requests["decode_iters"].to_numpy(np.int64)
@@ -353,14 +388,18 @@ class TraceWriter:
         return len(self._rows)
 
     def add_request(self, *, request_id: str, dataset: str, probs: np.ndarray, prefill_iters: int = 0,
-                    prompt: str | None = None, prompt_tokens: int | None = None, output_tokens: int | None = None,
+                    prompt: str | None = None, subject: str | None = None, prompt_tokens: int | None = None, output_tokens: int | None = None,
                     arrival_s: float | None = None, experts: np.ndarray | None = None,
                     prefill_counts: np.ndarray | None = None, embeddings: dict[str, np.ndarray] | None = None,
                     lookahead: np.ndarray | None = None, hidden_proj: np.ndarray | None = None) -> None:
-        """Add one request's iterations: probs [iterations, layers, experts], prefill rows first."""
+        """Add one request's iterations: probs [iterations, layers, experts], prefill rows first; NaN
+        marks an unknown probability (allowed in a topm trace only, below the m known ones)."""
         m = self.model
         probs = np.asarray(probs, dtype=np.float32)
         where = f"request '{request_id}'"
+        if self.topm is None and np.isnan(probs).any():
+            raise UserError(f"{where}: probabilities with unknown (NaN) entries need a topm trace "
+                            "(TraceWriter(topm=...)): a dense trace records every probability")
         if probs.ndim != 3 or probs.shape[1:] != (m.num_layers, m.num_experts):
             raise UserError(f"{where}: probs shape {probs.shape}, expected (iterations, {m.num_layers}, {m.num_experts})")
         n = probs.shape[0]
@@ -392,6 +431,13 @@ class TraceWriter:
                 raise UserError(f"{where}: embedding '{name}' has {vector.size} dims, earlier requests had "
                                 f"{next(iter(known.values())).size}")
 
+        if self.topm is not None:
+            idx = np.argsort(-probs, axis=-1, kind="stable")[..., : self.topm]  # NaN (unknown) sorts last
+            kept = np.take_along_axis(probs, idx, axis=-1)
+            if np.isnan(kept).any():
+                raise UserError(f"{where}: topm={self.topm} keeps probabilities the source did not record "
+                                "(unknown); choose a topm no larger than the source's")
+
         # Everything is valid: only now change the writer's state.
         index = len(self._rows)
         for store, array in extras:
@@ -402,15 +448,15 @@ class TraceWriter:
         if self.topm is None:
             self._probs.append(probs.astype(np.float16))
         else:
-            idx = np.argsort(-probs, axis=-1, kind="stable")[..., : self.topm]
             self._topm_idx.append(idx.astype(np.uint16))
-            self._probs.append(np.take_along_axis(probs, idx, axis=-1).astype(np.float16))
+            self._probs.append(kept.astype(np.float16))
         self._experts.append(experts)
         self._counts.append(prefill_counts)
         self._rows.append({
             "request_id": str(request_id),
             "dataset": dataset,
             "prompt": prompt,
+            "subject": subject,
             "prompt_tokens": prefill_iters if prompt_tokens is None else int(prompt_tokens),
             "output_tokens": (n - prefill_iters + (1 if prefill_iters else 0)) if output_tokens is None else int(output_tokens),
             "arrival_s": np.nan if arrival_s is None else float(arrival_s),
@@ -444,7 +490,7 @@ class TraceWriter:
     def _write(self, tmp: Path, realism: dict[str, Any], extra: dict[str, Any]) -> None:
         m = self.model
         r = len(self._rows)
-        table = pa.Table.from_pylist(self._rows, schema=pa.schema(list(REQUEST_COLUMNS.items())))
+        table = pa.Table.from_pylist(self._rows, schema=pa.schema(list((REQUEST_COLUMNS | OPTIONAL_COLUMNS).items())))
         pq.write_table(table, tmp / REQUESTS)
         _save_array(tmp / EXPERTS, np.concatenate(self._experts))
         _save_array(tmp / PREFILL_COUNTS, np.stack(self._counts))
@@ -484,5 +530,8 @@ class TraceWriter:
             hidden_proj_dim=self._hidden[0].shape[2] if self._hidden else 0,
             realism=realism,
             extra=extra,
+            probs_known="full" if self.topm is None else "topm",
+            prefill_recorded=bool(any(row["prefill_iters"] for row in self._rows)
+                                  or any(c.any() for c in self._counts)),
         )
         (tmp / META).write_text(meta.to_json())

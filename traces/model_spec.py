@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from traces.errors import UserError
+from traces.expert_formats import BIAS_BYTES, FORMATS, expert_format
 
 GATED_FFN_MATRICES = 3  # SwiGLU experts: gate, up and down projections
 
@@ -23,7 +24,10 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     num_attention_heads: int = 32
     num_key_value_heads: int = 8
-    bytes_per_param: int = 2  # bf16
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads (gpt-oss: 64 with hidden 2880 and 64 heads)
+    bytes_per_param: int = 2  # bf16: activations and the non-expert weights
+    expert_format: str = "bf16"  # how experts are stored (traces.expert_formats); sets bytes_per_expert
+    expert_bias: bool = False  # experts carry biases (gpt-oss): 2 x width + hidden, in bf16
     # Explicit size when experts are not plain gated FFNs of the stated shape.
     bytes_per_expert_override: int | None = None
 
@@ -33,16 +37,32 @@ class ModelSpec:
                 raise UserError(f"model '{self.name}': {name} must be positive, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
             raise UserError(f"model '{self.name}': top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        expert_format(self.expert_format)  # one clear error for an unknown format name
 
     @property
     def params_per_expert(self) -> int:
         return GATED_FFN_MATRICES * self.hidden_size * self.expert_intermediate_size
 
     @property
+    def bias_params_per_expert(self) -> int:
+        return 2 * self.expert_intermediate_size + self.hidden_size if self.expert_bias else 0
+
+    def expert_bytes(self, fmt: str) -> int:
+        """Bytes of one expert stored in format `fmt` (weights + bf16 biases)."""
+        return expert_format(fmt).weight_bytes(self.params_per_expert) + self.bias_params_per_expert * BIAS_BYTES
+
+    def expert_bytes_by_format(self) -> dict[str, int]:
+        return {name: self.expert_bytes(name) for name in FORMATS}
+
+    def with_format(self, fmt: str) -> ModelSpec:
+        return replace(self, expert_format=fmt)
+
+    @property
     def bytes_per_expert(self) -> int:
+        """Bytes of one expert in the stored format: what a copy moves and a budget counts."""
         if self.bytes_per_expert_override is not None:
             return self.bytes_per_expert_override
-        return self.params_per_expert * self.bytes_per_param
+        return self.expert_bytes(self.expert_format)
 
     @property
     def total_expert_bytes(self) -> int:
@@ -56,9 +76,9 @@ class ModelSpec:
     @property
     def non_expert_params_per_layer(self) -> int:
         """Attention, router and shared experts: what stays on the GPU per layer."""
-        head_dim = self.hidden_size // self.num_attention_heads
-        kv = self.num_key_value_heads * head_dim
-        attention = 2 * self.hidden_size * self.hidden_size + 2 * self.hidden_size * kv
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        q, kv = self.num_attention_heads * head_dim, self.num_key_value_heads * head_dim
+        attention = 2 * self.hidden_size * q + 2 * self.hidden_size * kv
         router = self.hidden_size * self.num_experts
         shared = GATED_FFN_MATRICES * self.hidden_size * self.shared_expert_intermediate_size * self.num_shared_experts
         return attention + router + shared
@@ -98,7 +118,7 @@ class ModelSpec:
             return default
 
         experts = first("num_local_experts", "num_experts", "n_routed_experts")
-        top_k = first("num_experts_per_tok", "moe_top_k")
+        top_k = first("num_experts_per_tok", "experts_per_token", "moe_top_k")
         width = first("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
         missing = [n for n, v in (("number of experts", experts), ("experts per token", top_k), ("expert width", width)) if v is None]
         if missing:
@@ -112,6 +132,7 @@ class ModelSpec:
             # Qwen2-MoE: one fused shared expert of its own width.
             shared = 1
         heads = first("num_attention_heads", default=32)
+        quant = (cfg.get("quantization_config") or {}).get("quant_method")
         return cls(
             name=str(name),
             num_layers=int(cfg["num_hidden_layers"]) - int(first("first_k_dense_replace", default=0) or 0),
@@ -123,6 +144,10 @@ class ModelSpec:
             shared_expert_intermediate_size=int(shared_width),
             num_attention_heads=int(heads),
             num_key_value_heads=int(first("num_key_value_heads", default=heads)),
+            head_dim=int(first("head_dim", default=0) or 0),
+            # Experts ship quantised only where the config says so (gpt-oss: mxfp4); else bf16.
+            expert_format=quant if quant in FORMATS else "bf16",
+            expert_bias=cfg.get("model_type") == "gpt_oss",  # gpt-oss experts have gate_up and down biases
         )
 
 

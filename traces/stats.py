@@ -49,7 +49,7 @@ from traces.format import META, Trace, TraceMeta, load_trace, tally_experts
 
 PHASES = ("decode", "all")
 # The real routing each routing shape (layers, experts, top-k) is measured against.
-REAL_REFERENCES = {(32, 8, 2): "mixtral-8x7b-gsm8k"}
+REAL_REFERENCES = {(32, 8, 2): "mixtral-8x7b-gsm8k", (24, 32, 4): "gpt-oss-20b-benchmarks"}
 REALISM_SHARES = (0.25, 0.5, 0.75)  # slots as shares of a layer's experts: 2, 4, 6 of Mixtral's 8
 _CHUNK_VALUES = 1 << 22  # router probabilities read at a time (16 MB of float32)
 
@@ -113,7 +113,8 @@ def iteration_entropy(trace: Trace, phase: str = "decode") -> np.ndarray:
     step = max(1, _CHUNK_VALUES // (trace.model.num_layers * trace.model.num_experts))
     for rows in phase_rows(trace, phase):
         for start in range(rows.start, rows.stop, step):
-            chunk = trace.probs(slice(start, min(start + step, rows.stop)))
+            # Entropy of what was recorded: a topm trace's unknown tail counts as no mass (hence the cap).
+            chunk = trace.probs(slice(start, min(start + step, rows.stop)), unknown=0.0)
             total += entropy_bits(chunk).sum(axis=0)
             count += len(chunk)
     return total / count if count else np.full(trace.model.num_layers, np.nan)

@@ -40,7 +40,7 @@ def headline(figures: dict) -> dict[str, float]:
 
 def subset_trace(trace: Trace, requests: list[int], out_dir: Path) -> Trace:
     """A trace of some of another trace's requests (routing, lengths and embeddings copied)."""
-    writer = TraceWriter(out_dir, trace.model, trace.source, overwrite=True)
+    writer = TraceWriter(out_dir, trace.model, trace.source, topm=trace.meta.topm or None, overwrite=True)
     for r in requests:
         offset, prefill, decode = trace.rows(r)
         rows = slice(offset, offset + prefill + decode)
