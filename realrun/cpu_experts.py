@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from realrun.kernels import swiglu
+from realrun.kernels import expert_weights, swiglu
 from traces import ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -84,3 +84,30 @@ def cpu_section(models: list[ModelSpec], tokens: list[int], formats: tuple[str, 
     return {"cores": cores, "mem_bandwidth_Bps": spec.get("mem_bandwidth_Bps", 1.0e11),
             "matmul_flops": spec.get("matmul_flops", 1.0e12), "expert_time_s": tables,
             "origin": f"realrun.calibrate cpu_table on this host, torch {torch.__version__}, {cores} threads"}
+
+
+class CpuLayer:
+    """A layer's CPU experts run on a host thread (torch's CPU kernels release the GIL) while the
+    executor launches and waits for the GPU's experts; the result joins the hidden state after."""
+
+    def __init__(self, model: ModelSpec, max_tokens: int, pin: bool):
+        from concurrent.futures import ThreadPoolExecutor
+        self.cpu = CpuExperts(model, max_tokens, pin=pin)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def start(self, y: torch.Tensor, experts: list[tuple[torch.Tensor, int]]):
+        """Copy the hidden state down now (y is ready: the router has run), compute in the background."""
+        rows = max(t for _, t in experts)
+        down = self.cpu.down[:rows]
+        down.copy_(y[:rows])
+        return self._pool.submit(self._compute, down, experts)
+
+    def _compute(self, down: torch.Tensor, experts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        out = self.cpu.up[:down.shape[0]]
+        out.zero_()
+        for weights, tokens in experts:
+            out[:tokens] += swiglu(down[:tokens], expert_weights(weights), self.cpu.model.hidden_size)
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

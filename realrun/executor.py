@@ -39,7 +39,7 @@ from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
 from sim.engine import RunState, SimOptions
 from sim.errors import StallError
-from sim.layer_protocol import apply_plan, start_layer
+from sim.layer_protocol import apply_plan, split_cpu, start_layer
 from sim.metrics import Recorder
 from sim.placement import PlacedCache, aligned
 from sim.profiles import HardwareProfile
@@ -257,6 +257,7 @@ class Executor(Serving):
         self._step_index = 0
         self._t0 = 0.0
         self.timeline = timeline
+        self.cpu = None  # realrun.cpu_experts.CpuLayer, for policies that compute experts on the CPU
 
     def _block_bytes(self, block: Block) -> int:
         return self._part_bytes[block[0]][block[2]]
@@ -268,7 +269,10 @@ class Executor(Serving):
         """Bind the policy, let it learn, fix expert splits, give each cache its memory, warm it."""
         machine, model, topo = self.machine, self.model, self.topology
         compute = ComputeModel(self.hardware, model)
-        timing = Timing(self.hardware.host_link.copy_time, compute.expert_time, compute.non_expert_time)
+        cpu = self.hardware.cpu is not None
+        timing = Timing(self.hardware.host_link.copy_time, compute.expert_time, compute.non_expert_time,
+                        compute.cpu_expert_time if cpu else None,
+                        (lambda tokens: sum(compute.activation_time(tokens))) if cpu else None)
         ctx = PolicyContext(model, self.caches, topo.home, topo.layers_of, np.random.default_rng(self.options.seed),
                             policy_future(self.policy, self.trace, self.requests), timing)
         self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
@@ -288,6 +292,12 @@ class Executor(Serving):
         tokens = {spec.tokens for spec in passes} | {t for spec in passes for l in (spec.expert_tokens or []) for t in l}
         tokens |= set(range(1, self.options.max_batch + 1))
         machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
+        if self.policy.uses_cpu:  # realrun.cpu_experts: experts computed on the host CPU
+            if machine.graphs is not None or self.hardware.cpu is None:
+                raise UserError(f"policy '{self.policy.name}' computes experts on the CPU: run realrun with "
+                                "graphs=false and a hardware profile with a cpu section")
+            from realrun.cpu_experts import CpuLayer
+            self.cpu = CpuLayer(model, max(tokens), pin=machine.backends[0].device.type == "cuda")
         if machine.graphs is not None:
             for cache, graphs in zip(self.caches, machine.graphs):
                 graphs.capture_experts(self._graph_places(cache, sizes))
@@ -308,6 +318,8 @@ class Executor(Serving):
             cache.pool = None
         for graphs in self.machine.graphs or []:
             graphs.drop_experts()
+        if self.cpu is not None:
+            self.cpu.close()
         gc.collect()
         if any(b.is_cuda for b in self.machine.backends):
             torch.cuda.empty_cache()
@@ -430,10 +442,21 @@ class Executor(Serving):
                 self.run_experts(layer, experts[layer], plan, lambda _i, weights: graphs.expert(weights))
                 continue
 
+            gpu_experts, tokens, cpu_experts, cpu_tokens = split_cpu(plan, experts[layer], tokens, policy, layer,
+                                                                     self.recorder)
+            if cpu_experts:  # on a host thread, while the GPU's experts run
+                cpu_work = self.cpu.start(y, [(machine.host.block((layer, e, 0), self._part_bytes[layer]),
+                                               min(t, y.shape[0])) for e, t in zip(cpu_experts, cpu_tokens)])
+                self.recorder.activation_bytes += 2 * min(sum(cpu_tokens), y.shape[0]) * y.shape[1] * y.element_size()
+
             def launch(i: int, weights: torch.Tensor, x=x, y=y, tokens=tokens) -> None:
                 rows = 1 if tokens is None else min(tokens[i], x.shape[0])
                 x[:rows] += swiglu(y[:rows], weights, self.model.hidden_size)
-            self.run_experts(layer, experts[layer], plan, launch)
+            self.run_experts(layer, gpu_experts, plan, launch)
+            if cpu_experts:
+                out = cpu_work.result()
+                with backend.on_compute():  # a blocking copy up: the pinned buffer is reused next layer
+                    x[:out.shape[0]] += out.to(x.device)
         self._wait(backend.record_compute())  # the token is out
         policy.on_step_end(step)
 

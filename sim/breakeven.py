@@ -58,7 +58,8 @@ def segmented(trace: Trace, segment: int, prompt: int, out: Path) -> Trace:
     dataset = f"{trace.source.dataset}, real decode routing cut into {segment}-token requests" + \
         (f", modelled prefill of {prompt} tokens" if prompt else "")
     writer = TraceWriter(out, model, Provenance(trace.source.model, trace.source.weights_origin, dataset,
-                                                "sim.breakeven"), overwrite=True)
+                                                "sim.breakeven"), overwrite=True,
+                         topm=trace.meta.topm if trace.probs_known == "topm" else None)
     n = 0
     for r in range(trace.num_requests):
         offset, prefill, decode = trace.rows(r)

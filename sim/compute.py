@@ -30,7 +30,9 @@ class ComputeModel:
         """One expert's FFN over `tokens` tokens on the host CPU (the profile's cpu section)."""
         seconds = self._cpu_expert.get(tokens)
         if seconds is None:
-            seconds = self._cpu_expert[tokens] = self.hardware.cpu.expert_time(self.model, tokens)
+            model = self.model  # weights held in host RAM in the stored format, dequantised on the CPU
+            seconds = self._cpu_expert[tokens] = self.hardware.cpu.expert_time(model, tokens, model.expert_format,
+                                                                               model.bytes_per_expert)
         return seconds
 
     def activation_time(self, tokens: int) -> tuple[float, float]:

@@ -272,8 +272,7 @@ class HardwareProfile:
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
            "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps",
-           "after_wait", "policy_host_s", "cpu", "disk"}
-           "after_wait", "policy_host_s", "dequant_s_per_expert"}
+           "after_wait", "policy_host_s", "cpu", "disk", "dequant_s_per_expert"}
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:

@@ -431,3 +431,13 @@ def test_fit_after_wait_recovers_the_model_it_fits_and_ignores_a_flat_response()
     assert spec.cool_down_s == pytest.approx(truth.cool_down_s, rel=0.25)
     flat = {**response, "after_copy_wait": [], "after_1s_idle": {"wait_s": 1.0, "factors": [1.01] * 16}}
     assert fit_after_wait(flat) is None and fit_after_wait({}) is None
+
+
+@pytest.mark.parametrize("policy, params", [("n_cpu_moe", {"layers": 1}), ("ktransformers", {"strategy": "uniform"})])
+@pytest.mark.parametrize("budget", ["2experts", "5experts"])
+def test_cpu_experts_run_for_real_and_decide_as_the_simulator(routed, machine, policy, params, budget):
+    sim, real = both(routed, machine, policy=policy, policy_params=params, budget=budget)
+    pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
+    assert real.metrics.cpu_expert_uses == sim.metrics.cpu_expert_uses > 0
+    assert real.metrics.bytes_activations == sim.metrics.bytes_activations
+    assert real.metrics.gpu_mem_high_water_bytes <= real.metrics.budget_bytes
