@@ -6,6 +6,7 @@ checked against the field's type on construction.
 """
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -49,8 +50,11 @@ class SimConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):  # a trace, model or hardware given as a Path
+                value = os.fspath(value)
             try:
-                setattr(self, f.name, check_value(f.name, getattr(self, f.name), hints[f.name]))
+                setattr(self, f.name, check_value(f.name, value, hints[f.name]))
             except UserError as exc:
                 raise ConfigError(str(exc)) from None
         if self.train_fraction is not None and not 0.0 <= self.train_fraction < 1.0:

@@ -109,5 +109,5 @@ def test_topology_errors_are_one_line(make_trace):
     trace = two_layers_one_token(make_trace)
     with pytest.raises(ConfigError, match="at most one GPU per layer"):
         run(trace, hw=hardware(3))
-    with pytest.raises(ConfigError, match="placement 'rows' unknown"):
+    with pytest.raises(ConfigError, match="placement=rows: expected one of layers, experts"):
         run(trace, placement="rows")

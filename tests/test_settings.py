@@ -98,3 +98,11 @@ def test_a_transformers_config_json_is_a_model_on_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["budget_bytes"] == 6 * 10**9 and metrics["requests"] == 1
+
+
+def test_paths_are_taken_where_a_setting_names_a_file():
+    from pathlib import Path
+
+    assert SimConfig(trace=Path("/data/trace")).trace == "/data/trace"
+    with pytest.raises(ConfigError, match="budget=6: expected a string"):
+        SimConfig(budget=6)

@@ -143,18 +143,16 @@ def test_unknown_model_lists_the_known_ones():
         load_model_spec("nope")
 
 
-def _copy_shipped(tmp_path):
-    import shutil
+def _dense_trace(tmp_path):
+    from conftest import write_trace
 
-    from traces.defaults import resolve_trace
-
-    return Path(shutil.copytree(resolve_trace("mixtral-8x7b-gsm8k"), tmp_path / "trace"))
+    return write_trace(tmp_path / "trace", tiny_model(layers=4, experts=4), [[[[0], [1], [2], [3]]] * 12] * 2)
 
 
 def test_overwritten_string_bytes_in_the_requests_table_are_named_on_load(tmp_path):
-    trace = _copy_shipped(tmp_path)
+    trace = _dense_trace(tmp_path)
     data = bytearray((trace / "requests.parquet").read_bytes())
-    at = bytes(data).index(b"gsm8k")
+    at = bytes(data).index(b"test")
     data[at:at + 3] = b"\xff\xfe\xfd"  # passes the Parquet reader, fails UTF-8 decoding later
     (trace / "requests.parquet").write_bytes(bytes(data))
     with pytest.raises(TraceError, match=r"requests.parquet: corrupt content .*UTF8.*re-create the trace"):
@@ -163,7 +161,8 @@ def test_overwritten_string_bytes_in_the_requests_table_are_named_on_load(tmp_pa
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -0.5, 7.0])
 def test_probabilities_that_are_not_probabilities_are_named_on_load(tmp_path, value):
-    trace = _copy_shipped(tmp_path)
+    trace = _dense_trace(tmp_path)
+    load_trace(trace)
     probs = np.load(trace / "probs.npy")
     probs[10, 3, 2] = value
     np.save(trace / "probs.npy", probs)
