@@ -14,6 +14,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -53,15 +54,17 @@ def run_in(cfg: DictConfig, out_dir: str) -> float:
     hydra_cfg = HydraConfig.get()
     done = completed_metrics(out_dir, sim_cfg.to_dict()) if cfg.skip_complete else None
     if done is not None:
-        print(f"skipped, already complete: {out_dir}")
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            print(f"skipped, already complete: {out_dir}")
         return objective_value(done, objective)
     prepared = prepare(sim_cfg)
     with tqdm(total=len(prepared.replay), desc=f"{prepared.cfg.policy} {prepared.cfg.budget}", unit="req",
               disable=not cfg.progress or runs_side_by_side(hydra_cfg), leave=False) as bar:
         result = execute(prepared, on_request_done=lambda _r: bar.update())
     write_run(result, out_dir)
-    print_run(result)
-    print(f"results: {out_dir}")
+    if hydra_cfg.mode != RunMode.MULTIRUN:  # a sweep prints one table of all its runs (sim.sweep_summary)
+        print_run(result)
+        print(f"results: {out_dir}")
     return objective_value({**result.metrics.to_dict(), "wall_s": result.wall_s}, objective)
 
 

@@ -18,7 +18,9 @@ from typing import Any
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from sim.api import with_training_split
 from sim.cli import CLI_ONLY
+from sim.config import SimConfig
 from sim.errors import ConfigError
 from sim.metrics import RunMetrics
 from sim.provenance import PROVENANCE_FILE, provenance, same_provenance
@@ -70,6 +72,7 @@ def completed_metrics(out_dir: str | Path, config: dict[str, Any]) -> dict[str, 
     place, or an update that changes results, runs it again.
     """
     out = Path(out_dir)
+    config = with_training_split(SimConfig.from_dict(config)).to_dict()  # as run_config.json records it
     metrics, stored, made_by = out / METRICS_FILE, out / CONFIG_FILE, out / PROVENANCE_FILE
     if not (metrics.is_file() and stored.is_file() and made_by.is_file()):
         return None

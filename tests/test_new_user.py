@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 from conftest import repo_env
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from policies import available
 from sim.cli import register
 from sim.config import DEFAULT_HARDWARE, DEFAULT_TRAIN_FRACTION, SimConfig
 from sim.profiles import load_hardware
+from sim.sweep_summary import planned_runs
 from traces import load_trace
 from traces.defaults import resolve_trace
 from traces.model_spec import load_model_spec
@@ -80,3 +82,32 @@ def test_the_default_hardware_is_a_measured_profile():
     # a run on a Mixtral trace prints no roofline fallback.
     for model in ("mixtral-8x7b", "qwen1.5-moe", "phi-3.5-moe"):
         assert all(hardware.measured_for(load_model_spec(model)).values()), model
+
+
+def test_a_sweep_ends_with_one_table_and_matches_single_runs_byte_for_byte(tmp_path):
+    """One progress bar and one summary table for a sweep (run in joblib's worker processes); the
+    same config run alone, twice, in fresh processes writes the same metrics.json, byte for byte."""
+    sweep = tmp_path / "sweep"
+    done = sim(tmp_path, "-m", "+policy=lru,belady", "+budget=2GB", "max_requests=1", "hydra.launcher.n_jobs=2",
+               f"hydra.sweep.dir={sweep}")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "2 runs in" in out and "TPOT mean (ms)" in out and "host->GPU (GB)" in out
+    rows = [line for line in out.splitlines() if line.startswith("│ ")]
+    assert sorted(r.split("│")[1].strip() for r in rows) == ["belady", "lru"]
+    assert f"python -m sim.results {sweep}" in out
+    assert "results:" not in out and "expert hit rate" not in out  # no per-run tables
+    alone = []
+    for i in range(2):
+        single = sim(tmp_path, "+policy=lru", "+budget=2GB", "max_requests=1", f"hydra.run.dir={tmp_path}/run{i}")
+        assert single.returncode == 0, single.stderr
+        assert "expert hit rate" in single.stdout  # a single run keeps its table
+        alone.append((tmp_path / f"run{i}" / "metrics.json").read_bytes())
+    in_sweep = (sweep / "+budget=2GB,+policy=lru,max_requests=1" / "metrics.json").read_bytes()
+    assert alone[0] == alone[1] == in_sweep
+
+
+def test_the_sweep_bar_counts_every_combination_or_the_trials():
+    task = ["+policy=lru,belady,finemoe", "+budget=2GB,4GB", "seed=1"]
+    assert planned_runs(OmegaConf.create({"hydra": {"sweeper": {}, "overrides": {"task": task}}})) == 6
+    assert planned_runs(OmegaConf.create({"hydra": {"sweeper": {"n_trials": 10}, "overrides": {"task": task}}})) == 10

@@ -1,0 +1,138 @@
+"""Bad input to every user-facing command: status 2, an 'error:' line naming the problem, no
+traceback, and no output left behind. Prints how many inputs were tried and how many passed."""
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import repo_env
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO / "traces" / "data" / "mixtral-8x7b-gsm8k"
+
+
+def damaged_traces(root: Path) -> dict[str, Path]:
+    """Copies of a shipped trace, each broken one way."""
+    def copy(name):
+        dst = root / name
+        shutil.copytree(REAL, dst)
+        return dst
+    made = {}
+    t = copy("truncated"); data = (t / "experts.npy").read_bytes(); (t / "experts.npy").write_bytes(data[: len(data) // 2])
+    made["truncated experts.npy"] = t
+    t = copy("missing"); (t / "experts.npy").unlink(); made["missing experts.npy"] = t
+    t = copy("dtype"); import numpy as np
+    np.save(t / "experts.npy", np.load(REAL / "experts.npy").astype(np.float32)); made["wrong dtype"] = t
+    t = copy("shape"); np.save(t / "experts.npy", np.load(REAL / "experts.npy")[:, :3]); made["wrong shape"] = t
+    t = copy("parquet"); (t / "requests.parquet").write_bytes(b"PAR1 not really parquet"); made["corrupt parquet"] = t
+    t = copy("meta"); (t / "meta.json").write_text('{"format_version": 1, '); made["malformed meta.json"] = t
+    made["no such trace"] = root / "nowhere"
+    return made
+
+
+def in_process(main, argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        except Exception as exc:  # noqa: BLE001 - a traceback is what the test reports
+            code, err = "traceback", io.StringIO(f"Traceback: {exc!r}")
+    return code, err.getvalue()
+
+
+def judge(code, stderr, out: Path | None) -> str | None:
+    """None where the command refused the input as it should, else what went wrong."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if code != 2:
+        return f"status {code}"
+    if "Traceback" in stderr:
+        return "traceback"
+    if not lines or "error:" not in lines[-1]:
+        return "no error line"
+    if out is not None and out.exists() and any(out.rglob("*")):
+        return "left output"
+    return None
+
+
+def test_bad_inputs_get_one_error_line_and_leave_nothing(tmp_path, capsys):
+    from realrun.compare import main as compare
+    from sim.reproduce import main as reproduce
+    from sim.results import main as results
+    from traces.convert import main as convert
+    from traces.stats import main as stats
+    from traces.synth import main as synth
+
+    traces = damaged_traces(tmp_path / "traces")
+    out = tmp_path / "out"
+    bad_jsonl = tmp_path / "bad.jsonl"; bad_jsonl.write_text('{"experts": [1, 2], "gating_probs": [0.5\n')
+    wrong_jsonl = tmp_path / "wrong.jsonl"; wrong_jsonl.write_text(json.dumps({"experts": "x"}) + "\n")
+    bad_run = tmp_path / "sweep" / "run"; bad_run.mkdir(parents=True)
+    (bad_run / "metrics.json").write_text("{not json"); (bad_run / "run_config.json").write_text("{}")
+    cases = []  # (label, command, argv, output dir that must stay empty)
+    for what, path in traces.items():
+        cases += [(f"traces.stats {what}", stats, [str(path)], None),
+                  (f"traces.synth {what}", synth, ["--fit", str(path), str(out), "--requests", "2"], out),
+                  (f"realrun.compare {what}", compare, ["--trace", str(path), "--device", "cpu", "--out", str(out)], out)]
+    cases += [
+        ("traces.convert malformed JSON line", convert, ["topk-jsonl", str(bad_jsonl), str(out), "--model", "mixtral-8x7b"], out),
+        ("traces.convert wrong field type", convert, ["topk-jsonl", str(wrong_jsonl), str(out), "--model", "mixtral-8x7b"], out),
+        ("traces.convert missing file", convert, ["topk-jsonl", str(tmp_path / "none.jsonl"), str(out), "--model", "mixtral-8x7b"], out),
+        ("traces.convert unknown model", convert, ["topk-jsonl", str(bad_jsonl), str(out), "--model", "nope"], out),
+        ("traces.convert unknown format", convert, ["nope", str(bad_jsonl), str(out)], out),
+        ("traces.synth --requests 0", synth, ["--fit", str(REAL), str(out), "--requests", "0"], out),
+        ("traces.synth --requests abc", synth, ["--fit", str(REAL), str(out), "--requests", "abc"], out),
+        ("traces.stats unknown trace name", stats, ["no-such-trace"], None),
+        ("traces.stats --slots -1", stats, [str(REAL), "--slots", "-1"], None),
+        ("sim.results missing dir", results, [str(tmp_path / "none")], None),
+        ("sim.results damaged metrics.json", results, [str(tmp_path / "sweep"), "--out", str(out)], out),
+        ("sim.reproduce unknown policy", reproduce, ["--policies", "nope", "--out", str(out)], out),
+        ("sim.reproduce budget 0GB", reproduce, ["--budgets", "0GB", "--out", str(out)], out),
+        ("sim.reproduce budget -1GB", reproduce, ["--budgets", "-1GB", "--out", str(out)], out),
+        ("sim.reproduce unknown hardware", reproduce, ["--hardware", "nope", "--out", str(out)], out),
+        ("sim.reproduce unknown trace", reproduce, ["--traces", "nope", "--out", str(out)], out),
+        ("realrun.compare unknown policy", compare, ["--policies", "nope", "--device", "cpu", "--out", str(out)], out),
+        ("realrun.compare budget 1.5experts", compare, ["--budgets", "1.5experts", "--device", "cpu", "--out", str(out)], out),
+        ("realrun.compare --max-requests 0", compare, ["--max-requests", "0", "--device", "cpu", "--out", str(out)], out),
+    ]
+    failed = {}
+    for label, main, argv, must_stay_empty in cases:
+        code, stderr = in_process(main, argv)
+        problem = judge(code, stderr, must_stay_empty)
+        if problem:
+            failed[label] = f"{problem}: {stderr.strip().splitlines()[-1:] }"
+        if out.exists():
+            shutil.rmtree(out)
+
+    sim_cases = [["+budget=0GB"], ["+budget=-1GB"], ["+budget=1e30GB"], ["+budget=1.5experts"], ["rate_rps=0"],
+                 ["max_requests=0"], ["seed=abc"], ["+policy=lru", "policy.scope=3"], ["+policy=finemoe", "policy.distance=far"],
+                 ["hardware=nope"], [f"trace={traces['truncated experts.npy']}"], [f"trace={traces['corrupt parquet']}"],
+                 [f"trace={traces['malformed meta.json']}"], ["nokey=1"]]
+
+    def run_sim(args):
+        run_dir = tmp_path / "sim" / "_".join(a.replace("/", "_")[-20:] for a in args)
+        done = subprocess.run([sys.executable, "-m", "sim", *args, f"hydra.run.dir={run_dir}", "progress=false",
+                               "max_requests=1" if not any(a.startswith("max_requests") for a in args) else "seed=0"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120, env=repo_env())
+        return args, done, run_dir
+
+    with ThreadPoolExecutor(2) as pool:
+        for args, done, run_dir in pool.map(run_sim, sim_cases):
+            problem = judge(done.returncode, done.stderr, run_dir)
+            if not problem and len(done.stderr.strip().splitlines()) != 1:
+                problem = "more than one line"
+            if problem:
+                failed[f"sim {' '.join(args)}"] = f"{problem}: {done.stderr.strip().splitlines()[-1:]}"
+    tried = len(cases) + len(sim_cases)
+    with capsys.disabled():
+        print(f"\nfuzz: {tried} bad inputs tried, {tried - len(failed)} passed")
+        for label, problem in failed.items():
+            print(f"  FAILED {label}: {problem}")
+    assert not failed
