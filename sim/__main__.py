@@ -10,6 +10,7 @@ missing. A run returns its `objective` metric to the sweeper (Optuna: +tune=NAME
 from __future__ import annotations
 
 import shutil
+import re
 import sys
 
 import hydra
@@ -73,7 +74,13 @@ def main(cfg: DictConfig) -> float:
     return run_cli(lambda: run(cfg))
 
 
+def model_format_alias(argv: list[str]) -> list[str]:
+    """model.expert_format=NAME is the setting expert_format (model itself is a name, a path or null)."""
+    return [re.sub(r"^([+~]?)model\.expert_format=", r"\1expert_format=", arg) for arg in argv]
+
+
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *model_format_alias(sys.argv[1:])]
     run_cli(lambda: (check_arguments(sys.argv[1:]), check_slurm(sys.argv[1:])))
     sys.argv = [sys.argv[0], *with_stable_sweep_dir(sys.argv[1:])]
     main()

@@ -100,6 +100,8 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     cfg = with_training_split(cfg)
     trace = trace if trace is not None else shared_trace(resolve_trace(cfg.trace))
     model = resolve_model(trace, cfg.model)
+    if cfg.expert_format is not None:
+        model = model.with_format(cfg.expert_format)
     hardware = resolve_hardware(cfg.hardware)
     budget = parse_budget(cfg.budget, model.bytes_per_expert)
     policy = make_policy(cfg.policy, **dict(cfg.policy_params))

@@ -43,6 +43,9 @@ class SimConfig:
     # device_map) | experts (expert-parallel) | round_robin (experts dealt over all GPUs, FineMoE's artifact)
     budget_scope: Literal["per_gpu", "total"] = "per_gpu"  # the budget is each GPU's, or the total split evenly
     host_budget: str | None = None  # host RAM for experts (64GB, 300experts) over the profile's disk; None: all in RAM
+    # How the experts are stored (traces.expert_formats), over the model's own (gpt-oss: mxfp4, the
+    # others bf16); the command line also takes it as model.expert_format=NAME.
+    expert_format: Literal["bf16", "fp8", "int4", "mxfp4"] | None = None
     max_requests: int | None = None
     # Leading share of the requests given to policy.fit(), not replayed; None: DEFAULT_TRAIN_FRACTION
     # for a policy that learns offline (needs_training), 0 for the others (sim.api.with_training_split).

@@ -82,6 +82,7 @@ def sim(tmp_path, *args):
     (["hardware.x=1"], "unknown setting hardware.x=1"),
     (["seed=[1"], "cannot parse the override(s) seed=[1"),
     (["+policy=lru,belady"], "+policy=lru,belady lists several values: add -m to sweep over them"),
+    (["model.expert_format=fp4"], "expert_format=fp4: expected one of bf16, fp8, int4, mxfp4 or null"),
 ])
 def test_the_command_line_refuses_bad_settings_in_one_line_and_leaves_no_run_directory(tmp_path, args, message):
     done = sim(tmp_path, *args)
@@ -94,7 +95,7 @@ def test_a_transformers_config_json_is_a_model_on_the_command_line(tmp_path):
     mixtral = {"num_hidden_layers": 32, "num_local_experts": 8, "num_experts_per_tok": 2, "hidden_size": 4096,
                "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
     (tmp_path / "config.json").write_text(json.dumps(mixtral))
-    done = sim(tmp_path, f"model={tmp_path / 'config.json'}", "hydra.run.dir=run")
+    done = sim(tmp_path, "trace=mixtral-8x7b-gsm8k", f"model={tmp_path / 'config.json'}", "hydra.run.dir=run")
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["budget_bytes"] == 6 * 10**9 and metrics["requests"] == 1
@@ -106,3 +107,11 @@ def test_paths_are_taken_where_a_setting_names_a_file():
     assert SimConfig(trace=Path("/data/trace")).trace == "/data/trace"
     with pytest.raises(ConfigError, match="budget=6: expected a string"):
         SimConfig(budget=6)
+
+
+def test_the_expert_format_from_the_command_line_sets_the_bytes_a_copy_moves(tmp_path):
+    done = sim(tmp_path, "model.expert_format=bf16", "hydra.run.dir=run")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["policy_info"]["expert_format"] == "bf16"
+    assert metrics["policy_info"]["bytes_per_expert"] == 49_783_680  # gpt-oss-20b's expert in bf16

@@ -19,8 +19,14 @@ _NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number
 def allowed(hint: Any) -> str:
     """What a value of this type may be, in words: 'an integer or null'."""
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    words = ["null" if t is type(None) else _NAMES.get(typing.get_origin(t) or t, str(t)) for t in options]
+    words = ["null" if t is type(None) else _word(t) for t in options]
     return " or ".join(dict.fromkeys(words))
+
+
+def _word(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return _NAMES.get(typing.get_origin(hint) or hint, str(hint))
 
 
 def _is_union(hint: Any) -> bool:
