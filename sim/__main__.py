@@ -54,9 +54,8 @@ def run_in(cfg: DictConfig, out_dir: str) -> float:
     objective = check_objective(cfg.objective)
     hydra_cfg = HydraConfig.get()
     done = completed_metrics(out_dir, sim_cfg.to_dict()) if cfg.skip_complete else None
-    if done is not None:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            print(f"skipped, already complete: {out_dir}")
+    if done is not None:  # one line, in a sweep too: which runs were not run again
+        print(f"skipped, already complete: {out_dir}")
         return objective_value(done, objective)
     prepared = prepare(sim_cfg)
     with tqdm(total=len(prepared.replay), desc=f"{prepared.cfg.policy} {prepared.cfg.budget}", unit="req",

@@ -35,9 +35,9 @@ def test_promoe_runs_from_the_readme_command_with_the_default_training_split(tmp
     assert "not measured (train_fraction=0.25" in " ".join(done.stdout.split())
     trace = load_trace(resolve_trace("default"))
     n_train = int(trace.num_requests * DEFAULT_TRAIN_FRACTION)
-    measured = pd.read_csv(tmp_path / "run" / "requests.csv")["request_id"].tolist()
+    measured = pd.read_csv(tmp_path / "run" / "requests.csv")["request_id"].astype(str).tolist()
     # The measured requests are the two right after the training split, none of the training ones.
-    assert measured == trace.requests["request_id"].iloc[n_train:n_train + 2].tolist()
+    assert measured == trace.requests["request_id"].iloc[n_train:n_train + 2].astype(str).tolist()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["policy_info"]["train_requests"] == n_train
 
 
