@@ -36,7 +36,6 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from conf import CONF_DIR
 from policies import available
@@ -59,7 +58,7 @@ from sim.api import execute, prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
 from sim.placement import PlacedCache
-from sim.profiles import AfterWaitSpec, HardwareProfile, LinkSpec, TimeTable
+from sim.profiles import AfterWaitSpec, HardwareProfile, LinkSpec
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, Trace, load_trace
 from traces.cli import run_cli

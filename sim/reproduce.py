@@ -47,7 +47,7 @@ from sim.budget import format_bytes, parse_budget  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 from sim.provenance import PROVENANCE_FILE, provenance, same_provenance  # noqa: E402
 from sim.report import CONFIG_FILE, atomic_save_figure, atomic_write_csv, atomic_write_text, config_json  # noqa: E402
-from traces import Trace, load_trace  # noqa: E402
+from traces import Trace  # noqa: E402
 from traces.shared import shared_trace  # noqa: E402
 from traces.cli import run_cli  # noqa: E402
 from traces.defaults import resolve_trace, shipped_traces  # noqa: E402

@@ -1,6 +1,5 @@
 """Sweep figures say what was simulated, draw bytes and times in units that suit them, and do not
 draw a policy that ignores the budget at budgets it never used; report tables keep their width."""
-import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.lines import Line2D

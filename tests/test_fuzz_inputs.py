@@ -9,7 +9,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from conftest import repo_env
 
 REPO = Path(__file__).resolve().parents[1]

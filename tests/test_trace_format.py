@@ -1,11 +1,10 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import probs_from_experts, tiny_model
+from conftest import tiny_model
 from traces import FORMAT_VERSION, Provenance, TraceError, TraceWriter, UserError, load_trace
 from traces.format import EXPERTS, META, PROBS, REQUESTS, tally_experts, top_k_experts
 from traces.model_spec import ModelSpec, load_model_spec
