@@ -99,14 +99,20 @@ def test_finemoe_searches_with_the_models_token_embeddings_when_the_trace_has_th
     assert make_policy("finemoe", embedding="minilm").embedding_source(["minilm", "token_mean"]) == "minilm"
 
 
-def test_finemoe_evicts_the_lowest_probability_times_frequency_first():
-    model = tiny_model(layers=2, experts=4)
-    policy = bound("finemoe", model, slots=3, eviction="float")
+def resident(policy, experts):
+    """Layer 0's `experts` copied in on demand, as the engine does; the policy's first cache."""
     cache = policy.ctx.caches[0]
-    for e in (0, 1, 2):
+    for e in experts:
         cache.reserve((0, e, 0))
         cache.commit((0, e, 0), prefetched=False)
         policy.on_copy_done((0, e, 0), False)
+    return cache
+
+
+def test_finemoe_evicts_the_lowest_probability_times_frequency_first():
+    model = tiny_model(layers=2, experts=4)
+    policy = bound("finemoe", model, slots=3, eviction="float")
+    cache = resident(policy, (0, 1, 2))
     policy.prob[0] = [0.6, 0.3, 0.1, 0.0]
     policy.freq[0] = [1, 5, 2, 0]  # p * freq: 0.6, 1.5, 0.2
     assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 2, 0)]
@@ -153,11 +159,7 @@ def test_finemoe_artifact_enqueues_and_protects_every_expert_of_the_window_from_
 def test_finemoe_artifact_evicts_by_truncated_prob_times_count_and_resets_on_eviction():
     model = tiny_model(layers=2, experts=4)
     policy = bound("finemoe", model, slots=3)
-    cache = policy.ctx.caches[0]
-    for e in (0, 1, 2):
-        cache.reserve((0, e, 0))
-        cache.commit((0, e, 0), prefetched=False)
-        policy.on_copy_done((0, e, 0), False)
+    cache = resident(policy, (0, 1, 2))
     policy.prob[0] = [0.6, 0.3, 0.9, 0.0]
     policy.freq[0] = [3, 5, 1, 0]  # size_t(p * count): 1, 1, 0 (the float product would rank 1 first)
     assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 2, 0)]
