@@ -133,14 +133,19 @@ def scale(requests: int, rate_rps: float, console: Console) -> None:
         console.print(table)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10, help="requests replayed on the SimPy engine")
     parser.add_argument("--profile", action="store_true", help="also split an LRU run's time by component")
     parser.add_argument("--scale", action="store_true", help="ShareGPT-length requests on rtx3090x6 with batching")
     parser.add_argument("--rate", type=float, default=0.05, help="--scale: Poisson arrivals per second")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     console = cli_console()
     if args.scale:
         scale(args.requests if args.requests != 10 else 1000, args.rate, console)
