@@ -104,3 +104,18 @@ def test_every_readme_command_parses_with_its_real_parser():
             importlib.import_module(module).build_parser().parse_args(args)
         checked.add(module)
     assert {"sim", "sim.reproduce", "traces.convert", "traces.synth", "traces.compact"} <= checked
+
+
+def test_the_readme_states_how_many_runs_sim_reproduce_plans_today():
+    from policies import available
+    from sim.reproduce import BUDGETS, SETUPS, plan_runs, shipped_traces
+    from traces.defaults import resolve_trace
+    from traces.shared import shared_trace
+
+    stated = int(re.search(r"At today's defaults that is (\d+) runs", " ".join(README.split()))[1])
+    defaults = {a.dest: a.default for a in importlib.import_module("sim.reproduce").build_parser()._actions}
+    traces = [shared_trace(resolve_trace(name)) for name in shipped_traces()]
+    policies = [p for p in available() if policy_class(p).__module__.startswith("policies.")]
+    runs = plan_runs(traces, policies, list(BUDGETS), list(SETUPS), defaults["budget_scope"], defaults["train_requests"],
+                     defaults["replay_requests"], defaults["seed"])
+    assert len(runs) == stated
