@@ -119,3 +119,11 @@ def test_the_readme_states_how_many_runs_sim_reproduce_plans_today():
     runs = plan_runs(traces, policies, list(BUDGETS), list(SETUPS), defaults["budget_scope"], defaults["train_requests"],
                      defaults["replay_requests"], defaults["seed"])
     assert len(runs) == stated
+
+
+def test_the_readme_names_the_default_machine_and_training_split_the_code_uses():
+    from sim.config import DEFAULT_HARDWARE, DEFAULT_TRAIN_FRACTION
+
+    text = " ".join(README.split())
+    assert f"The default hardware is `{DEFAULT_HARDWARE}` (`sim.config.DEFAULT_HARDWARE`)" in text
+    assert DEFAULT_TRAIN_FRACTION == 0.25 and "trains on the trace's first quarter of requests" in text
