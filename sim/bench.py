@@ -39,8 +39,7 @@ from traces.shared import shared_trace
 from traces.synth import SynthOptions, fit_source, synthesize
 
 BUDGET = "6GB"
-# A profile without after-wait warm-up (the default h200-measured models it, which the fast engine declines).
-HARDWARE = "h100"
+HARDWARE = SimConfig().hardware  # the default, measured profile (compute warm-up after waits included)
 RUNS = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belady", {}), ("deepspeed", {}),
         ("oracle_prefetch", {}), ("mixtral_offload", {}), ("promoe", {}), ("moepic", {}), ("finemoe", {}),
         ("moe_infinity", {})]
@@ -81,8 +80,8 @@ def speeds(requests: int, console: Console) -> None:
     trace = shared_trace(resolve_trace("default"))
     rate = simpy_event_rate()
     console.print(f"SimPy bare event rate here: {rate:,.0f} timeouts per CPU-second")
-    table = Table(title=f"default trace ({trace.path.name}, {trace.num_requests} requests), budget {BUDGET}, "
-                        "layer-iterations per CPU-second")
+    table = Table(title=f"default trace ({trace.path.name}, {trace.num_requests} requests), hardware {HARDWARE}, "
+                        f"budget {BUDGET}, layer-iterations per CPU-second")
     for column in ("policy", "engine", "requests", "layer-iters", "CPU s", "iters/s", "vs SimPy events/s",
                    "hit rate"):
         table.add_column(column, justify="right")
