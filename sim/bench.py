@@ -39,8 +39,7 @@ from traces.shared import shared_trace
 from traces.synth import SynthOptions, fit_source, synthesize
 
 BUDGET = "6GB"
-# A profile without after-wait warm-up (the default h200-measured models it, which the fast engine declines).
-HARDWARE = "h100"
+HARDWARE = SimConfig().hardware  # the default, measured profile (compute warm-up after waits included)
 RUNS = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belady", {}), ("deepspeed", {}),
         ("oracle_prefetch", {}), ("mixtral_offload", {}), ("promoe", {}), ("moepic", {}), ("finemoe", {}),
         ("moe_infinity", {})]
@@ -81,8 +80,8 @@ def speeds(requests: int, console: Console) -> None:
     trace = shared_trace(resolve_trace("default"))
     rate = simpy_event_rate()
     console.print(f"SimPy bare event rate here: {rate:,.0f} timeouts per CPU-second")
-    table = Table(title=f"default trace ({trace.path.name}, {trace.num_requests} requests), budget {BUDGET}, "
-                        "layer-iterations per CPU-second")
+    table = Table(title=f"default trace ({trace.path.name}, {trace.num_requests} requests), hardware {HARDWARE}, "
+                        f"budget {BUDGET}, layer-iterations per CPU-second")
     for column in ("policy", "engine", "requests", "layer-iters", "CPU s", "iters/s", "vs SimPy events/s",
                    "hit rate"):
         table.add_column(column, justify="right")
@@ -133,14 +132,19 @@ def scale(requests: int, rate_rps: float, console: Console) -> None:
         console.print(table)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10, help="requests replayed on the SimPy engine")
     parser.add_argument("--profile", action="store_true", help="also split an LRU run's time by component")
     parser.add_argument("--scale", action="store_true", help="ShareGPT-length requests on rtx3090x6 with batching")
     parser.add_argument("--rate", type=float, default=0.05, help="--scale: Poisson arrivals per second")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     console = cli_console()
     if args.scale:
         scale(args.requests if args.requests != 10 else 1000, args.rate, console)

@@ -61,7 +61,8 @@ def plot(curve: pd.DataFrame, title: str, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m sim.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default="lru")
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fractions", default=",".join(map(str, DEFAULT_FRACTIONS)))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/load"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     def work() -> None:
         cfg = SimConfig(trace=args.trace, policy=args.policy, budget=args.budget, hardware=args.hardware,

@@ -212,12 +212,17 @@ def print_summary(results: SweepResults, written: list[Path], console: Console |
         console.print(f"wrote {path}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m sim.results", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep's directory (multirun/NAME), or one run's")
     parser.add_argument("--out", type=Path, help="where the tables and figures go (default: the sweep's directory)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     def work() -> None:
         from sim.plots import save_standard_figures  # matplotlib only when drawing

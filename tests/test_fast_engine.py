@@ -1,6 +1,7 @@
 """The fast engine (sim.fast) against the SimPy engine, the reference: every metric, every per-request
 and per-layer value and every TPOT sample equal, on every shipped trace, one and several GPUs
-(shared host bandwidth, NVLink pairs), batched and with Poisson arrivals."""
+(shared host bandwidth, NVLink pairs), batched and with Poisson arrivals, with and without compute
+warm-up after waits (after_wait: the default, measured profile has it)."""
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ from sim.errors import ConfigError
 from sim.fast.engine import TraceTables
 from sim.fast.future import ArrayFuture
 from sim.future import ReplayFuture
+from sim.profiles import load_hardware
 from conftest import tiny_model, unit_hardware
 from traces.defaults import resolve_trace, shipped_traces
 from traces.shared import shared_trace
@@ -36,13 +38,7 @@ def assert_identical(reference, fast) -> None:
     assert reference.token_latencies_s == fast.token_latencies_s
 
 
-# The default hardware (h200-measured) models compute warm-up after waits, which the fast engine
-# declines; these tests compare the engines on a profile without it.
-FAST_HW = "h100"
-
-
 def both(**settings):
-    settings.setdefault("hardware", FAST_HW)
     return simulate(SimConfig(engine="simpy", **settings)), simulate(SimConfig(engine="fast", **settings))
 
 
@@ -53,13 +49,15 @@ def test_every_shipped_trace(trace, policy, params):
     assert_identical(*both(trace=trace, policy=policy, policy_params=params, budget=budget, max_requests=2))
 
 
+@pytest.mark.parametrize("hardware", ["h200-measured", "h100"])  # with and without after_wait
 @pytest.mark.parametrize("budget", ["6GB", "3experts", "20experts", "200experts"])
 @pytest.mark.parametrize("policy,params", DEMAND)
-def test_budgets(budget, policy, params):
-    assert_identical(*both(policy=policy, policy_params=params, budget=budget, max_requests=3))
+def test_budgets(hardware, budget, policy, params):
+    assert_identical(*both(hardware=hardware, policy=policy, policy_params=params, budget=budget, max_requests=3))
 
 
-@pytest.mark.parametrize("hardware", ["rtx3090x6", "h200x2"])  # shared host bandwidth; NVLink pairs
+# shared host bandwidth; NVLink pairs; two measured GPUs with after_wait
+@pytest.mark.parametrize("hardware", ["rtx3090x6", "h200x2", "h200x2-measured"])
 @pytest.mark.parametrize("serving", [{}, {"max_batch": 4, "clients": 4}, {"warm_start": True},
                                      {"max_batch": 3, "arrival": "poisson", "rate_rps": 2.0}])
 @pytest.mark.parametrize("policy,params", POLICIES[:2])
@@ -68,11 +66,20 @@ def test_several_gpus_batched_arrivals(hardware, serving, policy, params):
                            max_requests=5, **serving))
 
 
-@pytest.mark.parametrize("hardware", ["rtx3090x6", "h200x2"])
+@pytest.mark.parametrize("hardware", ["rtx3090x6", "h200x2", "h200x2-measured"])
 @pytest.mark.parametrize("policy,params", DEMAND[2:])
 def test_belady_several_gpus(hardware, policy, params):  # it reads the future: one request at a time
     assert_identical(*both(hardware=hardware, policy=policy, policy_params=params, budget="12experts",
                            max_requests=4, warm_start=True))
+
+
+def test_after_wait_with_shared_host_bandwidth():
+    """Warm-up after waits on six GPUs that share the host's bandwidth (rtx3090x6 with the measured
+    H200's after_wait)."""
+    hardware = load_hardware("rtx3090x6").to_dict()
+    hardware["after_wait"] = load_hardware("h200-measured").after_wait.to_dict()
+    assert_identical(*both(hardware=hardware, policy="lru", budget="12experts", max_requests=4, max_batch=2,
+                           clients=3))
 
 
 @pytest.mark.parametrize("trace", shipped_traces())
@@ -89,10 +96,8 @@ def test_future_from_arrays(trace):
 
 
 def test_engine_choice():
-    assert simulate(SimConfig(max_requests=1, hardware=FAST_HW)).metrics.policy_info["engine"] == "fast"
+    assert simulate(SimConfig(max_requests=1)).metrics.policy_info["engine"] == "fast"  # the default command
     assert simulate(SimConfig(max_requests=1, engine="simpy")).metrics.policy_info["engine"] == "simpy"
-    # the default, measured profile models compute warm-up: the reference engine runs it
-    assert simulate(SimConfig(max_requests=1)).metrics.policy_info["engine"].startswith("simpy")
     # a subclass of LRU that prefetches does not inherit the declaration
     assert type(make_policy("mixtral_offload")).__dict__.get("fast_path") is None
     assert simulate(SimConfig(policy="mixtral_offload", max_requests=1)).metrics.policy_info["engine"] == "simpy"

@@ -1,14 +1,19 @@
 """Bad input to every user-facing command: status 2, an 'error:' line naming the problem, no
-traceback, and no output left behind. Prints how many inputs were tried and how many passed."""
+traceback, and no output left behind. Prints how many inputs were tried and how many passed.
+
+The commands run in this process (their main functions; `python -m sim` through runpy, exactly as
+-m runs it), which takes seconds instead of minutes; a few cases run as real processes to pin what
+only a process shows (the exit status the shell sees, nothing else on stderr)."""
 import contextlib
 import io
 import json
+import runpy
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from conftest import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +30,7 @@ def damaged_traces(root: Path) -> dict[str, Path]:
     t = copy("truncated"); data = (t / "experts.npy").read_bytes(); (t / "experts.npy").write_bytes(data[: len(data) // 2])
     made["truncated experts.npy"] = t
     t = copy("missing"); (t / "experts.npy").unlink(); made["missing experts.npy"] = t
-    t = copy("dtype"); import numpy as np
+    t = copy("dtype")
     np.save(t / "experts.npy", np.load(REAL / "experts.npy").astype(np.float32)); made["wrong dtype"] = t
     t = copy("shape"); np.save(t / "experts.npy", np.load(REAL / "experts.npy")[:, :3]); made["wrong shape"] = t
     t = copy("parquet"); (t / "requests.parquet").write_bytes(b"PAR1 not really parquet"); made["corrupt parquet"] = t
@@ -45,6 +50,16 @@ def in_process(main, argv):
         except Exception as exc:  # noqa: BLE001 - a traceback is what the test reports
             code, err = "traceback", io.StringIO(f"Traceback: {exc!r}")
     return code, err.getvalue()
+
+
+def run_sim_module(argv):
+    """`python -m sim ARGS` in this process: sim/__main__.py run as -m runs it."""
+    saved = sys.argv
+    sys.argv = ["sim", *argv]
+    try:
+        runpy.run_module("sim", run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = saved
 
 
 def judge(code, stderr, out: Path | None) -> str | None:
@@ -95,10 +110,12 @@ def test_bad_inputs_get_one_error_line_and_leave_nothing(tmp_path, capsys):
         ("sim.reproduce unknown policy", reproduce, ["--policies", "nope", "--out", str(out)], out),
         ("sim.reproduce budget 0GB", reproduce, ["--budgets", "0GB", "--out", str(out)], out),
         ("sim.reproduce budget -1GB", reproduce, ["--budgets", "-1GB", "--out", str(out)], out),
+        ("sim.reproduce budget 1.5experts", reproduce, ["--budgets", "1.5experts", "--out", str(out)], out),
         ("sim.reproduce unknown hardware", reproduce, ["--hardware", "nope", "--out", str(out)], out),
         ("sim.reproduce unknown trace", reproduce, ["--traces", "nope", "--out", str(out)], out),
         ("realrun.compare unknown policy", compare, ["--policies", "nope", "--device", "cpu", "--out", str(out)], out),
         ("realrun.compare budget 1.5experts", compare, ["--budgets", "1.5experts", "--device", "cpu", "--out", str(out)], out),
+        ("realrun.compare budget 1e30GB", compare, ["--budgets", "1e30GB", "--device", "cpu", "--out", str(out)], out),
         ("realrun.compare --max-requests 0", compare, ["--max-requests", "0", "--device", "cpu", "--out", str(out)], out),
     ]
     failed = {}
@@ -112,24 +129,34 @@ def test_bad_inputs_get_one_error_line_and_leave_nothing(tmp_path, capsys):
 
     sim_cases = [["+budget=0GB"], ["+budget=-1GB"], ["+budget=1e30GB"], ["+budget=1.5experts"], ["rate_rps=0"],
                  ["max_requests=0"], ["seed=abc"], ["+policy=lru", "policy.scope=3"], ["+policy=finemoe", "policy.distance=far"],
-                 ["hardware=nope"], [f"trace={traces['truncated experts.npy']}"], [f"trace={traces['corrupt parquet']}"],
-                 [f"trace={traces['malformed meta.json']}"], ["nokey=1"]]
+                 ["hardware=nope"], ["nokey=1"], *([f"trace={path}"] for path in traces.values())]
 
-    def run_sim(args):
-        run_dir = tmp_path / "sim" / "_".join(a.replace("/", "_")[-20:] for a in args)
-        done = subprocess.run([sys.executable, "-m", "sim", *args, f"hydra.run.dir={run_dir}", "progress=false",
-                               "max_requests=1" if not any(a.startswith("max_requests") for a in args) else "seed=0"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120, env=repo_env())
-        return args, done, run_dir
+    def sim_argv(args, run_dir):
+        last = "seed=0" if any(a.startswith("max_requests") for a in args) else "max_requests=1"
+        return [*args, f"hydra.run.dir={run_dir}", "progress=false", last]
 
-    with ThreadPoolExecutor(2) as pool:
-        for args, done, run_dir in pool.map(run_sim, sim_cases):
-            problem = judge(done.returncode, done.stderr, run_dir)
-            if not problem and len(done.stderr.strip().splitlines()) != 1:
-                problem = "more than one line"
-            if problem:
-                failed[f"sim {' '.join(args)}"] = f"{problem}: {done.stderr.strip().splitlines()[-1:]}"
-    tried = len(cases) + len(sim_cases)
+    for n, args in enumerate(sim_cases):
+        run_dir = tmp_path / "sim" / str(n)
+        code, stderr = in_process(run_sim_module, sim_argv(args, run_dir))
+        problem = judge(code, stderr, run_dir)
+        if not problem and len(stderr.strip().splitlines()) != 1:
+            problem = "more than one line"
+        if problem:
+            failed[f"sim {' '.join(args)}"] = f"{problem}: {stderr.strip().splitlines()[-1:]}"
+
+    # As real processes: one per kind of entry point (Hydra's, argparse's, key=value reading).
+    processes = [(["sim", *sim_argv(["+budget=-1GB"], tmp_path / "proc" / "sim")], tmp_path / "proc" / "sim"),
+                 (["sim.reproduce", "--budgets", "1e30GB", "--out", str(out)], out),
+                 (["traces.stats", str(traces["corrupt parquet"])], None)]
+    for argv, must_stay_empty in processes:
+        done = subprocess.run([sys.executable, "-m", *argv], check=False, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env=repo_env())
+        problem = judge(done.returncode, done.stderr, must_stay_empty)
+        if not problem and len(done.stderr.strip().splitlines()) != 1:
+            problem = "more than one line"
+        if problem:
+            failed[f"process: python -m {' '.join(argv[:3])}"] = f"{problem}: {done.stderr.strip().splitlines()[-1:]}"
+    tried = len(cases) + len(sim_cases) + len(processes)
     with capsys.disabled():
         print(f"\nfuzz: {tried} bad inputs tried, {tried - len(failed)} passed")
         for label, problem in failed.items():

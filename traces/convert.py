@@ -223,7 +223,8 @@ def _natural(text: str) -> tuple[int, str]:
     return (int(text), "") if text.isdigit() else (sys.maxsize, text)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m traces.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="format", required=True)
@@ -243,7 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     npz.add_argument("--max-decode", type=int, help="keep at most N decode rows of each request")
     npz.add_argument("--no-embeddings", action="store_true", help="skip the MiniLM prompt embeddings")
     npz.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     def work() -> None:
         if args.format == "routing-npz":

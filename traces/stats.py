@@ -416,7 +416,8 @@ def _format(key: str, value: Any) -> str:
     return str(value)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m traces.stats", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", nargs="+", help="shipped trace names ('default' too) or trace directories")
@@ -424,7 +425,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", choices=PHASES, default="decode")
     parser.add_argument("--out", type=Path, default=Path("trace_stats"), help="folder for the CSVs and the figure")
     parser.add_argument("--annotate", action="store_true", help="also rewrite each trace's realism figures in meta.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     def work() -> None:
         from rich.markup import escape

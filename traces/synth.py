@@ -208,7 +208,8 @@ def _provenance(source: FittedSource, workload: Workload, options: SynthOptions,
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     defaults = SynthOptions(requests=1)
     parser = argparse.ArgumentParser(prog="python -m traces.synth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,7 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--request-spread", type=float, help="per-request logit offset spread (default: fitted)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     def work() -> None:
         from traces.defaults import resolve_trace

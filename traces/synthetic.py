@@ -160,7 +160,8 @@ def generate_synthetic(out_dir: str | Path, model: ModelSpec, params: SyntheticP
     return writer.close(extra={"topics": topic.tolist()})
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the README's command lines are checked against it)."""
     defaults = SyntheticParams()
     parser = argparse.ArgumentParser(prog="python -m traces.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     def work() -> None:
         params = SyntheticParams(

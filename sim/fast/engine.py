@@ -46,8 +46,6 @@ def fast_kind(policy: Policy, options: SimOptions, hardware: HardwareProfile) ->
         return None, f"policy '{policy.name}' declares no fast path"
     if options.placement != "layers":
         return None, "placement=experts runs on the SimPy engine"
-    if hardware.after_wait is not None:
-        return None, f"hardware '{hardware.name}' models compute warm-up (after_wait)"
     if options.host_budget_bytes is not None:
         return None, "host_budget (the disk tier) runs on the SimPy engine"
     if policy.copy_chunks != 1 or policy.loads_whole_layer or policy.compute_order != "index":
@@ -177,6 +175,8 @@ class FastSimulation(Serving):
         self.hits, self.misses, self.uses = (np.zeros(L, np.int64) for _ in range(3))
         self.stall, self.lbytes = np.zeros(L), np.zeros(L)
         self.dbytes = np.zeros(1)
+        G = self.topology.num_gpus  # sim.compute's per-GPU state: a run starts cold, idle since 0
+        self.warmth, self.busy_until = np.zeros(G), np.zeros(G)
         self._expert_times()
         self._xfer: dict[int, int] = {}
         self._xfer_rows: list[np.ndarray] = []
@@ -209,7 +209,7 @@ class FastSimulation(Serving):
         hw, host = self.hardware, self.policy_host
         fabric = hw.host_aggregate_Bps is not None and \
             hw.host_aggregate_Bps < self.topology.num_gpus * hw.host_link.bandwidth_Bps
-        link = hw.host_link
+        link, aw = hw.host_link, hw.after_wait
         ne = np.array([self.compute.non_expert_time(int(n)) for n in tokens]) if len(set(tokens)) > 1 else \
             np.full(len(tokens), self.compute.non_expert_time(int(tokens[0])))
         xi = np.array([self._xfer_index(int(n)) for n in tokens], np.int64) if len(set(tokens)) > 1 else \
@@ -224,7 +224,8 @@ class FastSimulation(Serving):
                        self.nres, self.high, self.evictions, self.gprev, self.gnext, self.lprev, self.lnext,
                        self.qcount, self.qcap, self.over, self.nover, self.hits, self.misses, self.uses, self.stall,
                        self.lbytes, self.dbytes, self._now, ends, self.kind == "belady", self.recorder.steps,
-                       self.uses_ptr, self.uses_pos, self.cursor)
+                       self.uses_ptr, self.uses_pos, self.cursor, aw is not None, aw.cold_factor if aw else 1.0,
+                       aw.warm_up_s if aw else 1.0, aw.cool_down_s if aw else 1.0, self.warmth, self.busy_until)
         if t == ABORT:
             raise FastPathDeclined("a layer's outcome hinges on what the kernel does not model")
         self.recorder.steps += len(kinds)

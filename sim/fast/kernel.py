@@ -15,6 +15,8 @@ waiting or releasing), the pass returns ABORT and the caller runs the SimPy engi
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -114,17 +116,34 @@ def _furthest(sentinel, nxt, s, now, E, g, layer_gpu, resident, pin_until, victi
 
 
 @njit(cache=True)
+def _compute(g, now, seconds, aw, aw_cf, aw_up, aw_down, warmth, busy_until):
+    """sim.compute.ComputeModel.run for layer placement (nothing slides, so no hold): the wall time of
+    `seconds` of warm work started on GPU g at `now`, after_wait's warm-up applied (aw), in its order."""
+    if not aw:
+        wall = seconds
+    else:
+        waited = max(0.0, now - busy_until[g])
+        w = warmth[g] * math.e ** (-waited / aw_down)
+        wall = seconds * (1.0 + (aw_cf - 1.0) * (1.0 - w))
+        warmth[g] = 1.0 - (1.0 - w) * math.e ** (-wall / aw_up)
+    busy_until[g] = now + wall
+    return (now - now) + wall
+
+
+@njit(cache=True)
 def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step, host_layer, extime,
                experts_tab, counts_tab, layer_gpu, E, bpe, copy_s, fabric, latency_s, fabric_Bps, lru, use_quota,
                resident, pin_until, cap, used, nres, high, evictions, gprev, gnext, lprev, lnext,
                qcount, qcap, over, nover, hits, misses, uses, stall, lbytes, dbytes, t, ends,
-               belady, step0, uses_ptr, uses_pos, cursor):
+               belady, step0, uses_ptr, uses_pos, cursor, aw, aw_cf, aw_up, aw_down, warmth, busy_until):
     """Run passes p = 0..len(kinds)-1 from time t; ends[p] gets each pass's end. Returns the end of
     the last, or ABORT. kinds[p]: 0 prefill of request refs[p] (counts_tab), 1 decode of rows
     rows[row_start[p]: +row_count[p]] (experts_tab). ne[p]: its non-expert time per layer;
     xfer[xi[p], layer]: the hidden state's move into each layer. State arrays are updated in place. belady: victims by
     furthest next use (uses_pos[uses_ptr[b]:uses_ptr[b+1]]: block b's use positions, step*L + layer,
-    pass p being step step0 + p) instead of least recent use."""
+    pass p being step step0 + p) instead of least recent use. aw: compute warms up after waits
+    (sim.profiles.AfterWaitSpec: cold_factor aw_cf, warm_up_s aw_up, cool_down_s aw_down; per-GPU
+    warmth and busy_until carried across calls)."""
     L = layer_gpu.shape[0]
     N = L * E
     k = experts_tab.shape[2]
@@ -145,7 +164,7 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
             g = layer_gpu[l]
             if l and g != layer_gpu[l - 1]:
                 t = t + xfer[xi[p], l]
-            t = t + ne[p]
+            t = t + _compute(g, t, ne[p], aw, aw_cf, aw_up, aw_down, warmth, busy_until)
             # the layer's experts, in the order sim.schedule gives them
             n = 0
             if kinds[p] == 0:
@@ -242,7 +261,7 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
                         return ABORT
                     if d > c:
                         if busy:
-                            c = c + busy
+                            c = c + _compute(g, c, busy, aw, aw_cf, aw_up, aw_down, warmth, busy_until)
                             busy = 0.0
                             for q in range(first_open, j):
                                 pin_until[base + ex[order[q]]] = c
@@ -254,7 +273,7 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
                             c = d
                 busy += extime[tk[i]]
             if busy:
-                c = c + busy
+                c = c + _compute(g, c, busy, aw, aw_cf, aw_up, aw_down, warmth, busy_until)
             stall[l] += waited
             if any_miss:  # admissions, each when its copy starts (after the previous one landed)
                 for j in range(n):
