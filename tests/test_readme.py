@@ -29,7 +29,7 @@ def test_the_example_policy_in_the_readme_runs():
     assert policy_class(config.pop("name")).__name__ == "Frequent"
     # The first 10 requests of the default trace: enough to prefetch, a fraction of the time.
     metrics = simulate(SimConfig(policy="frequent", policy_params={"width": 2}, budget="64experts",
-                                 max_requests=10)).metrics
+                                 max_requests=10, policy_host="lru")).metrics
     assert metrics.prefetch_hit_rate > 0
     assert metrics.gpu_mem_high_water_bytes <= metrics.budget_bytes
 
