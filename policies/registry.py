@@ -8,7 +8,8 @@ import importlib
 import inspect
 import pkgutil
 import typing
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 from policies.base import Policy
 from traces.errors import UserError
@@ -28,6 +29,18 @@ def register(name: str) -> Callable[[P], P]:
         return cls
 
     return decorate
+
+
+@contextmanager
+def scoped() -> Iterator[None]:
+    """Policies registered inside the block are forgotten after it (an example run in-process)."""
+    _load_all()
+    saved = dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def _load_all() -> None:

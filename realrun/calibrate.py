@@ -558,7 +558,7 @@ def validation_runners(profile_of: Callable[[], HardwareProfile], trace: Trace, 
 
 
 def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
-              tokens: list[int] | None = None, kv_tokens: int = 512, trials: int = 7, reps: int = 20,
+              tokens: list[int] | None = None, kv_tokens: int = RealOptions.kv_tokens, trials: int = 7, reps: int = 20,
               copy_reps: int = 30, copy_wait: str = "spin", graphs: bool = False,
               others: list[Backend] | None = None, policy_trace: Trace | None = None,
               train_fraction: float = 0.0, validate_runs: bool = True, host_sources: int = 8,
@@ -652,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="profile name (default: from the GPU, e.g. h100-measured)")
     parser.add_argument("--models", default="all", help="comma-separated model profiles, or 'all' (conf/model)")
     parser.add_argument("--out", default=None, help="YAML path (default: conf/hardware/NAME.yaml)")
-    parser.add_argument("--kv-tokens", type=int, default=512)
+    parser.add_argument("--kv-tokens", type=int, default=RealOptions.kv_tokens)
     parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
                         help="how the executor will wait for blocks (realrun copy_wait): the after-wait slowdown depends on it")
     parser.add_argument("--graphs", action="store_true",

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from realrun.backend import Backend
+from realrun.executor import RealOptions
 from realrun.gpu_clocks import ClockLog
 from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
 from realrun.memory import random_bf16
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m realrun.clock_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model", default=None, help="model profile (default: the one with the largest experts)")
-    parser.add_argument("--kv-tokens", type=int, default=512)
+    parser.add_argument("--kv-tokens", type=int, default=RealOptions.kv_tokens)
     parser.add_argument("--clocks", action="store_true", help="read the SM clock throughout (slows the host down)")
     parser.add_argument("--out", default="results/clock_probe")
     args = parser.parse_args(argv)

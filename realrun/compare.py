@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, default=1,
                         help="split the layers over devices cuda:0..N-1 (and N simulated GPUs); budgets are per GPU")
     parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
-    parser.add_argument("--kv-tokens", type=int, default=512)
+    parser.add_argument("--kv-tokens", type=int, default=RealOptions.kv_tokens)
     parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
                         help="how the executor waits for a block: poll its copy's event, or sleep until it lands")
     parser.add_argument("--warm-start", action="store_true")

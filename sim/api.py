@@ -102,9 +102,9 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
     model = resolve_model(trace, cfg.model)
     if cfg.expert_format is not None:
         model = model.with_format(cfg.expert_format)
-    hardware = resolve_hardware(cfg.hardware)
     budget = parse_budget(cfg.budget, model.bytes_per_expert)
     policy = make_policy(cfg.policy, **dict(cfg.policy_params))
+    hardware = resolve_hardware(cfg.hardware).charging(policy.name, cfg.policy_host)
     train, replay = split_requests(trace.num_requests, cfg.train_fraction, cfg.max_requests)
     if policy.needs_training and not train:
         raise ConfigError(f"policy '{cfg.policy}' learns offline from a training split of the trace; "
@@ -141,7 +141,7 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
                 fast.prepare(run.train)
                 state = fast.run()
                 return run_result(run, state, time.perf_counter() - started,
-                                  extra_info={**_host_info(fast.policy_host), "engine": "fast"})
+                                  extra_info={**run.hardware.host_time_info(run.policy.name), "engine": "fast"})
             except FastPathDeclined as reason:
                 declined = str(reason)
                 run = prepare(run.cfg, run.trace)  # a fresh policy: the fast engine has bound this one
@@ -150,16 +150,12 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
                      on_request_done)
     sim.prepare(run.train)
     state = sim.run()
-    charged = _host_info(sim.policy_host)
+    charged = run.hardware.host_time_info(run.policy.name)
     compactions, slid = slides(sim.caches)
     if compactions:  # unequal blocks slid down to join gaps (sim.placement)
         charged |= {"cache_compactions": compactions, "slid_bytes": slid}
     charged["engine"] = "simpy" + (f" (the fast engine declined: {declined})" if declined else "")
     return run_result(run, state, time.perf_counter() - started, extra_info=charged)
-
-
-def _host_info(host) -> dict[str, Any]:
-    return {"policy_host_s": host.to_dict()} if host.layer_s or host.step_s else {}
 
 
 def run_result(run: PreparedRun, state: RunState, wall_s: float, hardware_name: str | None = None,

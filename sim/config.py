@@ -33,6 +33,9 @@ class SimConfig:
     # None: the trace's own model; else a profile name, a transformers config.json, or a profile's fields
     model: str | dict[str, Any] | None = None
     hardware: str | dict[str, Any] = DEFAULT_HARDWARE  # a profile name (conf/hardware), a YAML path, or its fields
+    # Host time charged to the policy's decisions: None, what the hardware profile measured for it (an
+    # error where a measured profile lacks it); "zero"; or a measured policy's name, whose time it takes.
+    policy_host: str | None = None
     warm_start: bool = False
     arrival: Literal["closed", "poisson", "trace"] = "closed"  # closed (C clients) | poisson | trace
     clients: int = 1  # closed loop: concurrent clients

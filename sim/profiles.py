@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,19 +137,42 @@ class PolicyHostTime:
 
     layer_s: float  # per on_layer_start
     step_s: float  # per pass: on_step_start plus on_step_end
+    # Not this policy's own measurement: the measured policy whose times it is charged (a profile's
+    # `NAME: {same_as: OTHER}`, or policy_host=OTHER), or "zero" (policy_host=zero); None: its own.
+    stand_in: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> PolicyHostTime:
         try:
-            spec = cls(_number(data["layer_s"], f"{where}.layer_s"), _number(data["step_s"], f"{where}.step_s"))
-        except (KeyError, TypeError):
-            raise ConfigError(f"{where}: expected {{layer_s: seconds, step_s: seconds}}") from None
+            spec = cls(_number(data["layer_s"], f"{where}.layer_s"), _number(data["step_s"], f"{where}.step_s"),
+                       None if data.get("same_as") is None else str(data["same_as"]))
+        except (KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{where}: expected {{layer_s: seconds, step_s: seconds}} or {{same_as: POLICY}}") from None
         if spec.layer_s < 0 or spec.step_s < 0:
             raise ConfigError(f"{where}: host times must be >= 0")
         return spec
 
-    def to_dict(self) -> dict[str, float]:
-        return {"layer_s": self.layer_s, "step_s": self.step_s}
+    def to_dict(self) -> dict[str, Any]:
+        times = {"layer_s": self.layer_s, "step_s": self.step_s}
+        return times if self.stand_in is None else {**times, "same_as": self.stand_in}
+
+
+def _policy_host(data: dict[str, Any], where: str) -> dict[str, PolicyHostTime]:
+    """A profile's policy_host_s: measured times, and `NAME: {same_as: OTHER}` entries that charge a
+    policy not measured on this machine OTHER's measured times (labelled so in every result)."""
+    def alias(value: Any) -> str | None:
+        return str(value["same_as"]) if isinstance(value, dict) and set(value) == {"same_as"} else None
+
+    times = {k: PolicyHostTime.from_dict(v, f"{where}.{k}") for k, v in data.items() if alias(v) is None}
+    for k, v in data.items():
+        other = alias(v)
+        if other is None:
+            continue
+        if other not in times or times[other].stand_in is not None:
+            raise ConfigError(f"{where}.{k}: same_as '{other}' is not a policy this profile measured; "
+                              f"measured: {', '.join(sorted(n for n, t in times.items() if t.stand_in is None))}")
+        times[k] = replace(times[other], stand_in=other)
+    return dict(sorted(times.items()))
 
 
 NO_HOST_TIME = PolicyHostTime(0.0, 0.0)
@@ -174,7 +197,8 @@ class HardwareProfile:
     # The host side's limit on all host->GPU copies together (root complex, CPU memory); None: no limit.
     host_aggregate_Bps: float | None = None
     after_wait: AfterWaitSpec | None = None  # None: compute always takes its table time
-    # Per registered policy name; a policy not listed decides in no time.
+    # Per registered policy name (measured by realrun.calibrate); empty: an estimated profile, whose
+    # policies decide in no time; else a policy not listed is an error (policy_host_time).
     policy_host_s: dict[str, PolicyHostTime] = field(default_factory=dict)
     cpu: Any = None  # sim.host_cpu.CpuSpec: the host CPU as a compute resource; None: no CPU compute
     disk: Any = None  # sim.disk.DiskSpec: the NVMe drive under host memory; None: no disk tier
@@ -208,8 +232,7 @@ class HardwareProfile:
                 else _number(data["host_aggregate_Bps"], f"{where}.host_aggregate_Bps"),
                 after_wait=AfterWaitSpec.from_dict(data["after_wait"], f"{where}.after_wait")
                 if data.get("after_wait") else None,
-                policy_host_s={k: PolicyHostTime.from_dict(v, f"{where}.policy_host_s.{k}")
-                               for k, v in (data.get("policy_host_s") or {}).items()},
+                policy_host_s=_policy_host(data.get("policy_host_s") or {}, f"{where}.policy_host_s"),
                 cpu=_cpu(data.get("cpu"), f"{where}.cpu"),
                 disk=_disk(data.get("disk"), f"{where}.disk"),
                 dequant_s_per_expert={str(k): _number(v, f"{where}.dequant_s_per_expert.{k}")
@@ -262,7 +285,44 @@ class HardwareProfile:
                                                         2.0 * params * tokens / self.matmul_flops)
 
     def policy_host_time(self, policy: str) -> PolicyHostTime:
-        return self.policy_host_s.get(policy, NO_HOST_TIME)
+        """The host time `policy`'s decisions are charged: the measured one; none on a profile that
+        measured no policy; an error on one that measured others but not this one."""
+        if policy in self.policy_host_s:
+            return self.policy_host_s[policy]
+        if not self.policy_host_s:
+            return NO_HOST_TIME
+        raise ConfigError(f"hardware '{self.name}' has no measured host time for policy '{policy}' (it has "
+                          f"{', '.join(self.measured_policies())}); measure it (python -m realrun.calibrate "
+                          f"--name {self.name} --policy-trace TRACE, on that GPU) or choose what to charge: policy_host=zero, or "
+                          "policy_host=POLICY for a measured policy's time")
+
+    def measured_policies(self) -> list[str]:
+        return [name for name, t in self.policy_host_s.items() if t.stand_in is None]
+
+    def charging(self, policy: str, how: str | None) -> HardwareProfile:
+        """This profile with `policy`'s host time settled (SimConfig.policy_host): None, as the profile
+        has it (an error where a measured profile lacks it); "zero"; or a measured policy's times."""
+        if how is None:
+            self.policy_host_time(policy)
+            return self
+        if how == "zero":
+            time = PolicyHostTime(0.0, 0.0, "zero")
+        elif how in self.measured_policies():
+            time = replace(self.policy_host_s[how], stand_in=None if how == policy else how)
+        else:
+            raise ConfigError(f"policy_host={how}: hardware '{self.name}' measured no host time for '{how}'; use "
+                              f"zero or one of: {', '.join(self.measured_policies()) or '(none measured)'}")
+        return replace(self, policy_host_s={**self.policy_host_s, policy: time})
+
+    def host_time_info(self, policy: str) -> dict[str, Any]:
+        """What a result says about the host time charged to `policy`'s decisions (policy_info)."""
+        time = self.policy_host_time(policy)
+        if not self.policy_host_s:
+            return {"policy_host_uncharged": f"hardware '{self.name}' measured no policy's host time"}
+        if time.stand_in == "zero":
+            return {"policy_host_uncharged": "policy_host=zero"}
+        charged = time.stand_in is not None or time.layer_s or time.step_s
+        return {"policy_host_s": time.to_dict()} if charged else {}
 
     def measured_for(self, model: ModelSpec) -> dict[str, bool]:
         """Whether this profile has measured tables for the model, or estimates them."""

@@ -115,9 +115,13 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
         console.print(f"[bold red]warning[/]: {load.warning()}")
     host = m.policy_info.get("policy_host_s")
     if host:
+        whose = f"{host['same_as']}'s, as {m.policy}'s was not measured" if "same_as" in host else "measured"
         console.print(f"[yellow]note[/]: hardware '{m.hardware}' charges {m.policy}'s decisions "
                       f"{host['layer_s'] * 1e6:.1f} us of host time per layer and {host['step_s'] * 1e6:.1f} us per "
-                      "pass (policy_host_s, measured by realrun.calibrate on one trace)")
+                      f"pass (policy_host_s: {whose} by realrun.calibrate on one trace)")
+    if m.policy_info.get("policy_host_uncharged"):
+        console.print(f"[yellow]note[/]: {m.policy}'s decisions are charged no host time "
+                      f"({m.policy_info['policy_host_uncharged']})")
     estimated = m.policy_info.get("compute_estimated")
     if estimated:
         console.print(f"[yellow]note[/]: {', '.join(estimated)} estimated by roofline: hardware '{m.hardware}' "

@@ -86,13 +86,55 @@ def test_policy_host_time_delays_each_layer_and_the_copies_it_decides(make_trace
     assert tpot(decided, "all_resident") == pytest.approx(tpot(plain, "all_resident") + 2 * 0.002 + 0.03)
     # every layer misses: its demand copy goes out once the policy has decided, so the decision delays it
     assert tpot(decided, "lru") == pytest.approx(tpot(plain, "lru") + 2 * 0.002)
-    assert tpot(decided, "belady") == tpot(plain, "belady")  # a policy not listed decides in no time
     charged = simulate(SimConfig(policy="all_resident", hardware=decided), trace=trace).metrics.policy_info
     assert charged["policy_host_s"] == {"layer_s": 0.002, "step_s": 0.03}  # the report says what it charged
-    assert "policy_host_s" not in simulate(SimConfig(policy="belady", hardware=decided), trace=trace).metrics.policy_info
+    assert simulate(SimConfig(policy="belady", hardware=plain), trace=trace).metrics.policy_info[
+        "policy_host_uncharged"] == "hardware 'unit' measured no policy's host time"
     profile = HardwareProfile.from_dict(decided)
     assert HardwareProfile.from_dict(profile.to_dict()) == profile
+
+
+def test_a_policy_a_measured_profile_lacks_is_an_error_or_charged_as_told(make_trace):
+    from conftest import tiny_model, unit_hardware
+    from sim.api import simulate
+    from sim.config import SimConfig
+
+    trace = make_trace(tiny_model(layers=2), [[[[0], [1]]] * 6])
+    plain = unit_hardware(copy_s=0.5, expert_s=0.1, non_expert_s=0.01).to_dict()
+    decided = {**plain, "policy_host_s": {"lru": {"layer_s": 0.002, "step_s": 0.0}, "all_resident": {"same_as": "lru"}}}
+
+    def run(policy, **cfg):
+        return simulate(SimConfig(policy=policy, budget="1expert", hardware=decided, **cfg), trace=trace).metrics
+    with pytest.raises(ConfigError, match="no measured host time for policy 'belady'.*policy_host=zero"):
+        run("belady")
+    plain_tpot = simulate(SimConfig(policy="belady", budget="1expert", hardware=plain), trace=trace).metrics.tpot_mean_s
+    zero = run("belady", policy_host="zero")
+    assert zero.tpot_mean_s == plain_tpot and zero.policy_info["policy_host_uncharged"] == "policy_host=zero"
+    as_lru = run("belady", policy_host="lru")  # every layer misses: the decision delays its demand copy
+    assert as_lru.tpot_mean_s == pytest.approx(plain_tpot + 2 * 0.002)
+    assert as_lru.policy_info["policy_host_s"] == {"layer_s": 0.002, "step_s": 0.0, "same_as": "lru"}
+    # the profile's own stand-in: all_resident is charged lru's measured time, and says so
+    assert run("all_resident").policy_info["policy_host_s"]["same_as"] == "lru"
+    with pytest.raises(ConfigError, match="policy_host=all_resident: .* use zero or one of: lru"):
+        run("belady", policy_host="all_resident")  # a stand-in is not a measurement
+    with pytest.raises(ConfigError, match="same_as 'belady' is not a policy this profile measured"):
+        HardwareProfile.from_dict({**plain, "policy_host_s": {"lru": {"same_as": "belady"}}})
     with pytest.raises(ConfigError, match="policy_host_s.lru"):
         HardwareProfile.from_dict({**plain, "policy_host_s": {"lru": {"layer_s": -1, "step_s": 0}}})
     with pytest.raises(ConfigError, match="expected"):
         HardwareProfile.from_dict({**plain, "policy_host_s": {"lru": {"layer": 1}}})
+
+
+def test_every_shipped_policy_has_a_host_time_on_every_measured_profile_it_runs_on():
+    from policies import available, policy_class
+    from sim.profiles import known_hardware, load_hardware
+
+    shipped = [n for n in available() if policy_class(n).__module__.startswith("policies.")]
+    measured = [p for p in map(load_hardware, known_hardware()) if p.policy_host_s]
+    assert {p.name for p in measured} >= {"h100-measured", "h200-measured", "h200x2-measured"}
+    for profile in measured:
+        for name in shipped:
+            if policy_class(name).uses_cpu and profile.cpu is None:
+                continue  # cannot run there: the engine refuses it for want of a cpu section
+            time = profile.policy_host_time(name)  # raises where the profile lacks it
+            assert time.stand_in is None or time.stand_in in profile.measured_policies(), (profile.name, name)

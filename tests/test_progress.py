@@ -9,8 +9,6 @@ from hypothesis import strategies as st
 
 from conftest import tiny_model, unit_hardware
 from policies import Policy, PrefetchPlan, register
-from realrun.api import execute_real
-from realrun.executor import Machine, RealOptions
 from sim.api import execute, prepare
 from sim.config import SimConfig
 from sim.errors import ConfigError, StallError
@@ -60,7 +58,21 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def machine(synthetic):
-    return Machine(synthetic.model, RealOptions(device="cpu", kv_tokens=8, host_sources=5))
+    return real_machine(synthetic.model, host_sources=5)
+
+
+def real_machine(model, **options):
+    """realrun's executor on the CPU: it needs torch, which the core install does not (skipped without)."""
+    pytest.importorskip("torch")
+    from realrun.executor import Machine, RealOptions
+
+    return Machine(model, RealOptions(device="cpu", kv_tokens=8, **options))
+
+
+def execute_real(run, machine):
+    from realrun.api import execute_real as real
+
+    return real(run, machine)
 
 
 def config(trace, policy, budget, hardware, **kwargs):
@@ -109,8 +121,7 @@ def test_moepic_with_an_expert_or_so_per_device_serves_every_request_and_both_en
     hardware = unit_hardware(copy_s=1e6).to_dict() | {"gpus": 2}
     cfg = config(synthetic, "moepic", budget, hardware, budget_scope="total", gpus=2)
     sim = execute(prepare(cfg))
-    real = execute_real(prepare(cfg), Machine(synthetic.model, RealOptions(device="cpu", gpus=2, kv_tokens=8,
-                                                                           host_sources=5)))
+    real = execute_real(prepare(cfg), real_machine(synthetic.model, gpus=2, host_sources=5))
     assert sim.metrics.requests == real.metrics.requests == synthetic.num_requests
     pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
     assert real.metrics.gpu_mem_high_water_bytes <= real.metrics.budget_bytes
@@ -144,7 +155,7 @@ def test_a_layer_whose_resident_parts_leave_no_room_evicts_a_later_one_and_copie
     if a later expert's top goes: it is evicted, and copied again when that expert's turn comes."""
     cfg = config(three_tops, "test_cached_tops", "1expert", SLOW_COPIES, warm_start=True)
     sim = execute(prepare(cfg))
-    real = execute_real(prepare(cfg), Machine(three_tops.model, RealOptions(device="cpu", kv_tokens=8, host_sources=5)))
+    real = execute_real(prepare(cfg), real_machine(three_tops.model, host_sources=5))
     pd.testing.assert_frame_equal(sim.per_layer[DECISIONS], real.per_layer[DECISIONS])
     assert sim.metrics.requests == real.metrics.requests == 2
     top, bottom = 461, 1075  # of a 1536-byte expert

@@ -8,6 +8,8 @@ import yaml
 
 from conftest import tiny_model, unit_hardware, write_trace
 from policies import available, policy_class
+
+pytest.importorskip("torch")  # realrun runs on torch; the core install has none
 from realrun.backend import Backend
 from realrun.calibrate import calibrate, fabric_keys, write_profile
 from realrun.compare import run_compare

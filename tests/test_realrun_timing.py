@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from conftest import tiny_model, unit_hardware
+
+pytest.importorskip("torch")  # realrun runs on torch; the core install has none
 from realrun.api import execute_real
 from realrun.backend import Backend
 from realrun import calibrate as calibrate_module

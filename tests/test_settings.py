@@ -115,3 +115,18 @@ def test_the_expert_format_from_the_command_line_sets_the_bytes_a_copy_moves(tmp
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["policy_info"]["expert_format"] == "bf16"
     assert metrics["policy_info"]["bytes_per_expert"] == 49_783_680  # gpt-oss-20b's expert in bf16
+
+
+def test_realrun_config_says_the_executor_defaults():
+    """conf/cli/realrun.yaml repeats RealOptions' defaults for Hydra (realrun.KEY=...): they must agree."""
+    pytest.importorskip("torch")
+    from dataclasses import asdict
+
+    import yaml
+
+    from conf import CLI_CONF_DIR
+    from realrun.executor import RealOptions
+
+    listed = yaml.safe_load((CLI_CONF_DIR / "realrun.yaml").read_text())["realrun"]
+    assert listed.pop("layers") is None  # realrun.__main__'s own: the first N layers
+    assert listed == {k: v for k, v in asdict(RealOptions()).items() if k != "seed"}
