@@ -1,7 +1,8 @@
 """Reproduce the FineMoE paper's comparison: every policy, on real routing, on the paper's testbed and one GPU.
 
     python -m sim.reproduce [--out results/reproduce] [--hardware rtx3090x6,rtx3090] [--budgets 2GB,6GB]
-                            [--traces NAME,...] [--train-requests 32] [--replay-requests 6] [--jobs 2] [--quick]
+                            [--formats own,bf16] [--traces NAME,...] [--train-requests 32] [--replay-requests 6]
+                            [--jobs 2] [--quick]
 
 Writes into one folder: runs.csv (one row per trace, hardware, policy and budget), reproduction.md
 (the main table on real routing only: hit rate and TPOT per policy and budget for each hardware
@@ -9,6 +10,13 @@ setup, FineMoE against the best of the paper's baselines at 6 GB beside the pape
 measured reason for every difference, ours against all of them, and the ablation of ours; then the
 synthetic and stand-in traces in a separate, labelled table at 6 GB on the last setup), and per
 real trace and setup TRACE_HARDWARE_hit_rate.png and TRACE_HARDWARE_tpot.png.
+
+Each setup runs with the experts stored in each of --formats: the trace model's own (gpt-oss: MXFP4)
+and bf16, as the FineMoE artifact and the paper's systems store them.
+
+Ours is tuned on the training split alone: for each real trace, setup and format, every point of
+TUNING runs with the first half of the training requests training and the second half replayed;
+the point of lowest mean TPOT there is ours in the main table (and the base of its ablation).
 
 On a multi-GPU profile a budget is each GPU's (the FineMoE artifact's semantics; the report gives
 the total beside it), and FineMoE runs with the artifact's placement (round_robin: experts dealt
@@ -26,8 +34,11 @@ configuration) and fill FineMoE's and MoE-Infinity's stores.
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
+import os
+import platform
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +56,7 @@ from policies import available, policy_class  # noqa: E402
 from sim.api import prepare, resolve_hardware, simulate, split_requests  # noqa: E402
 from sim.budget import format_bytes, parse_budget  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
-from sim.provenance import PROVENANCE_FILE, provenance, same_provenance  # noqa: E402
+from sim.provenance import PROVENANCE_FILE, git_commit, provenance, same_provenance  # noqa: E402
 from sim.report import CONFIG_FILE, atomic_save_figure, atomic_write_csv, atomic_write_text, config_json  # noqa: E402
 from traces import Trace  # noqa: E402
 from traces.shared import shared_trace  # noqa: E402
@@ -67,6 +78,9 @@ ABLATION = {
     "global LRU eviction alone": {"eviction": "lru", "prefetch": "none", "preload": False},
     "reuse with the frequency prior at 0.5": {"prior_weight": 0.5},
 }
+# The knobs of ours swept on the training split (policies/reuse.py); the defaults are one point.
+TUNING = tuple({"decay": d, "prior_weight": w, "min_q": q} for d in (0.5, 0.8) for w in (0.0, 0.5) for q in (0.3, 0.6))
+FORMATS = ("own", "bf16")  # the trace model's own expert format, and the artifact's
 QUICK_BUDGETS = ("6GB",)
 HEADLINE_BUDGET = "6GB"
 # The systems FineMoE is compared with in the paper; MoEpic came later and is shown, not compared.
@@ -87,7 +101,8 @@ class Run:
     budget_bytes: int
     fraction: float
     cfg: SimConfig
-    variant: str = ""  # an ablation variant of ours ("" for the policy at its defaults)
+    variant: str = ""  # an ablation variant of ours ("" for the policy as tuned)
+    expert_format: str = ""  # how the experts are stored in this run (traces.expert_formats)
 
 
 def routing_kind(trace: Trace) -> str:
@@ -110,37 +125,85 @@ def reference_model(model: ModelSpec) -> ModelSpec:
 
 
 def budget_bytes(label: str, trace_model: ModelSpec) -> tuple[int, float]:
-    """(bytes for this trace, fraction of all expert bytes) of a paper budget such as '6GB'."""
-    reference = reference_model(trace_model)
+    """(bytes for this trace, fraction of all expert bytes) of a paper budget such as '6GB', the
+    real model's experts stored as the trace model's are."""
+    reference = reference_model(trace_model).with_format(trace_model.expert_format)
     fraction = parse_budget(label, reference.bytes_per_expert) / reference.total_expert_bytes
     return int(fraction * trace_model.total_expert_bytes), fraction
 
 
+def formats_of(trace: Trace, formats: list[str]) -> list[str]:
+    """The expert formats a trace runs in: 'own' is its model's (each once, in the order given)."""
+    return list(dict.fromkeys(trace.model.expert_format if f == "own" else f for f in formats))
+
+
+def split_of(trace: Trace, train_requests: int) -> tuple[int, float]:
+    """(training requests, the train_fraction that gives them) for a trace."""
+    train = min(train_requests, trace.num_requests // 2)
+    return train, (train + 1e-6) / trace.num_requests if train else 0.0
+
+
+def config(trace: Trace, policy: str, knobs: dict, nbytes: int, hardware: str, fmt: str, budget_scope: str,
+           train_fraction: float, replay: int, seed: int) -> SimConfig:
+    multi = resolve_hardware(hardware).num_gpus > 1
+    return SimConfig(trace=str(trace.path), policy=policy, policy_params=dict(knobs), budget=f"{nbytes}B",
+                     hardware=hardware, budget_scope=budget_scope, train_fraction=train_fraction,
+                     max_requests=replay, seed=seed, expert_format=None if fmt == trace.model.expert_format else fmt,
+                     placement="round_robin" if multi and policy == "finemoe" else "layers")
+
+
+def plan_tuning(traces: list[Trace], setups: list[str], formats: list[str], budget_scope: str, train_requests: int,
+                replay_requests: int, seed: int) -> list[Run]:
+    """Ours at every TUNING point, at the headline budget of each real trace, setup and format, on the
+    training split alone: its first half trains, the next requests of it (at most replay_requests) are
+    replayed (no tuning under 2 training requests)."""
+    runs = []
+    for trace in traces:
+        train, _ = split_of(trace, train_requests)
+        if routing_kind(trace) != "real" or train < 2:
+            continue
+        fit = train // 2
+        for hardware in setups:
+            for fmt in formats_of(trace, formats):
+                nbytes, fraction = budget_bytes(HEADLINE_BUDGET, trace.model.with_format(fmt))
+                for i, knobs in enumerate(TUNING):
+                    cfg = config(trace, OURS, knobs, nbytes, hardware, fmt, budget_scope, (fit + 1e-6) / trace.num_requests,
+                                 min(train - fit, replay_requests), seed)
+                    runs.append(Run(trace.path.name, OURS, HEADLINE_BUDGET, nbytes, fraction, cfg, f"tuning{i}", fmt))
+    return runs
+
+
+def tuned_knobs(tuning: pd.DataFrame) -> dict[tuple[str, str, str], dict]:
+    """The TUNING point of lowest mean TPOT on the training split, per trace, setup and format."""
+    best = {}
+    for (trace, hardware, fmt), part in tuning.groupby(["trace", "hardware", "expert_format"], sort=False):
+        best[(trace, hardware, fmt)] = TUNING[int(part.loc[part["tpot_mean_s"].idxmin(), "variant"][len("tuning"):])]
+    return best
+
+
 def plan_runs(traces: list[Trace], policies: list[str], budgets: list[str], setups: list[str], budget_scope: str,
-              train_requests: int, replay_requests: int, seed: int, ablation: bool = True) -> list[Run]:
-    """Real traces: every setup and budget (and ours' ablation at the headline budget); the others:
-    the last setup at the headline budget only."""
+              train_requests: int, replay_requests: int, seed: int, ablation: bool = True,
+              formats: list[str] = ("own",), tuned: dict[tuple[str, str, str], dict] | None = None) -> list[Run]:
+    """Real traces: every setup, format and budget (and ours' ablation at the headline budget), ours
+    with its tuned knobs; the others: the last setup in their own format at the headline budget only."""
     runs = []
     for trace in traces:
         real = routing_kind(trace) == "real"
-        n = trace.num_requests
-        train = min(train_requests, n // 2)
-        fraction_train = (train + 1e-6) / n if train else 0.0
+        _, fraction_train = split_of(trace, train_requests)
         for hardware in setups if real else setups[-1:]:
-            multi = resolve_hardware(hardware).num_gpus > 1
-            for label in budgets if real else [HEADLINE_BUDGET]:
-                nbytes, fraction = budget_bytes(label, trace.model)
-                if nbytes < trace.model.bytes_per_expert:
-                    continue  # below one expert of this trace's model
-                variants = [(p, "", {}) for p in policies]
-                if real and ablation and label == HEADLINE_BUDGET and OURS in policies:
-                    variants += [(OURS, name, knobs) for name, knobs in ABLATION.items() if knobs]
-                for policy, variant, knobs in variants:
-                    placement = "round_robin" if multi and policy == "finemoe" else "layers"
-                    cfg = SimConfig(trace=str(trace.path), policy=policy, policy_params=dict(knobs), budget=f"{nbytes}B",
-                                    hardware=hardware, budget_scope=budget_scope, train_fraction=fraction_train,
-                                    max_requests=replay_requests, seed=seed, placement=placement)
-                    runs.append(Run(trace.path.name, policy, label, nbytes, fraction, cfg, variant))
+            for fmt in formats_of(trace, formats) if real else [trace.model.expert_format]:
+                best = (tuned or {}).get((trace.path.name, hardware, fmt), {})
+                for label in budgets if real else [HEADLINE_BUDGET]:
+                    nbytes, fraction = budget_bytes(label, trace.model.with_format(fmt))
+                    if nbytes < trace.model.with_format(fmt).bytes_per_expert:
+                        continue  # below one expert of this trace's model
+                    variants = [(p, "", best if p == OURS else {}) for p in policies]
+                    if real and ablation and label == HEADLINE_BUDGET and OURS in policies:
+                        variants += [(OURS, name, {**best, **knobs}) for name, knobs in ABLATION.items() if knobs]
+                    for policy, variant, knobs in variants:
+                        cfg = config(trace, policy, knobs, nbytes, hardware, fmt, budget_scope, fraction_train,
+                                     replay_requests, seed)
+                        runs.append(Run(trace.path.name, policy, label, nbytes, fraction, cfg, variant, fmt))
     return runs
 
 
@@ -152,8 +215,9 @@ def execute(run: Run) -> dict[str, Any]:
     expert_bytes = m.budget_bytes / m.budget_experts
     per_byte = hw.host_link.copy_time(expert_bytes) / expert_bytes  # at the profile's rate for one expert
     return {
-        "trace": run.trace, "hardware": run.cfg.hardware, "gpus": m.gpus, "placement": run.cfg.placement,
-        "policy": run.policy, "variant": run.variant,
+        "trace": run.trace, "hardware": run.cfg.hardware, "expert_format": run.expert_format, "gpus": m.gpus,
+        "placement": run.cfg.placement, "policy": run.policy, "variant": run.variant,
+        "policy_params": json.dumps(dict(run.cfg.policy_params), sort_keys=True),
         "budget": run.budget_label, "budget_bytes": run.budget_bytes, "budget_total_bytes": run.budget_bytes * m.gpus,
         "budget_fraction": run.fraction, "budget_experts": m.budget_experts, "requests": m.requests,
         "hit_rate": m.hit_rate, "prefetch_hit_rate": m.prefetch_hit_rate, "late_prefetch_rate": m.late_prefetch_rate,
@@ -172,7 +236,7 @@ def execute(run: Run) -> dict[str, Any]:
 
 def run_dir(out: Path, run: Run) -> Path:
     name = f"{run.policy}-{run.budget_label}" + (f"-{run.variant}" if run.variant else "")
-    return out / RUNS_DIR / run.trace / str(run.cfg.hardware) / name
+    return out / RUNS_DIR / run.trace / f"{run.cfg.hardware}-{run.expert_format}" / name
 
 
 def stored_row(directory: Path, run: Run) -> dict[str, Any] | None:
@@ -228,9 +292,9 @@ def run_all(runs: list[Run], jobs: int, out: Path) -> pd.DataFrame:
 
 
 # --- the comparison with the paper ---
-def facts(trace: Trace, hardware: str) -> dict[str, Any]:
-    """What about a trace and a link decides how much prediction can buy."""
-    model = trace.model
+def facts(trace: Trace, hardware: str, fmt: str) -> dict[str, Any]:
+    """What about a trace, its experts' format and a link decides how much prediction can buy."""
+    model = trace.model.with_format(fmt)
     hw = resolve_hardware(hardware)
     layer_s = hw.non_expert_time(model, 1) + model.top_k * hw.expert_time(model, 1)
     sample = trace.probs(slice(0, min(trace.num_iterations, 256)), unknown=0.0)  # recorded non-zeros only
@@ -365,8 +429,30 @@ def setup_label(hardware: str, budget_scope: str) -> str:
     return f"`{hardware}` ({gpus} GPUs; a budget is {scope}, as in the FineMoE artifact; FineMoE placed round_robin)"
 
 
-def markdown(frame: pd.DataFrame, trace_facts: dict[tuple[str, str], dict[str, Any]], kinds: dict[str, str],
-             setups: list[str], budget_scope: str, split: dict[str, str]) -> str:
+def made_here(command: str) -> str:
+    """Commit, command and machine of a table, as the reader needs them to regenerate it."""
+    commit = git_commit() or "no git commit"
+    return (f"Commit `{commit[:12]}`, command `{command}`, machine {platform.node()} ({platform.machine()}, "
+            f"{os.cpu_count()} CPU cores, {platform.system()}).")
+
+
+def tuning_table(tuning: pd.DataFrame, trace: str, hardware: str, fmt: str) -> list[str]:
+    """The tuning sweep of ours on the training split of one trace, setup and format."""
+    part = tuning[(tuning["trace"] == trace) & (tuning["hardware"] == hardware) & (tuning["expert_format"] == fmt)]
+    if part.empty:
+        return []
+    lines = [(f"Tuning of ours on the training split ({part['requests'].iloc[0]} of its requests replayed after the "
+              f"rest trained; the held-out requests are not used), at {HEADLINE_BUDGET}:"), "",
+             "| knobs | hit rate | TPOT (ms) |", "|---|---|---|"]
+    low = part["tpot_mean_s"].min()
+    for _, r in part.iterrows():
+        mark = " (chosen)" if r["tpot_mean_s"] == low else ""
+        lines.append(f"| `{r['policy_params']}`{mark} | {percent(r['hit_rate'])} | {ms(r['tpot_mean_s'])} |")
+    return lines + [""]
+
+
+def markdown(frame: pd.DataFrame, trace_facts: dict[tuple[str, str, str], dict[str, Any]], kinds: dict[str, str],
+             setups: list[str], budget_scope: str, split: dict[str, str], tuning: pd.DataFrame, command: str) -> str:
     claims = {"latency_reduction": "lower inference latency", "hit_rate_gain": "higher expert hit rate",
               "tpot_reduction": "lower TPOT"}
     lines = ["# FineMoE's comparison, reproduced on real routing", "",
@@ -375,22 +461,24 @@ def markdown(frame: pd.DataFrame, trace_facts: dict[tuple[str, str], dict[str, A
              "router has run; a prefetch still in flight is late, not a hit. TPOT: mean time between output "
              "tokens of the held-out (replayed) requests; policies that learn (ProMoE, MoEpic, FineMoE's and "
              "MoE-Infinity's stores, ours) learn only on the training requests before them. Links busy: bytes "
-             "copied at the profile's rate over all links' time. Generated by `python -m sim.reproduce`.", ""]
+             "copied at the profile's rate over all links' time. Generated by `python -m sim.reproduce`.", "",
+             made_here(command), ""]
     main = frame[frame["trace"].map(kinds) == "real"]
     lines += ["## Main table: real routing", ""]
     if main.empty:
         lines += ["No real trace was given.", ""]
     for trace in dict.fromkeys(main["trace"]):
         lines += [f"### {trace}", ""]
-        for hardware in setups:
-            part = main[(main["trace"] == trace) & (main["hardware"] == hardware)]
+        for hardware, fmt in dict.fromkeys(zip(main["hardware"], main["expert_format"])):
+            part = main[(main["trace"] == trace) & (main["hardware"] == hardware) & (main["expert_format"] == fmt)]
             if part.empty:
                 continue
-            f = trace_facts[(trace, hardware)]
+            f = trace_facts[(trace, hardware, fmt)]
             plain = part[part["variant"] == ""]
             at = plain[plain["budget"] == HEADLINE_BUDGET].set_index("policy", drop=False)
             total = at["budget_total_bytes"].iloc[0] if len(at) else 0
-            lines += [f"#### {trace} on {setup_label(hardware, budget_scope)}", "",
+            lines += [f"#### {trace} on {setup_label(hardware, budget_scope)}, experts in {fmt}", "",
+                      made_here(command), "",
                       f"Routing: {f['source']}. {f['requests']} requests ({split[trace]}); token-to-token expert reuse "
                       f"{percent(f['reuse'])}; prompt embeddings {'yes' if f['embeddings'] else 'no'}; full router "
                       f"probabilities {'no (top-k only)' if f['topk_only'] else 'yes'}. One expert copy = "
@@ -418,7 +506,7 @@ def markdown(frame: pd.DataFrame, trace_facts: dict[tuple[str, str], dict[str, A
                               + why(f, differ[-1]["finemoe"], differ[-1]["best"], bound), ""]
                 else:
                     lines += ["All three within 10 points of the paper.", ""]
-            lines += ours_against_all(at) + ablation_table(part)
+            lines += ours_against_all(at) + ablation_table(part) + tuning_table(tuning, trace, hardware, fmt)
     other = frame[frame["trace"].map(kinds) != "real"]
     if not other.empty:
         lines += ["## Synthetic and stand-in routing (not real: generated, or from small models trained here)", "",
@@ -432,15 +520,16 @@ def markdown(frame: pd.DataFrame, trace_facts: dict[tuple[str, str], dict[str, A
     return "\n".join(lines)
 
 
-def plot(frame: pd.DataFrame, trace: str, hardware: str, column: str, ylabel: str, out: Path) -> None:
-    part = frame[(frame["trace"] == trace) & (frame["hardware"] == hardware) & (frame["variant"] == "")]
+def plot(frame: pd.DataFrame, trace: str, hardware: str, fmt: str, column: str, ylabel: str, out: Path) -> None:
+    part = frame[(frame["trace"] == trace) & (frame["hardware"] == hardware) & (frame["expert_format"] == fmt)
+                 & (frame["variant"] == "")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for policy, rows in part.groupby("policy", sort=False, observed=True):
         rows = rows.sort_values("budget_bytes")
         style = "--" if policy in BOUNDS else "-"
         ax.plot(rows["budget_bytes"] / 1e9, rows[column] * (1e3 if column.endswith("_s") else 1), style, marker="o",
                 label=policy, linewidth=2.5 if policy == "finemoe" else 1.2)
-    ax.set(xlabel="expert memory budget (GB)", ylabel=ylabel, title=f"{trace} on {hardware}: {ylabel} against budget", xscale="log")
+    ax.set(xlabel="expert memory budget (GB)", ylabel=ylabel, title=f"{trace} on {hardware} ({fmt}): {ylabel} against budget", xscale="log")
     budgets_gb = sorted({b / 1e9 for p, b in zip(part["policy"], part["budget_bytes"]) if not policy_class(p).ignores_budget})
     ax.set_xticks(budgets_gb, [f"{b:g}" for b in budgets_gb])
     ax.minorticks_off()
@@ -459,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("results/reproduce"))
     parser.add_argument("--hardware", default=",".join(SETUPS), help="comma-separated hardware profiles: the paper's "
                         "testbed (rtx3090x6) and one of its GPUs (rtx3090) by default")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="expert formats of real traces, comma-separated: "
+                        "own (the trace model's) and/or bf16, fp8, int4, mxfp4")
     parser.add_argument("--budget-scope", default="per_gpu", choices=("per_gpu", "total"),
                         help="with several GPUs: each GPU's budget, or the total split evenly")
     parser.add_argument("--budgets", default=",".join(BUDGETS), help="paper sizes per GPU, comma-separated (include 6GB)")
@@ -492,12 +583,23 @@ def main(argv: list[str] | None = None) -> None:
         setups = args.hardware.split(",")
         for hardware in setups:
             resolve_hardware(hardware)  # one clear error for an unknown profile
-        runs = plan_runs(traces, policies, budgets, setups, args.budget_scope, args.train_requests, replay,
-                         args.seed, ablation=not args.no_ablation)
-        for run in {r.cfg.policy: r for r in runs}.values():
+        formats = args.formats.split(",")
+        for fmt in formats:
+            if fmt != "own":
+                traces[0].model.with_format(fmt)  # one clear error for an unknown format
+        tuning_runs = plan_tuning(traces, setups, formats, args.budget_scope, args.train_requests, replay,
+                                  args.seed) \
+            if OURS in policies else []
+        untuned = plan_runs(traces, policies, budgets, setups, args.budget_scope, args.train_requests, replay,
+                            args.seed, not args.no_ablation, formats)
+        for run in {r.cfg.policy: r for r in untuned}.values():
             prepare(run.cfg)  # one clear error for a bad policy, hardware or trace, before any run
+        tuning = run_all(tuning_runs, args.jobs, args.out) if tuning_runs else pd.DataFrame(
+            columns=["trace", "hardware", "expert_format", "variant", "tpot_mean_s"])
+        runs = plan_runs(traces, policies, budgets, setups, args.budget_scope, args.train_requests, replay,
+                         args.seed, not args.no_ablation, formats, tuned_knobs(tuning))
         frame = run_all(runs, args.jobs, args.out)
-        trace_facts = {(t.path.name, h): facts(t, h) for t in traces for h in setups}
+        trace_facts = {(t.path.name, h, f): facts(t, h, f) for t in traces for h in setups for f in formats_of(t, formats)}
         kinds = {t.path.name: routing_kind(t) for t in traces}
         split = {}
         for t in traces:
@@ -505,13 +607,14 @@ def main(argv: list[str] | None = None) -> None:
             train, replayed = split_requests(t.num_requests, first.cfg.train_fraction, first.cfg.max_requests)
             split[t.path.name] = f"{len(train)} train, {len(replayed)} replayed"
         atomic_write_csv(args.out / "runs.csv", frame)
+        command = "python -m sim.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
         atomic_write_text(args.out / "reproduction.md", markdown(frame, trace_facts, kinds, setups, args.budget_scope,
-                                                                 split))
-        for t, h in trace_facts:
+                                                                 split, tuning, command))
+        for t, h, f in trace_facts:
             if kinds[t] == "real" and len(budgets) > 1:
-                name = f"{t.replace('/', '_')}_{h}"
-                plot(frame, t, h, "hit_rate", "expert hit rate", args.out / f"{name}_hit_rate.png")
-                plot(frame, t, h, "tpot_mean_s", "TPOT (ms)", args.out / f"{name}_tpot.png")
+                name = f"{t.replace('/', '_')}_{h}_{f}"
+                plot(frame, t, h, f, "hit_rate", "expert hit rate", args.out / f"{name}_hit_rate.png")
+                plot(frame, t, h, f, "tpot_mean_s", "TPOT (ms)", args.out / f"{name}_tpot.png")
         print(f"{len(frame)} runs; budgets {', '.join(format_bytes(b) for b in sorted(set(frame['budget_bytes'])))}")
         print(f"written: {args.out}/runs.csv, reproduction.md, *_hit_rate.png, *_tpot.png")
 
