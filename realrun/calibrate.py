@@ -356,6 +356,20 @@ def fit_after_wait(response: dict) -> AfterWaitSpec | None:
     return spec if spec.cold_factor >= 1.05 else None
 
 
+def one_token_split(non_expert_s: float, expert_s: float, top_k: int, decode_s: float) -> tuple[float, float]:
+    """(non-expert, expert) one-token entries whose sum over a layer (non-expert + top_k experts) is
+    the decode layer's time measured in the executor (`decode_s`). Time beyond the kernels timed one
+    by one is the host's (policy calls, the layer protocol): it goes on the non-expert entry. A
+    layer faster than its kernels timed one by one (CUDA graphs: one launch each, no host poll in
+    between) has both kernels scaled by the same factor, so that no entry goes negative or is
+    clamped at zero (which made the simulator charge gpt-oss twice the measured layer)."""
+    kernels = non_expert_s + top_k * expert_s
+    if decode_s >= kernels:
+        return non_expert_s + decode_s - kernels, expert_s
+    scale = decode_s / kernels
+    return non_expert_s * scale, expert_s * scale
+
+
 # --- the profile ---
 def profile_name(gpu: str, gpus: int = 1) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100-measured'; two of them: 'h100x2-measured'."""
@@ -462,14 +476,16 @@ class Measurements:
         experts = {key: [[t, self.value(f"expert {key} {t}")] for t in self.tokens] for key in self.shapes}
         non_expert, offsets = {}, {}
         for m in self.models:
-            kernels = (self.value(f"non_expert {m.name} {self.tokens[0]}")
-                       + m.top_k * self.value(f"expert {m.expert_shape_key} {self.tokens[0]}"))
-            offsets[m.name] = {mode: self.value(f"decode {m.name} {mode}") - kernels for mode in self.modes}
-            one_token = offsets[m.name]["graphs" if self.graphs else "eager"]
-            # The one-token entry makes the decode layer's in-run time, as measured; prefills and
-            # batches (eager) get the eager offset on their kernels' time.
-            non_expert[m.name] = [[t, max(0.0, self.value(f"non_expert {m.name} {t}")
-                                          + (one_token if t == 1 else offsets[m.name]["eager"]))] for t in self.tokens]
+            ne_1, ex_1 = self.value(f"non_expert {m.name} 1"), self.value(f"expert {m.expert_shape_key} 1")
+            offsets[m.name] = {mode: self.value(f"decode {m.name} {mode}") - (ne_1 + m.top_k * ex_1)
+                               for mode in self.modes}
+            decode = self.value(f"decode {m.name} {'graphs' if self.graphs else 'eager'}")
+            one_ne, one_ex = one_token_split(ne_1, ex_1, m.top_k, decode)
+            if self.shapes[m.expert_shape_key] is m:  # the shape's table follows the model measured for it
+                experts[m.expert_shape_key][0][1] = one_ex
+            # Prefills and batches (eager) get the eager offset on their kernels' time.
+            non_expert[m.name] = [[t, one_ne if t == 1 else max(0.0, self.value(f"non_expert {m.name} {t}")
+                                                                + offsets[m.name]["eager"])] for t in self.tokens]
         return experts, non_expert, offsets
 
     def spreads(self) -> dict:
@@ -500,7 +516,8 @@ def _term_notes(m: Measurements, offsets: dict) -> list[str]:
     if any(v < 0 for by_mode in offsets.values() for v in by_mode.values()):
         notes.append("a negative offset is no host time: each kernel group timed alone pays its launch and the "
                      "host's poll of its end, which inside a decode layer overlap the previous group's run; the "
-                     "profile holds the in-run time as measured")
+                     "profile holds the in-run time as measured: its one-token non-expert and expert entries are "
+                     "the kernels' times scaled to it (one_token_split)")
     for term, spread in m.spreads().items():
         w = spread["worst"]
         if w is not None:

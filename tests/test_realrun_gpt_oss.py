@@ -125,3 +125,14 @@ def test_calibrate_times_gpt_oss_kernels_and_validates_on_its_first_requests(rou
     assert any(size == TINY.bytes_per_expert for size, _ in profile.to_dict()["host_link"]["copy_time_s"])
     checks = profile.extra["calibration"]["validation"]["checks"]
     assert [c["policy"] for c in checks] == ["all_resident", "lru", "oracle_prefetch"]
+
+
+def test_one_token_split_makes_the_measured_decode_layer_and_never_goes_negative():
+    from realrun.calibrate import one_token_split
+
+    # The H200's gpt-oss figures: kernels timed one by one 356 + 4 x 149 us, the layer in graphs 281 us.
+    ne, ex = one_token_split(356e-6, 149e-6, 4, 281e-6)
+    assert ne + 4 * ex == pytest.approx(281e-6) and ne > 0 and ex > 0
+    assert ne / ex == pytest.approx(356 / 149)
+    # A layer slower than its kernels: the host's time goes on the non-expert entry, experts unchanged.
+    assert one_token_split(356e-6, 149e-6, 4, 1199e-6) == (pytest.approx(356e-6 + 1199e-6 - 952e-6), 149e-6)
