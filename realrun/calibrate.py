@@ -46,7 +46,7 @@ from realrun.clock_probe import DecodeLoop
 from realrun.copy_engine import CopyEngine
 from realrun.executor import COPY_WAITS, Machine, RealOptions, device_names
 from realrun.fabric import Fabric, measure_fabric
-from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
+from realrun.kernels import REALRUN_FORMAT, NonExpertLayer, copies_beyond_cache, expert_fn, realrun_model
 from realrun.memory import HostExperts, SlotPool, random_bf16
 from realrun.policy_host import policy_host_times
 from realrun.preflight import check_calibrate
@@ -179,9 +179,10 @@ def fit_link(points: list[list[float]]) -> tuple[float, float]:
 
 
 # --- compute ---
-def _rotating(count: int, make: Callable[[], object]) -> Callable[[], object]:
-    """Cycle over `count` copies of some weights, so that timing does not read them from the L2 cache."""
-    items = [make() for _ in range(count)]
+def _rotating(count: int, make: Callable[[int], object]) -> Callable[[], object]:
+    """Cycle over `count` copies of some weights (make(i): the i-th), so that timing does not read
+    them from the L2 cache."""
+    items = [make(i) for i in range(count)]
     state = {"i": 0}
 
     def next_item():
@@ -198,7 +199,8 @@ def expert_probes(backend: Backend, model: ModelSpec, tokens: list[int], trials:
     h = model.hidden_size
     generator = torch.Generator(backend.device).manual_seed(1)
     weights = _rotating(copies_beyond_cache(model.bytes_per_expert),
-                        lambda: random_bf16(generator, model.bytes_per_expert // 2))
+                        lambda _i: random_bf16(generator, model.bytes_per_expert // 2))
+    ffn = expert_fn(model)
     backend.synchronize()
 
     def probe(t: int) -> Callable[[], float]:
@@ -207,7 +209,7 @@ def expert_probes(backend: Backend, model: ModelSpec, tokens: list[int], trials:
 
         def run() -> None:
             with backend.on_compute():
-                out.add_(swiglu(x, weights(), h))
+                out.add_(ffn(x, weights()))
         return lambda: _median_time(run, backend.synchronize, trials, reps)
     return {t: probe(t) for t in tokens}
 
@@ -218,7 +220,9 @@ def non_expert_probes(backend: Backend, model: ModelSpec, tokens: list[int], kv_
     executor waits for the router's output every layer), median of `trials`."""
     generator = torch.Generator(backend.device).manual_seed(2)
     per_layer = model.non_expert_params_per_layer * model.bytes_per_param
-    layer = _rotating(copies_beyond_cache(per_layer), lambda: NonExpertLayer(model, backend.device, kv_tokens, generator))
+    # Copies of consecutive layers: where attention alternates (gpt-oss), both kinds are timed, as a model runs them.
+    layer = _rotating(2 * -(-copies_beyond_cache(per_layer) // 2),
+                      lambda i: NonExpertLayer(model, backend.device, kv_tokens, generator, i))
     backend.synchronize()
 
     def probe(t: int) -> Callable[[], float]:
@@ -265,12 +269,13 @@ def copy_under_compute(backend: Backend, model: ModelSpec, reps: int = 5) -> tup
     generator = torch.Generator(backend.device).manual_seed(4)
     weights = random_bf16(generator, size // 2)
     x = torch.randn(64, model.hidden_size, generator=generator, device=backend.device).to(torch.bfloat16)
-    one = _median_time(lambda: swiglu(x, weights, model.hidden_size), backend.synchronize, 3, 5)
+    ffn = expert_fn(model)
+    one = _median_time(lambda: ffn(x, weights), backend.synchronize, 3, 5)
     busy = []
     for _ in range(reps):
         with backend.on_compute():
             for _ in range(int(3 * idle / one) + 1):  # compute outlasting the copy
-                swiglu(x, weights, model.hidden_size)
+                ffn(x, weights)
         busy.append(_dma_time(backend, dst, src, 1))
         backend.synchronize()
     return idle, statistics.median(busy)
@@ -349,6 +354,20 @@ def fit_after_wait(response: dict) -> AfterWaitSpec | None:
     spec = AfterWaitSpec(float(grid.cold_factor[i, 0, 0]), float(grid.warm_up_s[0, j, 0]),
                          float(grid.cool_down_s[0, 0, k]))
     return spec if spec.cold_factor >= 1.05 else None
+
+
+def one_token_split(non_expert_s: float, expert_s: float, top_k: int, decode_s: float) -> tuple[float, float]:
+    """(non-expert, expert) one-token entries whose sum over a layer (non-expert + top_k experts) is
+    the decode layer's time measured in the executor (`decode_s`). Time beyond the kernels timed one
+    by one is the host's (policy calls, the layer protocol): it goes on the non-expert entry. A
+    layer faster than its kernels timed one by one (CUDA graphs: one launch each, no host poll in
+    between) has both kernels scaled by the same factor, so that no entry goes negative or is
+    clamped at zero (which made the simulator charge gpt-oss twice the measured layer)."""
+    kernels = non_expert_s + top_k * expert_s
+    if decode_s >= kernels:
+        return non_expert_s + decode_s - kernels, expert_s
+    scale = decode_s / kernels
+    return non_expert_s * scale, expert_s * scale
 
 
 # --- the profile ---
@@ -457,14 +476,16 @@ class Measurements:
         experts = {key: [[t, self.value(f"expert {key} {t}")] for t in self.tokens] for key in self.shapes}
         non_expert, offsets = {}, {}
         for m in self.models:
-            kernels = (self.value(f"non_expert {m.name} {self.tokens[0]}")
-                       + m.top_k * self.value(f"expert {m.expert_shape_key} {self.tokens[0]}"))
-            offsets[m.name] = {mode: self.value(f"decode {m.name} {mode}") - kernels for mode in self.modes}
-            one_token = offsets[m.name]["graphs" if self.graphs else "eager"]
-            # The one-token entry makes the decode layer's in-run time, as measured; prefills and
-            # batches (eager) get the eager offset on their kernels' time.
-            non_expert[m.name] = [[t, max(0.0, self.value(f"non_expert {m.name} {t}")
-                                          + (one_token if t == 1 else offsets[m.name]["eager"]))] for t in self.tokens]
+            ne_1, ex_1 = self.value(f"non_expert {m.name} 1"), self.value(f"expert {m.expert_shape_key} 1")
+            offsets[m.name] = {mode: self.value(f"decode {m.name} {mode}") - (ne_1 + m.top_k * ex_1)
+                               for mode in self.modes}
+            decode = self.value(f"decode {m.name} {'graphs' if self.graphs else 'eager'}")
+            one_ne, one_ex = one_token_split(ne_1, ex_1, m.top_k, decode)
+            if self.shapes[m.expert_shape_key] is m:  # the shape's table follows the model measured for it
+                experts[m.expert_shape_key][0][1] = one_ex
+            # Prefills and batches (eager) get the eager offset on their kernels' time.
+            non_expert[m.name] = [[t, one_ne if t == 1 else max(0.0, self.value(f"non_expert {m.name} {t}")
+                                                                + offsets[m.name]["eager"])] for t in self.tokens]
         return experts, non_expert, offsets
 
     def spreads(self) -> dict:
@@ -495,7 +516,8 @@ def _term_notes(m: Measurements, offsets: dict) -> list[str]:
     if any(v < 0 for by_mode in offsets.values() for v in by_mode.values()):
         notes.append("a negative offset is no host time: each kernel group timed alone pays its launch and the "
                      "host's poll of its end, which inside a decode layer overlap the previous group's run; the "
-                     "profile holds the in-run time as measured")
+                     "profile holds the in-run time as measured: its one-token non-expert and expert entries are "
+                     "the kernels' times scaled to it (one_token_split)")
     for term, spread in m.spreads().items():
         w = spread["worst"]
         if w is not None:
@@ -541,14 +563,16 @@ def _build_profile(m: Measurements, name: str, gpu: str, ceilings: tuple[float, 
 
 
 def validation_runners(profile_of: Callable[[], HardwareProfile], trace: Trace, machine: Machine,
-                       train_fraction: float) -> tuple[Callable[[Check], dict], Callable[[Check], dict]]:
+                       train_fraction: float, max_requests: int | None = None
+                       ) -> tuple[Callable[[Check], dict], Callable[[Check], dict]]:
     """(run on the executor, simulate on the current profile) for a validation check: the trace
-    compare will run, at half of all experts."""
+    compare will run (its first `max_requests` replayed requests), at half of all experts, its
+    experts in realrun's format."""
     budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
 
     def config(check: Check) -> SimConfig:
         return SimConfig(trace=str(trace.path), policy=check.policy, budget=budget, hardware=profile_of().to_dict(),
-                         train_fraction=train_fraction)
+                         train_fraction=train_fraction, max_requests=max_requests, expert_format=REALRUN_FORMAT)
 
     def summary(result) -> dict:
         m = result.metrics
@@ -563,7 +587,7 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
               others: list[Backend] | None = None, policy_trace: Trace | None = None,
               train_fraction: float = 0.0, validate_runs: bool = True, host_sources: int = 8,
               spread_limit: float = SPREAD_LIMIT, validation_remeasures: int = VALIDATION_REMEASURES,
-              decode_steps: int = OVERHEAD_STEPS) -> Calibration:
+              decode_steps: int = OVERHEAD_STEPS, max_requests: int | None = None) -> Calibration:
     """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too;
     with `policy_trace`, every policy's host time replaying it (its leading `train_fraction` trains),
     and (validate_runs) the profile validated on short executor runs of it (realrun.validate)."""
@@ -580,7 +604,8 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         profile, notes = _build_profile(measured, name, gpu, ceilings, fabric, None)
         host_times = hook_times = None
         if policy_trace is not None:
-            host_times, hook_times = policy_host_times(policy_trace, profile, train_fraction)
+            host_times, hook_times = policy_host_times(policy_trace, profile, train_fraction,
+                                                       max_requests=max_requests)
         build = lambda: _build_profile(measured, name, gpu, ceilings, fabric, host_times)  # noqa: E731
         profile, notes = build()
         validation = None
@@ -593,7 +618,8 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
             def remeasure(term: str) -> None:
                 measured.remeasure(term)
                 current["profile"], _ = build()
-            run_real, run_sim = validation_runners(lambda: current["profile"], policy_trace, machine, train_fraction)
+            run_real, run_sim = validation_runners(lambda: current["profile"], policy_trace, machine, train_fraction,
+                                                   max_requests)
             checks = [c for c in DEFAULT_CHECKS if c.policy in available()]
             validation = validate(checks, run_real, run_sim, remeasure, max_remeasures=validation_remeasures)
             del machine
@@ -669,6 +695,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the validation (short all_resident, lru and oracle_prefetch runs of --policy-trace "
                              "on the executor, simulated on the new profile)")
+    parser.add_argument("--max-requests", type=int, default=None,
+                        help="the policy host times and validation runs replay only the first N requests after "
+                             "the training split (as compare --max-requests)")
     parser.add_argument("--host-sources", type=int, default=8,
                         help="the validation runs' pinned host buffers shared by experts (0: one each), as compare's")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
@@ -676,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def work() -> None:
         names = known_models() if args.models == "all" else [n for n in args.models.split(",") if n]
-        models = [load_model_spec(n) for n in names]
+        models = [realrun_model(load_model_spec(n)) for n in names]  # bf16 experts: realrun's kernels
         if not models:
             raise UserError("--models names no model; give profiles of conf/model or 'all'")
         check_calibrate(args.device, models, args.gpus)  # a GPU, and memory enough, before any work
@@ -694,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
             result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
                                graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
                                train_fraction=args.train_fraction, validate_runs=not args.no_validate,
-                               host_sources=args.host_sources, **quick)
+                               host_sources=args.host_sources, max_requests=args.max_requests, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile

@@ -25,7 +25,7 @@ import torch
 from realrun.backend import Backend
 from realrun.executor import RealOptions
 from realrun.gpu_clocks import ClockLog
-from realrun.kernels import NonExpertLayer, copies_beyond_cache, swiglu
+from realrun.kernels import NonExpertLayer, copies_beyond_cache, expert_fn
 from realrun.memory import random_bf16
 from traces import ModelSpec
 from traces.atomic import atomic_write_csv
@@ -43,8 +43,9 @@ class DecodeLoop:
         self.backend, self.model = backend, model
         generator = torch.Generator(backend.device).manual_seed(5)
         per_layer = model.non_expert_params_per_layer * model.bytes_per_param
-        self.layers = [NonExpertLayer(model, backend.device, kv_tokens, generator)
-                       for _ in range(copies_beyond_cache(per_layer))]
+        self.layers = [NonExpertLayer(model, backend.device, kv_tokens, generator, i)
+                       for i in range(copies_beyond_cache(per_layer))]
+        self.expert = expert_fn(model)
         self.weights = [random_bf16(generator, model.bytes_per_expert // 2) for _ in range(2 * model.top_k)]
         self.x = torch.randn(1, model.hidden_size, generator=generator, device=backend.device).to(torch.bfloat16)
         self.src, self.dst = backend.pinned(copy_bytes), backend.empty(copy_bytes)
@@ -63,7 +64,7 @@ class DecodeLoop:
             started = time.perf_counter()
             with backend.on_compute():
                 for k in range(self.model.top_k):
-                    h = h + swiglu(y, self.weights[(self._next + k) % len(self.weights)], self.model.hidden_size)
+                    h = h + self.expert(y, self.weights[(self._next + k) % len(self.weights)])
                 experts_launched = time.perf_counter()
                 h, y = self.layers[self._next % len(self.layers)].forward(self.x)
                 router = backend.record_compute()

@@ -30,6 +30,7 @@ from policies import available, policy_class
 from realrun.api import execute_real
 from realrun.calibrate import profile_name
 from realrun.executor import COPY_WAITS, Machine, RealOptions, Timeline
+from realrun.kernels import REALRUN_FORMAT, realrun_model
 from realrun.gpu_clocks import ClockLog
 from realrun.subset import first_layers
 from sim.api import RunResult, execute, prepare
@@ -269,7 +270,7 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
     if profile.num_gpus < gpus:  # a profile of more GPUs serves fewer: the simulator takes its first ones
         raise UserError(f"hardware '{profile.name}' describes {profile.num_gpus} GPU(s), the runs use {gpus}: give a "
                         f"profile of {gpus} or more (python -m realrun.calibrate --gpus {gpus})")
-    bytes_per_expert = trace.model.bytes_per_expert
+    bytes_per_expert = realrun_model(trace.model).bytes_per_expert  # both engines run realrun's expert format
     jobs = []
     for policy in policies:
         if policy_class(policy).ignores_budget:
@@ -278,7 +279,7 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
             jobs.extend((policy, b) for b in sorted(budgets, key=lambda b: parse_budget(b, bytes_per_expert)))
     configs = {job: SimConfig(trace=str(trace.path), policy=job[0], budget=job[1], hardware=profile.to_dict(),
                               max_requests=max_requests, warm_start=warm_start, train_fraction=train_fraction,
-                              gpus=gpus)
+                              gpus=gpus, expert_format=REALRUN_FORMAT)
                for job in jobs}
     measured: dict[tuple[str, str], list[Measured]] = {job: [] for job in jobs}
     if stored is None:
@@ -391,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
                   *provenance(sys.argv[1:] if argv is None else argv, device, validation), "",
                   f"Trace: {args.trace} ({trace.source.label()}); model {trace.model.name}, "
                   f"{trace.model.num_layers} of {full_layers} layers{subset}; requests: {args.max_requests or 'all'}",
+                  *([f"- experts at {REALRUN_FORMAT} size ({format_bytes(realrun_model(trace.model).bytes_per_expert)} "
+                     f"each; the model ships {trace.model.expert_format}) in both engines: realrun's kernels are "
+                     f"{REALRUN_FORMAT}"] if trace.model.expert_format != REALRUN_FORMAT else []),
                   *([f"- layers split over {args.gpus} GPUs in order; every budget is each GPU's"] if args.gpus > 1 else []),
                   *[f"- {note}" for note in notes]]
         table = run_compare(trace, policies, budgets, hardware, machine, out, args.max_requests, args.warm_start,

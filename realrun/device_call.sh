@@ -1,7 +1,11 @@
 #!/bin/bash
 # One device call: calibrate and compare in the same call, on a fresh GPU machine, results under $OUT.
 #   MODEL=mixtral (default): Mixtral-8x7B, first 16 layers, the real gsm8k trace, 32/64/96 experts.
-#   Override any of TRACE, LAYERS, BUDGETS, POLICIES, REPEATS, HOST_SOURCES, TRAIN, CAL_TIMEOUT, CMP_TIMEOUT.
+#   MODEL=gpt-oss: gpt-oss-20b, all 24 layers, experts at bf16 size (49.8 MB; all 768 in their own pinned
+#     host buffers, 38.2 GB), the real gpt-oss-20b-benchmarks trace (its first half trains; the next 3
+#     requests, 192 tokens, are replayed), 96/192/384 experts (4.8/9.6/19.1 GB: 4, 8, 16 of 32 a layer).
+#   Override any of TRACE, LAYERS, BUDGETS, POLICIES, REPEATS, HOST_SOURCES, TRAIN, MAX_REQUESTS, MODELS,
+#   CAL_TIMEOUT, CMP_TIMEOUT.
 # Run from the repository root on the device (wheels of simpy, hydra-core, omegaconf, antlr4 in .whl/,
 # carried: see /work/.library/device/README.md):  MODEL=mixtral bash realrun/device_call.sh
 # Writes $OUT/<profile>-<model>/: compare.md, compare.csv, profile.yaml (with its validation), log.txt,
@@ -11,11 +15,15 @@ set -o pipefail
 MODEL=${MODEL:-mixtral}
 case $MODEL in
   mixtral) TRACE=${TRACE:-mixtral-8x7b-gsm8k}; LAYERS=${LAYERS:-16}; BUDGETS=${BUDGETS:-32experts,64experts,96experts}
-           HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5} ;;
+           HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5}; MODELS=${MODELS:-all} ;;
+  gpt-oss) TRACE=${TRACE:-gpt-oss-20b-benchmarks}; LAYERS=${LAYERS:-24}; BUDGETS=${BUDGETS:-96experts,192experts,384experts}
+           HOST_SOURCES=${HOST_SOURCES:-0}; TRAIN=${TRAIN:-0.5}; MAX_REQUESTS=${MAX_REQUESTS:-3}; MODELS=${MODELS:-gpt-oss-20b}
+           CAL_TIMEOUT=${CAL_TIMEOUT:-250}; CMP_TIMEOUT=${CMP_TIMEOUT:-330} ;;
   *) [ -n "$TRACE" ] && [ -n "$LAYERS" ] || { echo "MODEL=$MODEL: give TRACE and LAYERS" >&2; exit 2; }
-     BUDGETS=${BUDGETS:-auto}; HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5} ;;
+     BUDGETS=${BUDGETS:-auto}; HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5}; MODELS=${MODELS:-all} ;;
 esac
-POLICIES=${POLICIES:-all_resident,lru,belady,mixtral_offload,finemoe,moe_infinity,moepic,promoe,oracle_prefetch}
+POLICIES=${POLICIES:-all_resident,lru,belady,mixtral_offload,finemoe,moe_infinity,moepic,promoe,oracle_prefetch,reuse}
+LIMIT=${MAX_REQUESTS:+--max-requests $MAX_REQUESTS}
 REPEATS=${REPEATS:-1}
 export TQDM_MININTERVAL=60 PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -29,12 +37,12 @@ PROFILE=/tmp/$NAME-$MODEL.yaml
   date -u +%T; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv
   echo "== calibrate"
   timeout "${CAL_TIMEOUT:-270}" python3 -m realrun.calibrate --graphs --name "$NAME" --policy-trace "$TRACE" \
-    --policy-layers "$LAYERS" --train-fraction "$TRAIN" --host-sources "$HOST_SOURCES" --out "$PROFILE" \
+    --policy-layers "$LAYERS" --train-fraction "$TRAIN" --host-sources "$HOST_SOURCES" --models "$MODELS" $LIMIT --out "$PROFILE" \
     && cp "$PROFILE" "$DIR/profile.yaml" || exit 1
   date -u +%T; echo "== compare"
   timeout "${CMP_TIMEOUT:-300}" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" --train-fraction "$TRAIN" \
     --graphs --hardware "$PROFILE" --host-sources "$HOST_SOURCES" --budgets "$BUDGETS" --policies "$POLICIES" \
-    --repeats "$REPEATS" --out /tmp/cmp-$MODEL | tail -40
+    --repeats "$REPEATS" $LIMIT --out /tmp/cmp-$MODEL | tail -40
   date -u +%T
 } 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/run\]\|req/s\]\|run/s\]\|size/s\]\|shape/s\]\|model/s\]\|policy/s\]\|^\s*$" \
   | tee "$DIR/log.txt"

@@ -34,7 +34,7 @@ from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from realrun.backend import DONE, Backend, Event
 from realrun.copy_engine import CopyEngine
 from realrun.graphs import DecodeGraphs
-from realrun.kernels import NonExpertLayer, expert_weights, swiglu
+from realrun.kernels import NonExpertLayer, expert_fn, expert_weights, realrun_model
 from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
 from sim.engine import RunState, SimOptions
@@ -85,7 +85,8 @@ class Machine:
                  random_experts: bool = True):
         """non_expert=False: no non-expert weights (a live model brings its own); random_experts=False:
         host buffers left for the caller to fill, one per expert."""
-        self.model = model
+        self.model = model = realrun_model(model)  # bf16 experts: what its kernels read
+        self.expert = expert_fn(model)  # f(x, weights): the model's expert FFN
         self.options = options = options or RealOptions()
         if options.copy_wait not in COPY_WAITS:
             raise UserError(f"copy_wait={options.copy_wait}: give one of {', '.join(COPY_WAITS)}")
@@ -98,14 +99,14 @@ class Machine:
         # The simulator's "layers" placement; no NVLink peers (realrun makes host copies only).
         self.topology = Topology(n, "layers", tuple(l * n // layers for l in range(layers)), ((),) * n)
         generators = [torch.Generator(b.device).manual_seed(options.seed + i) for i, b in enumerate(self.backends)]
-        self.layers = [NonExpertLayer(model, self.backends[g].device, options.kv_tokens, generators[g])
-                       for g in self.topology.layer_gpu] if non_expert else []
+        self.layers = [NonExpertLayer(model, self.backends[g].device, options.kv_tokens, generators[g], layer)
+                       for layer, g in enumerate(self.topology.layer_gpu)] if non_expert else []
         self.host = HostExperts(self.backends[0], model, options.host_sources if random_experts else 0, options.seed,
                                 fill=random_experts)
         self._inputs: dict[int, torch.Tensor] = {}
         self._warm_tokens: set[int] = set()
         # One set of graphs per device: its layers, the places of its cache, its own x and y.
-        self.graphs = [DecodeGraphs(b, model.hidden_size) for b in self.backends] if options.graphs else None
+        self.graphs = [DecodeGraphs(b, model.hidden_size, self.expert) for b in self.backends] if options.graphs else None
 
     @property
     def device_name(self) -> str:
@@ -138,7 +139,7 @@ class Machine:
                     y = self.input(tokens).to(backend.device)
                     if self.layers:
                         _, y = self.layers[self.layers_of(gpu)[0]].forward(y)
-                    swiglu(y, scratch, self.model.hidden_size)
+                    self.expert(y, scratch)
             with backend.on_copy():
                 source = self.host.buffers[0]
                 backend.empty(source.numel()).copy_(source, non_blocking=True)
@@ -233,6 +234,10 @@ class Executor(Serving):
         if model.num_layers != machine.model.num_layers or model.expert_shape_key != machine.model.expert_shape_key:
             raise UserError(f"the machine was built for {machine.model.name} ({machine.model.num_layers} layers), "
                             f"the run needs {model.name} ({model.num_layers} layers)")
+        if model.bytes_per_expert != machine.model.bytes_per_expert:
+            raise UserError(f"the run's experts are {model.expert_format} ({model.bytes_per_expert} B), realrun's "
+                            f"kernels read {machine.model.expert_format} ({machine.model.bytes_per_expert} B): "
+                            f"run with expert_format={machine.model.expert_format}")
         topo = machine.topology
         if opts.placement != "layers" or opts.gpus not in (None, topo.num_gpus):
             raise UserError(f"realrun runs placement=layers on the machine's {topo.num_gpus} device(s); "
@@ -451,7 +456,7 @@ class Executor(Serving):
 
             def launch(i: int, weights: torch.Tensor, x=x, y=y, tokens=tokens) -> None:
                 rows = 1 if tokens is None else min(tokens[i], x.shape[0])
-                x[:rows] += swiglu(y[:rows], weights, self.model.hidden_size)
+                x[:rows] += machine.expert(y[:rows], weights)
             self.run_experts(layer, gpu_experts, plan, launch)
             if cpu_experts:
                 out = cpu_work.result()

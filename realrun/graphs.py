@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from realrun.backend import Backend
-from realrun.kernels import NonExpertLayer, expert_weights, swiglu
+from realrun.kernels import ExpertFn, NonExpertLayer, expert_weights
 
 
 class CudaGraph:
@@ -55,8 +55,9 @@ class CalledGraph:
 class DecodeGraphs:
     """The graphs of one device; capture_* after the kernels have run once (Machine.warm_up)."""
 
-    def __init__(self, backend: Backend, hidden: int):
-        self.backend, self.hidden = backend, hidden
+    def __init__(self, backend: Backend, hidden: int, expert: ExpertFn):
+        """expert: the model's FFN, f(y, weights) (realrun.kernels.expert_fn)."""
+        self.backend, self.hidden, self.expert_ffn = backend, hidden, expert
         self._graph = CudaGraph if backend.is_cuda else CalledGraph
         self.x = torch.zeros(1, hidden, dtype=torch.bfloat16, device=backend.device)
         self.y = torch.zeros(1, hidden, dtype=torch.bfloat16, device=backend.device)
@@ -96,7 +97,7 @@ class DecodeGraphs:
         return weights.data_ptr(), weights.numel()
 
     def _expert(self, weights: torch.Tensor) -> None:
-        self.x.add_(swiglu(self.y, weights, self.hidden))
+        self.x.add_(self.expert_ffn(self.y, weights))
 
     def non_expert(self, layer: int) -> None:
         self._layers[layer].replay()

@@ -42,10 +42,10 @@ def _timed(call: Callable, spent: list[float]) -> Callable:
 
 
 def host_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile,
-               train_fraction: float = 0.0) -> tuple[PolicyHostTime, PolicyHostTime]:
+               train_fraction: float = 0.0, max_requests: int | None = None) -> tuple[PolicyHostTime, PolicyHostTime]:
     """(the hooks alone, the hooks and carrying their decisions out): mean seconds per layer, per pass."""
     run = prepare(SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=hardware.to_dict(),
-                            train_fraction=train_fraction), trace)
+                            train_fraction=train_fraction, max_requests=max_requests), trace)
     sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
                      replay_options(run.cfg))
     sim.prepare(run.train)
@@ -64,7 +64,7 @@ def host_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile
 
 
 def policy_host_times(trace: Trace, hardware: HardwareProfile, train_fraction: float = 0.0,
-                      policies: list[str] | None = None) -> tuple[dict[str, PolicyHostTime], dict[str, PolicyHostTime]]:
+                      policies: list[str] | None = None, max_requests: int | None = None) -> tuple[dict[str, PolicyHostTime], dict[str, PolicyHostTime]]:
     """Every registered policy (or `policies`) at half of all experts: (what the simulator charges,
     the decisions carried out beyond all_resident's; the hooks alone, for the record)."""
     # A policy that computes on the host CPU needs the profile's cpu section, which calibrate does not
@@ -72,7 +72,7 @@ def policy_host_times(trace: Trace, hardware: HardwareProfile, train_fraction: f
     names = policies or [p for p in available()
                          if not p.startswith("test_") and (hardware.cpu is not None or not policy_class(p).uses_cpu)]
     budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
-    measured = {name: host_times(trace, name, budget, hardware, train_fraction)
+    measured = {name: host_times(trace, name, budget, hardware, train_fraction, max_requests)
                 for name in tqdm(sorted({*names, BASELINE}), desc="policy host time", unit="policy", leave=False)}
     base = measured[BASELINE][1]
     charged = {name: PolicyHostTime(max(0.0, measured[name][1].layer_s - base.layer_s),

@@ -155,7 +155,7 @@ def test_decode_graphs_compute_what_the_eager_kernels_do():
         for w in weights[i:i + 2]:
             eager[:1] += swiglu(y[:1], w, model.hidden_size)
 
-    graphs = DecodeGraphs(Backend("cpu"), model.hidden_size)
+    graphs = DecodeGraphs(Backend("cpu"), model.hidden_size, lambda y, w: swiglu(y, w, model.hidden_size))
     graphs.capture_layers(layers)
     places = [w.view(torch.uint8) for w in weights[:2]]  # graphs for two places, the third runs eagerly
     graphs.capture_experts(places)
