@@ -1,25 +1,63 @@
 """Experts computed for real on the host CPU (torch on the CPU), for policies that answer
 PrefetchPlan.cpu, and the measurement of the CPU's expert-FFN table (sim.host_cpu) that
-realrun.calibrate writes into a hardware profile's cpu section.
+realrun.calibrate writes into a hardware profile's cpu section (`python -m realrun.cpu_experts`
+measures it alone and writes it into a copy of a profile).
 
 The hidden state of the tokens a CPU expert serves is copied into a pinned host buffer, the FFN
 runs on the host's threads over the expert's weights in host memory (the same SwiGLU layout as
 realrun.kernels), and the result comes back through a pinned buffer with a non-blocking copy.
+Experts with biases (gpt-oss) use gpt-oss's clamped SwiGLU with biases. MXFP4 experts (gpt-oss as
+shipped) are dequantised on the CPU (a 16-entry lookup of the 4-bit codes times each block of
+32's power-of-two scale, into bf16) and then computed in bf16: what a torch-on-CPU backend does;
+llama.cpp's fused MXFP4 dot kernels skip the bf16 copy and would be faster.
+The executor's host thread spins on copy events, so the FFN gets one core fewer than the host has
+(`ffn_threads()`), and the table is measured with the same count.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import time
 
 import torch
 
-from realrun.kernels import expert_weights, swiglu
+from realrun.kernels import GPT_OSS, clamped_swiglu, swiglu
 from traces import ModelSpec
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "mxfp4": torch.bfloat16}  # mxfp4 computes in bf16
+MX_BLOCK = 32
+# The 16 FP4 (E2M1) values, indexed by their 4-bit code.
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_BYTE = torch.arange(256)
+_BYTE_VALUES = torch.stack([FP4_VALUES[_BYTE & 0x0F], FP4_VALUES[_BYTE >> 4]], dim=-1).to(torch.bfloat16)  # [256, 2]
+
+
+def ffn_threads() -> int:
+    """The FFN's threads: every core but the one the executor's host thread spins on."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def dequantise_mxfp4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Packed MXFP4 (two 4-bit codes a byte, low nibble first; one E8M0 scale byte per block of 32)
+    to bf16, flat: one lookup per byte (both its values), then each block times its scale."""
+    pairs = _BYTE_VALUES[codes.long()].view(-1, MX_BLOCK)
+    return (pairs * torch.exp2(scales.view(-1, 1).float() - 127.0).to(torch.bfloat16)).view(-1)
+
+
+def gpt_oss_swiglu(x: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, hidden: int) -> torch.Tensor:
+    """gpt-oss's expert with its biases stored after all weights (flat: gate_up [2f, h], down [h, f];
+    biases [2f] then [h]), as the CPU blocks hold them."""
+    width = weights.numel() // (3 * hidden)
+    return clamped_swiglu(x, weights[: 2 * width * hidden].view(2 * width, hidden), biases[: 2 * width],
+                          weights[2 * width * hidden:].view(hidden, width), biases[2 * width:],
+                          GPT_OSS.swiglu_alpha, GPT_OSS.swiglu_limit)
 
 
 class CpuExperts:
-    """One model's expert FFN on the host CPU, with pinned activation buffers."""
+    """One model's expert FFN on the host CPU, with pinned activation buffers. An expert is the
+    bytes of its host block: weights (flat: gate/up [2f, h], then down [h, f]) in the format, then
+    its biases (2f + h) where the model has them, in the compute type; MXFP4: the packed codes,
+    then one scale byte per 32 weights, then bf16 biases."""
 
     def __init__(self, model: ModelSpec, max_tokens: int, fmt: str = "bf16", threads: int | None = None,
                  pin: bool | None = None):
@@ -27,63 +65,95 @@ class CpuExperts:
             raise ValueError(f"CPU expert format '{fmt}': use one of {', '.join(DTYPES)}")
         if threads:
             torch.set_num_threads(threads)
-        self.model, self.dtype = model, DTYPES[fmt]
+        self.model, self.fmt, self.dtype = model, fmt, DTYPES[fmt]
+        self.weights_n = 3 * model.hidden_size * model.expert_intermediate_size
+        self.biases_n = (2 * model.expert_intermediate_size + model.hidden_size) if model.expert_bias else 0
         pin = torch.cuda.is_available() if pin is None else pin
         shape = (max_tokens, model.hidden_size)
         self.down = torch.empty(shape, dtype=self.dtype, pin_memory=pin)  # hidden state, GPU -> host
         self.up = torch.empty(shape, dtype=self.dtype, pin_memory=pin)  # results, host -> GPU
 
     def weights(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Random weights of one expert in this format (flat: gate/up [2f, h], then down [h, f])."""
-        m = self.model
-        n = 3 * m.hidden_size * m.expert_intermediate_size
-        return (torch.randn(n, generator=generator) * 0.02).to(self.dtype)
+        """Random bytes of one expert in this format (see the class)."""
+        values = torch.randn(self.weights_n + self.biases_n, generator=generator) * 0.02
+        if self.fmt != "mxfp4":
+            return values.to(self.dtype).view(torch.uint8)
+        codes = torch.randint(0, 256, (self.weights_n // 2,), generator=generator, dtype=torch.uint8)
+        scales = torch.full((self.weights_n // MX_BLOCK,), 127 - 6, dtype=torch.uint8)  # 2^-6: weights ~0.02
+        return torch.cat([codes, scales, values[self.weights_n:].to(torch.bfloat16).view(torch.uint8)])
+
+    def ffn(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """One expert over x [tokens, hidden], its weights the bytes `block` (uint8)."""
+        h = self.model.hidden_size
+        if self.fmt == "mxfp4":
+            n = self.weights_n
+            weights = dequantise_mxfp4(block[: n // 2], block[n // 2: n // 2 + n // MX_BLOCK])
+            rest = block[n // 2 + n // MX_BLOCK:]
+            biases = rest[: rest.numel() // 2 * 2].view(torch.bfloat16)
+        else:
+            values = block[: block.numel() // self.dtype.itemsize * self.dtype.itemsize].view(self.dtype)
+            weights, biases = values[: self.weights_n], values[self.weights_n: self.weights_n + self.biases_n]
+        if self.biases_n:
+            return gpt_oss_swiglu(x, weights, biases, h)
+        return swiglu(x, weights, h)
 
     def run(self, y: torch.Tensor, experts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-        """Sum over experts of FFN(y[:tokens]) for (weights, tokens) in `experts`, computed on the
+        """Sum over experts of FFN(y[:tokens]) for (block, tokens) in `experts`, computed on the
         CPU; y lives on any device. Returns the result on y's device (rows: the most tokens)."""
         rows = max(t for _, t in experts)
         down = self.down[:rows]
         down.copy_(y[:rows])
-        out = self.up[:rows]
-        out.zero_()
-        for weights, tokens in experts:
-            out[:tokens] += swiglu(down[:tokens], weights, self.model.hidden_size)
+        out = self.compute(down, experts)
         return out.to(y.device, non_blocking=True)
+
+    def compute(self, down: torch.Tensor, experts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        out = self.up[:down.shape[0]]
+        out.zero_()
+        for block, tokens in experts:
+            out[:tokens] += self.ffn(down[:tokens], block)
+        return out
 
 
 def cpu_table(model: ModelSpec, tokens: list[int], fmt: str = "bf16", threads: int | None = None,
-              repeats: int = 5, weights_copies: int = 2) -> list[list[float]]:
-    """[[tokens, seconds], ...]: one expert's FFN on this host's CPU, the median of `repeats`,
-    cycling through `weights_copies` experts' weights so that the host's caches do not hold them
-    (at real shapes each expert is far beyond the last-level cache). The key for the profile is
+              repeats: int = 9, weights_copies: int = 3) -> list[list[float]]:
+    """[[tokens, seconds], ...]: one expert's FFN on this host's CPU, the median of `repeats`
+    taken in rounds over every token count (a slow spell shifts them alike), cycling through
+    `weights_copies` experts' weights so that the host's caches do not hold them (at real shapes
+    each expert is far beyond the last-level cache). The key for the profile is
     sim.host_cpu.CpuSpec.key(model, fmt)."""
     cpu = CpuExperts(model, max(tokens), fmt, threads, pin=False)
     gen = torch.Generator().manual_seed(0)
-    weights = [cpu.weights(gen) for _ in range(max(1, weights_copies))]
+    blocks = [cpu.weights(gen) for _ in range(max(1, weights_copies))]
     y = torch.randn(max(tokens), model.hidden_size, generator=gen).to(cpu.dtype)
-    table = []
+    samples: dict[int, list[float]] = {t: [] for t in tokens}
     for t in tokens:
-        cpu.run(y, [(weights[0], t)])  # warm up this shape
-        samples = []
-        for r in range(repeats):
+        for block in blocks:  # warm up this shape (the CPU kernels pick their blocking per shape)
+            cpu.run(y, [(block, t)])
+    for r in range(repeats):
+        for t in tokens:
             start = time.perf_counter()
-            cpu.run(y, [(weights[r % len(weights)], t)])
-            samples.append(time.perf_counter() - start)
-        table.append([float(t), float(sorted(samples)[len(samples) // 2])])
-    return table
+            cpu.run(y, [(blocks[r % len(blocks)], t)])
+            samples[t].append(time.perf_counter() - start)
+    return [[float(t), float(sorted(s)[len(s) // 2])] for t, s in samples.items()]
 
 
-def cpu_section(models: list[ModelSpec], tokens: list[int], formats: tuple[str, ...] = ("bf16", "fp32"),
+def model_formats(model: ModelSpec) -> tuple[str, ...]:
+    """The formats to measure: bf16 always, and the model's own where it ships quantised (MXFP4)."""
+    return ("bf16",) + ((model.expert_format,) if model.expert_format in DTYPES and model.expert_format != "bf16" else ())
+
+
+def cpu_section(models: list[ModelSpec], tokens: list[int], formats: tuple[str, ...] | None = None,
                 threads: int | None = None, **spec) -> dict:
     """A hardware profile's `cpu:` section with the expert tables measured on this host
-    (spec: cores, mem_bandwidth_Bps, matmul_flops, as known for the host)."""
-    import os
-    cores = threads or os.cpu_count() or 1
-    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores) for m in models for fmt in formats}
+    (formats: None, each model's `model_formats`; spec: mem_bandwidth_Bps, matmul_flops, as known
+    for the host). `cores` is the threads the FFN ran on."""
+    cores = threads or ffn_threads()
+    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores)
+              for m in models for fmt in (formats or model_formats(m))}
     return {"cores": cores, "mem_bandwidth_Bps": spec.get("mem_bandwidth_Bps", 1.0e11),
             "matmul_flops": spec.get("matmul_flops", 1.0e12), "expert_time_s": tables,
-            "origin": f"realrun.calibrate cpu_table on this host, torch {torch.__version__}, {cores} threads"}
+            "origin": f"realrun.cpu_experts cpu_table on this host, torch {torch.__version__}, {cores} threads "
+                      f"of {os.cpu_count()} cores; mxfp4: dequantised to bf16 on the CPU, then computed"}
 
 
 class CpuLayer:
@@ -92,7 +162,8 @@ class CpuLayer:
 
     def __init__(self, model: ModelSpec, max_tokens: int, pin: bool):
         from concurrent.futures import ThreadPoolExecutor
-        self.cpu = CpuExperts(model, max_tokens, pin=pin)
+        fmt = model.expert_format if model.expert_format in DTYPES else "bf16"
+        self.cpu = CpuExperts(model, max_tokens, fmt, ffn_threads(), pin=pin)
         self._pool = ThreadPoolExecutor(max_workers=1)
 
     def start(self, y: torch.Tensor, experts: list[tuple[torch.Tensor, int]]):
@@ -100,14 +171,40 @@ class CpuLayer:
         rows = max(t for _, t in experts)
         down = self.cpu.down[:rows]
         down.copy_(y[:rows])
-        return self._pool.submit(self._compute, down, experts)
-
-    def _compute(self, down: torch.Tensor, experts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-        out = self.cpu.up[:down.shape[0]]
-        out.zero_()
-        for weights, tokens in experts:
-            out[:tokens] += swiglu(down[:tokens], expert_weights(weights), self.cpu.model.hidden_size)
-        return out
+        return self._pool.submit(self.cpu.compute, down, experts)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure the CPU tables of the given models here and write `--profile` with that cpu section."""
+    from pathlib import Path
+
+    import yaml
+
+    from sim.profiles import load_hardware
+    from traces.atomic import atomic_write_text
+    from traces.cli import run_cli
+    from traces.model_spec import load_model_spec
+    parser = argparse.ArgumentParser(prog="python -m realrun.cpu_experts", description=main.__doc__)
+    parser.add_argument("--profile", required=True, help="hardware profile to copy (name or YAML path)")
+    parser.add_argument("--models", default="mixtral-8x7b,gpt-oss-20b", help="comma-separated model profiles")
+    parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
+    parser.add_argument("--out", required=True, help="YAML path of the profile written")
+
+    def work() -> None:
+        profile = load_hardware(args.profile).to_dict()
+        section = cpu_section([load_model_spec(n) for n in args.models.split(",") if n],
+                              [int(t) for t in args.tokens.split(",")])
+        kept = (profile.get("cpu") or {})
+        profile["cpu"] = {**section, **{k: kept[k] for k in ("mem_bandwidth_Bps", "matmul_flops", "down_link",
+                                                             "dequant_s_per_byte") if k in kept}}
+        atomic_write_text(Path(args.out), yaml.safe_dump(profile, sort_keys=False, width=200))
+        print(yaml.safe_dump({"cpu": profile["cpu"]}, sort_keys=False, width=200))
+    args = parser.parse_args(argv)
+    run_cli(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -298,9 +298,9 @@ class Executor(Serving):
         tokens |= set(range(1, self.options.max_batch + 1))
         machine.warm_up(tokens, max(max(b) for b in self._part_bytes))
         if self.policy.uses_cpu:  # realrun.cpu_experts: experts computed on the host CPU
-            if machine.graphs is not None or self.hardware.cpu is None:
-                raise UserError(f"policy '{self.policy.name}' computes experts on the CPU: run realrun with "
-                                "graphs=false and a hardware profile with a cpu section")
+            if self.hardware.cpu is None:
+                raise UserError(f"policy '{self.policy.name}' computes experts on the CPU: give a hardware "
+                                "profile with a cpu section")
             from realrun.cpu_experts import CpuLayer
             self.cpu = CpuLayer(model, max(tokens), pin=machine.backends[0].device.type == "cuda")
         if machine.graphs is not None:
@@ -443,25 +443,25 @@ class Executor(Serving):
             plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
             tokens = None if expert_tokens is None else expert_tokens[layer]
 
-            if graphs is not None:
-                self.run_experts(layer, experts[layer], plan, lambda _i, weights: graphs.expert(weights))
-                continue
-
             gpu_experts, tokens, cpu_experts, cpu_tokens = split_cpu(plan, experts[layer], tokens, policy, layer,
                                                                      self.recorder)
+            # With graphs the hidden state lives in the graphs' static buffers; CPU experts run between.
+            x_now, y_now = (x, y) if graphs is None else (graphs.x, graphs.y)
             if cpu_experts:  # on a host thread, while the GPU's experts run
-                cpu_work = self.cpu.start(y, [(machine.host.block((layer, e, 0), self._part_bytes[layer]),
-                                               min(t, y.shape[0])) for e, t in zip(cpu_experts, cpu_tokens)])
-                self.recorder.activation_bytes += 2 * min(sum(cpu_tokens), y.shape[0]) * y.shape[1] * y.element_size()
+                cpu_work = self.cpu.start(y_now, [(machine.host.block((layer, e, 0), self._part_bytes[layer]),
+                                                   min(t, y_now.shape[0])) for e, t in zip(cpu_experts, cpu_tokens)])
+                self.recorder.activation_bytes += (2 * min(sum(cpu_tokens), y_now.shape[0]) * y_now.shape[1]
+                                                   * y_now.element_size())
 
-            def launch(i: int, weights: torch.Tensor, x=x, y=y, tokens=tokens) -> None:
+            def launch(i: int, weights: torch.Tensor, x=x_now, y=y_now, tokens=tokens) -> None:
                 rows = 1 if tokens is None else min(tokens[i], x.shape[0])
                 x[:rows] += machine.expert(y[:rows], weights)
-            self.run_experts(layer, gpu_experts, plan, launch)
+            self.run_experts(layer, gpu_experts, plan,
+                             launch if graphs is None else lambda _i, weights, graphs=graphs: graphs.expert(weights))
             if cpu_experts:
                 out = cpu_work.result()
                 with backend.on_compute():  # a blocking copy up: the pinned buffer is reused next layer
-                    x[:out.shape[0]] += out.to(x.device)
+                    x_now[:out.shape[0]] += out.to(x_now.device)
         self._wait(backend.record_compute())  # the token is out
         policy.on_step_end(step)
 

@@ -77,18 +77,24 @@ def swiglu(x: torch.Tensor, weights: torch.Tensor, hidden: int) -> torch.Tensor:
     return (F.silu(gate) * up) @ down.t()
 
 
-def biased_clamped_swiglu(x: torch.Tensor, weights: torch.Tensor, hidden: int, width: int, alpha: float,
-                          limit: float) -> torch.Tensor:
-    """gpt-oss's expert: flat bf16 weights [2f, h], bias [2f], [h, f], bias [h]; gate and up interleaved."""
-    n = 2 * width * hidden
-    gate_up = weights[:n].view(2 * width, hidden)
-    gate_up_bias = weights[n: n + 2 * width]
-    n += 2 * width
-    down = weights[n: n + hidden * width].view(hidden, width)
-    down_bias = weights[n + hidden * width: n + hidden * width + hidden]
+def clamped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, gate_up_bias: torch.Tensor, down: torch.Tensor,
+                   down_bias: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss's expert on its tensors: gate_up [2f, h] (gate and up interleaved) with bias [2f],
+    down [h, f] with bias [h]; gate clamped above at `limit`, up to [-limit, limit]."""
     projected = torch.addmm(gate_up_bias, x, gate_up.t())
     gate, up = projected[..., ::2].clamp(max=limit), projected[..., 1::2].clamp(-limit, limit)
     return torch.addmm(down_bias, (up + 1) * (gate * torch.sigmoid(gate * alpha)), down.t())
+
+
+def biased_clamped_swiglu(x: torch.Tensor, weights: torch.Tensor, hidden: int, width: int, alpha: float,
+                          limit: float) -> torch.Tensor:
+    """gpt-oss's expert from one slot: flat bf16 weights [2f, h], bias [2f], [h, f], bias [h]."""
+    n = 2 * width * hidden
+    gate_up, gate_up_bias = weights[:n].view(2 * width, hidden), weights[n: n + 2 * width]
+    n += 2 * width
+    down = weights[n: n + hidden * width].view(hidden, width)
+    down_bias = weights[n + hidden * width: n + hidden * width + hidden]
+    return clamped_swiglu(x, gate_up, gate_up_bias, down, down_bias, alpha, limit)
 
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
