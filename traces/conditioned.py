@@ -81,7 +81,10 @@ def fit_conditioned(segments: list[np.ndarray], weights: list[np.ndarray], embed
                     num_experts: int, seed: int = 0) -> ConditionedModel:
     """Keep the training requests; choose `neighbours` and `jump` by the smallest distance of
     routing generated for half of them (odd index, from the even ones) to that half's real routing."""
-    from traces.stats import realism_distance, segment_figures  # stats measures; imported where used
+    from traces.stats import (  # stats measures; imported where used
+        realism_distance,
+        segment_figures,
+    )
 
     kept = [i for i, s in enumerate(segments) if len(s)]
     segments, weights = [segments[i] for i in kept], [weights[i] for i in kept]
