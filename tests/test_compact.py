@@ -77,9 +77,9 @@ def test_shipped_stand_in_traces_are_labelled_compact_and_named():
 
 def test_the_default_trace_is_real_routing_and_package_data_stays_small():
     from traces.defaults import DEFAULT_TRACE
-    from traces.stats import REAL_REFERENCES
+    from traces.stats import real_traces
 
-    assert DEFAULT_TRACE in REAL_REFERENCES.values()
+    assert DEFAULT_TRACE in real_traces("gpt-oss-20b")
     trace = load_trace(resolve_trace("default"))
     assert trace.source.model == "openai/gpt-oss-20b" and trace.meta.realism["distance_to_real"] == 0.0
     total = sum(f.stat().st_size for f in DATA_DIR.rglob("*") if f.is_file())

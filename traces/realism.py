@@ -2,18 +2,25 @@
 match accuracy at distances 1-6, prompt-neighbour routing similarity. Deterministic (fixed splits).
 
 All functions take per-request chosen-expert arrays [tokens, layers, k]; the split is by request
-index parity (even = store/train, odd = held out), so no figure is in-sample."""
+index parity (even = store/train, odd = held out; a lone request is split into its halves), so no
+figure is in-sample. The trajectory search scores a fixed-seed sample of at most MAX_QUERIES
+held-out tokens against a fixed-seed sample of at most MAX_STORE training tokens (bounded cost)."""
 from __future__ import annotations
 
 import numpy as np
 
 from policies.matching import best_match, unit
 
-MAX_STORE = 4000   # store tokens for the trajectory search (bounded cost; first tokens of each request)
+MAX_STORE = 4000   # store tokens for the trajectory search (a seeded sample: bounded cost)
 MAX_QUERIES = 1000
+SAMPLE_SEED = 0
 
 
 def _split(requests: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    nonempty = [r for r in requests if len(r)]
+    if len(nonempty) == 1:
+        half = len(nonempty[0]) // 2
+        requests = [nonempty[0][:half], nonempty[0][half:]]
     train = [r for i, r in enumerate(requests) if i % 2 == 0 and len(r)]
     test = [r for i, r in enumerate(requests) if i % 2 == 1 and len(r)]
     if not train or not test:
@@ -53,9 +60,13 @@ def trajectory_accuracy(requests: list[np.ndarray], num_experts: int, distances=
     by cosine against a store of training-request tokens; the best match's experts at layer l+d are
     the prediction. Mean accuracy over layers, per distance d."""
     train, test = _split(requests)
-    train, test = train[:MAX_STORE], test[:MAX_QUERIES]
+    rng = np.random.default_rng(SAMPLE_SEED)
+    if len(train) > MAX_STORE:
+        train = train[np.sort(rng.choice(len(train), MAX_STORE, replace=False))]
+    if len(test) > MAX_QUERIES:
+        test = test[np.sort(rng.choice(len(test), MAX_QUERIES, replace=False))]
     hot_tr, hot_te = _onehot(train, num_experts), _onehot(test, num_experts)
-    layers, k = train.shape[1], train.shape[2]
+    layers = train.shape[1]
     stamps = np.arange(len(train))
     out: dict[int, list[float]] = {d: [] for d in distances}
     for layer in range(layers - 1):
@@ -70,7 +81,7 @@ def trajectory_accuracy(requests: list[np.ndarray], num_experts: int, distances=
 
 
 def neighbour_similarity(requests: list[np.ndarray], embeddings: np.ndarray, num_experts: int) -> tuple[float, float]:
-    """(mean cosine of per-request per-layer expert-frequency vectors between each request and its
+    """Needs three requests or more (with two, the neighbour is the only other one). (mean cosine of per-request per-layer expert-frequency vectors between each request and its
     nearest prompt-embedding neighbour, the same over all other pairs)."""
     freq = np.stack([_onehot(r, num_experts).mean(axis=0).ravel() for r in requests])
     f, e = unit(freq), unit(embeddings)

@@ -46,10 +46,9 @@ from traces.cli import console as cli_console, run_cli
 from traces.defaults import DATA_DIR, resolve_trace
 from traces.errors import UserError
 from traces.format import META, Trace, TraceMeta, load_trace, tally_experts
+from traces.realism import neighbour_similarity, next_layer_accuracy, probabilities_known, trajectory_accuracy
 
 PHASES = ("decode", "all")
-# The real routing each routing shape (layers, experts, top-k) is measured against.
-REAL_REFERENCES = {(32, 8, 2): "mixtral-8x7b-gsm8k", (24, 32, 4): "gpt-oss-20b-benchmarks"}
 REALISM_SHARES = (0.25, 0.5, 0.75)  # slots as shares of a layer's experts: 2, 4, 6 of Mixtral's 8
 _CHUNK_VALUES = 1 << 22  # router probabilities read at a time (16 MB of float32)
 
@@ -192,8 +191,11 @@ def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
 def next_layer_recall(trace: Trace, phase: str = "decode") -> tuple[np.ndarray, np.ndarray]:
     """[layers - 1] each: cross-fitted recall of layer l+1's experts from layer l's, and from popularity alone."""
     model = trace.model
-    layers, experts, k = model.num_layers, model.num_experts, model.top_k
-    folds = [choice_mask(fold, experts) for fold in _two_folds(routing_segments(trace, phase))]
+    return _recall(routing_segments(trace, phase), model.num_layers, model.num_experts, model.top_k)
+
+
+def _recall(segments: list[np.ndarray], layers: int, experts: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    folds = [choice_mask(fold, experts) for fold in _two_folds(segments)]
     if len(folds) < 2 or layers < 2:
         return np.full(layers - 1, np.nan), np.full(layers - 1, np.nan)
     hits = np.zeros(layers - 1)
@@ -322,56 +324,170 @@ def _mean(values: np.ndarray) -> float | None:
     return None if np.isnan(values).all() else float(np.nanmean(values))
 
 
-def _own_figures(trace: Trace) -> dict[str, Any]:
-    model = trace.model
-    per_layer = layer_stats(trace)
-    slots = realism_slots(model.num_experts, model.top_k)
-    rates = cache_hit_rates(trace, slots).groupby("slots")[["lru_hit_rate", "belady_hit_rate"]].mean()
+DISTANCES = (1, 3, 6)  # trajectory-search prefetch distances that enter the figures
+FOLDS = 4  # real-vs-real spread: each fold of a real reference's requests against the rest
+
+
+def routing_kind(meta: TraceMeta) -> str:
+    """'real' (recorded routing, converted or collected), or what the provenance says it is."""
+    kind = meta.source.details.get("routing")
+    if kind is not None:
+        return str(kind)
+    return "real" if meta.source.tool.startswith(("traces.convert", "traces.collect")) else "synthetic"
+
+
+def segment_figures(segments: list[np.ndarray], embeddings: np.ndarray | None, num_experts: int,
+                    top_k: int) -> dict[str, Any]:
+    """Every token-level figure of per-request routing [iterations, layers, k] (None where too few
+    requests): what the distance to real routing compares."""
+    kept = [i for i, seg in enumerate(segments) if len(seg)]
+    segments = [segments[i] for i in kept]
+    embeddings = None if embeddings is None else np.asarray(embeddings)[kept]
+    layers = segments[0].shape[1]
+    slots = realism_slots(num_experts, top_k)
+    experts = np.concatenate(segments)
+    uses = len(experts) * top_k
+    caches = {policy: _replay_per_layer_caches(experts, num_experts, slots, policy) / uses for policy in ("lru", "belady")}
+    shared, compared = _reuse_counts(segments, layers)
+    counts = sum(tally_experts(seg, num_experts).astype(np.int64) for seg in segments)
+    popularity = counts / counts.sum(axis=1, keepdims=True)
+    recall = _mean(_recall(segments, layers, num_experts, top_k)[0])
+    trajectory = trajectory_accuracy(segments, num_experts, DISTANCES)
+    neighbour = (neighbour_similarity(segments, embeddings, num_experts)
+                 if embeddings is not None and len(segments) >= 3 else (None, None))
     return {
-        "phase": "decode",
-        "decode_iterations": int(sum(len(seg) for seg in routing_segments(trace))),
-        "token_reuse": _mean(per_layer["token_reuse"]),
-        "lru_hit_rate": {str(s): _mean(rates.loc[s, "lru_hit_rate"]) for s in slots},
-        "belady_hit_rate": {str(s): _mean(rates.loc[s, "belady_hit_rate"]) for s in slots},
-        "top_expert_share": _mean(per_layer["top_expert_share"]),
-        "request_entropy_bits": _mean(per_layer["request_entropy_bits"]),
-        "request_divergence": _mean(per_layer["request_divergence"]),
-        "iteration_entropy_bits": _mean(per_layer["iteration_entropy_bits"]),
-        "next_layer_recall": _mean(per_layer["next_layer_recall"]),
-        "next_layer_recall_popularity": _mean(per_layer["next_layer_recall_popularity"]),
+        "decode_iterations": int(len(experts)),
+        "token_reuse": float(shared.sum() / (compared * layers)) if compared else None,
+        "lru_hit_rate": {str(s): float(caches["lru"][i].mean()) for i, s in enumerate(slots)},
+        "belady_hit_rate": {str(s): float(caches["belady"][i].mean()) for i, s in enumerate(slots)},
+        "top_expert_share": float(popularity.max(axis=1).mean()),
+        "request_entropy_bits": float(np.mean([entropy_bits(tally_experts(seg, num_experts)) for seg in segments])),
+        "request_divergence": _mean(popularity_divergence(segments, num_experts)),
+        "next_layer_recall": recall,
+        "next_layer_accuracy": next_layer_accuracy(segments, num_experts),
+        "trajectory_accuracy": {str(d): trajectory[d] for d in DISTANCES},
+        "neighbour_cosine": neighbour[0],
+        "random_pair_cosine": neighbour[1],
     }
 
 
-def realism_figures(trace: Trace) -> dict[str, Any]:
-    """The figures meta.json carries (decode phase): token reuse, LRU/Belady hit rates at the realism
-    slots, means over layers of the other statistics, and the distance to the real trace of the same
-    routing shape (REAL_REFERENCES; None where there is none)."""
+def _embeddings(trace: Trace) -> np.ndarray | None:
+    return trace.embedding() if trace.meta.default_embedding is not None else None
+
+
+def _own_figures(trace: Trace) -> dict[str, Any]:
     model = trace.model
+    figures = segment_figures(routing_segments(trace), _embeddings(trace), model.num_experts, model.top_k)
+    return {"phase": "decode", "routing": routing_kind(trace.meta), "probabilities": probabilities_known(trace),
+            **figures, "iteration_entropy_bits": _mean(iteration_entropy(trace))}
+
+
+def real_traces(model_name: str) -> list[str]:
+    """The shipped traces whose meta says their routing is real, of this model."""
+    names = []
+    for meta_path in sorted(DATA_DIR.glob("*/meta.json")):
+        meta = TraceMeta.from_json(meta_path.read_text(), str(meta_path))
+        if meta.model.name == model_name and routing_kind(meta) == "real":
+            names.append(meta_path.parent.name)
+    return names
+
+
+def fold_spread(segments: list[np.ndarray], embeddings: np.ndarray | None, num_experts: int, top_k: int) -> float | None:
+    """Real-vs-real spread: the largest distance of one of FOLDS folds of the requests (every
+    FOLDS-th; a lone request's halves) to the other requests. A trace within it of real routing is as
+    close as real routing is to itself."""
+    kept = [i for i, seg in enumerate(segments) if len(seg)]
+    if len(kept) == 1:
+        half = len(segments[kept[0]]) // 2
+        segments, embeddings, kept = [segments[kept[0]][:half], segments[kept[0]][half:]], None, [0, 1]
+    folds = min(FOLDS, len(kept))
+    if folds < 2:
+        return None
+
+    def figures(index: list[int]) -> dict[str, Any]:
+        return segment_figures([segments[i] for i in index], None if embeddings is None else embeddings[index],
+                               num_experts, top_k)
+
+    return max(realism_distance(figures([i for n, i in enumerate(kept) if n % folds == f]),
+                                figures([i for n, i in enumerate(kept) if n % folds != f])) or 0.0
+               for f in range(folds))
+
+
+def real_reference(model_name: str, fresh: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """All real routing of a model (every shipped real trace): its figures, how many real tokens stand
+    behind them and the real-vs-real spread (fold_spread). One trace's come from its meta.json (or
+    `fresh`, figures just computed); several traces' requests are pooled and measured together."""
+    names = real_traces(model_name)
+    fresh = fresh or {}
+    if not names:
+        return None
+    if len(names) == 1:
+        name = names[0]
+        figures = fresh.get(name) or TraceMeta.from_json((DATA_DIR / name / META).read_text(), name).realism
+        if "real_spread_own" not in figures:
+            figures = _own_figures(load_trace(DATA_DIR / name)) | {"real_spread_own": _trace_spread(load_trace(DATA_DIR / name))}
+        return {"traces": names, "tokens": figures["decode_iterations"], "figures": figures,
+                "spread": figures["real_spread_own"]}
+    traces = [load_trace(DATA_DIR / name) for name in names]
+    segments = [seg for trace in traces for seg in routing_segments(trace)]
+    embeddings = [_embeddings(trace) for trace in traces]
+    pooled = None if any(e is None for e in embeddings) else np.concatenate(embeddings)
+    model = traces[0].model
+    figures = segment_figures(segments, pooled, model.num_experts, model.top_k)
+    return {"traces": names, "tokens": figures["decode_iterations"], "figures": figures,
+            "spread": fold_spread(segments, pooled, model.num_experts, model.top_k)}
+
+
+def _trace_spread(trace: Trace) -> float | None:
+    return fold_spread(routing_segments(trace), _embeddings(trace), trace.model.num_experts, trace.model.top_k)
+
+
+def realism_figures(trace: Trace) -> dict[str, Any]:
+    """The figures meta.json carries (decode phase): every figure of segment_figures, iteration
+    entropy, whether probabilities are full, and the distance to all real routing of the same model
+    (real_reference; None where there is none) with the real tokens behind it and the real-vs-real
+    spread. A real trace also carries its own fold spread (real_spread_own)."""
     figures = _own_figures(trace)
-    name = REAL_REFERENCES.get((model.num_layers, model.num_experts, model.top_k))
-    reference = reference_figures(name) if name is not None else None
-    figures["reference"] = name if reference is not None else None
-    figures["distance_to_real"] = realism_distance(figures, reference) if reference is not None else None
+    fresh = {}
+    if figures["routing"] == "real":
+        figures["real_spread_own"] = _trace_spread(trace)
+        fresh[trace.path.name] = figures
+    reference = real_reference(trace.model.name, fresh)
+    figures["reference"] = reference["traces"] if reference is not None else None
+    figures["reference_tokens"] = reference["tokens"] if reference is not None else None
+    figures["real_spread"] = reference["spread"] if reference is not None else None
+    figures["distance_to_real"] = (realism_distance(figures, reference["figures"]) if reference is not None
+                                   else None)
     return figures
 
 
-def reference_figures(name: str) -> dict[str, Any] | None:
-    """The realism figures of a shipped real trace (from its meta.json; computed if it has none)."""
-    path = DATA_DIR / name
-    if not (path / META).is_file():
-        return None
-    realism = TraceMeta.from_json((path / META).read_text(), str(path / META)).realism
-    return realism if "lru_hit_rate" in realism else _own_figures(load_trace(path))
+def _pairs(figures: dict[str, Any], reference: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(name, ours, real) of every figure both have (nested per-slot and per-distance ones flattened)."""
+    pairs = []
+    for key in DISTANCE_FIGURES:
+        ours, theirs = figures.get(key), reference.get(key)
+        if isinstance(theirs, dict):
+            pairs += [(f"{key}[{s}]", ours.get(s), v) for s, v in theirs.items() if isinstance(ours, dict)]
+        else:
+            pairs.append((key, ours, theirs))
+    return [(name, a, b) for name, a, b in pairs if a is not None and b]
+
+
+# Every token-level figure; iteration entropy stays out (it measures what was recorded: top-k only or all).
+DISTANCE_FIGURES = ("token_reuse", "lru_hit_rate", "belady_hit_rate", "top_expert_share", "request_entropy_bits",
+                    "request_divergence", "next_layer_recall", "next_layer_accuracy", "trajectory_accuracy",
+                    "neighbour_cosine", "random_pair_cosine")
+
+
+def relative_errors(figures: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    """Relative error of every figure both have, against the reference."""
+    return {name: (a - b) / b for name, a, b in _pairs(figures, reference)}
 
 
 def realism_distance(figures: dict[str, Any], reference: dict[str, Any]) -> float | None:
-    """Largest relative error of token reuse and the LRU/Belady hit rates against the reference."""
-    pairs = [(figures.get("token_reuse"), reference.get("token_reuse"))]
-    for key in ("lru_hit_rate", "belady_hit_rate"):
-        ours, theirs = figures.get(key, {}), reference.get(key, {})
-        pairs += [(ours.get(s), theirs.get(s)) for s in theirs]
-    errors = [abs(a - b) / b for a, b in pairs if a is not None and b]
-    return max(errors) if errors and len(errors) == len(pairs) else None
+    """Largest relative error of every figure both have (DISTANCE_FIGURES) against the reference."""
+    errors = relative_errors(figures, reference)
+    return max(abs(e) for e in errors.values()) if errors else None
 
 
 def annotate(path: str | Path) -> dict[str, Any]:
