@@ -105,7 +105,7 @@ def test_the_real_samples_figures_agree_with_routing_realism_md():
     assert figures["token_reuse"] == pytest.approx(0.3443, abs=1e-4)
     assert figures["request_entropy_bits"] == pytest.approx(2.90, abs=0.02)
     assert [len(seg) for seg in routing_segments(trace)] == [166, 78]
-    assert figures["distance_to_real"] == 0.0 and figures["reference"] == "mixtral-8x7b-gsm8k"
+    assert figures["distance_to_real"] == 0.0 and figures["reference"] == ["mixtral-8x7b-gsm8k"]
     assert trace.meta.realism == figures  # the shipped meta is up to date
 
 

@@ -40,9 +40,10 @@ def _overlap(pred: np.ndarray, actual: np.ndarray) -> float:
     return float((pred[:, :, None] == actual[:, None, :]).any(axis=1).mean())
 
 
-def next_layer_accuracy(requests: list[np.ndarray], num_experts: int) -> float:
+def next_layer_accuracy(requests: list[np.ndarray], num_experts: int) -> float | None:
     """Top-k accuracy of layer l+1's experts predicted from layer l's through the empirical
-    conditional of the training requests, on the held-out ones (chance = k / experts)."""
+    conditional of the training requests, on the held-out ones (chance = k / experts); None for
+    a one-layer model."""
     train, test = _split(requests)
     hot_tr, hot_te = _onehot(train, num_experts), _onehot(test, num_experts)
     k = train.shape[2]
@@ -52,7 +53,7 @@ def next_layer_accuracy(requests: list[np.ndarray], num_experts: int) -> float:
         score = hot_te[:, layer] @ cond
         pred = np.argsort(-score, axis=1, kind="stable")[:, :k]
         hits.append(_overlap(pred, test[:, layer + 1]))
-    return float(np.mean(hits))
+    return float(np.mean(hits)) if hits else None
 
 
 def trajectory_accuracy(requests: list[np.ndarray], num_experts: int, distances=range(1, 7)) -> dict[int, float]:

@@ -365,7 +365,7 @@ def segment_figures(segments: list[np.ndarray], embeddings: np.ndarray | None, n
         "request_divergence": _mean(popularity_divergence(segments, num_experts)),
         "next_layer_recall": recall,
         "next_layer_accuracy": next_layer_accuracy(segments, num_experts),
-        "trajectory_accuracy": {str(d): trajectory[d] for d in DISTANCES},
+        "trajectory_accuracy": {str(d): trajectory.get(d) for d in DISTANCES},  # None: too few layers
         "neighbour_cosine": neighbour[0],
         "random_pair_cosine": neighbour[1],
     }
