@@ -16,13 +16,24 @@ MAX_QUERIES = 1000
 SAMPLE_SEED = 0
 
 
-def _split(requests: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _halves(requests: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Even requests train, odd ones are held out; one request is cut in two halves."""
     nonempty = [r for r in requests if len(r)]
     if len(nonempty) == 1:
         half = len(nonempty[0]) // 2
         requests = [nonempty[0][:half], nonempty[0][half:]]
-    train = [r for i, r in enumerate(requests) if i % 2 == 0 and len(r)]
-    test = [r for i, r in enumerate(requests) if i % 2 == 1 and len(r)]
+    return ([r for i, r in enumerate(requests) if i % 2 == 0 and len(r)],
+            [r for i, r in enumerate(requests) if i % 2 == 1 and len(r)])
+
+
+def splittable(requests: list[np.ndarray]) -> bool:
+    """Whether the predictor figures can be measured: a non-empty training and held-out part."""
+    train, test = _halves(requests)
+    return bool(train and test)
+
+
+def _split(requests: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    train, test = _halves(requests)
     if not train or not test:
         raise ValueError("realism statistics need at least two non-empty requests")
     return np.concatenate(train), np.concatenate(test)

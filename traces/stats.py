@@ -46,7 +46,8 @@ from traces.cli import console as cli_console, run_cli
 from traces.defaults import DATA_DIR, resolve_trace
 from traces.errors import UserError
 from traces.format import META, Trace, TraceMeta, load_trace, tally_experts
-from traces.realism import neighbour_similarity, next_layer_accuracy, probabilities_known, trajectory_accuracy
+from traces.realism import (neighbour_similarity, next_layer_accuracy, probabilities_known, splittable,
+                             trajectory_accuracy)
 
 PHASES = ("decode", "all")
 REALISM_SHARES = (0.25, 0.5, 0.75)  # slots as shares of a layer's experts: 2, 4, 6 of Mixtral's 8
@@ -352,7 +353,8 @@ def segment_figures(segments: list[np.ndarray], embeddings: np.ndarray | None, n
     counts = sum(tally_experts(seg, num_experts).astype(np.int64) for seg in segments)
     popularity = counts / counts.sum(axis=1, keepdims=True)
     recall = _mean(_recall(segments, layers, num_experts, top_k)[0])
-    trajectory = trajectory_accuracy(segments, num_experts, DISTANCES)
+    predictable = splittable(segments)  # the predictor figures need a training and a held-out part
+    trajectory = trajectory_accuracy(segments, num_experts, DISTANCES) if predictable else {}
     neighbour = (neighbour_similarity(segments, embeddings, num_experts)
                  if embeddings is not None and len(segments) >= 3 else (None, None))
     return {
@@ -364,7 +366,7 @@ def segment_figures(segments: list[np.ndarray], embeddings: np.ndarray | None, n
         "request_entropy_bits": float(np.mean([entropy_bits(tally_experts(seg, num_experts)) for seg in segments])),
         "request_divergence": _mean(popularity_divergence(segments, num_experts)),
         "next_layer_recall": recall,
-        "next_layer_accuracy": next_layer_accuracy(segments, num_experts),
+        "next_layer_accuracy": next_layer_accuracy(segments, num_experts) if predictable else None,
         "trajectory_accuracy": {str(d): trajectory.get(d) for d in DISTANCES},  # None: too few layers
         "neighbour_cosine": neighbour[0],
         "random_pair_cosine": neighbour[1],
