@@ -34,6 +34,12 @@ POLICY_KNOB_PREFIX = "policy_"
 # Knobs that never tell one series of a figure from another: the budget is the x axis, seeds are
 # averaged, a trace's path is told by trace_name and dataset.
 NOT_SERIES = {"policy", "budget", "seed", "trace"}
+# Columns that start like a policy knob but are not one: settings of the run (policy_host) and a metric.
+_NOT_KNOBS = {f.name for f in fields(SimConfig)} | {"policy_info"}
+
+
+def is_policy_knob(column: str) -> bool:
+    return column.startswith(POLICY_KNOB_PREFIX) and column not in _NOT_KNOBS
 
 
 @dataclass
@@ -122,7 +128,7 @@ def knob_columns(runs: pd.DataFrame) -> list[str]:
     """The columns that configure a run (settings and policy knobs), in the table's order."""
     settings = [f.name for f in fields(SimConfig) if f.name != "policy_params"]
     settings[settings.index("trace") + 1:] = ["trace_name", "dataset", *settings[settings.index("trace") + 1:]]
-    policy_knobs = sorted(c for c in runs.columns if c.startswith(POLICY_KNOB_PREFIX) and c != "policy_info")
+    policy_knobs = sorted(c for c in runs.columns if is_policy_knob(c))
     ordered = settings[:settings.index("policy") + 1] + policy_knobs + settings[settings.index("policy") + 1:]
     return [c for c in ordered if c in runs.columns]
 
@@ -140,8 +146,8 @@ def series_columns(runs: pd.DataFrame, within: list[str] | tuple[str, ...] = ())
         return runs.groupby(inside, dropna=False)[column].nunique(dropna=False).max() > 1
 
     knobs = knob_columns(runs)
-    policy_knobs = [c for c in knobs if c.startswith(POLICY_KNOB_PREFIX) and varies(c, ["policy", *within])]
-    settings = [c for c in knobs if not c.startswith(POLICY_KNOB_PREFIX) and c not in NOT_SERIES
+    policy_knobs = [c for c in knobs if is_policy_knob(c) and varies(c, ["policy", *within])]
+    settings = [c for c in knobs if not is_policy_knob(c) and c not in NOT_SERIES
                 and c not in within and varies(c, within + (["dataset"] if c == "trace_name" else []))]
     return ["policy", *settings, *policy_knobs]
 
@@ -150,7 +156,7 @@ def series_labels(runs: pd.DataFrame, columns: list[str]) -> pd.Series:
     """'lru scope=global' for each run: the policy, then the other series columns set for it."""
 
     def label(row: pd.Series) -> str:
-        parts = [str(row[c]) if c == "policy" else f"{c.removeprefix(POLICY_KNOB_PREFIX)}={row[c]}"
+        parts = [str(row[c]) if c == "policy" else f"{c.removeprefix(POLICY_KNOB_PREFIX) if is_policy_knob(c) else c}={row[c]}"
                  for c in columns if pd.notna(row[c])]
         return " ".join(parts)
 

@@ -69,7 +69,7 @@ def test_synthesized_trace_has_real_lengths_and_embeddings_and_says_what_is_synt
     assert trace.source.tool == "traces.synth" and "Real:" in trace.source.notes and "Synthetic:" in trace.source.notes
     assert trace.source.details["source_trace"] == "mixtral-8x7b-gsm8k"
     assert ((trace.dense_probs() > 0).sum(axis=-1) == 2).all()  # only the top-2 weights, as in the source
-    assert trace.meta.realism["reference"] == "mixtral-8x7b-gsm8k"
+    assert trace.meta.realism["reference"] == ["mixtral-8x7b-gsm8k"]
 
 
 def test_same_seed_same_trace_and_counts_mode_tallies_the_same_prompt_routing(tmp_path, real_source):
