@@ -104,7 +104,7 @@ def prepare(cfg: SimConfig, trace: Trace | None = None) -> PreparedRun:
         model = model.with_format(cfg.expert_format)
     budget = parse_budget(cfg.budget, model.bytes_per_expert)
     policy = make_policy(cfg.policy, **dict(cfg.policy_params))
-    hardware = resolve_hardware(cfg.hardware).charging(policy.name, cfg.policy_host)
+    hardware = resolve_hardware(cfg.hardware).for_model(model.name).charging(policy.name, cfg.policy_host)
     train, replay = split_requests(trace.num_requests, cfg.train_fraction, cfg.max_requests)
     if policy.needs_training and not train:
         raise ConfigError(f"policy '{cfg.policy}' learns offline from a training split of the trace; "

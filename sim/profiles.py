@@ -157,6 +157,26 @@ class PolicyHostTime:
         return times if self.stand_in is None else {**times, "same_as": self.stand_in}
 
 
+@dataclass(frozen=True)
+class ModelTerms:
+    """One model's after_wait and policy_host_s on a profile calibrated on several models."""
+
+    after_wait: AfterWaitSpec | None = None
+    policy_host_s: dict[str, PolicyHostTime] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ModelTerms:
+        if not isinstance(data, dict) or not set(data) <= {"after_wait", "policy_host_s"}:
+            raise ConfigError(f"{where}: expected {{after_wait: ..., policy_host_s: ...}} (either may be left out)")
+        return cls(AfterWaitSpec.from_dict(data["after_wait"], f"{where}.after_wait") if data.get("after_wait") else None,
+                   _policy_host(data.get("policy_host_s") or {}, f"{where}.policy_host_s"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**({"after_wait": self.after_wait.to_dict()} if self.after_wait is not None else {}),
+                **({"policy_host_s": {k: v.to_dict() for k, v in self.policy_host_s.items()}}
+                   if self.policy_host_s else {})}
+
+
 def _policy_host(data: dict[str, Any], where: str) -> dict[str, PolicyHostTime]:
     """A profile's policy_host_s: measured times, and `NAME: {same_as: OTHER}` entries that charge a
     policy not measured on this machine OTHER's measured times (labelled so in every result)."""
@@ -205,6 +225,10 @@ class HardwareProfile:
     # Seconds to dequantise one expert's weights before its matmul, per stored format (bf16 needs none);
     # a format not listed is charged nothing, and the report says so (dequant_uncharged).
     dequant_s_per_expert: dict[str, float] = field(default_factory=dict)
+    # Per model name, the terms a calibration measures per model but that are not keyed by shape
+    # (after_wait, policy_host_s): a machine calibrated on several models keeps each one's own; a
+    # model not listed takes the top-level terms (for_model).
+    per_model: dict[str, ModelTerms] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -237,6 +261,8 @@ class HardwareProfile:
                 disk=_disk(data.get("disk"), f"{where}.disk"),
                 dequant_s_per_expert={str(k): _number(v, f"{where}.dequant_s_per_expert.{k}")
                                       for k, v in (data.get("dequant_s_per_expert") or {}).items()},
+                per_model={str(k): ModelTerms.from_dict(v, f"{where}.per_model.{k}")
+                           for k, v in (data.get("per_model") or {}).items()},
                 extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as exc:
@@ -258,6 +284,7 @@ class HardwareProfile:
             **({"cpu": self.cpu.to_dict()} if self.cpu is not None else {}),
             **({"disk": self.disk.to_dict()} if self.disk is not None else {}),
             **({"dequant_s_per_expert": dict(self.dequant_s_per_expert)} if self.dequant_s_per_expert else {}),
+            **({"per_model": {k: v.to_dict() for k, v in self.per_model.items()}} if self.per_model else {}),
             **self.extra,
         }
 
@@ -283,6 +310,16 @@ class HardwareProfile:
         params = model.non_expert_params_per_layer
         return NON_EXPERT_KERNELS * self.launch_s + max(params * model.bytes_per_param / self.mem_bandwidth_Bps,
                                                         2.0 * params * tokens / self.matmul_flops)
+
+    def for_model(self, model: str) -> HardwareProfile:
+        """This profile as a run of `model` sees it: that model's own after_wait and policy_host_s where
+        the profile measured them (per_model), else the top-level ones; per_model then empty, so that
+        the profile a run records is the one it was charged."""
+        terms = self.per_model.get(model)
+        if terms is None:
+            return replace(self, per_model={}) if self.per_model else self
+        return replace(self, after_wait=terms.after_wait if terms.after_wait is not None else self.after_wait,
+                       policy_host_s=terms.policy_host_s or self.policy_host_s, per_model={})
 
     def policy_host_time(self, policy: str) -> PolicyHostTime:
         """The host time `policy`'s decisions are charged: the measured one; none on a profile that
@@ -332,7 +369,7 @@ class HardwareProfile:
 
 _FIELDS = {"name", "description", "origin", "gpu_memory_bytes", "host_link", "mem_bandwidth_Bps", "matmul_flops",
            "launch_s", "expert_time_s", "non_expert_layer_time_s", "num_gpus", "nvlink", "host_aggregate_Bps",
-           "after_wait", "policy_host_s", "cpu", "disk", "dequant_s_per_expert"}
+           "after_wait", "policy_host_s", "cpu", "disk", "dequant_s_per_expert", "per_model"}
 
 
 def _link(data: dict[str, Any] | None, where: str) -> LinkSpec | None:

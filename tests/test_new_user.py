@@ -80,9 +80,13 @@ def test_the_default_hardware_is_a_measured_profile():
     assert hardware.host_link.measured is not None  # a measured copy curve, not latency + bandwidth
     assert "realrun.calibrate" in hardware.origin
     # Every model profile whose shape the calibration knows is charged measured compute times:
-    # a run on a Mixtral trace prints no roofline fallback.
-    for model in ("mixtral-8x7b", "qwen1.5-moe", "phi-3.5-moe"):
+    # a run on the default (gpt-oss) trace or a Mixtral one prints no roofline fallback.
+    for model in ("mixtral-8x7b", "qwen1.5-moe", "phi-3.5-moe", "gpt-oss-20b"):
         assert all(hardware.measured_for(load_model_spec(model)).values()), model
+    # The default trace is gpt-oss-20b's: its runs take that model's own after-wait and host times.
+    gpt_oss = hardware.for_model("gpt-oss-20b")
+    assert gpt_oss.after_wait != hardware.after_wait
+    assert gpt_oss.policy_host_time("finemoe") != hardware.policy_host_time("finemoe")
 
 
 def test_a_sweep_ends_with_one_table_and_matches_single_runs_byte_for_byte(tmp_path):

@@ -26,6 +26,25 @@ def test_profile_round_trip_keeps_the_curve_and_rejects_a_bad_one():
         HardwareProfile.from_dict(data)
 
 
+def test_per_model_terms_replace_the_top_level_ones_for_that_model_alone():
+    aw = {"cold_factor": 2.0, "warm_up_s": 1e-3, "cool_down_s": 1e-1}
+    data = {"name": "x", "gpu_memory_bytes": 1e9, "mem_bandwidth_Bps": 1e12, "matmul_flops": 1e15,
+            "host_link": {"latency_s": 0.0, "bandwidth_Bps": 1e9}, "after_wait": aw,
+            "policy_host_s": {"lru": {"layer_s": 1e-5, "step_s": 0.0}},
+            "per_model": {"m2": {"after_wait": {**aw, "cold_factor": 3.0},
+                                 "policy_host_s": {"lru": {"layer_s": 2e-5, "step_s": 1e-6},
+                                                   "mine": {"same_as": "lru"}}}}}
+    profile = HardwareProfile.from_dict(data)
+    assert HardwareProfile.from_dict(profile.to_dict()) == profile
+    m2, m1 = profile.for_model("m2"), profile.for_model("m1")
+    assert (m2.after_wait.cold_factor, m1.after_wait.cold_factor) == (3.0, 2.0)
+    assert m2.policy_host_time("lru").layer_s == 2e-5 and m1.policy_host_time("lru").layer_s == 1e-5
+    assert m2.policy_host_time("mine").layer_s == 2e-5
+    assert "per_model" not in m2.to_dict()  # what a run records is what it was charged
+    with pytest.raises(ConfigError, match="per_model.m2"):
+        HardwareProfile.from_dict({**data, "per_model": {"m2": {"after_weight": aw}}})
+
+
 def test_after_wait_model_slows_work_that_starts_cold_and_recovers_under_load(make_trace):
     from conftest import tiny_model, unit_hardware
     from sim.api import simulate
