@@ -44,7 +44,7 @@ def test_sweep_runs_every_combination(tmp_path):
     (["trace=/no/such/trace"], "no such directory"),
     (["+policy=lru", "policy.scope=sideways"], "scope 'sideways' unknown"),
     (["model=qwen1.5-moe"], "pick a model of the trace's shape"),
-    (["+policy=lru", "policy_host=reuse"], "policy_host=reuse: hardware 'h200-measured' measured no host time"),
+    (["+policy=lru", "policy_host=fiddler"], "policy_host=fiddler: hardware 'h200-measured' measured no host time"),
 ])
 def test_bad_input_gets_one_line_and_no_output(tmp_path, args, message):
     done = sim(tmp_path, *args)
