@@ -37,14 +37,13 @@ from realrun.graphs import DecodeGraphs
 from realrun.kernels import NonExpertLayer, expert_fn, expert_weights, realrun_model
 from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
-from sim.engine import RunState, SimOptions
 from sim.errors import StallError
 from sim.layer_protocol import apply_plan, split_cpu, start_layer
 from sim.metrics import Recorder
 from sim.placement import PlacedCache, aligned
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
-                        initial_blocks, part_bytes, pass_step, policy_future, warm)
+from sim.replay import (Active, RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
+                        check_options, check_room, initial_blocks, part_bytes, pass_step, policy_future, warm)
 from sim.schedule import Pass, merge_decode, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace

@@ -33,9 +33,8 @@ from realrun.kernels import swiglu
 from sim.api import PreparedRun, execute, prepare, resolve_hardware, run_result
 from sim.budget import parse_budget
 from sim.config import SimConfig
-from sim.engine import RunState
 from sim.profiles import HardwareProfile
-from sim.replay import RequestTimer
+from sim.replay import RequestTimer, RunState
 from sim.report import print_run, write_run
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, Provenance, TraceWriter, load_trace

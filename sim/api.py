@@ -11,12 +11,13 @@ from policies import Policy, make_policy
 from policies.registry import policy_class
 from sim.budget import parse_budget
 from sim.config import DEFAULT_TRAIN_FRACTION, SimConfig
-from sim.engine import RunState, SimOptions, Simulation
+from sim.engine import Simulation
 from sim.fast.engine import FastPathDeclined, FastSimulation, fast_kind, tables_for
 from sim.errors import ConfigError
 from sim.metrics import RunMetrics, summarize
 from sim.placement import slides
 from sim.profiles import HardwareProfile, load_hardware
+from sim.replay import RunState, SimOptions
 from traces import ModelSpec, Trace
 from traces.shared import shared_trace
 from traces.defaults import resolve_trace

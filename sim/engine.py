@@ -14,14 +14,12 @@ Time is simulated; the result depends only on the trace, the policy, the profile
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import simpy
 
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
-from sim.cache import ExpertCache
 from sim.compute import ComputeModel
 from sim.errors import ConfigError, StallError
 from sim.disk import HostTier
@@ -30,35 +28,11 @@ from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.placement import Placement, PlacedCache, fragments
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
-                        initial_blocks, pass_step, part_bytes, policy_future, warm)
+from sim.replay import (Active, RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
+                        check_options, check_room, initial_blocks, pass_step, part_bytes, policy_future, warm)
 from sim.schedule import Pass, merge_decode
 from sim.topology import Topology
 from traces import ModelSpec, Trace
-
-
-
-@dataclass
-class SimOptions:
-    warm_start: bool = False
-    arrival: str = "closed"  # closed: C clients, each sends its next request when the last ends
-    clients: int = 1
-    rate_rps: float = 1.0  # poisson
-    max_batch: int = 1  # decode batch cap
-    gpus: int | None = None  # None: the hardware profile's count
-    placement: str = "layers"  # layers | experts | round_robin
-    budget_scope: str = "per_gpu"  # the budget is per GPU, or the total over all GPUs
-    host_budget_bytes: int | None = None  # host RAM for experts over the profile's disk; None: no disk tier
-    seed: int = 0
-
-
-@dataclass
-class RunState:
-    """Everything a finished run leaves for the summary."""
-
-    recorder: Recorder
-    caches: list[ExpertCache]
-    makespan_s: float
 
 
 class Simulation(Serving):

@@ -24,6 +24,31 @@ from traces import ModelSpec, Trace
 BUDGET_SCOPES = ("per_gpu", "total")
 
 
+@dataclass
+class SimOptions:
+    """How requests are served, whichever engine serves them."""
+
+    warm_start: bool = False
+    arrival: str = "closed"  # closed: C clients, each sends its next request when the last ends
+    clients: int = 1
+    rate_rps: float = 1.0  # poisson
+    max_batch: int = 1  # decode batch cap
+    gpus: int | None = None  # None: the hardware profile's count
+    placement: str = "layers"  # layers | experts | round_robin
+    budget_scope: str = "per_gpu"  # the budget is per GPU, or the total over all GPUs
+    host_budget_bytes: int | None = None  # host RAM for experts over the profile's disk; None: no disk tier
+    seed: int = 0
+
+
+@dataclass
+class RunState:
+    """Everything a finished run leaves for the summary."""
+
+    recorder: Recorder
+    caches: list[ExpertCache]
+    makespan_s: float
+
+
 def check_options(options, policy: Policy) -> None:
     """Serving options every engine refuses alike (options: budget_scope, max_batch, clients, arrival)."""
     if options.budget_scope not in BUDGET_SCOPES:
