@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Step, Timing
 from realrun.backend import DONE, Backend, Event
 from realrun.copy_engine import CopyEngine
 from realrun.graphs import DecodeGraphs
@@ -250,7 +250,7 @@ class Executor(Serving):
         self.requests = list(requests)
         self.recorder = Recorder(model.num_layers)
         self.topology = topo
-        self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
+        self.part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
         self.caches = [PlacedCache(capacity, self._block_bytes, None)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
@@ -258,7 +258,6 @@ class Executor(Serving):
         self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of, sleep)
                       for g, backend in enumerate(machine.backends)]
         self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done)
-        self._step_index = 0
         self._t0 = 0.0
         self.timeline = timeline
         self.cpu = None  # realrun.cpu_experts.CpuLayer, for policies that compute experts on the CPU
@@ -279,14 +278,14 @@ class Executor(Serving):
                         (lambda tokens: sum(compute.activation_time(tokens))) if cpu else None)
         ctx = PolicyContext(model, self.caches, topo.home, topo.layers_of, np.random.default_rng(self.options.seed),
                             policy_future(self.policy, self.trace, self.requests), timing)
-        self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
-        self._part_bytes = [part_bytes(model, f) for f in self._part_fractions]
+        self.part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
+        self._part_bytes = [part_bytes(model, f) for f in self.part_fractions]
         check_room(self.policy, self.caches, self._part_bytes, self.options.budget_scope)
         sizes = {n for parts in self._part_bytes for n in parts}
         for gpu, cache in enumerate(self.caches):
             backend = machine.backends[gpu]
             cache.pool = SlotPool(backend, cache.capacity_bytes, sizes)
-            placed = warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions,
+            placed = warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self.part_fractions,
                                                              self.options.warm_start))
             with backend.on_copy():  # after any slide that warming made room with
                 for block in placed:
@@ -329,13 +328,17 @@ class Executor(Serving):
             torch.cuda.empty_cache()
 
     # --- waiting: the host polls the copy engines whenever it has nothing else to do ---
+    def start_clock(self) -> None:
+        """now() counts from here (the start of serving)."""
+        self._t0 = time.perf_counter()
+
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
     def _timed(self, backend: Backend, layer: int, kind: str, expert: int = -1):
         if self.timeline is None:
             return contextlib.nullcontext()
-        return self.timeline.group(backend, self._step_index - 1, layer, kind, expert)
+        return self.timeline.group(backend, self.next_step - 1, layer, kind, expert)
 
     def _poll(self) -> bool:
         landed = False
@@ -343,7 +346,8 @@ class Executor(Serving):
             landed |= link.poll()
         return landed
 
-    def _wait(self, event: Event) -> None:
+    def wait(self, event: Event) -> None:
+        """Until the event has completed, polling the copy engines meanwhile."""
         while not event.query():
             self._poll()
 
@@ -373,7 +377,7 @@ class Executor(Serving):
 
     def _serve(self) -> RunState:
         opts, arrivals = self.options, self._arrivals
-        self._t0 = time.perf_counter()
+        self.start_clock()
         if arrivals is None:
             for _ in range(min(opts.clients, len(self.requests))):
                 self._arrive(0.0)
@@ -409,10 +413,8 @@ class Executor(Serving):
 
     def _pass(self, spec: Pass) -> None:
         machine, policy = self.machine, self.policy
-        step = pass_step(self._step_index, spec, self.trace)
-        self._step_index += 1
-        self.recorder.steps += 1
-        self._apply(policy.on_step_start(step))
+        step = pass_step(self.next_step, spec, self.trace)
+        self.step_started(step)
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         x = machine.input(spec.tokens)
         gpu = self.topology.layer_gpu[0]
@@ -438,8 +440,7 @@ class Executor(Serving):
                         graphs.x.copy_(previous_graphs.x, non_blocking=True)
                     graphs.non_expert(layer)
                 router_done = backend.record_compute()
-            self._wait(router_done)  # the router's choice reaches the host
-            plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
+            plan = self.layer_plan(step, layer, probs[:, layer], experts[layer], router_done)
             tokens = None if expert_tokens is None else expert_tokens[layer]
 
             gpu_experts, tokens, cpu_experts, cpu_tokens = split_cpu(plan, experts[layer], tokens, policy, layer,
@@ -461,8 +462,18 @@ class Executor(Serving):
                 out = cpu_work.result()
                 with backend.on_compute():  # a blocking copy up: the pinned buffer is reused next layer
                     x_now[:out.shape[0]] += out.to(x_now.device)
-        self._wait(backend.record_compute())  # the token is out
-        policy.on_step_end(step)
+        self.step_ended(step, backend.record_compute())
+
+    def step_ended(self, step: Step, token_out: Event = DONE) -> None:
+        """Once the pass's last kernel has completed (the token is out), the policy is told."""
+        self.wait(token_out)
+        super().step_ended(step)
+
+    def layer_plan(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...],
+                   router_done: Event = DONE) -> PrefetchPlan | None:
+        """Once the router's output has reached the host (router_done), the policy decides the layer."""
+        self.wait(router_done)
+        return self.policy.on_layer_start(step, layer, probs, experts)
 
     def run_experts(self, layer: int, experts: tuple[int, ...], plan: PrefetchPlan | None,
                     launch: Callable[[int, torch.Tensor], None]) -> None:
@@ -470,7 +481,7 @@ class Executor(Serving):
         the compute of expert i (or of one of its parts) on the compute stream."""
         gpu = self.topology.layer_gpu[layer]
         cache, link, backend = self.caches[gpu], self.links[gpu], self.machine.backends[gpu]
-        blocks, order = start_layer(layer, experts, [gpu] * len(experts), len(self._part_fractions[layer]),
+        blocks, order = start_layer(layer, experts, [gpu] * len(experts), len(self.part_fractions[layer]),
                                     self.caches, self.links, self.recorder, self.policy, self.model.bytes_per_expert,
                                     plan, self.model.num_layers, self.topology.home)
         computed: list[Block] = []
@@ -480,7 +491,7 @@ class Executor(Serving):
                 if not cache.is_resident(b):
                     if launched:
                         finished = backend.record_compute()
-                        self._wait(finished)
+                        self.wait(finished)
                         self._unpin(gpu, computed, finished)
                         launched = False
                     if not cache.is_resident(b):
@@ -488,7 +499,7 @@ class Executor(Serving):
                         self._wait_block(link, b)
                         stall += self.now() - waited_from
                         if self.timeline is not None:
-                            self.timeline.wait(self._step_index - 1, layer, self._t0 + waited_from,
+                            self.timeline.wait(self.next_step - 1, layer, self._t0 + waited_from,
                                                time.perf_counter())
                 if i < routed:
                     cache.mark_used(b)

@@ -68,7 +68,6 @@ class Simulation(Serving):
                                    self.links, self.compute, self.tier) for g in range(topo.num_gpus))
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
-        self._step_index = 0
         self._wake: simpy.Event | None = None
 
     def _block_bytes(self, block: Block) -> int:
@@ -106,7 +105,7 @@ class Simulation(Serving):
             self.recorder.tier = self.tier.summary()
         if self._done < len(self.requests):
             raise StallError(f"the simulation stopped at t={self.env.now:.6g}s with {self._done} of "
-                             f"{len(self.requests)} requests served (step {self._step_index}): "
+                             f"{len(self.requests)} requests served (step {self.next_step}): "
                              f"{'; '.join(link.describe_wait() for link in self.links)}. Nothing was left to "
                              "happen, so the metrics would be partial; this is a bug in the engine or the policy")
         return RunState(self.recorder, self.caches, self.env.now)
@@ -164,12 +163,10 @@ class Simulation(Serving):
             yield env.timeout(seconds)
 
     def _pass(self, spec: Pass):
-        step = pass_step(self._step_index, spec, self.trace)
-        self._step_index += 1
-        self.recorder.steps += 1
+        step = pass_step(self.next_step, spec, self.trace)
         policy, advance, run_experts, run = self.policy, self._advance, self._run_experts, self.compute.run
         host = self.policy_host
-        self._apply(policy.on_step_start(step))
+        self.step_started(step)
         if host.step_s:
             yield from advance(host.step_s)
         non_expert = self.compute.non_expert_time(spec.tokens)
@@ -189,7 +186,7 @@ class Simulation(Serving):
                 yield from self._hybrid(layer, experts[layer], tokens, plan, spec.tokens)
             else:
                 yield from run_experts(layer, experts[layer], tokens, plan)
-        policy.on_step_end(step)
+        self.step_ended(step)
 
     def _hybrid(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan,
                 pass_tokens: int):

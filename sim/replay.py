@@ -218,8 +218,9 @@ class Active:
 
 class Serving:
     """The request bookkeeping both engines share around their forward passes: arrivals, the start
-    of a request (its prefill runs alone), tokens out after a pass, completion. An engine provides
-    now(), _apply(plan) and the state set up by serving_state(); it runs the passes itself."""
+    of a request (its prefill runs alone), tokens out after a pass, completion, and the policy's
+    request and pass hooks around them. An engine provides now(), _apply(plan) and the state set up
+    by serving_state(); it runs the passes itself, between step_started() and step_ended()."""
 
     trace: Trace
     policy: Policy
@@ -235,6 +236,7 @@ class Serving:
         self._running: list[Active] = []
         self._issued = 0
         self._done = 0
+        self._step_index = 0
 
     def now(self) -> float:
         raise NotImplementedError
@@ -244,6 +246,31 @@ class Serving:
 
     def _woken(self) -> None:
         """A request arrived (an engine whose server sleeps wakes it here)."""
+
+    # --- the policy's request and pass hooks, in the one order every engine calls them ---
+    def request_started(self, info: RequestInfo, arrival_s: float) -> RequestTimer:
+        """A request starts now: its timing record begins, the policy is told (its plan applied)."""
+        timer = RequestTimer(info, arrival_s, self.now(), self.recorder)
+        self._apply(self.policy.on_request_start(info))
+        return timer
+
+    def request_ended(self, info: RequestInfo, timer: RequestTimer) -> None:
+        self.policy.on_request_end(info)
+        timer.finish(self.now())
+
+    @property
+    def next_step(self) -> int:
+        """The index the next forward pass's Step takes."""
+        return self._step_index
+
+    def step_started(self, step: Step) -> None:
+        """A forward pass (step.index == next_step) starts: counted, the policy told (its plan applied)."""
+        self._step_index += 1
+        self.recorder.steps += 1
+        self._apply(self.policy.on_step_start(step))
+
+    def step_ended(self, step: Step) -> None:
+        self.policy.on_step_end(step)
 
     def _passes(self, r: int) -> Iterator:
         """A request's forward passes (an engine may describe them more cheaply, with the same kinds)."""
@@ -257,8 +284,7 @@ class Serving:
 
     def _begin(self, active: Active) -> Pass | None:
         """Start a request; returns its prefill pass, which the engine runs (alone), or None."""
-        active.timer = RequestTimer(active.info, active.arrival, self.now(), self.recorder)
-        self._apply(self.policy.on_request_start(active.info))
+        active.timer = self.request_started(active.info, active.arrival)
         active.passes = self._passes(active.index)
         active.next_pass = next(active.passes, None)
         return active.next_pass if active.next_pass is not None and active.next_pass.kind == "prefill" else None
@@ -284,8 +310,7 @@ class Serving:
                 self._finish(active)
 
     def _finish(self, active: Active) -> None:
-        self.policy.on_request_end(active.info)
-        active.timer.finish(self.now())
+        self.request_ended(active.info, active.timer)
         self._done += 1
         if self.on_request_done is not None:
             self.on_request_done(active.index)
