@@ -38,7 +38,7 @@ from realrun.kernels import NonExpertLayer, expert_fn, expert_weights, realrun_m
 from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
 from sim.errors import StallError
-from sim.layer_protocol import apply_plan, split_cpu, start_layer
+from sim.layer_protocol import split_cpu
 from sim.metrics import Recorder
 from sim.placement import PlacedCache, aligned
 from sim.profiles import HardwareProfile
@@ -409,7 +409,7 @@ class Executor(Serving):
 
     # --- forward passes ---
     def _apply(self, plan: PrefetchPlan | None) -> None:
-        apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
+        self.calls.apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
 
     def _pass(self, spec: Pass) -> None:
         machine, policy = self.machine, self.policy
@@ -473,7 +473,7 @@ class Executor(Serving):
                    router_done: Event = DONE) -> PrefetchPlan | None:
         """Once the router's output has reached the host (router_done), the policy decides the layer."""
         self.wait(router_done)
-        return self.policy.on_layer_start(step, layer, probs, experts)
+        return self.calls.on_layer_start(step, layer, probs, experts)
 
     def run_experts(self, layer: int, experts: tuple[int, ...], plan: PrefetchPlan | None,
                     launch: Callable[[int, torch.Tensor], None]) -> None:
@@ -481,7 +481,7 @@ class Executor(Serving):
         the compute of expert i (or of one of its parts) on the compute stream."""
         gpu = self.topology.layer_gpu[layer]
         cache, link, backend = self.caches[gpu], self.links[gpu], self.machine.backends[gpu]
-        blocks, order = start_layer(layer, experts, [gpu] * len(experts), len(self.part_fractions[layer]),
+        blocks, order = self.calls.start_layer(layer, experts, [gpu] * len(experts), len(self.part_fractions[layer]),
                                     self.caches, self.links, self.recorder, self.policy, self.model.bytes_per_expert,
                                     plan, self.model.num_layers, self.topology.home)
         computed: list[Block] = []

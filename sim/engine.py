@@ -23,7 +23,7 @@ from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from sim.compute import ComputeModel
 from sim.errors import ConfigError, StallError
 from sim.disk import HostTier
-from sim.layer_protocol import apply_plan, split_cpu, start_layer
+from sim.layer_protocol import HostObserver, split_cpu
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.placement import Placement, PlacedCache, fragments
@@ -38,7 +38,8 @@ from traces import ModelSpec, Trace
 class Simulation(Serving):
     def __init__(self, trace: Trace, policy: Policy, model: ModelSpec, hardware: HardwareProfile, budget_bytes: int,
                  requests: list[int], options: SimOptions | None = None,
-                 on_request_done: Callable[[int], None] | None = None):
+                 on_request_done: Callable[[int], None] | None = None, observer: HostObserver | None = None):
+        """observer: told the duration of every host call (sim.layer_protocol.HostCalls)."""
         opts = self.options = options or SimOptions()
         check_options(opts, policy)
         self.trace = trace
@@ -67,7 +68,7 @@ class Simulation(Serving):
         self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
                                    self.links, self.compute, self.tier) for g in range(topo.num_gpus))
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
-        self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
+        self.serving_state(arrival_times(opts, trace, self.requests), on_request_done, observer)
         self._wake: simpy.Event | None = None
 
     def _block_bytes(self, block: Block) -> int:
@@ -121,7 +122,7 @@ class Simulation(Serving):
         return self.env.now
 
     def _apply(self, plan: PrefetchPlan | None) -> None:
-        apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
+        self.calls.apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
 
     def _woken(self) -> None:
         if self._wake is not None and not self._wake.triggered:
@@ -164,7 +165,8 @@ class Simulation(Serving):
 
     def _pass(self, spec: Pass):
         step = pass_step(self.next_step, spec, self.trace)
-        policy, advance, run_experts, run = self.policy, self._advance, self._run_experts, self.compute.run
+        on_layer_start, advance, run_experts, run = self.calls.on_layer_start, self._advance, self._run_experts, \
+            self.compute.run
         host = self.policy_host
         self.step_started(step)
         if host.step_s:
@@ -178,7 +180,7 @@ class Simulation(Serving):
                 yield from advance(self.topology.transfer_time(self.hardware, layer_gpu[layer - 1], layer_gpu[layer],
                                                                hidden_bytes))
             yield from advance(run(layer_gpu[layer], self.env.now, non_expert))
-            plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
+            plan = on_layer_start(step, layer, probs[:, layer], experts[layer])
             if host.layer_s:  # the policy decided on the host; its fetches go out after
                 yield from advance(host.layer_s)
             tokens = None if expert_tokens is None else expert_tokens[layer]
@@ -241,7 +243,7 @@ class Simulation(Serving):
             homes = [topo.layer_gpu[layer]] * len(experts)
         else:
             homes = [topo.home(layer, e) for e in experts]
-        blocks, order = start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
+        blocks, order = self.calls.start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
                                     self.recorder, self.policy, self.model.bytes_per_expert, plan,
                                     self.model.num_layers, topo.home)
         return homes, blocks, order

@@ -19,7 +19,8 @@ the GPU whose cache serves experts[i].
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import time
+from typing import Callable, Protocol, Sequence
 
 from policies.base import DEMAND_PRIORITY, Block, Policy, PrefetchPlan
 from sim.cache import IN_FLIGHT, RESIDENT, ExpertCache, RunningLayer
@@ -27,6 +28,8 @@ from sim.errors import PolicyError
 from sim.metrics import Recorder
 
 HIT, LATE, MISS = 0, 1, 2
+POLICY_HOOKS = ("on_request_start", "on_request_end", "on_step_start", "on_step_end", "on_layer_start")
+HostObserver = Callable[[str, float], None]  # (call, seconds it took)
 
 
 class CopyEngine(Protocol):
@@ -197,3 +200,34 @@ def split_cpu(plan: PrefetchPlan | None, experts: tuple[int, ...], tokens: list[
     rec.uses[layer] += len(cpu_experts)
     rec.misses[layer] += len(cpu_experts)
     return gpu, gpu_tokens, cpu_experts, cpu_tokens
+
+
+class HostCalls:
+    """The host's decisions on the critical path, as every engine makes them: the policy's hooks
+    (POLICY_HOOKS) and the layer protocol carrying them out (start_layer for a layer's experts,
+    apply_plan for a request's or a pass's plan). Engines call them through here. With an observer,
+    each call is reported to it with its duration (realrun.policy_host measures a policy's host time
+    so); without one they are the plain functions, at no cost."""
+
+    on_request_start: Callable
+    on_request_end: Callable
+    on_step_start: Callable
+    on_step_end: Callable
+    on_layer_start: Callable
+    start_layer: Callable
+    apply_plan: Callable
+
+    def __init__(self, policy: Policy, observer: HostObserver | None = None):
+        calls: dict[str, Callable] = {name: getattr(policy, name) for name in POLICY_HOOKS}
+        calls |= {"start_layer": start_layer, "apply_plan": apply_plan}
+        for name, call in calls.items():
+            setattr(self, name, call if observer is None else _timed(name, call, observer))
+
+
+def _timed(name: str, call: Callable, observer: HostObserver) -> Callable:
+    def timed(*args):
+        started = time.perf_counter()
+        result = call(*args)
+        observer(name, time.perf_counter() - started)
+        return result
+    return timed

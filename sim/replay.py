@@ -16,6 +16,7 @@ from policies.base import Block, Policy, PolicyContext, RequestInfo, Step
 from sim.cache import ExpertCache
 from sim.errors import ConfigError
 from sim.future import ReplayFuture
+from sim.layer_protocol import HostCalls, HostObserver
 from sim.metrics import Recorder
 from sim.schedule import Pass, request_passes
 from traces import ModelSpec, Trace
@@ -227,8 +228,9 @@ class Serving:
     recorder: Recorder
     requests: list[int]
 
-    def serving_state(self, arrivals: np.ndarray | None, on_request_done) -> None:
+    def serving_state(self, arrivals: np.ndarray | None, on_request_done, observer: HostObserver | None = None) -> None:
         self._arrivals = arrivals  # None: closed loop
+        self.calls = HostCalls(self.policy, observer)  # every policy hook and protocol call goes through here
         self.on_request_done = on_request_done
         trace = self.trace
         self._embeddings = None if trace is None else trace.embedding(self.policy.embedding_source(trace.embedding_names))
@@ -251,11 +253,11 @@ class Serving:
     def request_started(self, info: RequestInfo, arrival_s: float) -> RequestTimer:
         """A request starts now: its timing record begins, the policy is told (its plan applied)."""
         timer = RequestTimer(info, arrival_s, self.now(), self.recorder)
-        self._apply(self.policy.on_request_start(info))
+        self._apply(self.calls.on_request_start(info))
         return timer
 
     def request_ended(self, info: RequestInfo, timer: RequestTimer) -> None:
-        self.policy.on_request_end(info)
+        self.calls.on_request_end(info)
         timer.finish(self.now())
 
     @property
@@ -267,10 +269,10 @@ class Serving:
         """A forward pass (step.index == next_step) starts: counted, the policy told (its plan applied)."""
         self._step_index += 1
         self.recorder.steps += 1
-        self._apply(self.policy.on_step_start(step))
+        self._apply(self.calls.on_step_start(step))
 
     def step_ended(self, step: Step) -> None:
-        self.policy.on_step_end(step)
+        self.calls.on_step_end(step)
 
     def _passes(self, r: int) -> Iterator:
         """A request's forward passes (an engine may describe them more cheaply, with the same kinds)."""

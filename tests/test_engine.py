@@ -177,3 +177,23 @@ def test_warming_a_fragmenting_cache_charges_no_slide_to_the_first_copy():
     placed = warm(cache, Policy(), [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 1)])  # the last evicts, then slides
     assert (0, 3, 1) in placed and cache.pool.compactions == 1
     assert cache.take_slid_bytes() == 0
+
+
+def test_the_host_observer_sees_every_host_call_in_the_one_hook_order(make_trace):
+    from sim.api import execute, prepare
+    trace = make_trace(tiny_model(), decode_only([2, 2]))
+    run_ = prepare(SimConfig(policy="lru", budget="1expert", hardware=unit_hardware().to_dict(), engine="simpy"), trace)
+    calls = []
+    execute(run_, observer=lambda name, seconds: calls.append(name))
+    step = ["on_step_start", "apply_plan", "on_layer_start", "start_layer", "on_step_end"]
+    assert calls == ["on_request_start", "apply_plan", *step, *step, "on_request_end"]
+    with pytest.raises(ConfigError, match="needs engine=simpy"):
+        execute(prepare(SimConfig(policy="lru", budget="1expert", hardware=unit_hardware().to_dict()), trace),
+                observer=lambda name, seconds: None)
+
+
+def test_policy_host_time_is_measured_per_layer_and_per_pass(make_trace):
+    from realrun.policy_host import host_times
+    trace = make_trace(tiny_model(), decode_only([0, 1, 2, 0, 1]))
+    hooks, carried_out = host_times(trace, "lru", "2experts", unit_hardware())
+    assert 0 < hooks.layer_s < carried_out.layer_s and 0 < hooks.step_s < carried_out.step_s
