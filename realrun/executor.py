@@ -255,8 +255,9 @@ class Executor(Serving):
         self.caches = [PlacedCache(capacity, self._block_bytes, None)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
         sleep = machine.options.copy_wait == "sleep"
-        self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of, sleep)
-                      for g, backend in enumerate(machine.backends)]
+        self.copies = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of,
+                                  sleep) for g, backend in enumerate(machine.backends)]
+        self.links = [copies.scheduler for copies in self.copies]  # what the layer protocol queues copies on
         self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done)
         self._t0 = 0.0
         self.timeline = timeline
@@ -342,8 +343,8 @@ class Executor(Serving):
 
     def _poll(self) -> bool:
         landed = False
-        for link in self.links:
-            landed |= link.poll()
+        for copies in self.copies:
+            landed |= copies.poll()
         return landed
 
     def wait(self, event: Event) -> None:
@@ -354,17 +355,17 @@ class Executor(Serving):
     def drain(self) -> None:
         """Land every copy still queued after the last request, as the simulator does (its clock runs
         until no event is left): both engines then count the same prefetched bytes."""
-        while any(link.current is not None for link in self.links):
+        while any(copies.busy for copies in self.copies):
             self._poll()
 
-    def _wait_block(self, link: CopyEngine, block: Block) -> None:
-        cache = link.cache
+    def _wait_block(self, copies: CopyEngine, block: Block) -> None:
+        cache = copies.cache
         while not cache.is_resident(block):
-            if link.sleep_on_copies and len(self.links) == 1:  # nothing else to poll meanwhile
-                link.sleep_until_landed()
-            if not self._poll() and link.current is None:
-                raise StallError(f"the layer waits for block {block}, but nothing is copying and nothing "
-                                 f"will: {link.describe_wait()}; this is a bug in the engine or the policy")
+            if copies.sleep_on_copies and len(self.copies) == 1:  # nothing else to poll meanwhile
+                copies.sleep_until_landed()
+            if not self._poll() and not copies.busy:
+                raise StallError(f"the layer waits for block {block}, but nothing is copying and nothing will: "
+                                 f"{copies.scheduler.describe_wait()}; this is a bug in the engine or the policy")
 
     # --- requests: served as sim.engine serves them ---
     def run(self) -> RunState:
@@ -480,10 +481,11 @@ class Executor(Serving):
         """Run one layer's experts, each as soon as its blocks are resident: launch(i, weights) puts
         the compute of expert i (or of one of its parts) on the compute stream."""
         gpu = self.topology.layer_gpu[layer]
-        cache, link, backend = self.caches[gpu], self.links[gpu], self.machine.backends[gpu]
+        cache, copies, backend = self.caches[gpu], self.copies[gpu], self.machine.backends[gpu]
         blocks, order = self.calls.start_layer(layer, experts, [gpu] * len(experts), len(self.part_fractions[layer]),
-                                    self.caches, self.links, self.recorder, self.policy, self.model.bytes_per_expert,
-                                    plan, self.model.num_layers, self.topology.home)
+                                               self.caches, self.links, self.recorder, self.policy,
+                                               self.model.bytes_per_expert, plan, self.model.num_layers,
+                                               self.topology.home)
         computed: list[Block] = []
         routed, launched, stall = len(experts), False, 0.0  # blocks past `routed`: a whole-layer gather
         for i in order:
@@ -496,7 +498,7 @@ class Executor(Serving):
                         launched = False
                     if not cache.is_resident(b):
                         waited_from = self.now()
-                        self._wait_block(link, b)
+                        self._wait_block(copies, b)
                         stall += self.now() - waited_from
                         if self.timeline is not None:
                             self.timeline.wait(self.next_step - 1, layer, self._t0 + waited_from,

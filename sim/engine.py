@@ -21,6 +21,7 @@ import simpy
 
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
 from sim.compute import ComputeModel
+from sim.copy_scheduler import CopyScheduler
 from sim.errors import ConfigError, StallError
 from sim.disk import HostTier
 from sim.layer_protocol import HostObserver, split_cpu
@@ -64,9 +65,11 @@ class Simulation(Serving):
         host_limited = hardware.host_aggregate_Bps is not None and \
             hardware.host_aggregate_Bps < topo.num_gpus * hardware.host_link.bandwidth_Bps
         fabric = HostFabric(self.env, hardware.host_aggregate_Bps) if host_limited else None
-        self.links: list[HostLink] = []
-        self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
-                                   self.links, self.compute, self.tier) for g in range(topo.num_gpus))
+        peer_faster = HostLink.peer_faster(hardware)
+        self.links: list[CopyScheduler] = []  # each GPU's copies; `transports` move their bytes
+        self.links.extend(CopyScheduler(g, self.caches, policy, self.recorder, topo.peers[g], peer_faster, self.links)
+                          for g in range(topo.num_gpus))
+        self.transports = [HostLink(self.env, link, hardware, fabric, self.compute, self.tier) for link in self.links]
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done, observer)
         self._wake: simpy.Event | None = None
@@ -243,16 +246,16 @@ class Simulation(Serving):
             homes = [topo.layer_gpu[layer]] * len(experts)
         else:
             homes = [topo.home(layer, e) for e in experts]
-        blocks, order = self.calls.start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
-                                    self.recorder, self.policy, self.model.bytes_per_expert, plan,
-                                    self.model.num_layers, topo.home)
+        blocks, order = self.calls.start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches,
+                                               self.links, self.recorder, self.policy, self.model.bytes_per_expert,
+                                               plan, self.model.num_layers, topo.home)
         return homes, blocks, order
 
     def _compute_on(self, gpu: int, layer: int, order: list[int], blocks: list[list[Block]], tokens: list[int] | None,
                     routed: int, dispatch: bool):
         """One GPU computes its experts of a layer in order, each once its blocks are resident (the
         first `routed` entries of `blocks`; later ones, a whole-layer gather, are only waited for)."""
-        env, cache, link, rec = self.env, self.caches[gpu], self.links[gpu], self.recorder
+        env, cache, link, rec = self.env, self.caches[gpu], self.transports[gpu], self.recorder
         fractions = self._part_fractions[layer]
         hidden = self.topology.layer_gpu[layer]
         remote = dispatch and gpu != hidden

@@ -11,19 +11,19 @@ Progress: a layer pins all its blocks until it computes them, and its demand cop
 the order it computes them (their rank), so a copy needs room beside the blocks held for experts it
 computes later. When the compute order leaves no room for that (experts in parts, partly resident
 or half copied, under a budget of a few experts), start_layer computes the experts holding memory
-first; what still cannot fit is released by the link when the copy comes up (sim.link).
+first; what still cannot fit is released by the copy scheduler when the copy comes up (sim.copy_scheduler).
 
-A `link` is anything with the copy engine's surface: fetch(block, priority, rank), cancel_prefetches(),
-and a `queue` supporting `block in queue`. There is one cache and one link per GPU; `homes[i]` is
-the GPU whose cache serves experts[i].
+`links` are the GPUs' copy schedulers (sim.copy_scheduler), one per GPU beside its cache;
+`homes[i]` is the GPU whose cache serves experts[i].
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 from policies.base import DEMAND_PRIORITY, Block, Policy, PrefetchPlan
 from sim.cache import IN_FLIGHT, RESIDENT, ExpertCache, RunningLayer
+from sim.copy_scheduler import CopyScheduler
 from sim.errors import PolicyError
 from sim.metrics import Recorder
 
@@ -32,14 +32,7 @@ POLICY_HOOKS = ("on_request_start", "on_request_end", "on_step_start", "on_step_
 HostObserver = Callable[[str, float], None]  # (call, seconds it took)
 
 
-class CopyEngine(Protocol):
-    queue: object
-
-    def fetch(self, block: Block, priority: float, rank: float = 0.0) -> None: ...
-    def cancel_prefetches(self) -> None: ...
-
-
-def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links: Sequence[CopyEngine], home) -> None:
+def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links: Sequence[CopyScheduler], home) -> None:
     """Queue a policy's prefetches (after cancelling the queued ones if it replaces its plan).
 
     An entry (block, priority) goes to the block's home GPU; (block, priority, gpu) stages it in
@@ -60,7 +53,7 @@ def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links
 
 
 def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: int, caches: Sequence[ExpertCache],
-                links: Sequence[CopyEngine], rec: Recorder, policy: Policy, bytes_per_expert: int,
+                links: Sequence[CopyScheduler], rec: Recorder, policy: Policy, bytes_per_expert: int,
                 plan: PrefetchPlan | None, num_layers: int, home) -> tuple[list[list[Block]], list[int]]:
     """Classify each needed expert (hit / late prefetch / miss), pin its blocks, choose the compute
     order, issue demand copies for what is missing, then queue the plan's prefetches.
@@ -105,7 +98,7 @@ def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: 
     routed = len(experts)
     if policy.loads_whole_layer:
         order = _gather_entries(layer, experts, homes, nparts, caches, bytes_per_expert, policy, home, blocks) + order
-    if len(order) > routed or any(rank):  # copies to wait for: the links see the layer's plan (sim.link)
+    if len(order) > routed or any(rank):  # copies to wait for: the schedulers see the layer's plan (sim.copy_scheduler)
         for g in set(homes):
             caches[g].running_layer = RunningLayer(order, blocks, homes, g, routed)
     position = 0  # demand copies are ranked in the order the layer waits for them, a gather's last
