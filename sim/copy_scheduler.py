@@ -3,7 +3,8 @@
 One copy at a time per GPU, taken from the copy queue (sim.copy_queue: priorities, demand before
 prefetch, cancellation, chunks). Memory is reserved when a copy starts (the policy picks victims
 then); a demand copy that finds no evictable memory waits until the running layer unpins something,
-a prefetch that finds none is dropped. A copy comes from host memory or, when the engine allows it
+a prefetch that finds none is dropped. The policy hears of every prefetch that will not land
+(on_copy_cancelled). A copy comes from host memory or, when the engine allows it
 (peer_faster) and an NVLink peer holds the block resident, from that peer (the peer's copy is pinned
 meanwhile).
 
@@ -83,11 +84,7 @@ class CopyScheduler:
 
     def cancel_prefetches(self) -> None:
         for job in self.queue.cancel_prefetches():
-            self.recorder.prefetches_cancelled += 1
-            if job.started:
-                self.cache.cancel(job.block, job.copied_bytes)
-                if job.source is not None:
-                    self._release_source(job)
+            self._release(job)
         self.kick()
 
     def kick(self) -> None:
@@ -109,6 +106,7 @@ class CopyScheduler:
                         return
                     queue.pop()
                     self.recorder.prefetches_dropped += 1
+                    self.policy.on_copy_cancelled(job.block)
                     continue
                 cache.reserve(job.block)
                 job.started = True
@@ -203,11 +201,16 @@ class CopyScheduler:
     def _cancel(self, job: CopyJob) -> None:
         """Drop a queued prefetch, releasing the memory it holds."""
         self.queue.discard(job)
+        self._release(job)
+
+    def _release(self, job: CopyJob) -> None:
+        """A prefetch taken off the queue: the memory it holds is released, the policy told."""
         self.recorder.prefetches_cancelled += 1
         if job.started:
             self.cache.cancel(job.block, job.copied_bytes)
             if job.source is not None:
                 self._release_source(job)
+        self.policy.on_copy_cancelled(job.block)
 
     def describe_wait(self) -> str:
         """What this GPU's copies wait for, for an error message."""
