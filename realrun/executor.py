@@ -1,10 +1,10 @@
 """Offloaded MoE inference on real devices: the simulator's replay, with real kernels and copies.
 
-The order of calls is sim/engine.py's, call for call (request start; per pass: step start, and per
+The order of calls is the simulator's, call for call (request start; per pass: step start, and per
 layer: non-expert kernels, on_layer_start once the router's output has reached the host,
 start_layer, the experts in its order, each launched as soon as its blocks are resident, unpin;
 step end; request end), through the same engine-neutral pieces (sim.replay, sim.schedule,
-sim.layer_protocol, sim.cache, sim.copy_queue via the copy engine), and requests are served as
+sim.layer_protocol, sim.cache, sim.copy_scheduler under the copy engine), and requests are served as
 the simulator serves them (a waiting request starts with its prefill pass alone while the running
 batch has room, otherwise one decode pass for the whole batch). So a policy whose decisions do not
 depend on timing (lru, belady) makes exactly the same hits and misses as in the simulator, with
@@ -42,9 +42,9 @@ from sim.layer_protocol import split_cpu
 from sim.metrics import Recorder
 from sim.placement import PlacedCache, aligned
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
+from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
                         check_options, check_room, initial_blocks, part_bytes, pass_step, policy_future, warm)
-from sim.schedule import Pass, merge_decode, request_passes
+from sim.schedule import Pass, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 from traces.errors import UserError
@@ -367,7 +367,7 @@ class Executor(Serving):
                 raise StallError(f"the layer waits for block {block}, but nothing is copying and nothing will: "
                                  f"{copies.scheduler.describe_wait()}; this is a bug in the engine or the policy")
 
-    # --- requests: served as sim.engine serves them ---
+    # --- requests: served as the simulator serves them ---
     def run(self) -> RunState:
         for backend in self.machine.backends:
             backend.synchronize()
@@ -377,18 +377,13 @@ class Executor(Serving):
             return self._serve()
 
     def _serve(self) -> RunState:
-        opts, arrivals = self.options, self._arrivals
         self.start_clock()
-        if arrivals is None:
-            for _ in range(min(opts.clients, len(self.requests))):
+        if self._arrivals is None:
+            for _ in range(min(self.options.clients, len(self.requests))):
                 self._arrive(0.0)
-        while self._done < len(self.requests):
-            while arrivals is not None and self._issued < len(arrivals) and arrivals[self._issued] <= self.now():
-                self._arrive(float(arrivals[self._issued]))
-            if self._waiting and len(self._running) < opts.max_batch:
-                self._start(self._waiting.popleft())
-            elif self._running:
-                self._decode_batch()
+        for spec in self.serving_loop():
+            if spec is not None:
+                self._pass(spec)
             else:
                 self._poll()  # idle until the next arrival
         self.drain()
@@ -397,16 +392,10 @@ class Executor(Serving):
             backend.synchronize()  # a prefetch still copying must not spill into the next run
         return RunState(self.recorder, list(self.caches), makespan)
 
-    def _start(self, active: Active) -> None:
-        prefill = self._begin(active)
-        if prefill is not None:
-            self._pass(prefill)
-        self._admit(active, prefilled=prefill is not None)
-
-    def _decode_batch(self) -> None:
-        batch = list(self._running)
-        self._pass(merge_decode([a.next_pass for a in batch]))
-        self._tokens_out(batch)
+    def _arrivals_due(self) -> None:
+        arrivals = self._arrivals
+        while arrivals is not None and self._issued < len(arrivals) and arrivals[self._issued] <= self.now():
+            self._arrive(float(arrivals[self._issued]))
 
     # --- forward passes ---
     def _apply(self, plan: PrefetchPlan | None) -> None:

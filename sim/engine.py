@@ -29,9 +29,9 @@ from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.placement import Placement, PlacedCache, fragments
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
+from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
                         check_options, check_room, initial_blocks, pass_step, part_bytes, policy_future, warm)
-from sim.schedule import Pass, merge_decode
+from sim.schedule import Pass
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
@@ -132,27 +132,13 @@ class Simulation(Serving):
             self._wake.succeed()
 
     def _serve(self):
-        env, max_batch = self.env, self.options.max_batch
-        while self._done < len(self.requests):
-            if self._waiting and len(self._running) < max_batch:
-                yield from self._start(self._waiting.popleft())
-            elif self._running:
-                yield from self._decode_batch()
-            else:
-                self._wake = env.event()
+        for spec in self.serving_loop():
+            if spec is not None:
+                yield from self._pass(spec)
+            else:  # asleep until a request arrives
+                self._wake = self.env.event()
                 yield self._wake
                 self._wake = None
-
-    def _start(self, active: Active):
-        prefill = self._begin(active)
-        if prefill is not None:
-            yield from self._pass(prefill)
-        self._admit(active, prefilled=prefill is not None)
-
-    def _decode_batch(self):
-        batch = list(self._running)
-        yield from self._pass(merge_decode([a.next_pass for a in batch]))
-        self._tokens_out(batch)
 
     # --- forward passes ---
     def _advance(self, seconds: float):

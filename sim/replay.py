@@ -1,8 +1,11 @@
 """The engine-neutral outer half of a replay, shared by the simulator and realrun's executor.
 
-Binding the policy (with the future for the oracles), fixing how experts are split into blocks,
-warming the caches, the requests' arrival times, and each request's timing record (TTFT, the
-gaps between tokens, end-to-end). An engine supplies the clock; the records are identical.
+How requests are served (SimOptions) and what a run leaves (RunState); binding the policy (with
+the future for the oracles), fixing how experts are split into blocks, warming the caches, the
+requests' arrival times; the serving loop with the policy's request and pass hooks (Serving), and
+each request's timing record (TTFT, the gaps between tokens, end-to-end). An engine supplies the
+clock and runs the passes (sim.engine in simulated time, realrun.executor on devices, sim.fast
+without SimPy); the records are identical.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from sim.errors import ConfigError
 from sim.future import ReplayFuture
 from sim.layer_protocol import HostCalls, HostObserver
 from sim.metrics import Recorder
-from sim.schedule import Pass, request_passes
+from sim.schedule import Pass, merge_decode, request_passes
 from traces import ModelSpec, Trace
 
 
@@ -221,7 +224,8 @@ class Serving:
     """The request bookkeeping both engines share around their forward passes: arrivals, the start
     of a request (its prefill runs alone), tokens out after a pass, completion, and the policy's
     request and pass hooks around them. An engine provides now(), _apply(plan) and the state set up
-    by serving_state(); it runs the passes itself, between step_started() and step_ended()."""
+    by serving_state(); it runs the passes serving_loop() yields, each between step_started() and
+    step_ended()."""
 
     trace: Trace
     policy: Policy
@@ -248,6 +252,31 @@ class Serving:
 
     def _woken(self) -> None:
         """A request arrived (an engine whose server sleeps wakes it here)."""
+
+    def _arrivals_due(self) -> None:
+        """Before each decision of the serving loop (an engine whose arrivals are not events of its
+        own delivers those due by now here)."""
+
+    def serving_loop(self) -> Iterator[Pass | None]:
+        """The one serving loop, vLLM-style: while a request waits and the running batch has room
+        (max_batch), the next one starts with its prefill pass, alone; otherwise one decode pass runs
+        for every running request together. Yields each pass for the engine to run (the loop goes on
+        once it is done), or None when nothing can run until a request arrives."""
+        max_batch = self.options.max_batch
+        while self._done < len(self.requests):
+            self._arrivals_due()
+            if self._waiting and len(self._running) < max_batch:
+                active = self._waiting.popleft()
+                prefill = self._begin(active)
+                if prefill is not None:
+                    yield prefill
+                self._admit(active, prefilled=prefill is not None)
+            elif self._running:
+                batch = list(self._running)
+                yield merge_decode([a.next_pass for a in batch])
+                self._tokens_out(batch)
+            else:
+                yield None
 
     # --- the policy's request and pass hooks, in the one order every engine calls them ---
     def request_started(self, info: RequestInfo, arrival_s: float) -> RequestTimer:
