@@ -16,17 +16,21 @@ output token):
         per layer (after its attention and router have run):
                     on_layer_start(step, layer, probs, experts)  -> PrefetchPlan | None
                     the engine queues the layer's demand copies, then the plan's prefetches
-                    choose_victims(...) before every copy starts
+                    choose_victims(...) before every copy starts (the library's loop over
+                    eviction_order(...), the policy's ranking)
                     on_copy_done(block, prefetched) when a copy lands
+                    on_copy_cancelled(block) when a prefetch it asked for will not land
         on_step_end(step)
     on_request_end(request)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import numpy as np
+
+from policies.victims import until_fits
 
 if TYPE_CHECKING:
     from traces import ModelSpec, Trace
@@ -215,21 +219,27 @@ class Policy:
     def on_copy_done(self, block: Block, prefetched: bool) -> None:
         pass
 
+    def on_copy_cancelled(self, block: Block) -> None:
+        """A prefetch it asked for will not land: cancelled (a plan that replaces the queue, or its
+        memory given to a demand) or dropped (no room could be made, or the policy declined it)."""
+
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block] | None:
         """Called before every copy starts: blocks to evict so that `need_bytes` fit (the engine
-        calls it even when they already fit, so per-layer quotas can evict).
+        calls it even when they already fit, so per-layer quotas can evict). The library's loop
+        (policies.victims.until_fits) over eviction_order(): a policy ranks there; it overrides this
+        only to add to the choice (blocks it evicts whatever the need, a decline that depends on
+        the victims, its own bookkeeping of them).
 
         None declines the copy (only honoured for prefetches). The engine checks that every victim
         is evictable and that enough room results.
         """
-        victims: list[Block] = []
-        freed = cache.free_bytes()
-        for block in sorted((b for b in cache.resident_blocks() if cache.is_evictable(b)), key=self.eviction_key):
-            if freed >= need_bytes:
-                break
-            victims.append(block)
-            freed += cache.block_bytes(block)
-        return victims
+        order = self.eviction_order(incoming, need_bytes, cache)
+        return None if order is None else until_fits(order, need_bytes, cache)
+
+    def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterable[Block] | None:
+        """The evictable blocks, best victim first (consumed lazily, only as far as needed); None
+        declines the copy. Here: ascending eviction_key."""
+        return sorted((b for b in cache.resident_blocks() if cache.is_evictable(b)), key=self.eviction_key)
 
     def eviction_key(self, block: Block) -> Any:
         return block

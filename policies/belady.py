@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, Step
-from policies.quota import LayerQuota, pick_victims
+from policies.quota import LayerQuota, quota_victims
 from policies.registry import register
 
 SCOPES = ("global", "per_layer")
@@ -62,8 +62,8 @@ class Belady(Policy):
                 ranked_all.extend(self._ranked(self._resident))
             return ranked_all
 
-        victims = pick_victims(incoming, need_bytes, cache, self.quota,
-                               lambda layer: self._ranked(b for b in self._resident if b[0] == layer), all_blocks)
+        victims = quota_victims(incoming, need_bytes, cache, self.quota,
+                                lambda layer: self._ranked(b for b in self._resident if b[0] == layer), all_blocks)
         self._resident.difference_update(victims)
         return victims
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from policies.base import Block, CacheView, Policy, PrefetchPlan, Step
 from policies.registry import register
+from policies.victims import until_fits
 
 
 @register("deepspeed")
@@ -32,11 +33,6 @@ class DeepSpeed(Policy):
         short) the running layer's unpinned ones, then the next layer's, highest expert first."""
         live = (self._now, (self._now + 1) % self.ctx.model.num_layers)
         evictable = [b for b in cache.resident_blocks() if cache.is_evictable(b)]
-        victims = [b for b in evictable if b[0] not in live]
-        free = cache.free_bytes() + sum(cache.block_bytes(b) for b in victims)
-        for block in sorted((b for b in evictable if b[0] in live), key=lambda b: (b[0] != self._now, -b[1])):
-            if free >= need_bytes:
-                break
-            victims.append(block)
-            free += cache.block_bytes(block)
-        return victims
+        finished = [b for b in evictable if b[0] not in live]
+        return until_fits(sorted((b for b in evictable if b[0] in live), key=lambda b: (b[0] != self._now, -b[1])),
+                          need_bytes, cache, finished)

@@ -53,12 +53,14 @@ artifact does.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, known_probs
 from policies.registry import register
 from policies.matching import EPS, best_match, union_plan, unit
-from policies.victims import lowest_ranked
+from policies.victims import ranked
 from traces import Trace
 
 WINDOWS = ("paper", "artifact")
@@ -269,12 +271,14 @@ class FineMoE(Policy):
     def on_copy_done(self, block: Block, prefetched: bool) -> None:
         self.freq[block[0], block[1]] = 1
 
-    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+    def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):
             score = self.prob[layers, experts] * self.freq[layers, experts]
             return self.candidates[layers, experts], np.floor(score) if self.eviction == "artifact" else score
+        return ranked(cache, rank)
 
-        victims = lowest_ranked(cache, need_bytes, rank)
+    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+        victims = super().choose_victims(incoming, need_bytes, cache)
         for layer, expert, _ in victims:
             self.freq[layer, expert] = 0
             if self.eviction == "artifact":  # RemoveCachedSparseNode: n->prob = 0

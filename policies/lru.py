@@ -11,7 +11,7 @@ from typing import Iterable
 import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, Step
-from policies.quota import LayerQuota, pick_victims
+from policies.quota import LayerQuota, quota_victims
 from policies.registry import register
 
 SCOPES = ("per_layer", "global")
@@ -56,8 +56,8 @@ class LRU(Policy):
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
         order = self.victim_order
-        victims = pick_victims(incoming, need_bytes, cache, self.quota,
-                               lambda layer: order(self._layer_recency[layer]), lambda: order(self._recency))
+        victims = quota_victims(incoming, need_bytes, cache, self.quota,
+                                lambda layer: order(self._layer_recency[layer]), lambda: order(self._recency))
         for block in victims:
             del self._recency[block]
             del self._layer_recency[block[0]][block]

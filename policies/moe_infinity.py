@@ -24,12 +24,14 @@ fit() fills the collection with the training split's EAMs (the code's load_trace
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
 from policies.registry import register
 from policies.matching import best_match, union_plan, unit
-from policies.victims import lowest_ranked
+from policies.victims import ranked
 from traces import Trace
 from traces.format import tally_experts, top_k_experts
 
@@ -138,12 +140,11 @@ class MoEInfinity(Policy):
         keep = np.lexsort((cols, rows, -scores))[: self._slots]
         return union_plan([[((int(rows[i]), int(cols[i]), 0), float(scores[i])) for i in keep]])
 
-    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+    def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):
             count = self.activations[layers, experts]
             return (count,) if self.eviction == "lfu" else (self.score[layers, experts], count)
-
-        return lowest_ranked(cache, need_bytes, rank)
+        return ranked(cache, rank)
 
     def describe(self) -> dict:
         return {"capacity": self.capacity, "replacement": self.replacement, "eviction": self.eviction,

@@ -22,12 +22,14 @@ stay aside for bottoms and whole misses. Without a training split: theta everywh
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, Step
 from policies.registry import register
 from policies.speculation import NextLayerGuess
-from policies.victims import lowest_ranked
+from policies.victims import ranked
 from traces import Trace
 from traces.format import tally_experts
 
@@ -197,18 +199,17 @@ class MoEpic(Policy):
         return PrefetchPlan([((following, e, p), 1.0) for e in self.speculation.guess(step, layer, self.guesses)
                              for p in range(nparts)])
 
-    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:
+    def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         """Bottoms first, then tops beyond their layer's slots, then the next layer's bottoms, then hot
         tops; the least used first within each group."""
-        rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
-        hot = rank < np.asarray(self.slots)[:, None]
-
-        def order(layers, experts, parts):
+        def order(layers, experts, parts):  # ranked only when a victim is needed
+            rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
+            hot = rank < np.asarray(self.slots)[:, None]
             group = np.where(parts == 1, np.where(layers == self._now + 1, 2, 0),
                              np.where(hot[layers, experts], 3, 1))
             return group, self.uses[layers, experts]
 
-        return lowest_ranked(cache, need_bytes, order)
+        return ranked(cache, order)
 
     def describe(self) -> dict:
         return {"theta_per_layer": [t / GRID for t in self.tenths], "top_slots_per_layer": list(self.slots),

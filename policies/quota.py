@@ -7,9 +7,10 @@ full, layers above their quota (possible when a share is 0) give up blocks first
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from policies.base import Block, CacheView, PolicyContext
+from policies.victims import until_fits
 
 
 class LayerQuota:
@@ -57,16 +58,19 @@ class LayerQuota:
             self.over_keys.discard(key)
 
 
-def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: LayerQuota | None,
-                 ranked_in_layer: Callable[[int], Iterable[Block]],
-                 ranked_all: Callable[[], Iterable[Block]]) -> list[Block]:
-    """Victims, best first by the policy's ranking, honouring per-layer quotas when given.
+def quota_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: LayerQuota | None,
+                  ranked_in_layer: Callable[[int], Iterable[Block]],
+                  ranked_all: Callable[[], Iterable[Block]]) -> list[Block]:
+    """Victims, best first by the policy's ranking, honouring per-layer quotas when given: a layer
+    at its quota replaces its own best victim whatever the need; then, while the block does not fit
+    (policies.victims.until_fits), layers above their quota give up blocks first.
 
     ranked_in_layer(layer) and ranked_all() yield resident blocks best-victim-first; they are
     consumed lazily, so a ranking kept in order (LRU) costs a few steps per eviction.
     """
+    if quota is None:
+        return until_fits(ranked_all(), need_bytes, cache)
     victims: list[Block] = []
-    free = cache.free_bytes()
 
     def first(blocks: Iterable[Block], over_quota_only: bool) -> Block | None:
         for block in blocks:
@@ -74,24 +78,22 @@ def pick_victims(incoming: Block, need_bytes: int, cache: CacheView, quota: Laye
                 return block
         return None
 
-    def take(block: Block) -> None:
-        nonlocal free
-        victims.append(block)
-        free += cache.block_bytes(block)
-        if quota is not None:
+    def order() -> Iterator[Block]:
+        """Each next victim given those taken so far (each one taken leaves its layer's count)."""
+        while True:
+            block = first(ranked_all(), True) if quota.over_keys else None
+            if block is None:
+                block = first(ranked_all(), False)
+            if block is None:
+                return
             quota.add(block, -1)
+            yield block
 
-    if quota is not None and quota.full(incoming):
+    if quota.full(incoming):
         own = first(ranked_in_layer(incoming[0]), False)
         if own is not None:
-            take(own)
-    while free < need_bytes:
-        block = first(ranked_all(), True) if quota is not None and quota.over_keys else None
-        if block is None:
-            block = first(ranked_all(), False)
-        if block is None:
-            break
-        take(block)
-    if quota is not None:
-        quota.add(incoming, 1)
+            victims.append(own)
+            quota.add(own, -1)
+    until_fits(order(), need_bytes, cache, victims)
+    quota.add(incoming, 1)
     return victims

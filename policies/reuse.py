@@ -22,12 +22,13 @@ Three ideas, each a knob so that its contribution is measured on its own (sim.re
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
 from policies.registry import register
-from policies.victims import lowest_ranked
+from policies.victims import ranked
 from traces import Trace
 
 EVICTIONS = ("reuse", "lru")
@@ -138,16 +139,18 @@ class Reuse(Policy):
         return plan
 
     # --- eviction ---
-    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block] | None:
+    def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         if self.eviction == "lru":
-            victims = lowest_ranked(cache, need_bytes, lambda layers, experts, parts: (self.last_use[layers, experts],))
-            p_victims = None
-        else:
-            def rank(layers, experts, parts):
-                p = np.maximum(self.use_chance(layers, experts), 1e-9)
-                until = (layers - self.now - 1) % self.layers + 1 + self.layers * (1.0 - p) / p
-                return (-until,)
-            victims = lowest_ranked(cache, need_bytes, rank)
+            return ranked(cache, lambda layers, experts, parts: (self.last_use[layers, experts],))
+
+        def rank(layers, experts, parts):
+            p = np.maximum(self.use_chance(layers, experts), 1e-9)
+            until = (layers - self.now - 1) % self.layers + 1 + self.layers * (1.0 - p) / p
+            return (-until,)
+        return ranked(cache, rank)
+
+    def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block] | None:
+        victims = super().choose_victims(incoming, need_bytes, cache)
         q = self._queued.get(incoming)
         if victims and q is not None and incoming not in self._needed:
             table = np.asarray(victims, dtype=np.intp)

@@ -1,32 +1,52 @@
-"""Victim choice by vectorised ranking, for policies whose eviction order is a function of per-expert arrays."""
+"""Eviction, owned by the library: a policy ranks, the library takes victims until the copy fits.
+
+A policy gives an order (Policy.eviction_order: blocks, best victim first); until_fits() takes them
+one at a time, skipping any not evictable or already chosen, and only as long as the incoming block
+does not fit beside the free memory, so a lazy order is ranked only as far as needed. Blocks a policy
+evicts whatever the need (a per-layer quota's own replacement, DeepSpeed's finished layers) are
+passed in `chosen`. This is the only loop that adds victims until enough bytes are free.
+
+ranked() is the order of policies whose ranking is a function of per-expert arrays (vectorised).
+"""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
-from policies.base import Block, CacheView
+if TYPE_CHECKING:
+    from policies.base import Block, CacheView
 
 # (layers, experts, parts) of the evictable blocks -> key columns, most significant first
 Ranking = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, ...]]
 
 
-def lowest_ranked(cache: CacheView, need_bytes: int, rank: Ranking) -> list[Block]:
-    """Evictable blocks in ascending (keys..., block) order, as few as make `need_bytes` fit."""
-    free = cache.free_bytes()
-    if free >= need_bytes:
-        return []
-    table = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
-    if not len(table):
-        return []
-    layers, experts, parts = table[:, 0], table[:, 1], table[:, 2]
-    keys = rank(layers, experts, parts)
-    order = np.lexsort((parts, experts, layers) + tuple(reversed(keys)))  # a total order: rows' order is moot
-    victims: list[Block] = []
-    for i in order:
-        if free >= need_bytes:
+def until_fits(order: Iterable[Block], need_bytes: int, cache: CacheView, chosen: list[Block] | None = None) -> list[Block]:
+    """`chosen` (extended in place, so an order may skip them), then blocks of `order` until
+    need_bytes fit. The order is advanced only while they do not: a generator may update its own
+    state for each block it yields (that block is taken). Fewer than needed when the order runs out
+    (the cache then refuses the choice)."""
+    victims = [] if chosen is None else chosen
+    free = cache.free_bytes() + sum(cache.block_bytes(b) for b in victims)
+    blocks = iter(order)
+    while free < need_bytes:
+        block = next(blocks, None)
+        if block is None:
             break
-        block = (int(layers[i]), int(experts[i]), int(parts[i]))
+        if block in victims or not cache.is_evictable(block):
+            continue
         victims.append(block)
         free += cache.block_bytes(block)
     return victims
+
+
+def ranked(cache: CacheView, rank: Ranking) -> Iterator[Block]:
+    """Evictable blocks in ascending (keys..., block) order; ranked at the first victim asked for."""
+    table = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
+    if not len(table):
+        return
+    layers, experts, parts = table[:, 0], table[:, 1], table[:, 2]
+    keys = rank(layers, experts, parts)
+    order = np.lexsort((parts, experts, layers) + tuple(reversed(keys)))  # a total order: rows' order is moot
+    for i in order:
+        yield int(layers[i]), int(experts[i]), int(parts[i])

@@ -112,10 +112,10 @@ class _CopyRig:
         """Queue `count` copies at once; the seconds between landings (the first from queueing)."""
         engine, landed = self.engine, []
         for _ in range(count):
-            engine.fetch((0, self.next_expert, 0), DEMAND_PRIORITY)
+            engine.scheduler.fetch((0, self.next_expert, 0), DEMAND_PRIORITY)
             self.next_expert += 1
         started = time.perf_counter()
-        while engine.current is not None:
+        while engine.busy:
             if engine.sleep_on_copies:
                 engine.sleep_until_landed()
             if engine.poll():

@@ -1,10 +1,10 @@
 """Offloaded MoE inference on real devices: the simulator's replay, with real kernels and copies.
 
-The order of calls is sim/engine.py's, call for call (request start; per pass: step start, and per
+The order of calls is the simulator's, call for call (request start; per pass: step start, and per
 layer: non-expert kernels, on_layer_start once the router's output has reached the host,
 start_layer, the experts in its order, each launched as soon as its blocks are resident, unpin;
 step end; request end), through the same engine-neutral pieces (sim.replay, sim.schedule,
-sim.layer_protocol, sim.cache, sim.copy_queue via the copy engine), and requests are served as
+sim.layer_protocol, sim.cache, sim.copy_scheduler under the copy engine), and requests are served as
 the simulator serves them (a waiting request starts with its prefill pass alone while the running
 batch has room, otherwise one decode pass for the whole batch). So a policy whose decisions do not
 depend on timing (lru, belady) makes exactly the same hits and misses as in the simulator, with
@@ -30,22 +30,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
+from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Step, Timing
 from realrun.backend import DONE, Backend, Event
 from realrun.copy_engine import CopyEngine
 from realrun.graphs import DecodeGraphs
 from realrun.kernels import NonExpertLayer, expert_fn, expert_weights, realrun_model
 from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
-from sim.engine import RunState, SimOptions
 from sim.errors import StallError
-from sim.layer_protocol import apply_plan, split_cpu, start_layer
+from sim.layer_protocol import split_cpu
 from sim.metrics import Recorder
 from sim.placement import PlacedCache, aligned
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
-                        initial_blocks, part_bytes, pass_step, policy_future, warm)
-from sim.schedule import Pass, merge_decode, request_passes
+from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
+                        check_options, check_room, initial_blocks, part_bytes, pass_step, policy_future, warm)
+from sim.schedule import Pass, request_passes
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 from traces.errors import UserError
@@ -251,15 +250,15 @@ class Executor(Serving):
         self.requests = list(requests)
         self.recorder = Recorder(model.num_layers)
         self.topology = topo
-        self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
+        self.part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
         self.caches = [PlacedCache(capacity, self._block_bytes, None)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
         sleep = machine.options.copy_wait == "sleep"
-        self.links = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of, sleep)
-                      for g, backend in enumerate(machine.backends)]
+        self.copies = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of,
+                                  sleep) for g, backend in enumerate(machine.backends)]
+        self.links = [copies.scheduler for copies in self.copies]  # what the layer protocol queues copies on
         self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done)
-        self._step_index = 0
         self._t0 = 0.0
         self.timeline = timeline
         self.cpu = None  # realrun.cpu_experts.CpuLayer, for policies that compute experts on the CPU
@@ -280,14 +279,14 @@ class Executor(Serving):
                         (lambda tokens: sum(compute.activation_time(tokens))) if cpu else None)
         ctx = PolicyContext(model, self.caches, topo.home, topo.layers_of, np.random.default_rng(self.options.seed),
                             policy_future(self.policy, self.trace, self.requests), timing)
-        self._part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
-        self._part_bytes = [part_bytes(model, f) for f in self._part_fractions]
+        self.part_fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
+        self._part_bytes = [part_bytes(model, f) for f in self.part_fractions]
         check_room(self.policy, self.caches, self._part_bytes, self.options.budget_scope)
         sizes = {n for parts in self._part_bytes for n in parts}
         for gpu, cache in enumerate(self.caches):
             backend = machine.backends[gpu]
             cache.pool = SlotPool(backend, cache.capacity_bytes, sizes)
-            placed = warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self._part_fractions,
+            placed = warm(cache, self.policy, initial_blocks(self.policy, ctx, gpu, self.part_fractions,
                                                              self.options.warm_start))
             with backend.on_copy():  # after any slide that warming made room with
                 for block in placed:
@@ -330,40 +329,45 @@ class Executor(Serving):
             torch.cuda.empty_cache()
 
     # --- waiting: the host polls the copy engines whenever it has nothing else to do ---
+    def start_clock(self) -> None:
+        """now() counts from here (the start of serving)."""
+        self._t0 = time.perf_counter()
+
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
     def _timed(self, backend: Backend, layer: int, kind: str, expert: int = -1):
         if self.timeline is None:
             return contextlib.nullcontext()
-        return self.timeline.group(backend, self._step_index - 1, layer, kind, expert)
+        return self.timeline.group(backend, self.next_step - 1, layer, kind, expert)
 
     def _poll(self) -> bool:
         landed = False
-        for link in self.links:
-            landed |= link.poll()
+        for copies in self.copies:
+            landed |= copies.poll()
         return landed
 
-    def _wait(self, event: Event) -> None:
+    def wait(self, event: Event) -> None:
+        """Until the event has completed, polling the copy engines meanwhile."""
         while not event.query():
             self._poll()
 
     def drain(self) -> None:
         """Land every copy still queued after the last request, as the simulator does (its clock runs
         until no event is left): both engines then count the same prefetched bytes."""
-        while any(link.current is not None for link in self.links):
+        while any(copies.busy for copies in self.copies):
             self._poll()
 
-    def _wait_block(self, link: CopyEngine, block: Block) -> None:
-        cache = link.cache
+    def _wait_block(self, copies: CopyEngine, block: Block) -> None:
+        cache = copies.cache
         while not cache.is_resident(block):
-            if link.sleep_on_copies and len(self.links) == 1:  # nothing else to poll meanwhile
-                link.sleep_until_landed()
-            if not self._poll() and link.current is None:
-                raise StallError(f"the layer waits for block {block}, but nothing is copying and nothing "
-                                 f"will: {link.describe_wait()}; this is a bug in the engine or the policy")
+            if copies.sleep_on_copies and len(self.copies) == 1:  # nothing else to poll meanwhile
+                copies.sleep_until_landed()
+            if not self._poll() and not copies.busy:
+                raise StallError(f"the layer waits for block {block}, but nothing is copying and nothing will: "
+                                 f"{copies.scheduler.describe_wait()}; this is a bug in the engine or the policy")
 
-    # --- requests: served as sim.engine serves them ---
+    # --- requests: served as the simulator serves them ---
     def run(self) -> RunState:
         for backend in self.machine.backends:
             backend.synchronize()
@@ -373,18 +377,13 @@ class Executor(Serving):
             return self._serve()
 
     def _serve(self) -> RunState:
-        opts, arrivals = self.options, self._arrivals
-        self._t0 = time.perf_counter()
-        if arrivals is None:
-            for _ in range(min(opts.clients, len(self.requests))):
+        self.start_clock()
+        if self._arrivals is None:
+            for _ in range(min(self.options.clients, len(self.requests))):
                 self._arrive(0.0)
-        while self._done < len(self.requests):
-            while arrivals is not None and self._issued < len(arrivals) and arrivals[self._issued] <= self.now():
-                self._arrive(float(arrivals[self._issued]))
-            if self._waiting and len(self._running) < opts.max_batch:
-                self._start(self._waiting.popleft())
-            elif self._running:
-                self._decode_batch()
+        for spec in self.serving_loop():
+            if spec is not None:
+                self._pass(spec)
             else:
                 self._poll()  # idle until the next arrival
         self.drain()
@@ -393,27 +392,19 @@ class Executor(Serving):
             backend.synchronize()  # a prefetch still copying must not spill into the next run
         return RunState(self.recorder, list(self.caches), makespan)
 
-    def _start(self, active: Active) -> None:
-        prefill = self._begin(active)
-        if prefill is not None:
-            self._pass(prefill)
-        self._admit(active, prefilled=prefill is not None)
-
-    def _decode_batch(self) -> None:
-        batch = list(self._running)
-        self._pass(merge_decode([a.next_pass for a in batch]))
-        self._tokens_out(batch)
+    def _arrivals_due(self) -> None:
+        arrivals = self._arrivals
+        while arrivals is not None and self._issued < len(arrivals) and arrivals[self._issued] <= self.now():
+            self._arrive(float(arrivals[self._issued]))
 
     # --- forward passes ---
     def _apply(self, plan: PrefetchPlan | None) -> None:
-        apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
+        self.calls.apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
 
     def _pass(self, spec: Pass) -> None:
         machine, policy = self.machine, self.policy
-        step = pass_step(self._step_index, spec, self.trace)
-        self._step_index += 1
-        self.recorder.steps += 1
-        self._apply(policy.on_step_start(step))
+        step = pass_step(self.next_step, spec, self.trace)
+        self.step_started(step)
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         x = machine.input(spec.tokens)
         gpu = self.topology.layer_gpu[0]
@@ -439,8 +430,7 @@ class Executor(Serving):
                         graphs.x.copy_(previous_graphs.x, non_blocking=True)
                     graphs.non_expert(layer)
                 router_done = backend.record_compute()
-            self._wait(router_done)  # the router's choice reaches the host
-            plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
+            plan = self.layer_plan(step, layer, probs[:, layer], experts[layer], router_done)
             tokens = None if expert_tokens is None else expert_tokens[layer]
 
             gpu_experts, tokens, cpu_experts, cpu_tokens = split_cpu(plan, experts[layer], tokens, policy, layer,
@@ -462,18 +452,29 @@ class Executor(Serving):
                 out = cpu_work.result()
                 with backend.on_compute():  # a blocking copy up: the pinned buffer is reused next layer
                     x_now[:out.shape[0]] += out.to(x_now.device)
-        self._wait(backend.record_compute())  # the token is out
-        policy.on_step_end(step)
+        self.step_ended(step, backend.record_compute())
+
+    def step_ended(self, step: Step, token_out: Event = DONE) -> None:
+        """Once the pass's last kernel has completed (the token is out), the policy is told."""
+        self.wait(token_out)
+        super().step_ended(step)
+
+    def layer_plan(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...],
+                   router_done: Event = DONE) -> PrefetchPlan | None:
+        """Once the router's output has reached the host (router_done), the policy decides the layer."""
+        self.wait(router_done)
+        return self.calls.on_layer_start(step, layer, probs, experts)
 
     def run_experts(self, layer: int, experts: tuple[int, ...], plan: PrefetchPlan | None,
                     launch: Callable[[int, torch.Tensor], None]) -> None:
         """Run one layer's experts, each as soon as its blocks are resident: launch(i, weights) puts
         the compute of expert i (or of one of its parts) on the compute stream."""
         gpu = self.topology.layer_gpu[layer]
-        cache, link, backend = self.caches[gpu], self.links[gpu], self.machine.backends[gpu]
-        blocks, order = start_layer(layer, experts, [gpu] * len(experts), len(self._part_fractions[layer]),
-                                    self.caches, self.links, self.recorder, self.policy, self.model.bytes_per_expert,
-                                    plan, self.model.num_layers, self.topology.home)
+        cache, copies, backend = self.caches[gpu], self.copies[gpu], self.machine.backends[gpu]
+        blocks, order = self.calls.start_layer(layer, experts, [gpu] * len(experts), len(self.part_fractions[layer]),
+                                               self.caches, self.links, self.recorder, self.policy,
+                                               self.model.bytes_per_expert, plan, self.model.num_layers,
+                                               self.topology.home)
         computed: list[Block] = []
         routed, launched, stall = len(experts), False, 0.0  # blocks past `routed`: a whole-layer gather
         for i in order:
@@ -481,15 +482,15 @@ class Executor(Serving):
                 if not cache.is_resident(b):
                     if launched:
                         finished = backend.record_compute()
-                        self._wait(finished)
+                        self.wait(finished)
                         self._unpin(gpu, computed, finished)
                         launched = False
                     if not cache.is_resident(b):
                         waited_from = self.now()
-                        self._wait_block(link, b)
+                        self._wait_block(copies, b)
                         stall += self.now() - waited_from
                         if self.timeline is not None:
-                            self.timeline.wait(self._step_index - 1, layer, self._t0 + waited_from,
+                            self.timeline.wait(self.next_step - 1, layer, self._t0 + waited_from,
                                                time.perf_counter())
                 if i < routed:
                     cache.mark_used(b)

@@ -33,9 +33,8 @@ from realrun.kernels import swiglu
 from sim.api import PreparedRun, execute, prepare, resolve_hardware, run_result
 from sim.budget import parse_budget
 from sim.config import SimConfig
-from sim.engine import RunState
 from sim.profiles import HardwareProfile
-from sim.replay import RequestTimer
+from sim.replay import RunState
 from sim.report import print_run, write_run
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, Provenance, TraceWriter, load_trace
@@ -146,14 +145,14 @@ class LiveRun:
         if self.bypass:
             return out
         executor = self.executor
-        executor._wait(self.backend.record_compute())  # the router's choice reaches the host
+        executor.wait(self.backend.record_compute())  # the router's choice reaches the host
         probs_host, index_host = probs.cpu().numpy(), index.cpu().numpy()
         self.routing.append((probs_host, index_host))
         if len(index_host) == 1:  # decode: the token's top-k, in its order (as a trace records it)
             experts = tuple(int(e) for e in index_host[0])
         else:  # prefill: the union, as sim.schedule builds a prefill pass
             experts = tuple(int(e) for e in np.unique(index_host))
-        plan = self.policy.on_layer_start(self.step, layer, probs_host, experts)
+        plan = executor.layer_plan(self.step, layer, probs_host, experts)
         hidden_size = self.spec.hidden_size
 
         def launch(i: int, expert_weights: torch.Tensor) -> None:
@@ -178,7 +177,7 @@ class LiveRun:
         self._forward(self._forward(ids, cache), cache)
         self.bypass = False
         self.executor.prepare([])
-        if any(len(f) > 1 for f in self.executor._part_fractions):
+        if any(len(f) > 1 for f in self.executor.part_fractions):
             raise UserError(f"policy '{self.policy.name}' splits experts; live mode keeps them whole")
         self.backend.synchronize()
 
@@ -191,36 +190,30 @@ class LiveRun:
     def _generate(self, prompts: list[torch.Tensor], output_tokens: int, on_request_done) -> tuple[RunState, list]:
         from transformers import DynamicCache
 
-        executor, policy, rec = self.executor, self.policy, self.executor.recorder
+        executor = self.executor
         routings = []
-        executor._t0 = time.perf_counter()
+        executor.start_clock()
         for r, prompt in enumerate(prompts):
             info = RequestInfo(r, f"live-{r}", len(prompt), output_tokens, None)
-            timer = RequestTimer(info, executor.now(), executor.now(), rec)
-            executor._apply(policy.on_request_start(info))
+            timer = executor.request_started(info, executor.now())
             cache, ids, rows = DynamicCache(), prompt[None].to(self.backend.device), []
             for t in range(output_tokens):
-                tokens = ids.shape[1]
-                self.step = Step(executor._step_index, "prefill" if t == 0 else "decode", (r,),
-                                 np.zeros(tokens, dtype=np.intp))
-                executor._step_index += 1
-                rec.steps += 1
-                executor._apply(policy.on_step_start(self.step))
+                self.step = Step(executor.next_step, "prefill" if t == 0 else "decode", (r,),
+                                 np.zeros(ids.shape[1], dtype=np.intp))
+                executor.step_started(self.step)
                 self.routing = []
                 ids = self._forward(ids, cache)
-                executor._wait(self.backend.record_compute())  # the token is out
-                policy.on_step_end(self.step)
+                executor.step_ended(self.step, self.backend.record_compute())  # once the token is out
                 timer.token(executor.now())
                 rows.append(self.routing)
-            policy.on_request_end(info)
-            timer.finish(executor.now())
+            executor.request_ended(info, timer)
             routings.append(rows)
             if on_request_done is not None:
                 on_request_done(r)
         executor.drain()
         makespan = executor.now()
         self.backend.synchronize()
-        return RunState(rec, list(executor.caches), makespan), [self._stack(rows) for rows in routings]
+        return RunState(executor.recorder, list(executor.caches), makespan), [self._stack(rows) for rows in routings]
 
     @staticmethod
     def _stack(rows: list[list[tuple[np.ndarray, np.ndarray]]]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,59 +6,42 @@ protocol classifies the experts and queues their copies; a plan replaces the que
 For the matching policies that is ~0.1-0.2 ms per layer, as much as a decode layer's compute, and
 it grows with what they match against (layers, training requests). So it is measured here, on the
 machine that runs realrun, by replaying a trace in the simulator, whose layer protocol and copy
-queue are the executor's own code, with every such call timed; the mean per layer and per pass is
+queue are the executor's own code, with every such call timed (an observer of the engines' host
+calls, sim.layer_protocol.HostCalls); the mean per layer and per pass is
 written to the profile (a policy's occasional expensive call counts, as it does on the critical
 path). all_resident's share is already in calibrate's executor host time (measured by running
 it), so each policy is charged what it takes beyond all_resident's.
 """
 from __future__ import annotations
 
-import time
-from typing import Callable
+from collections import defaultdict
 
 from tqdm import tqdm
 
 from policies import available, policy_class
-from sim.api import prepare, replay_options
+from sim.api import execute, prepare
 from sim.config import SimConfig
-from sim.engine import Simulation
+from sim.layer_protocol import POLICY_HOOKS
 from sim.profiles import HardwareProfile, PolicyHostTime
 from traces import Trace
 
 BASELINE = "all_resident"
 # The host's work per layer, and outside the layers (per request and per pass), that the GPU waits for.
-LAYER_CALLS = (("policy", "on_layer_start"), ("sim", "_start_layer"))
-PASS_CALLS = (("policy", "on_request_start"), ("policy", "on_request_end"), ("policy", "on_step_start"),
-              ("policy", "on_step_end"), ("sim", "_apply"))
-
-
-def _timed(call: Callable, spent: list[float]) -> Callable:
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        result = call(*args, **kwargs)
-        spent.append(time.perf_counter() - started)
-        return result
-    return timed
+LAYER_CALLS = ("on_layer_start", "start_layer")
+PASS_CALLS = ("on_request_start", "on_request_end", "on_step_start", "on_step_end", "apply_plan")
 
 
 def host_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile,
                train_fraction: float = 0.0, max_requests: int | None = None) -> tuple[PolicyHostTime, PolicyHostTime]:
     """(the hooks alone, the hooks and carrying their decisions out): mean seconds per layer, per pass."""
     run = prepare(SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=hardware.to_dict(),
-                            train_fraction=train_fraction, max_requests=max_requests), trace)
-    sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay,
-                     replay_options(run.cfg))
-    sim.prepare(run.train)
-    owners = {"policy": run.policy, "sim": sim}
-    spent: dict[str, list[float]] = {}
-    for owner, name in LAYER_CALLS + PASS_CALLS:
-        spent[name] = []
-        setattr(owners[owner], name, _timed(getattr(owners[owner], name), spent[name]))
-    sim.run()
+                            train_fraction=train_fraction, max_requests=max_requests, engine="simpy"), trace)
+    spent: dict[str, list[float]] = defaultdict(list)
+    execute(run, observer=lambda call, seconds: spent[call].append(seconds))
     layers, passes = max(1, len(spent["on_layer_start"])), max(1, len(spent["on_step_start"]))
 
     def per(calls, count: int, hooks_only: bool) -> float:
-        return sum(sum(spent[name]) for owner, name in calls if owner == "policy" or not hooks_only) / count
+        return sum(sum(spent[name]) for name in calls if name in POLICY_HOOKS or not hooks_only) / count
     return (PolicyHostTime(per(LAYER_CALLS, layers, True), per(PASS_CALLS, passes, True)),
             PolicyHostTime(per(LAYER_CALLS, layers, False), per(PASS_CALLS, passes, False)))
 

@@ -11,12 +11,14 @@ from policies import Policy, make_policy
 from policies.registry import policy_class
 from sim.budget import parse_budget
 from sim.config import DEFAULT_TRAIN_FRACTION, SimConfig
-from sim.engine import RunState, SimOptions, Simulation
+from sim.engine import Simulation
 from sim.fast.engine import FastPathDeclined, FastSimulation, fast_kind, tables_for
 from sim.errors import ConfigError
+from sim.layer_protocol import HostObserver
 from sim.metrics import RunMetrics, summarize
 from sim.placement import slides
 from sim.profiles import HardwareProfile, load_hardware
+from sim.replay import RunState, SimOptions
 from traces import ModelSpec, Trace
 from traces.shared import shared_trace
 from traces.defaults import resolve_trace
@@ -121,12 +123,17 @@ def replay_options(cfg: SimConfig, bytes_per_expert: int | None = None) -> SimOp
                       budget_scope=cfg.budget_scope, host_budget_bytes=host, seed=cfg.seed)
 
 
-def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None) -> RunResult:
+def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = None,
+            observer: HostObserver | None = None) -> RunResult:
     """Run on the fast engine where the policy declares one and the run stays within what it models
-    (engine=auto or fast), else on the SimPy engine, the reference; policy_info['engine'] says which."""
+    (engine=auto or fast), else on the SimPy engine, the reference; policy_info['engine'] says which.
+    observer: told the duration of every host call (sim.layer_protocol.HostCalls); it needs engine=simpy
+    (the fast engine makes the calls of the policies it runs its own way)."""
     engine = run.cfg.engine
     if engine not in ENGINES:
         raise ConfigError(f"engine '{engine}' unknown; use {', '.join(ENGINES)}")
+    if observer is not None and engine != "simpy":
+        raise ConfigError(f"timing the host's calls needs engine=simpy, not engine={engine}")
     declined = ""
     options = replay_options(run.cfg, run.model.bytes_per_expert)
     if engine != "simpy":
@@ -147,7 +154,7 @@ def execute(run: PreparedRun, on_request_done: Callable[[int], None] | None = No
                 run = prepare(run.cfg, run.trace)  # a fresh policy: the fast engine has bound this one
     started = time.perf_counter()
     sim = Simulation(run.trace, run.policy, run.model, run.hardware, run.budget_bytes, run.replay, options,
-                     on_request_done)
+                     on_request_done, observer)
     sim.prepare(run.train)
     state = sim.run()
     charged = run.hardware.host_time_info(run.policy.name)

@@ -44,7 +44,8 @@ RUNS = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belad
         ("oracle_prefetch", {}), ("mixtral_offload", {}), ("promoe", {}), ("moepic", {}), ("finemoe", {}),
         ("moe_infinity", {})]
 COMPONENTS = [("simpy", "SimPy core"), ("sim/engine", "engine"), ("sim/layer_protocol", "engine"),
-              ("sim/link", "link + copy queue"), ("sim/copy_queue", "link + copy queue"), ("sim/cache", "cache"),
+              ("sim/link", "link + copy queue"), ("sim/copy_scheduler", "link + copy queue"),
+              ("sim/copy_queue", "link + copy queue"), ("sim/cache", "cache"),
               ("policies/", "policy")]
 
 

@@ -14,57 +14,33 @@ Time is simulated; the result depends only on the trace, the policy, the profile
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import simpy
 
 from policies.base import Block, Policy, PolicyContext, PrefetchPlan, Timing
-from sim.cache import ExpertCache
 from sim.compute import ComputeModel
+from sim.copy_scheduler import CopyScheduler
 from sim.errors import ConfigError, StallError
 from sim.disk import HostTier
-from sim.layer_protocol import apply_plan, split_cpu, start_layer
+from sim.layer_protocol import HostObserver, split_cpu
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.placement import Placement, PlacedCache, fragments
 from sim.profiles import HardwareProfile
-from sim.replay import (Active, Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
-                        initial_blocks, pass_step, part_bytes, policy_future, warm)
-from sim.schedule import Pass, merge_decode
+from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
+                        check_options, check_room, initial_blocks, pass_step, part_bytes, policy_future, warm)
+from sim.schedule import Pass
 from sim.topology import Topology
 from traces import ModelSpec, Trace
-
-
-
-@dataclass
-class SimOptions:
-    warm_start: bool = False
-    arrival: str = "closed"  # closed: C clients, each sends its next request when the last ends
-    clients: int = 1
-    rate_rps: float = 1.0  # poisson
-    max_batch: int = 1  # decode batch cap
-    gpus: int | None = None  # None: the hardware profile's count
-    placement: str = "layers"  # layers | experts | round_robin
-    budget_scope: str = "per_gpu"  # the budget is per GPU, or the total over all GPUs
-    host_budget_bytes: int | None = None  # host RAM for experts over the profile's disk; None: no disk tier
-    seed: int = 0
-
-
-@dataclass
-class RunState:
-    """Everything a finished run leaves for the summary."""
-
-    recorder: Recorder
-    caches: list[ExpertCache]
-    makespan_s: float
 
 
 class Simulation(Serving):
     def __init__(self, trace: Trace, policy: Policy, model: ModelSpec, hardware: HardwareProfile, budget_bytes: int,
                  requests: list[int], options: SimOptions | None = None,
-                 on_request_done: Callable[[int], None] | None = None):
+                 on_request_done: Callable[[int], None] | None = None, observer: HostObserver | None = None):
+        """observer: told the duration of every host call (sim.layer_protocol.HostCalls)."""
         opts = self.options = options or SimOptions()
         check_options(opts, policy)
         self.trace = trace
@@ -89,12 +65,13 @@ class Simulation(Serving):
         host_limited = hardware.host_aggregate_Bps is not None and \
             hardware.host_aggregate_Bps < topo.num_gpus * hardware.host_link.bandwidth_Bps
         fabric = HostFabric(self.env, hardware.host_aggregate_Bps) if host_limited else None
-        self.links: list[HostLink] = []
-        self.links.extend(HostLink(self.env, g, self.caches, policy, hardware, topo.peers[g], self.recorder, fabric,
-                                   self.links, self.compute, self.tier) for g in range(topo.num_gpus))
+        peer_faster = HostLink.peer_faster(hardware)
+        self.links: list[CopyScheduler] = []  # each GPU's copies; `transports` move their bytes
+        self.links.extend(CopyScheduler(g, self.caches, policy, self.recorder, topo.peers[g], peer_faster, self.links)
+                          for g in range(topo.num_gpus))
+        self.transports = [HostLink(self.env, link, hardware, fabric, self.compute, self.tier) for link in self.links]
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
-        self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
-        self._step_index = 0
+        self.serving_state(arrival_times(opts, trace, self.requests), on_request_done, observer)
         self._wake: simpy.Event | None = None
 
     def _block_bytes(self, block: Block) -> int:
@@ -132,7 +109,7 @@ class Simulation(Serving):
             self.recorder.tier = self.tier.summary()
         if self._done < len(self.requests):
             raise StallError(f"the simulation stopped at t={self.env.now:.6g}s with {self._done} of "
-                             f"{len(self.requests)} requests served (step {self._step_index}): "
+                             f"{len(self.requests)} requests served (step {self.next_step}): "
                              f"{'; '.join(link.describe_wait() for link in self.links)}. Nothing was left to "
                              "happen, so the metrics would be partial; this is a bug in the engine or the policy")
         return RunState(self.recorder, self.caches, self.env.now)
@@ -148,34 +125,20 @@ class Simulation(Serving):
         return self.env.now
 
     def _apply(self, plan: PrefetchPlan | None) -> None:
-        apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
+        self.calls.apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
 
     def _woken(self) -> None:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
     def _serve(self):
-        env, max_batch = self.env, self.options.max_batch
-        while self._done < len(self.requests):
-            if self._waiting and len(self._running) < max_batch:
-                yield from self._start(self._waiting.popleft())
-            elif self._running:
-                yield from self._decode_batch()
-            else:
-                self._wake = env.event()
+        for spec in self.serving_loop():
+            if spec is not None:
+                yield from self._pass(spec)
+            else:  # asleep until a request arrives
+                self._wake = self.env.event()
                 yield self._wake
                 self._wake = None
-
-    def _start(self, active: Active):
-        prefill = self._begin(active)
-        if prefill is not None:
-            yield from self._pass(prefill)
-        self._admit(active, prefilled=prefill is not None)
-
-    def _decode_batch(self):
-        batch = list(self._running)
-        yield from self._pass(merge_decode([a.next_pass for a in batch]))
-        self._tokens_out(batch)
 
     # --- forward passes ---
     def _advance(self, seconds: float):
@@ -190,12 +153,11 @@ class Simulation(Serving):
             yield env.timeout(seconds)
 
     def _pass(self, spec: Pass):
-        step = pass_step(self._step_index, spec, self.trace)
-        self._step_index += 1
-        self.recorder.steps += 1
-        policy, advance, run_experts, run = self.policy, self._advance, self._run_experts, self.compute.run
+        step = pass_step(self.next_step, spec, self.trace)
+        on_layer_start, advance, run_experts, run = self.calls.on_layer_start, self._advance, self._run_experts, \
+            self.compute.run
         host = self.policy_host
-        self._apply(policy.on_step_start(step))
+        self.step_started(step)
         if host.step_s:
             yield from advance(host.step_s)
         non_expert = self.compute.non_expert_time(spec.tokens)
@@ -207,7 +169,7 @@ class Simulation(Serving):
                 yield from advance(self.topology.transfer_time(self.hardware, layer_gpu[layer - 1], layer_gpu[layer],
                                                                hidden_bytes))
             yield from advance(run(layer_gpu[layer], self.env.now, non_expert))
-            plan = policy.on_layer_start(step, layer, probs[:, layer], experts[layer])
+            plan = on_layer_start(step, layer, probs[:, layer], experts[layer])
             if host.layer_s:  # the policy decided on the host; its fetches go out after
                 yield from advance(host.layer_s)
             tokens = None if expert_tokens is None else expert_tokens[layer]
@@ -215,7 +177,7 @@ class Simulation(Serving):
                 yield from self._hybrid(layer, experts[layer], tokens, plan, spec.tokens)
             else:
                 yield from run_experts(layer, experts[layer], tokens, plan)
-        policy.on_step_end(step)
+        self.step_ended(step)
 
     def _hybrid(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan,
                 pass_tokens: int):
@@ -270,16 +232,16 @@ class Simulation(Serving):
             homes = [topo.layer_gpu[layer]] * len(experts)
         else:
             homes = [topo.home(layer, e) for e in experts]
-        blocks, order = start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches, self.links,
-                                    self.recorder, self.policy, self.model.bytes_per_expert, plan,
-                                    self.model.num_layers, topo.home)
+        blocks, order = self.calls.start_layer(layer, experts, homes, len(self._part_fractions[layer]), self.caches,
+                                               self.links, self.recorder, self.policy, self.model.bytes_per_expert,
+                                               plan, self.model.num_layers, topo.home)
         return homes, blocks, order
 
     def _compute_on(self, gpu: int, layer: int, order: list[int], blocks: list[list[Block]], tokens: list[int] | None,
                     routed: int, dispatch: bool):
         """One GPU computes its experts of a layer in order, each once its blocks are resident (the
         first `routed` entries of `blocks`; later ones, a whole-layer gather, are only waited for)."""
-        env, cache, link, rec = self.env, self.caches[gpu], self.links[gpu], self.recorder
+        env, cache, link, rec = self.env, self.caches[gpu], self.transports[gpu], self.recorder
         fractions = self._part_fractions[layer]
         hidden = self.topology.layer_gpu[layer]
         remote = dispatch and gpu != hidden

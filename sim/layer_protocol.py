@@ -11,32 +11,28 @@ Progress: a layer pins all its blocks until it computes them, and its demand cop
 the order it computes them (their rank), so a copy needs room beside the blocks held for experts it
 computes later. When the compute order leaves no room for that (experts in parts, partly resident
 or half copied, under a budget of a few experts), start_layer computes the experts holding memory
-first; what still cannot fit is released by the link when the copy comes up (sim.link).
+first; what still cannot fit is released by the copy scheduler when the copy comes up (sim.copy_scheduler).
 
-A `link` is anything with the copy engine's surface: fetch(block, priority, rank), cancel_prefetches(),
-and a `queue` supporting `block in queue`. There is one cache and one link per GPU; `homes[i]` is
-the GPU whose cache serves experts[i].
+`links` are the GPUs' copy schedulers (sim.copy_scheduler), one per GPU beside its cache;
+`homes[i]` is the GPU whose cache serves experts[i].
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import time
+from typing import Callable, Sequence
 
 from policies.base import DEMAND_PRIORITY, Block, Policy, PrefetchPlan
 from sim.cache import IN_FLIGHT, RESIDENT, ExpertCache, RunningLayer
+from sim.copy_scheduler import CopyScheduler
 from sim.errors import PolicyError
 from sim.metrics import Recorder
 
 HIT, LATE, MISS = 0, 1, 2
+POLICY_HOOKS = ("on_request_start", "on_request_end", "on_step_start", "on_step_end", "on_layer_start")
+HostObserver = Callable[[str, float], None]  # (call, seconds it took)
 
 
-class CopyEngine(Protocol):
-    queue: object
-
-    def fetch(self, block: Block, priority: float, rank: float = 0.0) -> None: ...
-    def cancel_prefetches(self) -> None: ...
-
-
-def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links: Sequence[CopyEngine], home) -> None:
+def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links: Sequence[CopyScheduler], home) -> None:
     """Queue a policy's prefetches (after cancelling the queued ones if it replaces its plan).
 
     An entry (block, priority) goes to the block's home GPU; (block, priority, gpu) stages it in
@@ -57,7 +53,7 @@ def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links
 
 
 def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: int, caches: Sequence[ExpertCache],
-                links: Sequence[CopyEngine], rec: Recorder, policy: Policy, bytes_per_expert: int,
+                links: Sequence[CopyScheduler], rec: Recorder, policy: Policy, bytes_per_expert: int,
                 plan: PrefetchPlan | None, num_layers: int, home) -> tuple[list[list[Block]], list[int]]:
     """Classify each needed expert (hit / late prefetch / miss), pin its blocks, choose the compute
     order, issue demand copies for what is missing, then queue the plan's prefetches.
@@ -102,7 +98,7 @@ def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: 
     routed = len(experts)
     if policy.loads_whole_layer:
         order = _gather_entries(layer, experts, homes, nparts, caches, bytes_per_expert, policy, home, blocks) + order
-    if len(order) > routed or any(rank):  # copies to wait for: the links see the layer's plan (sim.link)
+    if len(order) > routed or any(rank):  # copies to wait for: the schedulers see the layer's plan (sim.copy_scheduler)
         for g in set(homes):
             caches[g].running_layer = RunningLayer(order, blocks, homes, g, routed)
     position = 0  # demand copies are ranked in the order the layer waits for them, a gather's last
@@ -197,3 +193,34 @@ def split_cpu(plan: PrefetchPlan | None, experts: tuple[int, ...], tokens: list[
     rec.uses[layer] += len(cpu_experts)
     rec.misses[layer] += len(cpu_experts)
     return gpu, gpu_tokens, cpu_experts, cpu_tokens
+
+
+class HostCalls:
+    """The host's decisions on the critical path, as every engine makes them: the policy's hooks
+    (POLICY_HOOKS) and the layer protocol carrying them out (start_layer for a layer's experts,
+    apply_plan for a request's or a pass's plan). Engines call them through here. With an observer,
+    each call is reported to it with its duration (realrun.policy_host measures a policy's host time
+    so); without one they are the plain functions, at no cost."""
+
+    on_request_start: Callable
+    on_request_end: Callable
+    on_step_start: Callable
+    on_step_end: Callable
+    on_layer_start: Callable
+    start_layer: Callable
+    apply_plan: Callable
+
+    def __init__(self, policy: Policy, observer: HostObserver | None = None):
+        calls: dict[str, Callable] = {name: getattr(policy, name) for name in POLICY_HOOKS}
+        calls |= {"start_layer": start_layer, "apply_plan": apply_plan}
+        for name, call in calls.items():
+            setattr(self, name, call if observer is None else _timed(name, call, observer))
+
+
+def _timed(name: str, call: Callable, observer: HostObserver) -> Callable:
+    def timed(*args):
+        started = time.perf_counter()
+        result = call(*args)
+        observer(name, time.perf_counter() - started)
+        return result
+    return timed

@@ -1,8 +1,11 @@
 """The engine-neutral outer half of a replay, shared by the simulator and realrun's executor.
 
-Binding the policy (with the future for the oracles), fixing how experts are split into blocks,
-warming the caches, the requests' arrival times, and each request's timing record (TTFT, the
-gaps between tokens, end-to-end). An engine supplies the clock; the records are identical.
+How requests are served (SimOptions) and what a run leaves (RunState); binding the policy (with
+the future for the oracles), fixing how experts are split into blocks, warming the caches, the
+requests' arrival times; the serving loop with the policy's request and pass hooks (Serving), and
+each request's timing record (TTFT, the gaps between tokens, end-to-end). An engine supplies the
+clock and runs the passes (sim.engine in simulated time, realrun.executor on devices, sim.fast
+without SimPy); the records are identical.
 """
 from __future__ import annotations
 
@@ -16,12 +19,38 @@ from policies.base import Block, Policy, PolicyContext, RequestInfo, Step
 from sim.cache import ExpertCache
 from sim.errors import ConfigError
 from sim.future import ReplayFuture
+from sim.layer_protocol import HostCalls, HostObserver
 from sim.metrics import Recorder
-from sim.schedule import Pass, request_passes
+from sim.schedule import Pass, merge_decode, request_passes
 from traces import ModelSpec, Trace
 
 
 BUDGET_SCOPES = ("per_gpu", "total")
+
+
+@dataclass
+class SimOptions:
+    """How requests are served, whichever engine serves them."""
+
+    warm_start: bool = False
+    arrival: str = "closed"  # closed: C clients, each sends its next request when the last ends
+    clients: int = 1
+    rate_rps: float = 1.0  # poisson
+    max_batch: int = 1  # decode batch cap
+    gpus: int | None = None  # None: the hardware profile's count
+    placement: str = "layers"  # layers | experts | round_robin
+    budget_scope: str = "per_gpu"  # the budget is per GPU, or the total over all GPUs
+    host_budget_bytes: int | None = None  # host RAM for experts over the profile's disk; None: no disk tier
+    seed: int = 0
+
+
+@dataclass
+class RunState:
+    """Everything a finished run leaves for the summary."""
+
+    recorder: Recorder
+    caches: list[ExpertCache]
+    makespan_s: float
 
 
 def check_options(options, policy: Policy) -> None:
@@ -193,16 +222,19 @@ class Active:
 
 class Serving:
     """The request bookkeeping both engines share around their forward passes: arrivals, the start
-    of a request (its prefill runs alone), tokens out after a pass, completion. An engine provides
-    now(), _apply(plan) and the state set up by serving_state(); it runs the passes itself."""
+    of a request (its prefill runs alone), tokens out after a pass, completion, and the policy's
+    request and pass hooks around them. An engine provides now(), _apply(plan) and the state set up
+    by serving_state(); it runs the passes serving_loop() yields, each between step_started() and
+    step_ended()."""
 
     trace: Trace
     policy: Policy
     recorder: Recorder
     requests: list[int]
 
-    def serving_state(self, arrivals: np.ndarray | None, on_request_done) -> None:
+    def serving_state(self, arrivals: np.ndarray | None, on_request_done, observer: HostObserver | None = None) -> None:
         self._arrivals = arrivals  # None: closed loop
+        self.calls = HostCalls(self.policy, observer)  # every policy hook and protocol call goes through here
         self.on_request_done = on_request_done
         trace = self.trace
         self._embeddings = None if trace is None else trace.embedding(self.policy.embedding_source(trace.embedding_names))
@@ -210,6 +242,7 @@ class Serving:
         self._running: list[Active] = []
         self._issued = 0
         self._done = 0
+        self._step_index = 0
 
     def now(self) -> float:
         raise NotImplementedError
@@ -219,6 +252,56 @@ class Serving:
 
     def _woken(self) -> None:
         """A request arrived (an engine whose server sleeps wakes it here)."""
+
+    def _arrivals_due(self) -> None:
+        """Before each decision of the serving loop (an engine whose arrivals are not events of its
+        own delivers those due by now here)."""
+
+    def serving_loop(self) -> Iterator[Pass | None]:
+        """The one serving loop, vLLM-style: while a request waits and the running batch has room
+        (max_batch), the next one starts with its prefill pass, alone; otherwise one decode pass runs
+        for every running request together. Yields each pass for the engine to run (the loop goes on
+        once it is done), or None when nothing can run until a request arrives."""
+        max_batch = self.options.max_batch
+        while self._done < len(self.requests):
+            self._arrivals_due()
+            if self._waiting and len(self._running) < max_batch:
+                active = self._waiting.popleft()
+                prefill = self._begin(active)
+                if prefill is not None:
+                    yield prefill
+                self._admit(active, prefilled=prefill is not None)
+            elif self._running:
+                batch = list(self._running)
+                yield merge_decode([a.next_pass for a in batch])
+                self._tokens_out(batch)
+            else:
+                yield None
+
+    # --- the policy's request and pass hooks, in the one order every engine calls them ---
+    def request_started(self, info: RequestInfo, arrival_s: float) -> RequestTimer:
+        """A request starts now: its timing record begins, the policy is told (its plan applied)."""
+        timer = RequestTimer(info, arrival_s, self.now(), self.recorder)
+        self._apply(self.calls.on_request_start(info))
+        return timer
+
+    def request_ended(self, info: RequestInfo, timer: RequestTimer) -> None:
+        self.calls.on_request_end(info)
+        timer.finish(self.now())
+
+    @property
+    def next_step(self) -> int:
+        """The index the next forward pass's Step takes."""
+        return self._step_index
+
+    def step_started(self, step: Step) -> None:
+        """A forward pass (step.index == next_step) starts: counted, the policy told (its plan applied)."""
+        self._step_index += 1
+        self.recorder.steps += 1
+        self._apply(self.calls.on_step_start(step))
+
+    def step_ended(self, step: Step) -> None:
+        self.calls.on_step_end(step)
 
     def _passes(self, r: int) -> Iterator:
         """A request's forward passes (an engine may describe them more cheaply, with the same kinds)."""
@@ -232,8 +315,7 @@ class Serving:
 
     def _begin(self, active: Active) -> Pass | None:
         """Start a request; returns its prefill pass, which the engine runs (alone), or None."""
-        active.timer = RequestTimer(active.info, active.arrival, self.now(), self.recorder)
-        self._apply(self.policy.on_request_start(active.info))
+        active.timer = self.request_started(active.info, active.arrival)
         active.passes = self._passes(active.index)
         active.next_pass = next(active.passes, None)
         return active.next_pass if active.next_pass is not None and active.next_pass.kind == "prefill" else None
@@ -259,8 +341,7 @@ class Serving:
                 self._finish(active)
 
     def _finish(self, active: Active) -> None:
-        self.policy.on_request_end(active.info)
-        active.timer.finish(self.now())
+        self.request_ended(active.info, active.timer)
         self._done += 1
         if self.on_request_done is not None:
             self.on_request_done(active.index)

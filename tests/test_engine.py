@@ -177,3 +177,77 @@ def test_warming_a_fragmenting_cache_charges_no_slide_to_the_first_copy():
     placed = warm(cache, Policy(), [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 1)])  # the last evicts, then slides
     assert (0, 3, 1) in placed and cache.pool.compactions == 1
     assert cache.take_slid_bytes() == 0
+
+
+def test_the_host_observer_sees_every_host_call_in_the_one_hook_order(make_trace):
+    from sim.api import execute, prepare
+    trace = make_trace(tiny_model(), decode_only([2, 2]))
+    run_ = prepare(SimConfig(policy="lru", budget="1expert", hardware=unit_hardware().to_dict(), engine="simpy"), trace)
+    calls = []
+    execute(run_, observer=lambda name, seconds: calls.append(name))
+    step = ["on_step_start", "apply_plan", "on_layer_start", "start_layer", "on_step_end"]
+    assert calls == ["on_request_start", "apply_plan", *step, *step, "on_request_end"]
+    with pytest.raises(ConfigError, match="needs engine=simpy"):
+        execute(prepare(SimConfig(policy="lru", budget="1expert", hardware=unit_hardware().to_dict()), trace),
+                observer=lambda name, seconds: None)
+
+
+def test_policy_host_time_is_measured_per_layer_and_per_pass(make_trace):
+    from realrun.policy_host import host_times
+    trace = make_trace(tiny_model(), decode_only([0, 1, 2, 0, 1]))
+    hooks, carried_out = host_times(trace, "lru", "2experts", unit_hardware())
+    assert 0 < hooks.layer_s < carried_out.layer_s and 0 < hooks.step_s < carried_out.step_s
+
+
+class ReplacingGuesser(Policy):
+    """Test policy: after each router, replaces its queue with two guesses for the next layer."""
+
+    def bind(self, ctx):
+        super().bind(ctx)
+        self.asked, self.cancelled = set(), []
+
+    def on_layer_start(self, step, layer, probs, experts):
+        nxt = (layer + 1) % self.ctx.model.num_layers
+        blocks = [(nxt, (step.index + k) % self.ctx.model.num_experts, 0) for k in (1, 2)]
+        self.asked.update(blocks)
+        return PrefetchPlan([(b, 1.0) for b in blocks], replace=True)
+
+    def on_copy_cancelled(self, block):
+        self.cancelled.append(block)
+
+
+register("test_replacing_guesser")(ReplacingGuesser)
+
+
+@pytest.mark.parametrize("budget", ["1expert", "3experts"])
+def test_the_policy_hears_of_every_prefetch_cancelled_or_dropped(make_trace, budget):
+    from sim.api import execute, prepare
+    rng = np.random.default_rng(3)
+    trace = make_trace(tiny_model(layers=3, experts=4), [[[[int(e)] for e in rng.integers(0, 4, 3)] for _ in range(12)]])
+    run_ = prepare(SimConfig(policy="test_replacing_guesser", budget=budget, hardware=unit_hardware(copy_s=1.0).to_dict()),
+                   trace)
+    m = execute(run_).metrics
+    policy = run_.policy
+    assert m.prefetches_cancelled + m.prefetches_dropped > 0
+    assert len(policy.cancelled) == m.prefetches_cancelled + m.prefetches_dropped
+    assert set(policy.cancelled) <= policy.asked
+
+
+def test_the_library_takes_victims_from_the_order_only_until_the_block_fits():
+    from policies.victims import until_fits
+    from sim.cache import ExpertCache
+    cache = ExpertCache(300, lambda block: 100)
+    for e in range(3):
+        cache.reserve((0, e, 0))
+        cache.commit((0, e, 0), prefetched=False)
+    cache.pin((0, 1, 0))
+    pulled = []
+
+    def order():
+        for block in [(0, 1, 0), (0, 2, 0), (0, 0, 0)]:
+            pulled.append(block)
+            yield block
+    assert until_fits(order(), 100, cache) == [(0, 2, 0)]  # the pinned block is passed over
+    assert pulled == [(0, 1, 0), (0, 2, 0)]  # and the order not asked beyond the need
+    assert until_fits(iter([(0, 2, 0)]), 100, cache, [(0, 0, 0)]) == [(0, 0, 0)]  # chosen ones count first
+    assert until_fits(iter([(0, 1, 0)]), 200, cache) == []  # the order ran out: the cache refuses that

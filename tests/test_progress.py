@@ -12,7 +12,7 @@ from policies import Policy, PrefetchPlan, register
 from sim.api import execute, prepare
 from sim.config import SimConfig
 from sim.errors import ConfigError, StallError
-from sim.link import HostLink
+from sim.copy_scheduler import CopyScheduler
 from traces import load_trace
 from traces.synthetic import SyntheticParams, generate_synthetic
 
@@ -164,7 +164,7 @@ def test_a_layer_whose_resident_parts_leave_no_room_evicts_a_later_one_and_copie
 
 
 def test_a_run_that_stops_early_raises_instead_of_reporting_partial_metrics(three_tops, monkeypatch):
-    monkeypatch.setattr(HostLink, "_make_room", lambda self, job: False)  # the old link: a demand always waits
+    monkeypatch.setattr(CopyScheduler, "_make_room", lambda self, job: False)  # the old scheduler: a demand always waits
     cfg = config(three_tops, "test_cached_tops", "1expert", SLOW_COPIES, warm_start=True)
     with pytest.raises(StallError, match=r"0 of 2 requests served .*GPU 0 waits to copy \(0, 0, 1\)"):
         execute(prepare(cfg))

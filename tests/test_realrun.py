@@ -243,11 +243,11 @@ def engine_for(device, slots=2, chunks=4):
     cache = PlacedCache(slots * model.bytes_per_expert, lambda b: model.bytes_per_expert, None)
     cache.pool = SlotPool(backend, cache.capacity_bytes, {model.bytes_per_expert})
     engine = CopyEngine(0, backend, [cache], policy, Recorder(1), host, lambda layer: [model.bytes_per_expert])
-    return engine, cache, host, model
+    return engine, engine.scheduler, cache, host, model
 
 
 def drain(engine):
-    while engine.current is not None:
+    while engine.busy:
         engine.poll()
 
 
@@ -258,19 +258,19 @@ def land_one(engine):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_engine_chunks_preempts_between_chunks_and_cancels_a_started_prefetch(device):
-    engine, cache, host, model = engine_for(device)
+    engine, scheduler, cache, host, model = engine_for(device)
     prefetch, demand = (0, 1, 0), (0, 2, 0)
-    engine.fetch(prefetch, 1.0)  # starts its first chunk at once: memory reserved
-    assert cache.is_in_flight(prefetch) and engine.current.block == prefetch
-    engine.fetch(demand, DEMAND_PRIORITY)
+    scheduler.fetch(prefetch, 1.0)  # starts its first chunk at once: memory reserved
+    assert cache.is_in_flight(prefetch) and scheduler.current.block == prefetch
+    scheduler.fetch(demand, DEMAND_PRIORITY)
     land_one(engine)  # chunk 1 of 4 of the prefetch lands; the demand preempts the rest
-    assert engine.current.block == demand and prefetch in engine.queue
-    engine.cancel_prefetches()  # the partly copied prefetch is dropped and its memory released
+    assert scheduler.current.block == demand and prefetch in scheduler.queue
+    scheduler.cancel_prefetches()  # the partly copied prefetch is dropped and its memory released
     assert not cache.holds(prefetch) and cache.wasted_prefetch_bytes == model.bytes_per_expert // 4
     drain(engine)
     assert cache.is_resident(demand)
     assert torch.equal(cache.pool.view(demand).cpu(), host.block(demand, [model.bytes_per_expert]))
-    rec = engine.recorder
+    rec = scheduler.recorder
     assert rec.prefetches_cancelled == 1 and rec.demand_bytes == model.bytes_per_expert
     assert rec.prefetch_bytes == model.bytes_per_expert / 4
     assert cache.pool.allocated_bytes() == cache.used_bytes == model.bytes_per_expert
@@ -278,16 +278,16 @@ def test_copy_engine_chunks_preempts_between_chunks_and_cancels_a_started_prefet
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_engine_drops_a_prefetch_without_room_and_a_demand_waits_for_an_unpin(device):
-    engine, cache, host, model = engine_for(device, slots=1, chunks=1)
-    engine.fetch((0, 0, 0), DEMAND_PRIORITY)
+    engine, scheduler, cache, host, model = engine_for(device, slots=1, chunks=1)
+    scheduler.fetch((0, 0, 0), DEMAND_PRIORITY)
     drain(engine)
     cache.pin((0, 0, 0))
-    engine.fetch((0, 1, 0), 1.0)  # no evictable memory: dropped
-    assert engine.recorder.prefetches_dropped == 1 and engine.current is None
-    engine.fetch((0, 2, 0), DEMAND_PRIORITY)  # waits, blocked
-    assert engine.blocked and engine.current is None
+    scheduler.fetch((0, 1, 0), 1.0)  # no evictable memory: dropped
+    assert scheduler.recorder.prefetches_dropped == 1 and scheduler.current is None
+    scheduler.fetch((0, 2, 0), DEMAND_PRIORITY)  # waits, blocked
+    assert scheduler.blocked and scheduler.current is None
     cache.unpin((0, 0, 0))
-    engine.kick()
+    scheduler.kick()
     drain(engine)
     assert cache.is_resident((0, 2, 0)) and not cache.holds((0, 0, 0))
     assert torch.equal(cache.pool.view((0, 2, 0)).cpu(), host.expert(0, 2))

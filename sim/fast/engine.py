@@ -23,12 +23,11 @@ import numpy as np
 from policies.base import Policy, PolicyContext, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
-from sim.engine import RunState, SimOptions
 from sim.fast.future import ArrayFuture
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
-from sim.replay import (Serving, arrival_times, bind_policy, cache_capacities, check_options, check_room,
-                        initial_blocks, part_bytes, warm)
+from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities, check_options,
+                        check_room, initial_blocks, part_bytes, warm)
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
