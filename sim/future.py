@@ -1,45 +1,46 @@
 """The replay's future, for the policies that may read it (Belady, oracle prefetch) and no other.
 
 Positions count layer-iterations in replay order: position = step * num_layers + layer, with the
-steps numbered as the engine runs them (sim.schedule.request_passes, request after request).
+steps numbered as the engine runs them (sim.schedule.request_passes, request after request). Built
+from the trace arrays with numpy (sim.schedule.replay_uses), without walking the passes.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from sim.schedule import request_passes
+from sim.schedule import replay_uses
 from traces import Trace
 
 
 class ReplayFuture:
     def __init__(self, trace: Trace, requests: list[int]):
-        layers = trace.model.num_layers
-        self.num_layers = layers
-        step_experts = [spec.experts for r in requests for spec in request_passes(trace, r)]
-        self._steps = step_experts
-        by_block: dict[tuple[int, int], list[int]] = {}
-        for step, per_layer in enumerate(step_experts):
-            base = step * layers
-            for layer, experts in enumerate(per_layer):
-                for e in experts:
-                    by_block.setdefault((layer, e), []).append(base + layer)
-        self._uses = {key: np.asarray(positions, dtype=np.int64) for key, positions in by_block.items()}
-        self._never = np.zeros(0, dtype=np.int64)
+        L, E = trace.model.num_layers, trace.model.num_experts
+        self.num_layers = L
+        self._trace = trace
+        self._steps, block, self.block_uses = replay_uses(trace, requests)
+        # block b's use positions: block_uses[uses_ptr[b]:uses_ptr[b + 1]], ascending
+        self.uses_ptr = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=L * E))]).astype(np.int64)
+        self._E = E
 
     @property
     def num_steps(self) -> int:
-        return len(self._steps)
+        return len(self._steps.row)
 
     def position(self, step: int, layer: int) -> int:
         return step * self.num_layers + layer
 
     def step_experts(self, step: int) -> list[tuple[int, ...]]:
-        """Experts each layer of a step will need."""
-        return self._steps[step]
+        """Experts each layer of a step will need (as request_passes gives them)."""
+        row = int(self._steps.row[step])
+        if row >= 0:
+            return [tuple(e) for e in self._trace.experts[row].tolist()]
+        counts = self._trace.prefill_counts[int(self._steps.request[step])]
+        return [tuple(int(e) for e in np.flatnonzero(c)) for c in counts]
 
     def uses_of(self, layer: int, expert: int) -> np.ndarray:
         """Sorted positions at which (layer, expert) is needed."""
-        return self._uses.get((layer, expert), self._never)
+        b = layer * self._E + expert
+        return self.block_uses[self.uses_ptr[b]:self.uses_ptr[b + 1]]
 
     def next_use(self, layer: int, expert: int, after: int) -> float:
         """First position > after at which (layer, expert) is needed; inf if never."""

@@ -29,6 +29,52 @@ class Pass:
     rows: np.ndarray | None  # the trace rows of the pass (None for a prefill known only by counts)
 
 
+@dataclass(frozen=True)
+class StepTable:
+    """The forward passes of requests run one after another (max_batch 1), as arrays: step i is
+    request `request[i]`'s prefill (row -1) or the decode iteration of trace row `row[i]`."""
+
+    request: np.ndarray  # int64 [steps]
+    row: np.ndarray  # int64 [steps]; -1: a prefill
+
+
+def has_prefill(trace: Trace) -> np.ndarray:
+    """Per request: whether it runs a prefill pass (request_passes' rule)."""
+    counts = np.asarray(trace.prefill_counts).reshape(trace.num_requests, -1)
+    return (trace.prefill_iters > 0) | counts.any(axis=1)
+
+
+def step_table(trace: Trace, requests: list[int]) -> StepTable:
+    """request_passes of each request in turn, as arrays (no loop per token)."""
+    reqs = np.asarray(requests, dtype=np.int64)
+    prefilled = has_prefill(trace)[reqs].astype(np.int64)
+    decode = trace.decode_iters[reqs]
+    steps = prefilled + decode
+    owner = np.repeat(np.arange(len(reqs)), steps)
+    within = np.arange(int(steps.sum())) - np.repeat(np.cumsum(steps) - steps, steps) - prefilled[owner]
+    first = trace.iter_offset[reqs] + trace.prefill_iters[reqs]
+    row = np.where(within < 0, -1, first[owner] + within)
+    return StepTable(reqs[owner], row.astype(np.int64))
+
+
+def replay_uses(trace: Trace, requests: list[int]) -> tuple[StepTable, np.ndarray, np.ndarray]:
+    """Every expert use of those steps: (steps, block, position), block = layer * num_experts + expert
+    and position = step * num_layers + layer, sorted by block then position."""
+    L, E = trace.model.num_layers, trace.model.num_experts
+    steps = step_table(trace, requests)
+    layer = np.arange(L, dtype=np.int64)
+    decode = np.flatnonzero(steps.row >= 0)
+    experts = np.asarray(trace.experts[steps.row[decode]], dtype=np.int64)  # [decode steps, layers, k]
+    dblock = (layer[None, :, None] * E + experts).ravel()
+    dpos = np.broadcast_to((decode[:, None] * L + layer[None, :])[:, :, None], experts.shape).ravel()
+    prefill = np.flatnonzero(steps.row < 0)
+    which, pl, pe = np.nonzero(np.asarray(trace.prefill_counts)[steps.request[prefill]])
+    block = np.concatenate([dblock, pl * E + pe]).astype(np.int64)
+    pos = np.concatenate([dpos, prefill[which] * L + pl]).astype(np.int64)
+    order = np.lexsort((pos, block))
+    return steps, block[order], pos[order]
+
+
 def request_passes(trace: Trace, r: int) -> Iterator[Pass]:
     offset, prefill, decode = trace.rows(r)
     probs = trace.probs(slice(offset, offset + prefill + decode))  # [iterations, layers, experts]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,13 +13,9 @@ from policies import make_policy
 from sim.api import simulate
 from sim.config import SimConfig
 from sim.errors import ConfigError
-from sim.fast.engine import TraceTables
-from sim.fast.future import ArrayFuture
-from sim.future import ReplayFuture
 from sim.profiles import load_hardware
 from conftest import tiny_model, unit_hardware
-from traces.defaults import resolve_trace, shipped_traces
-from traces.shared import shared_trace
+from traces.defaults import shipped_traces
 
 POLICIES = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belady", {}),
             ("belady", {"scope": "per_layer"})]
@@ -80,19 +75,6 @@ def test_after_wait_with_shared_host_bandwidth():
     hardware["after_wait"] = load_hardware("h200-measured").after_wait.to_dict()
     assert_identical(*both(hardware=hardware, policy="lru", budget="12experts", max_requests=4, max_batch=2,
                            clients=3))
-
-
-@pytest.mark.parametrize("trace", shipped_traces())
-def test_future_from_arrays(trace):
-    """The fast engine's future, built with numpy, holds ReplayFuture's positions exactly."""
-    t = shared_trace(resolve_trace(trace))
-    requests = list(range(2, min(9, t.num_requests)))
-    reference = ReplayFuture(t, requests)
-    future = ArrayFuture(TraceTables(t), requests, t.model.num_layers, t.model.num_experts)
-    assert future.num_steps == reference.num_steps
-    for layer in range(t.model.num_layers):
-        for e in range(t.model.num_experts):
-            np.testing.assert_array_equal(future.uses_of(layer, e), reference.uses_of(layer, e))
 
 
 def test_engine_choice():

@@ -23,11 +23,12 @@ import numpy as np
 from policies.base import Policy, PolicyContext, Timing
 from sim.cache import ExpertCache
 from sim.compute import ComputeModel
-from sim.fast.future import ArrayFuture
+from sim.future import ReplayFuture
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
 from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities, check_options,
                         check_room, initial_blocks, part_bytes, warm)
+from sim.schedule import has_prefill
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
@@ -76,7 +77,7 @@ class TraceTables:
         self.offset = np.asarray(trace.iter_offset, dtype=np.int64)
         self.prefill = np.asarray(trace.prefill_iters, dtype=np.int64)
         self.decode = np.asarray(trace.decode_iters, dtype=np.int64)
-        self.has_prefill = (self.prefill > 0) | self.counts.reshape(len(self.counts), -1).any(axis=1)
+        self.has_prefill = has_prefill(trace)
         prompt = trace.requests["prompt_tokens"].to_numpy().astype(np.int64)
         self.prefill_tokens = np.maximum(np.maximum(prompt, self.prefill), 1)
 
@@ -123,8 +124,7 @@ class FastSimulation(Serving):
         """As sim.engine.Simulation.prepare (the same shared steps), then the kernel's state from it."""
         topo, model = self.topology, self.model
         timing = Timing(self.hardware.host_link.copy_time, self.compute.expert_time, self.compute.non_expert_time)
-        self.future = ArrayFuture(self.tables, self.requests, model.num_layers, model.num_experts) \
-            if self.policy.reads_future else None
+        self.future = ReplayFuture(self.trace, self.requests) if self.policy.reads_future else None
         ctx = PolicyContext(model, self.caches, topo.home, topo.layers_of, np.random.default_rng(self.options.seed),
                             self.future, timing)
         fractions = bind_policy(self.policy, ctx, self.trace, train_requests)
