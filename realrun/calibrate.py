@@ -23,7 +23,6 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import re
@@ -61,7 +60,7 @@ from sim.placement import PlacedCache
 from sim.profiles import AfterWaitSpec, HardwareProfile, LinkSpec
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, Trace, load_trace
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.defaults import resolve_trace
 from traces.errors import UserError
 from traces.model_spec import known_models, load_model_spec
@@ -673,7 +672,7 @@ def write_profile(calibration: Calibration, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m realrun.calibrate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m realrun.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="cuda, cuda:N, or cpu (meaningless numbers; for tests)")
     parser.add_argument("--name", default=None, help="profile name (default: from the GPU, e.g. h100-measured)")
     parser.add_argument("--models", default="all", help="comma-separated model profiles, or 'all' (conf/model)")

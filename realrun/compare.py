@@ -14,7 +14,6 @@ Targets: mean TPOT within 5% of the measured one, hit rate within 1 point.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import shlex
@@ -39,7 +38,7 @@ from sim.config import SimConfig
 from sim.profiles import known_hardware, load_hardware
 from traces.atomic import atomic_write_csv, atomic_write_text
 from traces import Trace, load_trace
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.defaults import resolve_trace
 from traces.errors import UserError
 
@@ -326,7 +325,7 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m realrun.compare", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m realrun.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", default="default", help="'default', a shipped trace, or a trace directory")
     parser.add_argument("--policies", default="all", help="comma-separated, or 'all' registered policies")
     parser.add_argument("--budgets", default="auto",
