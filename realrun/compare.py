@@ -333,12 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=None, help="run only the first N layers (host memory, time)")
     parser.add_argument("--max-requests", type=int, default=None)
     parser.add_argument("--hardware", default=None, help="profile for the simulator (default: this GPU's -measured)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--gpus", type=int, default=1,
+    parser.add_argument("--device", default=RealOptions.device)
+    parser.add_argument("--gpus", type=int, default=RealOptions.gpus,
                         help="split the layers over devices cuda:0..N-1 (and N simulated GPUs); budgets are per GPU")
-    parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
+    parser.add_argument("--host-sources", type=int, default=RealOptions.host_sources, help="pinned host buffers shared by experts (0: one each)")
     parser.add_argument("--kv-tokens", type=int, default=RealOptions.kv_tokens)
-    parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
+    parser.add_argument("--copy-wait", default=RealOptions.copy_wait, choices=COPY_WAITS,
                         help="how the executor waits for a block: poll its copy's event, or sleep until it lands")
     parser.add_argument("--warm-start", action="store_true")
     parser.add_argument("--train-fraction", type=float, default=None,
