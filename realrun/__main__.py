@@ -7,9 +7,11 @@ directory, with measured instead of simulated times. Sweeps: -m +policy=lru,bela
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -23,6 +25,17 @@ from sim.report import print_run, write_run
 from traces import load_trace
 from traces.cli import run_cli
 from traces.defaults import resolve_trace
+
+
+def register() -> None:
+    """The `realrun` node of conf/cli/realrun.yaml from RealOptions' own defaults, so that no default is
+    written twice: every field but seed (the random weights' seed, not a setting of this command), and
+    layers, this command's own."""
+    options = {k: v for k, v in asdict(RealOptions()).items() if k != "seed"}
+    ConfigStore.instance().store(name="realrun_settings", node={"realrun": {**options, "layers": None}})
+
+
+register()
 
 
 def run(cfg: DictConfig) -> None:

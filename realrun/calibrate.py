@@ -23,7 +23,6 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import re
@@ -61,7 +60,7 @@ from sim.placement import PlacedCache
 from sim.profiles import AfterWaitSpec, HardwareProfile, LinkSpec
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, Trace, load_trace
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.defaults import resolve_trace
 from traces.errors import UserError
 from traces.model_spec import known_models, load_model_spec
@@ -673,18 +672,18 @@ def write_profile(calibration: Calibration, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m realrun.calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="cuda, cuda:N, or cpu (meaningless numbers; for tests)")
+    parser = ArgumentParser(prog="python -m realrun.calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=RealOptions.device, help="cuda, cuda:N, or cpu (meaningless numbers; for tests)")
     parser.add_argument("--name", default=None, help="profile name (default: from the GPU, e.g. h100-measured)")
     parser.add_argument("--models", default="all", help="comma-separated model profiles, or 'all' (conf/model)")
     parser.add_argument("--out", default=None, help="YAML path (default: conf/hardware/NAME.yaml)")
     parser.add_argument("--kv-tokens", type=int, default=RealOptions.kv_tokens)
-    parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
+    parser.add_argument("--copy-wait", default=RealOptions.copy_wait, choices=COPY_WAITS,
                         help="how the executor will wait for blocks (realrun copy_wait): the after-wait slowdown depends on it")
     parser.add_argument("--graphs", action="store_true",
                         help="the executor will launch decode passes as CUDA graphs: its all-resident run uses them "
                              "(the per-layer host time); the kernel tables stay eager")
-    parser.add_argument("--gpus", type=int, default=1,
+    parser.add_argument("--gpus", type=int, default=RealOptions.gpus,
                         help="devices cuda:0..N-1 of one kind: also measure what joins them (a multi-GPU profile)")
     parser.add_argument("--policy-trace", default="default",
                         help="trace whose replay times every policy's decisions ('none': skip); give the one "
@@ -698,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-requests", type=int, default=None,
                         help="the policy host times and validation runs replay only the first N requests after "
                              "the training split (as compare --max-requests)")
-    parser.add_argument("--host-sources", type=int, default=8,
+    parser.add_argument("--host-sources", type=int, default=RealOptions.host_sources,
                         help="the validation runs' pinned host buffers shared by experts (0: one each), as compare's")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, token counts and repetitions")
     args = parser.parse_args(argv)

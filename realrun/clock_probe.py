@@ -15,7 +15,6 @@ the layer's experts and non-expert kernels) and clocks.csv, both on time.perf_co
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from realrun.kernels import NonExpertLayer, copies_beyond_cache, expert_fn
 from realrun.memory import random_bf16
 from traces import ModelSpec
 from traces.atomic import atomic_write_csv
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.errors import UserError
 from traces.model_spec import known_models, load_model_spec
 
@@ -153,7 +152,7 @@ def probe(loop: DecodeLoop) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m realrun.clock_probe", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m realrun.clock_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model", default=None, help="model profile (default: the one with the largest experts)")
     parser.add_argument("--kv-tokens", type=int, default=RealOptions.kv_tokens)

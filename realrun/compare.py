@@ -14,7 +14,6 @@ Targets: mean TPOT within 5% of the measured one, hit rate within 1 point.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import shlex
@@ -39,7 +38,7 @@ from sim.config import SimConfig
 from sim.profiles import known_hardware, load_hardware
 from traces.atomic import atomic_write_csv, atomic_write_text
 from traces import Trace, load_trace
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.defaults import resolve_trace
 from traces.errors import UserError
 
@@ -326,7 +325,7 @@ def _compare_runs(trace: Trace, policies: list[str], budgets: list[str], hardwar
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m realrun.compare", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m realrun.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", default="default", help="'default', a shipped trace, or a trace directory")
     parser.add_argument("--policies", default="all", help="comma-separated, or 'all' registered policies")
     parser.add_argument("--budgets", default="auto",
@@ -334,12 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=None, help="run only the first N layers (host memory, time)")
     parser.add_argument("--max-requests", type=int, default=None)
     parser.add_argument("--hardware", default=None, help="profile for the simulator (default: this GPU's -measured)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--gpus", type=int, default=1,
+    parser.add_argument("--device", default=RealOptions.device)
+    parser.add_argument("--gpus", type=int, default=RealOptions.gpus,
                         help="split the layers over devices cuda:0..N-1 (and N simulated GPUs); budgets are per GPU")
-    parser.add_argument("--host-sources", type=int, default=8, help="pinned host buffers shared by experts (0: one each)")
+    parser.add_argument("--host-sources", type=int, default=RealOptions.host_sources, help="pinned host buffers shared by experts (0: one each)")
     parser.add_argument("--kv-tokens", type=int, default=RealOptions.kv_tokens)
-    parser.add_argument("--copy-wait", default="spin", choices=COPY_WAITS,
+    parser.add_argument("--copy-wait", default=RealOptions.copy_wait, choices=COPY_WAITS,
                         help="how the executor waits for a block: poll its copy's event, or sleep until it lands")
     parser.add_argument("--warm-start", action="store_true")
     parser.add_argument("--train-fraction", type=float, default=None,

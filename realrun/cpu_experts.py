@@ -15,7 +15,6 @@ The executor's host thread spins on copy events, so the FFN gets one core fewer 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -185,9 +184,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from sim.profiles import load_hardware
     from traces.atomic import atomic_write_text
-    from traces.cli import run_cli
+    from traces.cli import ArgumentParser, run_cli
     from traces.model_spec import load_model_spec
-    parser = argparse.ArgumentParser(prog="python -m realrun.cpu_experts", description=main.__doc__)
+    parser = ArgumentParser(prog="python -m realrun.cpu_experts", description=main.__doc__)
     parser.add_argument("--profile", required=True, help="hardware profile to copy (name or YAML path)")
     parser.add_argument("--models", default="mixtral-8x7b,gpt-oss-20b", help="comma-separated model profiles")
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128")

@@ -13,7 +13,6 @@ metrics.json, requests.csv, layers.csv, run_config.json (the real run), compare.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from sim.replay import RunState
 from sim.report import print_run, write_run
 from traces.atomic import atomic_write_text
 from traces import ModelSpec, Provenance, TraceWriter, load_trace
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.errors import UserError
 from traces.model_spec import load_model_spec
 
@@ -266,7 +265,7 @@ def run_live(spec: ModelSpec, policy: str, budget: str, requests: int, prompt_to
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m realrun.live", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m realrun.live", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--budget", default="8experts")
     parser.add_argument("--model", default="mixtral-8x7b", help="model profile (conf/model) whose shape is built")

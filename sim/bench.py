@@ -33,7 +33,7 @@ from policies.registry import available
 from sim.api import simulate
 from sim.config import SimConfig
 from traces import load_trace
-from traces.cli import console as cli_console
+from traces.cli import ArgumentParser, console as cli_console
 from traces.defaults import resolve_trace
 from traces.shared import shared_trace
 from traces.synth import SynthOptions, fit_source, synthesize
@@ -135,7 +135,7 @@ def scale(requests: int, rate_rps: float, console: Console) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
-    parser = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__,
+    parser = ArgumentParser(prog="python -m sim.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10, help="requests replayed on the SimPy engine")
     parser.add_argument("--profile", action="store_true", help="also split an LRU run's time by component")

@@ -32,7 +32,7 @@ from sim.budget import parse_budget  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 from sim.report import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
 from traces import Provenance, Trace, TraceWriter, load_trace  # noqa: E402
-from traces.cli import run_cli  # noqa: E402
+from traces.cli import ArgumentParser, run_cli  # noqa: E402
 from traces.defaults import resolve_trace  # noqa: E402
 from traces.errors import UserError  # noqa: E402
 from traces.format import tally_experts  # noqa: E402
@@ -137,7 +137,7 @@ def plot(frame: pd.DataFrame, header: str) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sim.breakeven", description=__doc__,
+    parser = ArgumentParser(prog="python -m sim.breakeven", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default="mixtral-8x7b-gsm8k", help="shipped trace name or trace directory")
     parser.add_argument("--model", help="model profile of the trace's shape (default: the trace's)")

@@ -17,7 +17,7 @@ from traces.typecheck import check_value
 
 # The hardware of a run that names none: the measured profile whose simulated TPOT and hit rates
 # met both realrun targets on every policy and budget (25 of 25 on two H200 machines, README
-# "Checked against real GPUs"); conf/config.yaml names the same.
+# "Checked against real GPUs").
 DEFAULT_HARDWARE = "h200-measured"
 # The training split of a policy that learns offline when train_fraction is not set: the trace's
 # first quarter trains it, the other three quarters are measured.

@@ -23,7 +23,7 @@ from tqdm import tqdm  # noqa: E402
 from sim.api import prepare, simulate  # noqa: E402
 from sim.config import DEFAULT_HARDWARE, SimConfig  # noqa: E402
 from sim.report import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
-from traces.cli import run_cli  # noqa: E402
+from traces.cli import ArgumentParser, run_cli  # noqa: E402
 
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.2)
 
@@ -63,7 +63,7 @@ def plot(curve: pd.DataFrame, title: str, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
-    parser = argparse.ArgumentParser(prog="python -m sim.load", description=__doc__,
+    parser = ArgumentParser(prog="python -m sim.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--budget", default="6GB")

@@ -60,7 +60,7 @@ from sim.provenance import PROVENANCE_FILE, git_commit, provenance, same_provena
 from sim.report import CONFIG_FILE, atomic_save_figure, atomic_write_csv, atomic_write_text, config_json  # noqa: E402
 from traces import Trace  # noqa: E402
 from traces.shared import shared_trace  # noqa: E402
-from traces.cli import run_cli  # noqa: E402
+from traces.cli import ArgumentParser, run_cli  # noqa: E402
 from traces.defaults import resolve_trace, shipped_traces  # noqa: E402
 from traces.errors import UserError  # noqa: E402
 from traces.stats import trace_reuse  # noqa: E402
@@ -543,7 +543,7 @@ def plot(frame: pd.DataFrame, trace: str, hardware: str, fmt: str, column: str, 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
-    parser = argparse.ArgumentParser(prog="python -m sim.reproduce", description=__doc__,
+    parser = ArgumentParser(prog="python -m sim.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/reproduce"))
     parser.add_argument("--hardware", default=",".join(SETUPS), help="comma-separated hardware profiles: the paper's "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sim.budget import parse_budget
 from sim.config import SimConfig
 from sim.report import CONFIG_FILE, LAYERS_FILE, METRICS_FILE, TIMING_FILE, atomic_write_csv, write_atomically
-from traces.cli import console as cli_console, run_cli
+from traces.cli import ArgumentParser, console as cli_console, run_cli
 from traces.errors import UserError
 from traces.format import REQUESTS
 
@@ -220,7 +220,7 @@ def print_summary(results: SweepResults, written: list[Path], console: Console |
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
-    parser = argparse.ArgumentParser(prog="python -m sim.results", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m sim.results", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep's directory (multirun/NAME), or one run's")
     parser.add_argument("--out", type=Path, help="where the tables and figures go (default: the sweep's directory)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from policies.registry import register, scoped
+
 from sim.profiles import HardwareProfile
 from traces import ModelSpec, Provenance, TraceWriter, load_trace
 
@@ -48,6 +50,24 @@ def probs_from_experts(experts: np.ndarray, num_experts: int) -> np.ndarray:
     for j in range(k):
         np.put_along_axis(probs, experts[..., j:j + 1], (k - j) / (k * (k + 1) / 2), axis=-1)
     return probs
+
+
+def trace_expert_uses(trace, requests) -> int:
+    """Expert uses of the given requests counted from the trace itself, not by an engine: a prefill
+    pass uses each layer's union of its tokens' experts (the counts where the trace kept only those),
+    a decode step its routed experts. (A run's hit, late and miss rates are shares of what the engine
+    counted, and add up to one by definition: this is what they can be checked against.)"""
+    total = 0
+    for r in requests:
+        offset, prefill, decode = trace.rows(r)
+        if prefill:
+            tokens = trace.experts[offset:offset + prefill]
+            total += sum(len(np.unique(tokens[:, layer])) for layer in range(tokens.shape[1]))
+        else:
+            total += int((trace.prefill_counts[r] > 0).sum())
+        steps = trace.experts[offset + prefill:offset + prefill + decode]
+        total += sum(len(np.unique(layer)) for step in steps for layer in step)
+    return total
 
 
 def write_trace(path: Path, model: ModelSpec, requests: list[list], prefill: list[int] | None = None,
@@ -91,3 +111,23 @@ def repo_env() -> dict[str, str]:
 
     root = str(Path(__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """A policy a test registers is forgotten after it: every test sees the shipped policies, plus
+    those its module registers for its own tests (registered())."""
+    with scoped():
+        yield
+
+
+def registered(*policies: tuple[str, type]):
+    """A module's fixture that registers its test policies for its own tests only:
+    `_policies = registered(("test_name", Class), ...)` at the module's top level."""
+    @pytest.fixture(scope="module", autouse=True)
+    def fixture():
+        with scoped():
+            for name, cls in policies:
+                register(name)(cls)
+            yield
+    return fixture

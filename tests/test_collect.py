@@ -119,8 +119,8 @@ def test_minilm_prompt_embeddings(model_dir, prompt_file, tmp_path):
 
 
 def test_the_command_line_collects_and_prints_a_summary(model_dir, prompt_file, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "traces.collect", f"model={model_dir}", f"dataset={prompt_file}",
-                           "n_requests=2", f"out={tmp_path / 't'}", "embeddings=token_mean", "progress=false"],
+    done = subprocess.run([sys.executable, "-m", "traces.collect", str(model_dir), "--dataset", str(prompt_file),
+                           "--n-requests", "2", "--out", str(tmp_path / "t"), "--embeddings", "token_mean", "--no-progress"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"wrote {tmp_path / 't'}: 2 requests" in done.stdout and "tok/s" in done.stdout
@@ -139,23 +139,23 @@ def other_models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["dataset=sharegpt"], "missing model=..."),
-    (["model=m", "n_request=3"], "unknown key 'n_request'; known keys: model, dataset, n_requests"),
-    (["model=m", "n_requests=many"], "n_requests=many: expected a int"),
-    (["model=m", "turns=last"], "turns=last: choose first or all"),
-    (["model=m", "embeddings=bert"], "embeddings: unknown source 'bert'"),
-    (["model={other}/dense"], "model type 'llama' has no routed experts"),
-    (["model={other}/unknown-moe"], "model type 'minimax' is an MoE this collector does not know"),
-    (["model={other}/nothing"], "cannot load a transformers config"),
-    (["model={model}", "dataset=nope"], "unknown dataset 'nope'"),
-    (["model={model}", "dataset={prompts}", "out={prompts}"], "already exists"),
-    (["model={model}", "dataset={prompts}", "device=cuda:7"], "no CUDA GPU here"),
-    (["model={model}", "dataset={prompts}", "n_requests=2", "topm=1"], "topm=1 must lie between top_k 2"),
+    (["--dataset", "sharegpt"], "the following arguments are required: MODEL"),
+    (["m", "--n-request", "3"], "unrecognized arguments: --n-request 3"),  # no abbreviations of --n-requests
+    (["m", "--n-requests", "many"], "argument --n-requests: invalid int value: 'many'"),
+    (["m", "--turns", "last"], "turns=last: choose first or all"),
+    (["m", "--embeddings", "bert"], "embeddings: unknown source 'bert'"),
+    (["{other}/dense"], "model type 'llama' has no routed experts"),
+    (["{other}/unknown-moe"], "model type 'minimax' is an MoE this collector does not know"),
+    (["{other}/nothing"], "cannot load a transformers config"),
+    (["{model}", "--dataset", "nope"], "unknown dataset 'nope'"),
+    (["{model}", "--dataset", "{prompts}", "--out", "{prompts}"], "already exists"),
+    (["{model}", "--dataset", "{prompts}", "--device", "cuda:7"], "no CUDA GPU here"),
+    (["{model}", "--dataset", "{prompts}", "--n-requests", "2", "--topm", "1"], "topm=1 must lie between top_k 2"),
 ])
 def test_bad_input_gets_one_line(args, message, model_dir, prompt_file, other_models, tmp_path, capsys):
     args = [a.format(other=other_models, model=model_dir, prompts=prompt_file) for a in args]
     with pytest.raises(SystemExit) as exit_info:
-        main([f"out={tmp_path / 'never'}", "progress=false", "embeddings=token_mean", *args])  # later keys win
+        main(["--out", str(tmp_path / "never"), "--no-progress", "--embeddings", "token_mean", *args])  # later flags win
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "never").exists()

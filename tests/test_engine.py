@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_model, unit_hardware
-from policies import Policy, PrefetchPlan, register
+from conftest import registered, tiny_model, unit_hardware
+from policies import Policy, PrefetchPlan
 from sim.api import simulate
 from sim.config import SimConfig
 from sim.errors import ConfigError, PolicyError
@@ -58,7 +58,7 @@ class NextLayerHint(Policy):
         return None
 
 
-register("test_next_layer_hint")(NextLayerHint)
+_next_layer_hint = registered(("test_next_layer_hint", NextLayerHint))
 
 
 def test_prefetch_overlaps_but_never_jumps_ahead_of_a_demand(make_trace):
@@ -125,7 +125,7 @@ class GreedyEvictor(Policy):
         return [] if cache.free_bytes() >= need_bytes else [next(iter(cache.resident_blocks()))]
 
 
-register("test_greedy_evictor")(GreedyEvictor)
+_greedy_evictor = registered(("test_greedy_evictor", GreedyEvictor))
 
 
 def test_a_policy_cannot_evict_what_the_running_layer_pins(make_trace):

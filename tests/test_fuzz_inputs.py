@@ -62,9 +62,16 @@ def run_sim_module(argv):
         sys.argv = saved
 
 
+def shown_lines(stderr: str) -> list[str]:
+    """The lines a terminal shows at the end: a progress bar that redraws itself with \\r and is then
+    cleared leaves nothing."""
+    return [shown for line in stderr.split("\n") if (shown := line.rsplit("\r", 1)[-1]).strip()]
+
+
 def judge(code, stderr, out: Path | None) -> str | None:
-    """None where the command refused the input as it should, else what went wrong."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    """None where the command refused the input as it should (one line, 'error: ...', status 2, no
+    output left behind), else what went wrong."""
+    lines = shown_lines(stderr)
     if code != 2:
         return f"status {code}"
     if "Traceback" in stderr:
@@ -73,6 +80,8 @@ def judge(code, stderr, out: Path | None) -> str | None:
         return "no error line"
     if out is not None and out.exists() and any(out.rglob("*")):
         return "left output"
+    if len(lines) != 1:
+        return "more than one line"
     return None
 
 
@@ -80,6 +89,7 @@ def test_bad_inputs_get_one_error_line_and_leave_nothing(tmp_path, capsys):
     from realrun.compare import main as compare
     from sim.reproduce import main as reproduce
     from sim.results import main as results
+    from traces.compact import main as compact
     from traces.convert import main as convert
     from traces.stats import main as stats
     from traces.synth import main as synth
@@ -104,6 +114,10 @@ def test_bad_inputs_get_one_error_line_and_leave_nothing(tmp_path, capsys):
         ("traces.synth --requests 0", synth, ["--fit", str(REAL), str(out), "--requests", "0"], out),
         ("traces.synth --requests abc", synth, ["--fit", str(REAL), str(out), "--requests", "abc"], out),
         ("traces.stats unknown trace name", stats, ["no-such-trace"], None),
+        ("traces.stats unknown flag", stats, [str(REAL), "--slot", "4"], None),
+        ("traces.compact --requests 0", compact, [str(REAL), str(out), "--requests", "0"], out),
+        ("traces.compact --topm abc", compact, [str(REAL), str(out), "--topm", "abc"], out),
+        ("traces.compact missing OUT_DIR", compact, [str(REAL)], None),
         ("traces.stats --slots -1", stats, [str(REAL), "--slots", "-1"], None),
         ("sim.results missing dir", results, [str(tmp_path / "none")], None),
         ("sim.results damaged metrics.json", results, [str(tmp_path / "sweep"), "--out", str(out)], out),
@@ -139,21 +153,18 @@ def test_bad_inputs_get_one_error_line_and_leave_nothing(tmp_path, capsys):
         run_dir = tmp_path / "sim" / str(n)
         code, stderr = in_process(run_sim_module, sim_argv(args, run_dir))
         problem = judge(code, stderr, run_dir)
-        if not problem and len(stderr.strip().splitlines()) != 1:
-            problem = "more than one line"
         if problem:
             failed[f"sim {' '.join(args)}"] = f"{problem}: {stderr.strip().splitlines()[-1:]}"
 
-    # As real processes: one per kind of entry point (Hydra's, argparse's, key=value reading).
+    # As real processes: Hydra's entry point, and argparse's refusing a value and the work refusing its input.
     processes = [(["sim", *sim_argv(["+budget=-1GB"], tmp_path / "proc" / "sim")], tmp_path / "proc" / "sim"),
                  (["sim.reproduce", "--budgets", "1e30GB", "--out", str(out)], out),
+                 (["traces.compact", str(REAL), str(out), "--decode-iters", "many"], out),
                  (["traces.stats", str(traces["corrupt parquet"])], None)]
     for argv, must_stay_empty in processes:
         done = subprocess.run([sys.executable, "-m", *argv], check=False, cwd=tmp_path, capture_output=True, text=True,
                               timeout=120, env=repo_env())
         problem = judge(done.returncode, done.stderr, must_stay_empty)
-        if not problem and len(done.stderr.strip().splitlines()) != 1:
-            problem = "more than one line"
         if problem:
             failed[f"process: python -m {' '.join(argv[:3])}"] = f"{problem}: {done.stderr.strip().splitlines()[-1:]}"
     tried = len(cases) + len(sim_cases) + len(processes)

@@ -1,8 +1,8 @@
 """Batching, arrivals and several GPUs, on hand-built traces with hand-computed timelines."""
 import pytest
 
-from conftest import tiny_model, unit_hardware
-from policies import Policy, PrefetchPlan, register
+from conftest import registered, tiny_model, unit_hardware
+from policies import Policy, PrefetchPlan
 from sim.api import simulate
 from sim.config import SimConfig
 from sim.errors import ConfigError
@@ -53,7 +53,7 @@ class PrefetchAtStart(Policy):
         return PrefetchPlan([((e[0], e[1], 0), 1.0, *e[2:]) for e in self.entries]) if request.index == 0 else None
 
 
-register("test_prefetch_at_start")(PrefetchAtStart)
+_prefetch_at_start = registered(("test_prefetch_at_start", PrefetchAtStart))
 
 
 def two_layers_one_token(make_trace, layer0=0, layer1=1):

@@ -1,16 +1,17 @@
 """Every registered policy, through the same contract: budget, determinism, sane metrics, config."""
 import pytest
 import yaml
+from conftest import trace_expert_uses
 
 from conf import CLI_CONF_DIR
 from policies import available, policy_class
-from sim.api import simulate
+from sim.api import prepare, simulate
 from sim.config import SimConfig
 from traces import load_trace
 from traces.model_spec import load_model_spec
 from traces.synthetic import SyntheticParams, generate_synthetic
 
-POLICIES = [name for name in available() if not name.startswith("test_")]
+POLICIES = available()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_contract(trace, name, budget):
     assert first == simulate(cfg, trace=trace).metrics  # deterministic
     if not policy_class(name).ignores_budget:
         assert first.gpu_mem_high_water_bytes <= first.budget_bytes
+    assert first.expert_uses == trace_expert_uses(trace, prepare(cfg, trace).replay)  # every use counted, once
     assert 0.0 <= first.hit_rate <= 1.0
-    assert first.hit_rate + first.late_prefetch_rate + first.miss_rate == pytest.approx(1.0)
     assert first.ttft_mean_s > 0 and first.tpot_mean_s > 0
     assert first.requests == 4

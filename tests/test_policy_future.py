@@ -65,7 +65,7 @@ def traces(tmp_path_factory):
 FIRST_ALTERED_PASS = 11 + 1 + 12 - 4
 
 
-@pytest.mark.parametrize("name", [n for n in available() if not n.startswith("test_")])
+@pytest.mark.parametrize("name", available())
 def test_decisions_before_an_altered_future_do_not_change(traces, name):
     before = [entry for entry in decisions(traces[0], name) if entry[0] < FIRST_ALTERED_PASS]
     after = [entry for entry in decisions(traces[1], name) if entry[0] < FIRST_ALTERED_PASS]

@@ -10,8 +10,11 @@ from traces.errors import UserError
 from traces.model_spec import load_model_spec
 from traces.resources import available_memory_bytes, require_memory
 
-torch = pytest.importorskip("torch")
-NO_GPU = not torch.cuda.is_available()
+
+
+def no_gpu() -> bool:
+    """Whether this machine lacks a GPU; skips a test where torch (which tells) is not installed."""
+    return not pytest.importorskip("torch").cuda.is_available()
 
 
 def test_memory_needed_beyond_what_is_available_is_refused_with_both_figures():
@@ -22,6 +25,7 @@ def test_memory_needed_beyond_what_is_available_is_refused_with_both_figures():
 
 
 def test_calibrate_on_the_cpu_estimates_its_peak_before_starting():
+    pytest.importorskip("torch")  # realrun runs on torch
     from realrun.preflight import check_calibrate, device_bytes
 
     mixtral = load_model_spec("mixtral-8x7b")
@@ -31,8 +35,9 @@ def test_calibrate_on_the_cpu_estimates_its_peak_before_starting():
     check_calibrate("cpu", [tiny_model()], available=int(24e9))  # the tests' tiny shapes run
 
 
-@pytest.mark.skipif(not NO_GPU, reason="checks the refusal on a machine without a GPU")
 def test_calibrate_without_a_gpu_says_so_in_one_line():
+    if not no_gpu():
+        pytest.skip("checks the refusal on a machine without a GPU")
     done = subprocess.run([sys.executable, "-m", "realrun.calibrate", "--quick"], env=repo_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
@@ -40,6 +45,7 @@ def test_calibrate_without_a_gpu_says_so_in_one_line():
 
 
 def test_standin_training_on_the_cpu_estimates_its_activations_and_needs_a_gpu_when_auto():
+    gpu_less = no_gpu()
     from traces.standin.preflight import check_train
     from traces.standin.train import TrainConfig
 
@@ -50,6 +56,6 @@ def test_standin_training_on_the_cpu_estimates_its_activations_and_needs_a_gpu_w
     tiny = TrainConfig(shape="mixtral-8x7b", corpus="c", out="o", device="cpu", hidden=16, heads=2,
                        batch_tokens=64, context=16)
     check_train(tiny, vocab_size=320, available=int(24e9))
-    if NO_GPU:
-        with pytest.raises(UserError, match="runs on a GPU and this machine has none.*device=cpu"):
+    if gpu_less:
+        with pytest.raises(UserError, match="runs on a GPU and this machine has none.*--device cpu"):
             check_train(TrainConfig(shape="mixtral-8x7b", corpus="c", out="o"), vocab_size=320)

@@ -52,9 +52,6 @@ def readme_commands() -> list[list[str]]:
 
 
 PLACEHOLDER = re.compile(r"^(?P<key>[\w.+~/]+=)?[A-Z][A-Z_]*(\.jsonl|\.\.\.)?$")  # PATH, OUT_DIR, SRC.jsonl, key=DIR
-# key=value commands: the config dataclass each one parses its arguments into.
-KEY_VALUE = {"traces.collect": ("traces.collect.__main__", "CollectConfig"), "traces.collect.tiny": ("traces.collect.tiny", "TinyModel"),
-             "traces.standin.train": ("traces.standin.train", "TrainConfig"), "traces.compact": ("traces.compact", "CompactConfig")}
 
 
 def concrete(args: list[str]) -> list[str]:
@@ -79,12 +76,12 @@ def first_values(args: list[str]) -> list[str]:
 def test_every_readme_command_parses_with_its_real_parser():
     """A renamed flag, setting, knob or config in any README command line fails here: sim's lines are
     composed by Hydra against conf/cli (without running) into a SimConfig; the other commands' lines
-    go through their own argparse parser or key=value config type."""
+    go through their own argparse parser, and into their config dataclass where they have one."""
     from hydra import compose, initialize_config_module
     from omegaconf import open_dict
 
     from sim.cli import check_arguments, config_from_hydra
-    from traces.cli import parse_key_values
+    from traces.cli import ConfigParser
 
     commands = readme_commands()
     assert len(commands) > 20
@@ -99,11 +96,10 @@ def test_every_readme_command_parses_with_its_real_parser():
             with open_dict(cfg):
                 del cfg["hydra"]  # resolved only when a run starts (its output directory)
             config_from_hydra(cfg)  # the composed settings, typed as SimConfig types them
-        elif module in KEY_VALUE:
-            where, name = KEY_VALUE[module]
-            parse_key_values(args, getattr(importlib.import_module(where), name), "")
         else:
-            importlib.import_module(module).build_parser().parse_args(args)
+            package = importlib.util.find_spec(module).submodule_search_locations is not None
+            parser = importlib.import_module(f"{module}.__main__" if package else module).build_parser()  # as -m runs it
+            parser.parse_config(args) if isinstance(parser, ConfigParser) else parser.parse_args(args)
         checked.add(module)
     assert {"sim", "sim.reproduce", "traces.convert", "traces.synth", "traces.compact"} <= checked
 

@@ -117,16 +117,30 @@ def test_the_expert_format_from_the_command_line_sets_the_bytes_a_copy_moves(tmp
     assert metrics["policy_info"]["bytes_per_expert"] == 49_783_680  # gpt-oss-20b's expert in bf16
 
 
-def test_realrun_config_says_the_executor_defaults():
-    """conf/cli/realrun.yaml repeats RealOptions' defaults for Hydra (realrun.KEY=...): they must agree."""
+def test_realrun_settings_are_the_executor_defaults():
+    """python -m realrun composes its `realrun` node from RealOptions (realrun.__main__.register): the
+    composed settings are RealOptions' defaults, and conf/cli/realrun.yaml writes none of them."""
     pytest.importorskip("torch")
     from dataclasses import asdict
 
     import yaml
+    from hydra import compose, initialize_config_module
 
+    import realrun.__main__  # noqa: F401 - registers the node
     from conf import CLI_CONF_DIR
     from realrun.executor import RealOptions
 
-    listed = yaml.safe_load((CLI_CONF_DIR / "realrun.yaml").read_text())["realrun"]
-    assert listed.pop("layers") is None  # realrun.__main__'s own: the first N layers
-    assert listed == {k: v for k, v in asdict(RealOptions()).items() if k != "seed"}
+    assert "realrun" not in yaml.safe_load((CLI_CONF_DIR / "realrun.yaml").read_text())
+    with initialize_config_module(version_base=None, config_module="conf.cli"):
+        composed = dict(compose(config_name="realrun", overrides=["realrun.kv_tokens=8"])["realrun"])
+    assert composed.pop("layers") is None  # realrun.__main__'s own: the first N layers
+    assert composed == {**{k: v for k, v in asdict(RealOptions()).items() if k != "seed"}, "kv_tokens": 8}
+
+
+def test_an_engine_without_options_serves_as_simconfig_defaults():
+    """SimOptions (the engines' own, used where a caller gives none: realrun's executor) repeats
+    SimConfig's serving defaults; they must agree until one is made from the other."""
+    from sim.api import replay_options
+    from sim.engine import SimOptions
+
+    assert replay_options(SimConfig()) == SimOptions()

@@ -7,10 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from traces.collect.collector import collect  # noqa: E402
 from traces.collect.config import CollectConfig  # noqa: E402
 from traces.collect.prompts import Conversations  # noqa: E402
 from traces.errors import UserError  # noqa: E402
@@ -18,7 +16,6 @@ from traces.format import load_trace  # noqa: E402
 from traces.standin.attempts import attempts_table, best_run, find_runs  # noqa: E402
 from traces.standin.corpus import CorpusConfig, build_corpus  # noqa: E402
 from traces.standin.shapes import SHAPES, standin_config  # noqa: E402
-from traces.standin.train import TrainConfig, balance_loss, train  # noqa: E402
 
 WORDS = "the cache holds experts that a router picks for every token of each request".split()
 HELD_OUT_WORD = "zyxwvut"  # appears only in held-out conversations
@@ -42,12 +39,22 @@ def corpus(tmp_path_factory):
     return build_corpus(cfg, conversations())
 
 
+def training():
+    """traces.standin.train, which runs on torch (the corpus and the shapes do not): a test that
+    trains is skipped where torch is not installed."""
+    pytest.importorskip("torch")
+    from traces.standin import train
+
+    return train
+
+
 @pytest.fixture(scope="module")
 def tiny_run(corpus, tmp_path_factory):
-    cfg = TrainConfig(shape="mixtral-8x7b", corpus=str(corpus), out=str(tmp_path_factory.mktemp("runs") / "tiny"),
+    standin = training()
+    cfg = standin.TrainConfig(shape="mixtral-8x7b", corpus=str(corpus), out=str(tmp_path_factory.mktemp("runs") / "tiny"),
                       hidden=16, heads=2, steps=4, batch_tokens=64, context=16, eval_every=2, progress=False,
                       aux_scope="sequence", dropout=0.1, router_input="detached")
-    return cfg, train(cfg)
+    return cfg, standin.train(cfg)
 
 
 def test_corpus_holds_out_every_nth_conversation_and_renders_chats(corpus):
@@ -77,6 +84,9 @@ def test_shapes_keep_the_real_routing_topology():
 def test_sequence_balance_loss_penalises_sequences_that_keep_their_experts():
     # Two sequences of 8 tokens, 4 experts, top-2: each sequence always takes its own two experts,
     # so the batch as a whole is balanced while every sequence is not.
+    balance_loss = training().balance_loss
+    import torch
+
     logits = torch.full((2, 8, 4), -20.0)
     logits[0, :, :2] = 20.0
     logits[1, :, 2:] = 20.0
@@ -99,13 +109,15 @@ def test_tiny_training_writes_a_labelled_checkpoint_logs_and_realism(tiny_run):
 
 def test_training_is_reproducible_from_its_seed(tiny_run, tmp_path):
     cfg, out = tiny_run
-    again = train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "again")}))
+    again = training().train(type(cfg)(**{**cfg.__dict__, "out": str(tmp_path / "again")}))
     for log in ("train_log.csv", "eval_log.csv"):
         first, second = (pd.read_csv(run / log).drop(columns="elapsed_s") for run in (out, again))
         assert first.equals(second)
 
 
 def test_collecting_from_a_stand_in_labels_the_trace(tiny_run, corpus, tmp_path):
+    from traces.collect.collector import collect
+
     _, out = tiny_run
     trace = load_trace(collect(CollectConfig(
         model=str(out / "standin-mixtral-8x7b-h16"), dataset=str(corpus / "sharegpt_v3_heldout.json"), n_requests=2,
@@ -133,6 +145,8 @@ def test_attempts_table_and_best_run(tiny_run, tmp_path):
 
 
 def test_bad_settings_name_the_problem(corpus, tmp_path):
+    standin = training()
+    TrainConfig, train = standin.TrainConfig, standin.train
     with pytest.raises(UserError, match="shape=gpt5 unknown"):
         TrainConfig(shape="gpt5", corpus=str(corpus), out=str(tmp_path / "x"))
     with pytest.raises(UserError, match="traces.standin.corpus"):

@@ -10,11 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import tiny_model, unit_hardware
+from conftest import registered, tiny_model, unit_hardware
 from policies import PrefetchPlan, available, policy_class
 from policies.base import known_probs
 from policies.lru import LRU
-from policies.registry import register
 from sim.api import simulate
 from sim.config import SimConfig
 from traces import Provenance, TraceWriter, load_trace
@@ -84,17 +83,18 @@ class _ByProbability(LRU):
         return PrefetchPlan([((layer + 1, int(e), 0), float(p[e])) for e in np.flatnonzero(p > 0.05)])
 
 
-@register("test_unknown_estimated")
 class _Estimated(_ByProbability):
     pass
 
 
-@register("test_unknown_as_zero")
 class _AsZero(_ByProbability):
     numbers = staticmethod(np.nan_to_num)  # wrong: an unknown probability becomes "never chosen"
 
 
-@pytest.mark.parametrize("name", [n for n in available() if not n.startswith("test_")])
+_policies = registered(("test_unknown_estimated", _Estimated), ("test_unknown_as_zero", _AsZero))
+
+
+@pytest.mark.parametrize("name", available())
 def test_every_policy_reads_unknown_as_the_estimate(traces, name):
     got = runs(traces, name)
     assert got["C"] == got["R"]

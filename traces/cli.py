@@ -1,10 +1,14 @@
-"""Shared behaviour of the command-line entry points: user errors are one line, not a traceback."""
+"""Shared behaviour of the command-line entry points: user errors are one line, not a traceback.
+
+`python -m sim` (and `python -m realrun`, which composes the same conf/ groups) read Hydra overrides;
+every other command is argparse through ArgumentParser here, whose refusals are run_cli's one line."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import typing
-from typing import Callable, TypeVar
+from typing import Callable, Generic, NoReturn, TypeVar
 
 from traces.errors import UserError
 
@@ -34,47 +38,50 @@ def run_cli(work: Callable[[], T]) -> T:
         raise SystemExit(130) from None
 
 
-def parse_key_values(argv: list[str], config_type: type[T], usage: str) -> T:
-    """`key=value` arguments, as Hydra writes them, into a config dataclass.
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every command but the Hydra ones (`python -m sim`, `python -m realrun`) uses it, with the project's form of a refusal: one
+    line, 'error: ...', status 2 (run_cli's form), instead of argparse's usage block and its error."""
 
-    Values are converted to the field's type; `null` gives None where the field allows it.
-    -h/--help prints `usage` and exits.
-    """
-    hints = typing.get_type_hints(config_type)
-    known = {f.name: f for f in dataclasses.fields(config_type)}
-    values: dict[str, object] = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(usage)
-            raise SystemExit(0)
-        key, sep, raw = arg.partition("=")
-        if not sep:
-            raise UserError(f"argument '{arg}' is not key=value; run with --help for the keys")
-        if key not in known:
-            raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        values[key] = _convert(key, raw, hints[key])
-    missing = [name for name, f in known.items() if name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise UserError(f"missing {', '.join(f'{name}=...' for name in missing)}; run with --help for the keys")
-    return config_type(**values)
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # a misspelt flag is refused, not read as another one
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (--help lists the arguments)", file=sys.stderr)
+        raise SystemExit(2)
 
 
-def _convert(key: str, raw: str, hint: object) -> object:
-    choices = typing.get_args(hint)
-    optional = type(None) in choices
-    base = next((c for c in choices if c is not type(None)), hint) if optional else hint
-    if optional and raw.lower() in ("null", "none", "~"):
-        return None
-    try:
-        if base is bool:
-            if raw.lower() not in _BOOLEANS:
-                raise ValueError
-            return _BOOLEANS[raw.lower()]
-        return base(raw)  # type: ignore[operator]
-    except ValueError:
-        kind = getattr(base, "__name__", str(base))
-        raise UserError(f"{key}={raw}: expected {'a boolean (true/false)' if base is bool else 'a ' + kind}") from None
+class ConfigParser(ArgumentParser, Generic[T]):
+    """The parser of a config dataclass's fields: those without a default are positional arguments, in
+    the dataclass's order; the others are --flags (dashes for underscores) whose defaults are the
+    dataclass's own, so that no default is written twice. A boolean is --name / --no-name."""
+
+    def __init__(self, config_type: type[T], prog: str, description: str | None) -> None:
+        super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.config_type = config_type
+        hints = typing.get_type_hints(config_type)
+        for field in dataclasses.fields(config_type):
+            kind = _base_type(hints[field.name])
+            factory = field.default_factory
+            default = field.default if factory is dataclasses.MISSING else factory()
+            if default is dataclasses.MISSING:
+                self.add_argument(field.name, type=kind, metavar=field.name.upper())
+            elif kind is bool:
+                self.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=default)
+            else:
+                self.add_argument(_flag(field.name), type=kind, default=default, metavar=field.name.upper(),
+                                  help=f"default: {default}")
+
+    def parse_config(self, argv: list[str] | None = None) -> T:
+        """The config of a command line (sys.argv's without argv); the dataclass's checks raise UserError."""
+        return self.config_type(**vars(self.parse_args(argv)))
 
 
-_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(hint: object) -> type:
+    """int of `int | None`: the type a value given on the command line converts to."""
+    choices = [c for c in typing.get_args(hint) if c is not type(None)]
+    return choices[0] if choices else hint  # type: ignore[return-value]

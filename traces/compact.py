@@ -1,31 +1,30 @@
 """Shrink a trace for shipping: fewer requests, capped decode, prefill as counts, top-m probabilities.
 
-    python -m traces.compact src=TRACE out=DIR [requests=N decode_iters=N topm=M model=NAME embed=minilm]
+    python -m traces.compact TRACE OUT_DIR [--requests N --decode-iters N --topm M --model NAME --embed minilm]
 
-- requests: keep the first N requests (default all);
-- decode_iters: keep each request's first N decode iterations (its output length shrinks to match);
+- --requests: keep the first N requests (default all);
+- --decode-iters: keep each request's first N decode iterations (its output length shrinks to match);
 - the prompt's per-token iterations become the per-expert counts the simulator needs for a prefill
   (prefill_counts); lookahead and hidden-state projections are dropped;
-- topm: keep the m most probable experts' probabilities (default: top-k);
-- model: record a conf/model profile of the same routing shape as the trace's model (a stand-in
+- --topm: keep the m most probable experts' probabilities (default: top-k);
+- --model: record a conf/model profile of the same routing shape as the trace's model (a stand-in
   trace then simulates the real model's experts, and uses its measured timings, without model= on
-  every run); the trace's own model is kept in its provenance;
-- embed=minilm: add all-MiniLM-L6-v2 embeddings of the prompts (collections run without the wheel);
-- dataset: a fuller description of the prompts for the provenance (a collection from a file knows
+  every `python -m sim` run); the trace's own model is kept in its provenance;
+- --embed minilm: add all-MiniLM-L6-v2 embeddings of the prompts (collections run without the wheel);
+- --dataset: a fuller description of the prompts for the provenance (a collection from a file knows
   only the file's name).
 The source's provenance and realism figures are kept in the new trace's provenance details; its own
 realism figures are computed afresh.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from traces.cli import parse_key_values, run_cli
+from traces.cli import ConfigParser, run_cli
 from traces.defaults import resolve_trace
 from traces.errors import UserError
 from traces.format import Trace, TraceWriter, load_trace
@@ -113,9 +112,14 @@ def compact_trace(cfg: CompactConfig) -> Path:
     return writer.close(extra=extra)
 
 
+def build_parser() -> ConfigParser[CompactConfig]:
+    """The command's arguments: CompactConfig's fields (the README's command lines are checked against it)."""
+    return ConfigParser(CompactConfig, "python -m traces.compact", __doc__)
+
+
 def main(argv: list[str] | None = None) -> None:
     def work() -> None:
-        cfg = parse_key_values(sys.argv[1:] if argv is None else argv, CompactConfig, __doc__ or "")
+        cfg = build_parser().parse_config(argv)
         trace = load_trace(compact_trace(cfg))
         size = sum(f.stat().st_size for f in trace.path.rglob("*") if f.is_file())
         print(f"wrote {trace.path}: {trace.num_requests} requests, {trace.num_iterations} iterations, "

@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.conditioned import fit_conditioned, generate
 from traces.defaults import resolve_trace
 from traces.format import Trace, load_trace
@@ -70,7 +70,7 @@ def _flat(figures: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m traces.conditioned_check", description=__doc__,
+    parser = ArgumentParser(prog="python -m traces.conditioned_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fit", required=True)
     parser.add_argument("--held-out")

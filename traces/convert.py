@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.errors import UserError
 from traces.format import Provenance, TraceWriter
 from traces.model_spec import ModelSpec, load_model_spec
@@ -225,7 +225,7 @@ def _natural(text: str) -> tuple[int, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
-    parser = argparse.ArgumentParser(prog="python -m traces.convert", description=__doc__,
+    parser = ArgumentParser(prog="python -m traces.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="format", required=True)
     topk = sub.add_parser("topk-jsonl", help="top-k routing log, one JSON object per token and layer")

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from traces.atomic import atomic_write_csv, atomic_write_text
-from traces.cli import console as cli_console, run_cli
+from traces.cli import ArgumentParser, console as cli_console, run_cli
 from traces.defaults import DATA_DIR, resolve_trace
 from traces.errors import UserError
 from traces.format import META, Trace, TraceMeta, load_trace, tally_experts
@@ -536,7 +536,7 @@ def _format(key: str, value: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
-    parser = argparse.ArgumentParser(prog="python -m traces.stats", description=__doc__,
+    parser = ArgumentParser(prog="python -m traces.stats", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", nargs="+", help="shipped trace names ('default' too) or trace directories")
     parser.add_argument("--slots", type=int, nargs="+", help="cache slots per layer (default: top-k .. experts)")

@@ -27,7 +27,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.errors import UserError
 from traces.format import Provenance, Trace, TraceWriter, load_trace, tally_experts
 from traces.routing_model import (RoutingModel, fit_request_spread, fit_routing_model, request_offsets,
@@ -211,7 +211,7 @@ def _provenance(source: FittedSource, workload: Workload, options: SynthOptions,
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
     defaults = SynthOptions(requests=1)
-    parser = argparse.ArgumentParser(prog="python -m traces.synth", description=__doc__,
+    parser = ArgumentParser(prog="python -m traces.synth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fit", required=True, metavar="TRACE_DIR", help="trace to fit (a shipped name or a directory)")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from traces.atomic import atomic_write_csv
-from traces.cli import console as cli_console, run_cli
+from traces.cli import ArgumentParser, console as cli_console, run_cli
 from traces.defaults import resolve_trace
 from traces.errors import UserError
 from traces.format import Trace, TraceWriter, load_trace
@@ -101,7 +101,7 @@ def check(trace: Trace, repeats: int = 20, seed: int = 0) -> pd.DataFrame:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
-    parser = argparse.ArgumentParser(prog="python -m traces.synth_check", description=__doc__,
+    parser = ArgumentParser(prog="python -m traces.synth_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", nargs="?", default=DEFAULT_SOURCE)
     parser.add_argument("--repeats", type=int, default=20)

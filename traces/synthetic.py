@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.errors import UserError
 from traces.format import Provenance, TraceWriter
 from traces.model_spec import ModelSpec, load_model_spec
@@ -163,7 +163,7 @@ def generate_synthetic(out_dir: str | Path, model: ModelSpec, params: SyntheticP
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the README's command lines are checked against it)."""
     defaults = SyntheticParams()
-    parser = argparse.ArgumentParser(prog="python -m traces.synthetic", description=__doc__,
+    parser = ArgumentParser(prog="python -m traces.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--model", default="mixtral-8x7b", help="model profile name or transformers config.json")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.errors import UserError
 
 TABLE_DIR = Path(__file__).resolve().parent / "workloads"
@@ -131,7 +131,7 @@ def build_table(src: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m traces.workloads", description=__doc__,
+    parser = ArgumentParser(prog="python -m traces.workloads", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="JSON list of [prompt, prompt_tokens, output_tokens]")
     parser.add_argument("out", type=Path, help="the table to write (.npz)")

@@ -1,12 +1,12 @@
-"""python -m traces.collect model=PATH_OR_HUB_ID [dataset=sharegpt n_requests=100 out=DIR key=value ...]
+"""python -m traces.collect PATH_OR_HUB_ID [--dataset sharegpt --n-requests 100 --out DIR --FLAG VALUE ...]
 
 Runs a transformers MoE causal LM over prompts and records its routing into a trace directory:
 every prompt token's and every decode step's router probabilities and chosen experts for every
 MoE layer, lookahead router outputs, prompt embeddings, token counts, timing and provenance.
 An interrupted run leaves its finished batches in OUT.work/; the same command continues it.
 
-Keys (defaults in traces/collect/config.py):
-  model              transformers model directory or hub id (required)
+Arguments (defaults in traces/collect/config.py; a key below is the flag --key, dashes for underscores):
+  MODEL              transformers model directory or hub id (required)
   dataset            sharegpt | sharegpt-sample | lmsys | lmsys-chat | lmsys-eval | arena-hard | FILE
                      (.json, .jsonl or .parquet: prompts, conversations or [prompt, in, out] rows)
   n_requests, seed   how many prompts, drawn in seeded shuffled order among those passing the filters
@@ -23,15 +23,19 @@ Keys (defaults in traces/collect/config.py):
 """
 from __future__ import annotations
 
-import sys
 
-from traces.cli import parse_key_values, run_cli
+from traces.cli import ConfigParser, run_cli
 from traces.collect.config import CollectConfig
+
+
+def build_parser() -> ConfigParser[CollectConfig]:
+    """The command's arguments: CollectConfig's fields (the README's command lines are checked against it)."""
+    return ConfigParser(CollectConfig, "python -m traces.collect", __doc__)
 
 
 def main(argv: list[str] | None = None) -> None:
     def work() -> None:
-        cfg = parse_key_values(sys.argv[1:] if argv is None else argv, CollectConfig, __doc__ or "")
+        cfg = build_parser().parse_config(argv)
         from traces.collect.collector import collect
         from traces.format import load_trace
 

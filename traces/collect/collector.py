@@ -131,7 +131,7 @@ def collect(cfg: CollectConfig) -> Path:
     """Run the collection cfg describes (resuming its work directory if one exists); returns the trace directory."""
     out = cfg.out_dir
     if out.exists() and not cfg.overwrite:
-        raise UserError(f"{out} already exists; choose another out= or pass overwrite=true")
+        raise UserError(f"{out} already exists; choose another output directory or pass --overwrite")
     device = runner.resolve_device(cfg.device)
     dtype = runner.resolve_dtype(cfg.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")

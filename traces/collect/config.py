@@ -1,4 +1,4 @@
-"""Settings of one collection run (plain dataclass; the CLI fills it from key=value arguments)."""
+"""Settings of one collection run (plain dataclass; the CLI fills it from its flags, traces.cli.ConfigParser)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

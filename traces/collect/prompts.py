@@ -74,7 +74,7 @@ def _shared_file(name: str) -> Path:
     folder = find_shared_prompts()
     if folder is None or not (folder / name).is_file():
         raise UserError(f"this dataset reads {SHARED_PROMPTS / name}, which is not in this directory or above it; "
-                        "run from the project checkout or pass dataset=FILE")
+                        "run from the project checkout or pass --dataset FILE")
     return folder / name
 
 

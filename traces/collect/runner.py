@@ -61,7 +61,7 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"device={device}: not a torch device; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={device}: no CUDA GPU here; use device=cpu or auto")
+        raise UserError(f"device={device}: no CUDA GPU here; use --device cpu or auto")
     return resolved
 
 

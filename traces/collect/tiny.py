@@ -1,6 +1,6 @@
 """Small random-weight MoE models of every supported architecture, with a byte-level tokenizer.
 
-    python -m traces.collect.tiny out=DIR arch=mixtral [layers=4 hidden=64 experts=8 top_k=2 seed=0 ...]
+    python -m traces.collect.tiny OUT_DIR [--arch mixtral --layers 4 --hidden 64 --experts 8 --top-k 2 --seed 0 ...]
 
 They exercise the collector end to end where no trained model can be had (tests, pipeline checks,
 throughput). Random weights route nothing like a trained model (../shared/docs/routing-realism.md):
@@ -8,11 +8,10 @@ the directory's weights_origin.txt says so, and every trace collected from it ca
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from traces.cli import parse_key_values, run_cli
+from traces.cli import ConfigParser, run_cli
 from traces.errors import UserError
 from traces.format import write_directory
 
@@ -152,7 +151,7 @@ def write_model(spec: TinyModel) -> Path:
     """Build and save model, tokenizer and weights origin into spec.out (atomically)."""
     out = Path(spec.out)
     if out.exists() and not spec.overwrite:
-        raise UserError(f"{out} already exists; choose another out= or pass overwrite=true")
+        raise UserError(f"{out} already exists; choose another output directory or pass --overwrite")
     model = build_model(spec)
 
     def fill(tmp: Path) -> None:
@@ -165,9 +164,14 @@ def write_model(spec: TinyModel) -> Path:
     return write_directory(out, fill, spec.overwrite)
 
 
+def build_parser() -> ConfigParser[TinyModel]:
+    """The command's arguments: TinyModel's fields (the README's command lines are checked against it)."""
+    return ConfigParser(TinyModel, "python -m traces.collect.tiny", __doc__)
+
+
 def main(argv: list[str] | None = None) -> None:
     def work() -> None:
-        spec = parse_key_values(sys.argv[1:] if argv is None else argv, TinyModel, __doc__ or "")
+        spec = build_parser().parse_config(argv)
         print(f"wrote {write_model(spec)}")
 
     run_cli(work)

