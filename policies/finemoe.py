@@ -149,6 +149,7 @@ class FineMoE(Policy):
         self.prefetch, self.eviction = prefetch, eviction
         self.embedding, self.trajectory_window, self.online = embedding, trajectory_window, online
         self.searches = {"semantic": 0, "trajectory": 0}
+        self.map_hits = [0, 0]  # a layer's used experts among the top of its latest prediction, and all used
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
@@ -156,6 +157,7 @@ class FineMoE(Policy):
         self.layers, self.experts, self.top_k = m.num_layers, m.num_experts, m.top_k
         self.store = ExpertMapStore(self.capacity, m.num_layers, m.num_experts, self.distance)
         self.prob = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
+        self.predicted = self.prob.copy()  # the same, not reset on eviction
         self.freq = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)  # uses since loaded
         self.candidates = np.zeros((m.num_layers, m.num_experts), dtype=bool)  # the latest prefetch plan's
         self._embeds: dict[int, np.ndarray | None] = {}  # running request -> unit prompt embedding
@@ -201,6 +203,7 @@ class FineMoE(Policy):
             return None
         self.prob[first:last] = matched[0][first:last] if len(matched) == 1 else \
             np.max([m[first:last] for m in matched], axis=0)
+        self.predicted[first:last] = self.prob[first:last]
         plan = union_plan(predictions)
         plan.blocks.sort(key=lambda entry: -entry[1])  # enqueued in priority order (expert_prefetcher.py)
         self.candidates[:] = False
@@ -234,6 +237,10 @@ class FineMoE(Policy):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
+        if self.predicted[layer].any():  # map accuracy, for the report (eviction resets prob, not this)
+            top = np.argsort(-self.predicted[layer], kind="stable")[: len(experts)]
+            self.map_hits[0] += len(set(top.tolist()) & set(experts))
+            self.map_hits[1] += len(experts)
         probs = known_probs(probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
         rows = complete(probs[self._rows])
         self._current[:, layer] = rows
@@ -290,4 +297,5 @@ class FineMoE(Policy):
                 "prefetch": self.prefetch, "eviction": self.eviction,
                 "delta": "1 - similarity" if self.delta is None else self.delta, "online": self.online,
                 "stored_maps": self.store.size, "semantic_searches": self.searches["semantic"],
-                "trajectory_searches": self.searches["trajectory"]}
+                "trajectory_searches": self.searches["trajectory"],
+                "map_accuracy": self.map_hits[0] / self.map_hits[1] if self.map_hits[1] else float("nan")}

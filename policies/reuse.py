@@ -3,9 +3,12 @@ free-space preloading by frequency (none reads the future).
 
 Three ideas, each a knob so that its contribution is measured on its own (sim.reproduce's ablation):
 
-- eviction="reuse": an expert's chance p of being used by the next pass at its layer blends how
-  often the training split used it (`prior_weight`, a frequency-aware static part) with a decayed
-  count of its recent uses (`decay`, the dynamic part). Its expected distance to the next use, in
+- eviction="reuse": an expert's chance p of being used by the next pass at its layer blends a
+  frequency (`prior_weight`) with a decayed count of its recent uses (`decay`, the dynamic part).
+  The frequency is the training split's, pulled toward the running request's own: (its uses so far
+  + s x training frequency) / (its passes so far + s), s = `prior_passes` (inf: the training
+  split's alone); requests keep to a topic's experts (gpt-oss: 4.0 bits of entropy per layer within
+  a request), so the request's own count predicts beyond the recent few passes. Its expected distance to the next use, in
   layers, is the layers until its layer runs again plus L (1 - p) / p (geometric in passes); the
   farthest goes first, as Belady would evict if p were right. eviction="lru": one LRU over all
   layers of a GPU.
@@ -38,15 +41,18 @@ PREFETCHES = ("timely", "none")
 @register("reuse")
 class Reuse(Policy):
     def __init__(self, eviction: str = "reuse", prefetch: str = "timely", preload: bool = True,
-                 prior_weight: float = 0.0, decay: float = 0.7, min_q: float = 0.5, width: int = 2):
+                 prior_weight: float = 0.0, decay: float = 0.7, min_q: float = 0.5, width: int = 2,
+                 prior_passes: float = math.inf):
         if eviction not in EVICTIONS or prefetch not in PREFETCHES:
             raise ValueError(f"eviction '{eviction}' / prefetch '{prefetch}' unknown; use "
                              f"{' or '.join(EVICTIONS)} / {' or '.join(PREFETCHES)}")
-        if not (0.0 <= prior_weight <= 1.0 and 0.0 <= decay < 1.0 and 0.0 <= min_q <= 1.0 and width >= 1):
+        if not (0.0 <= prior_weight <= 1.0 and 0.0 <= decay < 1.0 and 0.0 <= min_q <= 1.0 and width >= 1
+                and prior_passes > 0):
             raise ValueError(f"prior_weight {prior_weight}, decay {decay}, min_q {min_q} must lie in [0, 1] "
-                             f"(decay below 1) and width {width} be at least 1")
+                             f"(decay below 1), width {width} be at least 1 and prior_passes {prior_passes} above 0")
         self.eviction, self.prefetch, self.preload = eviction, prefetch, preload
         self.prior_weight, self.decay, self.min_q, self.width = prior_weight, decay, min_q, width
+        self.prior_passes = prior_passes
         self.declined = 0
 
     def bind(self, ctx: PolicyContext) -> None:
@@ -65,6 +71,8 @@ class Reuse(Policy):
         self.cooc = np.zeros((self.width, m.num_layers, m.num_experts, m.num_experts), dtype=np.float32)
         self._queued: dict[Block, float] = {}  # prefetch -> q (preloads: -1)
         self._needed: set[Block] = set()
+        self.count = np.zeros((m.num_layers, m.num_experts))  # the running request's uses so far
+        self.passes = np.zeros(m.num_layers)  # and its passes
 
     def fit(self, trace: Trace, requests: list[int]) -> None:
         """Uses per pass of each expert and the co-occurrence across layers reach..reach+width-1 ahead."""
@@ -83,11 +91,14 @@ class Reuse(Policy):
                 self.cooc[i, layer] = together / np.maximum(onehot[:, layer].sum(axis=0), 1.0)[:, None]
 
     def use_chance(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
-        w = self.prior_weight
-        return w * self.prior[layers, experts] + (1.0 - w) * self.recent[layers, experts]
+        w, s = self.prior_weight, self.prior_passes
+        frequency = self.prior[layers, experts] if math.isinf(s) else \
+            (self.count[layers, experts] + s * self.prior[layers, experts]) / (self.passes[layers] + s)
+        return w * frequency + (1.0 - w) * self.recent[layers, experts]
 
     # --- events ---
     def on_request_start(self, request: RequestInfo) -> PrefetchPlan | None:
+        self.count[:], self.passes[:] = 0.0, 0.0  # batched requests share one count: their mix's
         return PrefetchPlan(self._preloads()) if self.preload else None
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
@@ -96,6 +107,8 @@ class Reuse(Policy):
         self.recent[layer] *= self.decay
         self.recent[layer, chosen] += 1.0 - self.decay
         self.last_use[layer, chosen] = self.clock
+        self.count[layer, chosen] += 1.0
+        self.passes[layer] += 1.0
         self._needed = {(layer, e, 0) for e in chosen}
         if self.prefetch == "none":
             return None
@@ -163,4 +176,5 @@ class Reuse(Policy):
     def describe(self) -> dict:
         return {"eviction": self.eviction, "prefetch": self.prefetch, "preload": self.preload,
                 "prior_weight": self.prior_weight, "decay": self.decay, "min_q": self.min_q, "width": self.width,
+                "prior_passes": self.prior_passes,
                 "reach_layers": self.reach, "declined_prefetches": self.declined}

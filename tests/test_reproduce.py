@@ -34,7 +34,11 @@ def test_quick_reproduction_puts_real_routing_in_the_main_table_on_the_testbed_a
     assert (testbed["budget_total_bytes"] == 36 * 10**9).all()  # 6 GB on each of six GPUs
     assert testbed.loc["finemoe", "placement"] == "round_robin" and testbed.loc["lru", "placement"] == "layers"
     assert runs.loc[runs["policy"] != "all_resident", "link_busy_fraction"].between(0, 1).all()
-    assert set(real.loc[real["variant"] != "", "policy"]) == {"reuse"}  # the ablation of ours, on real routing only
+    placed = real[real["variant"] == "placed round_robin"]  # what FineMoE's placement alone is worth
+    assert sorted(placed["policy"]) == sorted(set(policies) - {"finemoe"})  # finemoe is placed so already
+    assert set(placed["hardware"]) == {"rtx3090x6"} and set(placed["placement"]) == {"round_robin"}
+    assert set(real.loc[~real["variant"].isin(["", "placed round_robin"]), "policy"]) == {"reuse"}  # ours' ablation
+    assert 0 <= float(testbed.loc["finemoe", "map_accuracy"]) <= 1 and testbed.loc["lru", "map_accuracy"] == ""
     synthetic = runs[runs["trace"] == "syn"]
     assert set(synthetic["hardware"]) == {"rtx3090"} and (synthetic["variant"] == "").all()
     report = (out / "reproduction.md").read_text()
@@ -45,7 +49,7 @@ def test_quick_reproduction_puts_real_routing_in_the_main_table_on_the_testbed_a
                   "#### mixtral-8x7b-gsm8k on `rtx3090` (one GPU)"):
         section = main_table[main_table.index(setup):]
         for claim in ("lower inference latency | ", "higher expert hit rate | ", "lower TPOT | ", "47.0%", "36.0%",
-                      "32.0%", "Ours (`reuse`) against the best", "Ablation of ours", "links busy"):
+                      "32.0%", "Ours (`reuse`) against the best", "Ablation of ours", "links busy", "map accuracy"):
             assert claim in section
         assert "Where ours differ" in section or "within 10 points" in section
     assert "syn (synthetic)" in report[report.index("## Synthetic and stand-in routing"):]

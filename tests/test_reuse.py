@@ -95,3 +95,20 @@ def test_preload_fills_free_room_by_frequency_and_never_evicts():
     assert [block for block, _ in plan.blocks] == [(0, 1, 0), (1, 0, 0), (1, 2, 0), (0, 2, 0)]
     load(cache, policy, (0, 1, 0), (1, 0, 0), (1, 2, 0), (1, 3, 0))  # a demand copy took the last room
     assert policy.choose_victims((0, 2, 0), S, cache) is None  # the queued preload of (0, 2) evicts nothing
+
+
+def test_the_running_requests_own_count_pulls_the_frequency_and_a_new_request_starts_afresh():
+    model = tiny_model(layers=2, experts=4)
+    policy, cache = bound(model, 2, prefetch="none", preload=False, prior_weight=1.0, prior_passes=4.0)
+    policy.prior[:] = 0.1
+    for _ in range(4):  # expert 1 of layer 0 in each of the request's 4 passes, expert 2 in none
+        policy.on_layer_start(step(), 0, np.zeros((1, 4)), (1,))
+    assert policy.use_chance(np.array([0, 0]), np.array([1, 2])) == pytest.approx([(4 + 4 * 0.1) / 8, 4 * 0.1 / 8])
+    load(cache, policy, (0, 1, 0), (0, 2, 0))
+    assert policy.choose_victims((1, 0, 0), S, cache) == [(0, 2, 0)]
+    policy.on_request_start(None)
+    assert policy.use_chance(np.array([0]), np.array([1])) == pytest.approx([0.1])  # the training frequency again
+    infinite, _ = bound(model, 2, prefetch="none", preload=False, prior_weight=1.0)  # the default: training's alone
+    infinite.prior[:] = 0.1
+    infinite.on_layer_start(step(), 0, np.zeros((1, 4)), (1,))
+    assert infinite.use_chance(np.array([0]), np.array([1])) == pytest.approx([0.1])
