@@ -12,12 +12,21 @@ shipped) are dequantised on the CPU (a 16-entry lookup of the 4-bit codes times 
 llama.cpp's fused MXFP4 dot kernels skip the bf16 copy and would be faster.
 The executor's host thread spins on copy events, so the FFN gets one core fewer than the host has
 (`ffn_threads()`), and the table is measured with the same count.
+
+That spinning thread holds the GIL, and the worker thread running the FFN needs it back after every
+torch call (the kernels release it): at Python's default switch interval (5 ms) each hand-over waits
+up to 5 ms, and one bf16 Mixtral expert took ~290 ms beside the spinning thread against 6.5 ms alone
+(H200 host). So CpuLayer sets the interval to SWITCH_INTERVAL_S while it is open; `cpu_table(...,
+as_run=True)` (`--as-run`) measures the table the way the run computes: on CpuLayer's worker thread
+while the measuring thread spins in Python.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -26,6 +35,9 @@ from traces import ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "mxfp4": torch.bfloat16}  # mxfp4 computes in bf16
 MX_BLOCK = 32
+# The GIL's hand-over interval while CPU experts run beside the executor's spinning host thread
+# (Python's default, 5 ms, starved the FFN's worker thread 45-fold; see the module's docstring).
+SWITCH_INTERVAL_S = 1e-4
 # The 16 FP4 (E2M1) values, indexed by their 4-bit code.
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _BYTE = torch.arange(256)
@@ -115,26 +127,42 @@ class CpuExperts:
 
 
 def cpu_table(model: ModelSpec, tokens: list[int], fmt: str = "bf16", threads: int | None = None,
-              repeats: int = 9, weights_copies: int = 3) -> list[list[float]]:
+              repeats: int = 9, weights_copies: int = 3, as_run: bool = False) -> list[list[float]]:
     """[[tokens, seconds], ...]: one expert's FFN on this host's CPU, the median of `repeats`
     taken in rounds over every token count (a slow spell shifts them alike), cycling through
     `weights_copies` experts' weights so that the host's caches do not hold them (at real shapes
-    each expert is far beyond the last-level cache). The key for the profile is
+    each expert is far beyond the last-level cache). `as_run`: computed as the executor computes
+    it, on CpuLayer's worker thread while this thread spins in Python (as the executor's host
+    thread does on copy events), instead of on this thread alone. The key for the profile is
     sim.host_cpu.CpuSpec.key(model, fmt)."""
-    cpu = CpuExperts(model, max(tokens), fmt, threads, pin=False)
+    layer = CpuLayer(model, max(tokens), pin=False, fmt=fmt, threads=threads) if as_run else None
+    cpu = layer.cpu if layer else CpuExperts(model, max(tokens), fmt, threads, pin=False)
+    run = (lambda y, experts: spin_until(layer.start(y, experts))) if layer else cpu.run
     gen = torch.Generator().manual_seed(0)
     blocks = [cpu.weights(gen) for _ in range(max(1, weights_copies))]
     y = torch.randn(max(tokens), model.hidden_size, generator=gen).to(cpu.dtype)
     samples: dict[int, list[float]] = {t: [] for t in tokens}
-    for t in tokens:
-        for block in blocks:  # warm up this shape (the CPU kernels pick their blocking per shape)
-            cpu.run(y, [(block, t)])
-    for r in range(repeats):
+    try:
         for t in tokens:
-            start = time.perf_counter()
-            cpu.run(y, [(blocks[r % len(blocks)], t)])
-            samples[t].append(time.perf_counter() - start)
+            for block in blocks:  # warm up this shape (the CPU kernels pick their blocking per shape)
+                run(y, [(block, t)])
+        for r in range(repeats):
+            for t in tokens:
+                start = time.perf_counter()
+                run(y, [(blocks[r % len(blocks)], t)])
+                samples[t].append(time.perf_counter() - start)
+    finally:
+        if layer:
+            layer.close()
     return [[float(t), float(sorted(s)[len(s) // 2])] for t, s in samples.items()]
+
+
+def spin_until(work: Future):
+    """Wait for `work` as the executor's host thread waits for copies: spinning in Python, holding
+    the GIL but for the interpreter's hand-overs."""
+    while not work.done():
+        pass
+    return work.result()
 
 
 def model_formats(model: ModelSpec) -> tuple[str, ...]:
@@ -143,28 +171,34 @@ def model_formats(model: ModelSpec) -> tuple[str, ...]:
 
 
 def cpu_section(models: list[ModelSpec], tokens: list[int], formats: tuple[str, ...] | None = None,
-                threads: int | None = None, **spec) -> dict:
+                threads: int | None = None, as_run: bool = False, **spec) -> dict:
     """A hardware profile's `cpu:` section with the expert tables measured on this host
-    (formats: None, each model's `model_formats`; spec: mem_bandwidth_Bps, matmul_flops, as known
-    for the host). `cores` is the threads the FFN ran on."""
+    (formats: None, each model's `model_formats`; as_run: see cpu_table; spec: mem_bandwidth_Bps,
+    matmul_flops, as known for the host). `cores` is the threads the FFN ran on."""
     cores = threads or ffn_threads()
-    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores)
+    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores, as_run=as_run)
               for m in models for fmt in (formats or model_formats(m))}
+    how = (f"on a worker thread beside a spinning host thread, GIL switch interval {SWITCH_INTERVAL_S * 1e3:g} ms"
+           if as_run else "alone on the measuring thread")
     return {"cores": cores, "mem_bandwidth_Bps": spec.get("mem_bandwidth_Bps", 1.0e11),
             "matmul_flops": spec.get("matmul_flops", 1.0e12), "expert_time_s": tables,
-            "origin": f"realrun.cpu_experts cpu_table on this host, torch {torch.__version__}, {cores} threads "
-                      f"of {os.cpu_count()} cores; mxfp4: dequantised to bf16 on the CPU, then computed"}
+            "origin": f"realrun.cpu_experts cpu_table on this host ({how}), torch {torch.__version__}, {cores} "
+                      f"threads of {os.cpu_count()} cores; mxfp4: dequantised to bf16 on the CPU, then computed"}
 
 
 class CpuLayer:
     """A layer's CPU experts run on a host thread (torch's CPU kernels release the GIL) while the
-    executor launches and waits for the GPU's experts; the result joins the hidden state after."""
+    executor launches and waits for the GPU's experts; the result joins the hidden state after.
+    While open, the GIL's switch interval is SWITCH_INTERVAL_S (the previous one comes back on
+    close), so that the executor's spinning host thread hands the GIL to the worker promptly."""
 
-    def __init__(self, model: ModelSpec, max_tokens: int, pin: bool):
-        from concurrent.futures import ThreadPoolExecutor
-        fmt = model.expert_format if model.expert_format in DTYPES else "bf16"
-        self.cpu = CpuExperts(model, max_tokens, fmt, ffn_threads(), pin=pin)
+    def __init__(self, model: ModelSpec, max_tokens: int, pin: bool, fmt: str | None = None,
+                 threads: int | None = None):
+        fmt = fmt or (model.expert_format if model.expert_format in DTYPES else "bf16")
+        self.cpu = CpuExperts(model, max_tokens, fmt, threads or ffn_threads(), pin=pin)
         self._pool = ThreadPoolExecutor(max_workers=1)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     def start(self, y: torch.Tensor, experts: list[tuple[torch.Tensor, int]]):
         """Copy the hidden state down now (y is ready: the router has run), compute in the background."""
@@ -175,6 +209,7 @@ class CpuLayer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        sys.setswitchinterval(self._switch_interval)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,11 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="mixtral-8x7b,gpt-oss-20b", help="comma-separated model profiles")
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--out", required=True, help="YAML path of the profile written")
+    parser.add_argument("--as-run", action="store_true",
+                        help="measure as the executor computes: on a worker thread beside a spinning host thread")
 
     def work() -> None:
         profile = load_hardware(args.profile).to_dict()
         section = cpu_section([load_model_spec(n) for n in args.models.split(",") if n],
-                              [int(t) for t in args.tokens.split(",")])
+                              [int(t) for t in args.tokens.split(",")], as_run=args.as_run)
         kept = (profile.get("cpu") or {})
         profile["cpu"] = {**section, **{k: kept[k] for k in ("mem_bandwidth_Bps", "matmul_flops", "down_link",
                                                              "dequant_s_per_byte") if k in kept}}
