@@ -212,8 +212,33 @@ class CpuLayer:
         sys.setswitchinterval(self._switch_interval)
 
 
+def cpu_policy_host_times(profile: dict, trace_name: str, layers: int | None, train_fraction: float,
+                          max_requests: int | None) -> dict:
+    """policy_host_s entries of the policies that compute on the CPU, measured on this host as
+    calibrate measures the others (realrun.policy_host), on the profile that now has a cpu section:
+    calibrate cannot, having none."""
+    import tempfile
+    from pathlib import Path
+
+    from policies import available, policy_class
+    from realrun.policy_host import policy_host_times
+    from realrun.subset import first_layers
+    from sim.profiles import HardwareProfile
+    from traces import load_trace
+    from traces.defaults import resolve_trace
+    names = [p for p in available() if not p.startswith("test_") and policy_class(p).uses_cpu]
+    with tempfile.TemporaryDirectory() as scratch:
+        trace = load_trace(resolve_trace(trace_name))
+        if layers is not None:
+            trace = first_layers(trace, layers, Path(scratch) / "trace")
+        charged, _ = policy_host_times(trace, HardwareProfile.from_dict(profile), train_fraction, names,
+                                       max_requests=max_requests)
+    return {name: t.to_dict() for name, t in charged.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Measure the CPU tables of the given models here and write `--profile` with that cpu section."""
+    """Measure the CPU tables of the given models here and write `--profile` with that cpu section
+    (with --policy-trace, also the host times of the policies that compute on the CPU)."""
     from pathlib import Path
 
     import yaml
@@ -229,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="YAML path of the profile written")
     parser.add_argument("--as-run", action="store_true",
                         help="measure as the executor computes: on a worker thread beside a spinning host thread")
+    parser.add_argument("--policy-trace", default=None,
+                        help="also measure the CPU policies' host times replaying this trace (as calibrate's --policy-trace)")
+    parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")
+    parser.add_argument("--train-fraction", type=float, default=0.0, help="its leading share that trains the policies")
+    parser.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests after training")
 
     def work() -> None:
         profile = load_hardware(args.profile).to_dict()
@@ -237,6 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         kept = (profile.get("cpu") or {})
         profile["cpu"] = {**section, **{k: kept[k] for k in ("mem_bandwidth_Bps", "matmul_flops", "down_link",
                                                              "dequant_s_per_byte") if k in kept}}
+        if args.policy_trace:
+            times = cpu_policy_host_times(profile, args.policy_trace, args.policy_layers, args.train_fraction,
+                                          args.max_requests)
+            profile["policy_host_s"] = {**(profile.get("policy_host_s") or {}), **times}
+            print("policy host time per layer / per pass (us), measured here: " + ", ".join(
+                f"{n} {t['layer_s'] * 1e6:.1f} / {t['step_s'] * 1e6:.1f}" for n, t in times.items()))
         atomic_write_text(Path(args.out), yaml.safe_dump(profile, sort_keys=False, width=200))
         print(yaml.safe_dump({"cpu": profile["cpu"]}, sort_keys=False, width=200))
     args = parser.parse_args(argv)

@@ -58,7 +58,8 @@ if [ -n "$CPU_POLICIES" ]; then
     left() { echo $(( ${CALL_LIMIT:-560} - SECONDS )); }
     echo "== CPU expert table, as the run computes (--as-run; $(left) s left)"
     [ "$(left)" -gt 20 ] && timeout "$(left)" python3 -m realrun.cpu_experts --profile "$PROFILE" --models mixtral-8x7b,gpt-oss-20b \
-      --tokens 1,2,4,8,16,32,64 --as-run --out /tmp/cpu-$MODEL.yaml | tail -30
+      --tokens 1,2,4,8,16,32,64 --as-run --policy-trace "$TRACE" --policy-layers "$LAYERS" --train-fraction "$TRAIN" \
+      $LIMIT --out /tmp/cpu-$MODEL.yaml | tail -40
     echo "== one Mixtral bf16 expert, 1 token, beside the spinning thread, at two GIL switch intervals"
     [ "$(left)" -gt 20 ] && timeout 30 python3 -c "
 import realrun.cpu_experts as c; from traces.model_spec import load_model_spec

@@ -111,3 +111,20 @@ def test_cpu_table_as_run_is_measured_beside_the_spinning_thread_and_labelled(mo
     assert [t for t, _ in table] == [1.0, 4.0] and all(s > 0 for _, s in table)
     assert len(spun) == 2 * 3 + 2 * 9  # warm-ups (3 weights copies a shape) and every timed repeat
     assert "spinning host thread" in section["origin"] and sys.getswitchinterval() == pytest.approx(before)
+
+
+def test_cpu_policies_host_times_are_measured_on_the_profile_with_a_cpu_section(make_trace):
+    """calibrate skips the policies that compute on the CPU (no cpu section yet); cpu_experts,
+    having just measured one, times their decisions as calibrate times the others'."""
+    from conftest import unit_hardware
+    from policies import available, policy_class
+    from realrun.cpu_experts import cpu_policy_host_times
+    from sim.profiles import HardwareProfile
+    trace = make_trace(tiny_model(layers=2, experts=4, top_k=2), [[[[0, 1], [2, 3]], [[1, 2], [0, 3]]]] * 3,
+                       prefill=[0, 0, 0])
+    profile = unit_hardware().to_dict()
+    times = cpu_policy_host_times(profile, str(trace.path), None, 0.0, None)
+    assert set(times) == {p for p in available() if not p.startswith("test_") and policy_class(p).uses_cpu}
+    assert all(t["layer_s"] >= 0 and t["step_s"] >= 0 for t in times.values())
+    merged = HardwareProfile.from_dict({**profile, "policy_host_s": times})
+    assert set(times) <= set(merged.measured_policies())
