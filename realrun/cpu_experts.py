@@ -231,8 +231,10 @@ def cpu_policy_host_times(profile: dict, trace_name: str, layers: int | None, tr
         trace = load_trace(resolve_trace(trace_name))
         if layers is not None:
             trace = first_layers(trace, layers, Path(scratch) / "trace")
-        charged, _ = policy_host_times(trace, HardwareProfile.from_dict(profile), train_fraction, names,
-                                       max_requests=max_requests)
+        # Replayed uncharged, as calibrate replays (a profile's times for other policies would make the
+        # simulator refuse these, which it has none for yet).
+        uncharged = HardwareProfile.from_dict({k: v for k, v in profile.items() if k != "policy_host_s"})
+        charged, _ = policy_host_times(trace, uncharged, train_fraction, names, max_requests=max_requests)
     return {name: t.to_dict() for name, t in charged.items()}
 
 

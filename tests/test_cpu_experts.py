@@ -122,9 +122,9 @@ def test_cpu_policies_host_times_are_measured_on_the_profile_with_a_cpu_section(
     from sim.profiles import HardwareProfile
     trace = make_trace(tiny_model(layers=2, experts=4, top_k=2), [[[[0, 1], [2, 3]], [[1, 2], [0, 3]]]] * 3,
                        prefill=[0, 0, 0])
-    profile = unit_hardware().to_dict()
+    profile = {**unit_hardware().to_dict(), "policy_host_s": {"lru": {"layer_s": 1e-5, "step_s": 0.0}}}  # calibrate's
     times = cpu_policy_host_times(profile, str(trace.path), None, 0.0, None)
     assert set(times) == {p for p in available() if not p.startswith("test_") and policy_class(p).uses_cpu}
     assert all(t["layer_s"] >= 0 and t["step_s"] >= 0 for t in times.values())
-    merged = HardwareProfile.from_dict({**profile, "policy_host_s": times})
-    assert set(times) <= set(merged.measured_policies())
+    merged = HardwareProfile.from_dict({**profile, "policy_host_s": {**profile["policy_host_s"], **times}})
+    assert set(times) | {"lru"} == set(merged.measured_policies())
