@@ -341,18 +341,50 @@ def fit_after_wait(response: dict) -> AfterWaitSpec | None:
         return None
     grid = AfterWaitSpec(np.linspace(1.0, worst * 1.2, 40)[:, None, None], np.geomspace(1e-5, 1.0, 50)[None, :, None],
                          np.geomspace(1e-5, 1.0, 50)[None, None, :])
-    warm_s = (response["warm_experts_s"], response["warm_non_expert_s"])
+    warm_s = _warm_groups(response)
     error = np.zeros((40, 50, 50))
     for s in series:
-        warmth, waited = np.ones_like(error), s["wait_s"]
-        for i, measured in enumerate(s["factors"]):
-            wall, warmth = grid.step(warmth, waited, warm_s[i % 2])
+        for i, (wall, measured) in enumerate(zip(_walls_after(grid, s["wait_s"], len(s["factors"]), warm_s, np.ones_like(error)),
+                                                 s["factors"])):
             error += (wall / warm_s[i % 2] - measured) ** 2
-            waited = 0.0
     i, j, k = np.unravel_index(int(np.argmin(error)), error.shape)
     spec = AfterWaitSpec(float(grid.cold_factor[i, 0, 0]), float(grid.warm_up_s[0, j, 0]),
                          float(grid.cool_down_s[0, 0, k]))
     return spec if spec.cold_factor >= 1.05 else None
+
+
+def _warm_groups(response: dict) -> tuple[float, float]:
+    """Warm seconds of the two launch groups that alternate in a decode layer (experts, non-expert)."""
+    return response["warm_experts_s"], response["warm_non_expert_s"]
+
+
+def _walls_after(spec: AfterWaitSpec, wait_s: float, groups: int, warm_s: tuple[float, float], warmth=1.0) -> list:
+    """Wall times the after-wait model gives the `groups` launch groups after a wait of `wait_s`,
+    warm before it (floats; or arrays over a grid of specs, `warmth` then ones of the grid's shape)."""
+    walls, waited = [], wait_s
+    for i in range(groups):
+        wall, warmth = spec.step(warmth, waited, warm_s[i % 2])
+        walls.append(wall)
+        waited = 0.0
+    return walls
+
+
+def after_wait_check(spec: AfterWaitSpec | None, response: dict) -> list[dict]:
+    """The after-wait term's own validation, against the measurements it stands for: for each wait
+    measured (copies of 8..704 MiB, and 1 s idle), the time of the launch groups after it as the
+    model charges them (none: the warm times) against as measured (each factor times its warm time),
+    and the relative error. The lru check of the validation tests it in a run; this says at which
+    wait lengths the model is off."""
+    if not response:
+        return []
+    warm_s = _warm_groups(response)
+    checks = []
+    for s in [*response["after_copy_wait"], response["after_1s_idle"]]:
+        n = len(s["factors"])
+        measured = sum(f * warm_s[i % 2] for i, f in enumerate(s["factors"]))
+        model = sum(_walls_after(spec, s["wait_s"], n, warm_s)) if spec is not None else sum(warm_s[i % 2] for i in range(n))
+        checks.append({"wait_s": s["wait_s"], "measured_s": measured, "model_s": model, "rel_err": model / measured - 1.0})
+    return checks
 
 
 def one_token_split(non_expert_s: float, expert_s: float, top_k: int, decode_s: float) -> tuple[float, float]:
@@ -509,6 +541,7 @@ def _term_notes(m: Measurements, offsets: dict) -> list[str]:
                                  f"{aw.cool_down_s * 1e3:.2f} ms of waiting (sim.profiles.AfterWaitSpec, "
                                  "fitted to the launch groups after copy waits of 0.2..15 ms, each round against "
                                  "its own warm reference; validated by the lru run below)"),
+             *_after_wait_check_note(after_wait_check(aw, m.response)),
              *[f"one-token decode layer in the executor, {name}: " + ", ".join(
                  f"{m.value(f'decode {name} {mode}') * 1e6:.1f} us {mode} ({v * 1e6:+.1f} us beyond its kernels "
                  "timed one by one)" for mode, v in by_mode.items()) for name, by_mode in offsets.items()]]
@@ -524,6 +557,15 @@ def _term_notes(m: Measurements, offsets: dict) -> list[str]:
                          + (f"; still over {SPREAD_LIMIT:.0%} after re-measuring: {', '.join(spread['unsettled'])}"
                             if spread["unsettled"] else ""))
     return notes
+
+
+def _after_wait_check_note(checks: list[dict]) -> list[str]:
+    if not checks:
+        return []
+    worst = max(checks, key=lambda c: abs(c["rel_err"]))
+    return ["after-wait model against its own measurements (the launch groups after each wait; "
+            "calibration.after_wait_check): " + ", ".join(f"{c['wait_s'] * 1e3:.1f} ms {c['rel_err']:+.1%}" for c in checks)
+            + f"; worst {worst['rel_err']:+.1%} after {worst['wait_s'] * 1e3:.1f} ms"]
 
 
 def _build_profile(m: Measurements, name: str, gpu: str, ceilings: tuple[float, float, float],
@@ -550,7 +592,8 @@ def _build_profile(m: Measurements, name: str, gpu: str, ceilings: tuple[float, 
                         "decode_layer_offset_s": offsets,
                         "copy_under_compute_s": {"bytes": m.largest.bytes_per_expert, "idle": m.copy_idle,
                                                  "busy": m.copy_busy},
-                        "after_wait_response": m.response, "rounds": m.spreads(),
+                        "after_wait_response": m.response, "after_wait_check": after_wait_check(m.after_wait, m.response),
+                        "rounds": m.spreads(),
                         "models": [mm.name for mm in m.models],
                         **({"host_bandwidth_Bps": {"alone": fabric.single_Bps, "together": fabric.together_Bps}}
                            if fabric is not None else {})},

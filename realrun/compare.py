@@ -15,6 +15,7 @@ Targets: mean TPOT within 5% of the measured one, hit rate within 1 point.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -44,6 +45,8 @@ from traces.errors import UserError
 
 TPOT_TARGET = 0.05  # relative
 HIT_TARGET_POINTS = 1.0
+TTFT_TARGET = 0.10  # relative (issue 21's target for time to first token)
+MEDIAN_TPOT_TARGET = 0.02  # median |mean TPOT error| over a table's runs
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)  # of all experts, for --budgets auto
 TIMES = ("ttft_mean_s", "tpot_mean_s", "tpot_p50_s", "tpot_p99_s")
 RUNS, LAYERS, TOKENS, TIMELINE, CLOCKS = "runs.csv", "layers.csv", "tokens.csv", "timeline.csv", "clocks.csv"
@@ -106,17 +109,31 @@ def markdown(table: pd.DataFrame, header: list[str]) -> str:
             f"| {row.hit_rate_sim:.1%} / {row.hit_rate_real:.1%} ({row.hit_rate_diff_pts:+.2f}) "
             f"| {format_bytes(row.bytes_h2d_sim)} / {format_bytes(row.bytes_h2d_real)} "
             f"| {'met' if row.targets_met else 'MISSED'} |")
-    met = int(table["targets_met"].sum())
+    figures = summary(table)
     lines += ["", f"Targets (mean TPOT within {TPOT_TARGET:.0%}, hit rate within {HIT_TARGET_POINTS:g} point): "
-              f"met by {met} of {len(table)} runs.",
+              f"met by {figures['met']} of {figures['runs']} runs; median |TPOT error| {figures['median_tpot_err']:.1%} "
+              f"(target {MEDIAN_TPOT_TARGET:.0%}); TTFT within {TTFT_TARGET:.0%} in {figures['ttft_within']} of "
+              f"{figures['runs']}.",
               f"Where the error lies (median |error| over the runs): waiting for copies "
               f"{table['stall_rel_err'].abs().median():.1%}, the rest of the time (compute, launches, the "
               f"executor's own work) {table['rest_rel_err'].abs().median():.1%}."]
     return "\n".join(lines)
 
 
+def summary(table: pd.DataFrame) -> dict:
+    """A table's figures against issue 21's targets: runs meeting both targets, the median |mean
+    TPOT error|, runs with TTFT within TTFT_TARGET."""
+    return {"runs": len(table), "met": int(table["targets_met"].sum()),
+            "median_tpot_err": float(table["tpot_mean_rel_err"].abs().median()),
+            "ttft_within": int((table["ttft_mean_rel_err"].abs() <= TTFT_TARGET).sum())}
+
+
 def code_commit() -> str:
-    """The commit the code runs from (with '+changes' when the work tree differs), or 'unknown'."""
+    """The commit the code runs from (with '+changes' when the work tree differs), or 'unknown'.
+    REALRUN_CODE_COMMIT, when set, is taken instead: a tree copied out of git (onto a GPU machine,
+    say) would otherwise report the commit of whatever checkout it was copied into."""
+    if os.environ.get("REALRUN_CODE_COMMIT"):
+        return os.environ["REALRUN_CODE_COMMIT"] + " (REALRUN_CODE_COMMIT)"
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,

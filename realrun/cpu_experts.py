@@ -12,11 +12,20 @@ shipped) are dequantised on the CPU (a 16-entry lookup of the 4-bit codes times 
 llama.cpp's fused MXFP4 dot kernels skip the bf16 copy and would be faster.
 The executor's host thread spins on copy events, so the FFN gets one core fewer than the host has
 (`ffn_threads()`), and the table is measured with the same count.
+
+That spinning thread holds the GIL, and the worker thread running the FFN needs it back after every
+torch call (the kernels release it): at Python's default switch interval (5 ms) each hand-over waits
+up to 5 ms, and one bf16 Mixtral expert took ~290 ms beside the spinning thread against 6.5 ms alone
+(H200 host). So CpuLayer sets the interval to SWITCH_INTERVAL_S while it is open; `cpu_table(...,
+as_run=True)` (`--as-run`) measures the table the way the run computes: on CpuLayer's worker thread
+while the measuring thread spins in Python.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -25,6 +34,9 @@ from traces import ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "mxfp4": torch.bfloat16}  # mxfp4 computes in bf16
 MX_BLOCK = 32
+# The GIL's hand-over interval while CPU experts run beside the executor's spinning host thread
+# (Python's default, 5 ms, starved the FFN's worker thread 45-fold; see the module's docstring).
+SWITCH_INTERVAL_S = 1e-4
 # The 16 FP4 (E2M1) values, indexed by their 4-bit code.
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _BYTE = torch.arange(256)
@@ -114,26 +126,42 @@ class CpuExperts:
 
 
 def cpu_table(model: ModelSpec, tokens: list[int], fmt: str = "bf16", threads: int | None = None,
-              repeats: int = 9, weights_copies: int = 3) -> list[list[float]]:
+              repeats: int = 9, weights_copies: int = 3, as_run: bool = False) -> list[list[float]]:
     """[[tokens, seconds], ...]: one expert's FFN on this host's CPU, the median of `repeats`
     taken in rounds over every token count (a slow spell shifts them alike), cycling through
     `weights_copies` experts' weights so that the host's caches do not hold them (at real shapes
-    each expert is far beyond the last-level cache). The key for the profile is
+    each expert is far beyond the last-level cache). `as_run`: computed as the executor computes
+    it, on CpuLayer's worker thread while this thread spins in Python (as the executor's host
+    thread does on copy events), instead of on this thread alone. The key for the profile is
     sim.host_cpu.CpuSpec.key(model, fmt)."""
-    cpu = CpuExperts(model, max(tokens), fmt, threads, pin=False)
+    layer = CpuLayer(model, max(tokens), pin=False, fmt=fmt, threads=threads) if as_run else None
+    cpu = layer.cpu if layer else CpuExperts(model, max(tokens), fmt, threads, pin=False)
+    run = (lambda y, experts: spin_until(layer.start(y, experts))) if layer else cpu.run
     gen = torch.Generator().manual_seed(0)
     blocks = [cpu.weights(gen) for _ in range(max(1, weights_copies))]
     y = torch.randn(max(tokens), model.hidden_size, generator=gen).to(cpu.dtype)
     samples: dict[int, list[float]] = {t: [] for t in tokens}
-    for t in tokens:
-        for block in blocks:  # warm up this shape (the CPU kernels pick their blocking per shape)
-            cpu.run(y, [(block, t)])
-    for r in range(repeats):
+    try:
         for t in tokens:
-            start = time.perf_counter()
-            cpu.run(y, [(blocks[r % len(blocks)], t)])
-            samples[t].append(time.perf_counter() - start)
+            for block in blocks:  # warm up this shape (the CPU kernels pick their blocking per shape)
+                run(y, [(block, t)])
+        for r in range(repeats):
+            for t in tokens:
+                start = time.perf_counter()
+                run(y, [(blocks[r % len(blocks)], t)])
+                samples[t].append(time.perf_counter() - start)
+    finally:
+        if layer:
+            layer.close()
     return [[float(t), float(sorted(s)[len(s) // 2])] for t, s in samples.items()]
+
+
+def spin_until(work: Future):
+    """Wait for `work` as the executor's host thread waits for copies: spinning in Python, holding
+    the GIL but for the interpreter's hand-overs."""
+    while not work.done():
+        pass
+    return work.result()
 
 
 def model_formats(model: ModelSpec) -> tuple[str, ...]:
@@ -142,28 +170,34 @@ def model_formats(model: ModelSpec) -> tuple[str, ...]:
 
 
 def cpu_section(models: list[ModelSpec], tokens: list[int], formats: tuple[str, ...] | None = None,
-                threads: int | None = None, **spec) -> dict:
+                threads: int | None = None, as_run: bool = False, **spec) -> dict:
     """A hardware profile's `cpu:` section with the expert tables measured on this host
-    (formats: None, each model's `model_formats`; spec: mem_bandwidth_Bps, matmul_flops, as known
-    for the host). `cores` is the threads the FFN ran on."""
+    (formats: None, each model's `model_formats`; as_run: see cpu_table; spec: mem_bandwidth_Bps,
+    matmul_flops, as known for the host). `cores` is the threads the FFN ran on."""
     cores = threads or ffn_threads()
-    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores)
+    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores, as_run=as_run)
               for m in models for fmt in (formats or model_formats(m))}
+    how = (f"on a worker thread beside a spinning host thread, GIL switch interval {SWITCH_INTERVAL_S * 1e3:g} ms"
+           if as_run else "alone on the measuring thread")
     return {"cores": cores, "mem_bandwidth_Bps": spec.get("mem_bandwidth_Bps", 1.0e11),
             "matmul_flops": spec.get("matmul_flops", 1.0e12), "expert_time_s": tables,
-            "origin": f"realrun.cpu_experts cpu_table on this host, torch {torch.__version__}, {cores} threads "
-                      f"of {os.cpu_count()} cores; mxfp4: dequantised to bf16 on the CPU, then computed"}
+            "origin": f"realrun.cpu_experts cpu_table on this host ({how}), torch {torch.__version__}, {cores} "
+                      f"threads of {os.cpu_count()} cores; mxfp4: dequantised to bf16 on the CPU, then computed"}
 
 
 class CpuLayer:
     """A layer's CPU experts run on a host thread (torch's CPU kernels release the GIL) while the
-    executor launches and waits for the GPU's experts; the result joins the hidden state after."""
+    executor launches and waits for the GPU's experts; the result joins the hidden state after.
+    While open, the GIL's switch interval is SWITCH_INTERVAL_S (the previous one comes back on
+    close), so that the executor's spinning host thread hands the GIL to the worker promptly."""
 
-    def __init__(self, model: ModelSpec, max_tokens: int, pin: bool):
-        from concurrent.futures import ThreadPoolExecutor
-        fmt = model.expert_format if model.expert_format in DTYPES else "bf16"
-        self.cpu = CpuExperts(model, max_tokens, fmt, ffn_threads(), pin=pin)
+    def __init__(self, model: ModelSpec, max_tokens: int, pin: bool, fmt: str | None = None,
+                 threads: int | None = None):
+        fmt = fmt or (model.expert_format if model.expert_format in DTYPES else "bf16")
+        self.cpu = CpuExperts(model, max_tokens, fmt, threads or ffn_threads(), pin=pin)
         self._pool = ThreadPoolExecutor(max_workers=1)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     def start(self, y: torch.Tensor, experts: list[tuple[torch.Tensor, int]]):
         """Copy the hidden state down now (y is ready: the router has run), compute in the background."""
@@ -174,10 +208,38 @@ class CpuLayer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        sys.setswitchinterval(self._switch_interval)
+
+
+def cpu_policy_host_times(profile: dict, trace_name: str, layers: int | None, train_fraction: float,
+                          max_requests: int | None) -> dict:
+    """policy_host_s entries of the policies that compute on the CPU, measured on this host as
+    calibrate measures the others (realrun.policy_host), on the profile that now has a cpu section:
+    calibrate cannot, having none."""
+    import tempfile
+    from pathlib import Path
+
+    from policies import available, policy_class
+    from realrun.policy_host import policy_host_times
+    from realrun.subset import first_layers
+    from sim.profiles import HardwareProfile
+    from traces import load_trace
+    from traces.defaults import resolve_trace
+    names = [p for p in available() if not p.startswith("test_") and policy_class(p).uses_cpu]
+    with tempfile.TemporaryDirectory() as scratch:
+        trace = load_trace(resolve_trace(trace_name))
+        if layers is not None:
+            trace = first_layers(trace, layers, Path(scratch) / "trace")
+        # Replayed uncharged, as calibrate replays (a profile's times for other policies would make the
+        # simulator refuse these, which it has none for yet).
+        uncharged = HardwareProfile.from_dict({k: v for k, v in profile.items() if k != "policy_host_s"})
+        charged, _ = policy_host_times(trace, uncharged, train_fraction, names, max_requests=max_requests)
+    return {name: t.to_dict() for name, t in charged.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Measure the CPU tables of the given models here and write `--profile` with that cpu section."""
+    """Measure the CPU tables of the given models here and write `--profile` with that cpu section
+    (with --policy-trace, also the host times of the policies that compute on the CPU)."""
     from pathlib import Path
 
     import yaml
@@ -191,14 +253,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="mixtral-8x7b,gpt-oss-20b", help="comma-separated model profiles")
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--out", required=True, help="YAML path of the profile written")
+    parser.add_argument("--as-run", action="store_true",
+                        help="measure as the executor computes: on a worker thread beside a spinning host thread")
+    parser.add_argument("--policy-trace", default=None,
+                        help="also measure the CPU policies' host times replaying this trace (as calibrate's --policy-trace)")
+    parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")
+    parser.add_argument("--train-fraction", type=float, default=0.0, help="its leading share that trains the policies")
+    parser.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests after training")
 
     def work() -> None:
         profile = load_hardware(args.profile).to_dict()
         section = cpu_section([load_model_spec(n) for n in args.models.split(",") if n],
-                              [int(t) for t in args.tokens.split(",")])
+                              [int(t) for t in args.tokens.split(",")], as_run=args.as_run)
         kept = (profile.get("cpu") or {})
         profile["cpu"] = {**section, **{k: kept[k] for k in ("mem_bandwidth_Bps", "matmul_flops", "down_link",
                                                              "dequant_s_per_byte") if k in kept}}
+        if args.policy_trace:
+            times = cpu_policy_host_times(profile, args.policy_trace, args.policy_layers, args.train_fraction,
+                                          args.max_requests)
+            profile["policy_host_s"] = {**(profile.get("policy_host_s") or {}), **times}
+            print("policy host time per layer / per pass (us), measured here: " + ", ".join(
+                f"{n} {t['layer_s'] * 1e6:.1f} / {t['step_s'] * 1e6:.1f}" for n, t in times.items()))
         atomic_write_text(Path(args.out), yaml.safe_dump(profile, sort_keys=False, width=200))
         print(yaml.safe_dump({"cpu": profile["cpu"]}, sort_keys=False, width=200))
     args = parser.parse_args(argv)

@@ -88,3 +88,43 @@ def test_cpu_experts_run_between_graph_replays_and_decide_as_the_simulator(make_
     assert real.metrics.cpu_expert_uses == sim.metrics.cpu_expert_uses > 0
     assert real.metrics.hit_rate == sim.metrics.hit_rate
     assert machine.graphs[0].replays > 0
+
+
+def test_cpu_layer_shortens_the_gil_switch_interval_while_open_and_restores_it():
+    import sys
+    from realrun.cpu_experts import SWITCH_INTERVAL_S, CpuLayer
+    before = sys.getswitchinterval()
+    layer = CpuLayer(tiny_model(), max_tokens=2, pin=False, threads=1)
+    assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+    layer.close()
+    assert sys.getswitchinterval() == pytest.approx(before)
+
+
+def test_cpu_table_as_run_is_measured_beside_the_spinning_thread_and_labelled(monkeypatch):
+    import sys
+    from realrun import cpu_experts
+    before, spun = sys.getswitchinterval(), []
+    real_spin = cpu_experts.spin_until
+    monkeypatch.setattr(cpu_experts, "spin_until", lambda work: spun.append(1) or real_spin(work))
+    section = cpu_experts.cpu_section([tiny_model()], [1, 4], formats=("bf16",), threads=1, as_run=True)
+    (table,) = section["expert_time_s"].values()
+    assert [t for t, _ in table] == [1.0, 4.0] and all(s > 0 for _, s in table)
+    assert len(spun) == 2 * 3 + 2 * 9  # warm-ups (3 weights copies a shape) and every timed repeat
+    assert "spinning host thread" in section["origin"] and sys.getswitchinterval() == pytest.approx(before)
+
+
+def test_cpu_policies_host_times_are_measured_on_the_profile_with_a_cpu_section(make_trace):
+    """calibrate skips the policies that compute on the CPU (no cpu section yet); cpu_experts,
+    having just measured one, times their decisions as calibrate times the others'."""
+    from conftest import unit_hardware
+    from policies import available, policy_class
+    from realrun.cpu_experts import cpu_policy_host_times
+    from sim.profiles import HardwareProfile
+    trace = make_trace(tiny_model(layers=2, experts=4, top_k=2), [[[[0, 1], [2, 3]], [[1, 2], [0, 3]]]] * 3,
+                       prefill=[0, 0, 0])
+    profile = {**unit_hardware().to_dict(), "policy_host_s": {"lru": {"layer_s": 1e-5, "step_s": 0.0}}}  # calibrate's
+    times = cpu_policy_host_times(profile, str(trace.path), None, 0.0, None)
+    assert set(times) == {p for p in available() if not p.startswith("test_") and policy_class(p).uses_cpu}
+    assert all(t["layer_s"] >= 0 and t["step_s"] >= 0 for t in times.values())
+    merged = HardwareProfile.from_dict({**profile, "policy_host_s": {**profile["policy_host_s"], **times}})
+    assert set(times) | {"lru"} == set(merged.measured_policies())
