@@ -216,7 +216,7 @@ class ReplacingGuesser(Policy):
         self.cancelled.append(block)
 
 
-register("test_replacing_guesser")(ReplacingGuesser)
+_replacing_guesser = registered(("test_replacing_guesser", ReplacingGuesser))
 
 
 @pytest.mark.parametrize("budget", ["1expert", "3experts"])
