@@ -19,6 +19,10 @@ from traces import Trace
 
 @dataclass(slots=True)
 class Pass:
+    """One forward pass as the engines replay it (the trace rows, probabilities, experts per layer);
+    a policy sees the same pass as a policies.base.Step, which carries its index in the run and
+    only what a policy may read."""
+
     kind: str  # "prefill" | "decode"
     requests: tuple[int, ...]  # trace indices of the requests in the pass
     tokens: int  # tokens the non-expert layers process
