@@ -139,6 +139,13 @@ def test_command_line_prints_traces_side_by_side_and_writes_figures(tmp_path, ca
     out = capsys.readouterr().out
     assert "mixtral-8x7b-gsm8k" in out and "synthetic" in out
     assert "LRU hit rate, 4 slots" in out and "60.1%" in out and "next-layer recall" in out
+    # what predictors exploit, side by side: the real sample's trajectory search at distance 6 (46.0%),
+    # and the real tokens behind the distance of both (a "m"-model trace has no real reference)
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in out.splitlines()
+             if line.count("│") == 4}
+    assert lines["trajectory search accuracy, distance 6"][0] == "46.0%"
+    assert lines["... measured against (real tokens)"] == ["mixtral-8x7b-gsm8k (244)", "-"]
+    assert lines["routing"] == ["real", "synthetic"]
     for name in ("per_layer.csv", "hit_rates.csv", "stats.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 

@@ -131,5 +131,10 @@ def test_the_shipped_synthetic_trace_is_the_calibrated_sharegpt_one():
     assert DEFAULT_TRACE != trace.path.name  # the default is real routing (traces.defaults)
     assert trace.source.tool == "traces.synth" and trace.source.details["source_trace"] == "mixtral-8x7b-gsm8k"
     assert set(trace.requests["dataset"]) == {"sharegpt"} and trace.num_requests == 100
-    assert trace.meta.realism["distance_to_real"] < 0.10
+    # Annotated over the whole statistic set: the old generator matches reuse and the LRU/Belady curves
+    # (within 2.5%) but not what predictors exploit: trajectory search at 29% where real Mixtral gives 48%.
+    realism = trace.meta.realism
+    assert realism["routing"] == "synthetic" and realism["reference_tokens"] == 244
+    assert abs(realism["distance_to_real"] - 0.404) < 0.005
+    assert abs(realism["trajectory_accuracy"]["1"] - 0.290) < 0.005
     assert trace.embedding() is not None

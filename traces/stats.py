@@ -34,6 +34,7 @@ rates at a quarter, half and three quarters of the experts (2, 4 and 6 slots of 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -481,6 +482,11 @@ DISTANCE_FIGURES = ("token_reuse", "lru_hit_rate", "belady_hit_rate", "top_exper
                     "neighbour_cosine", "random_pair_cosine")
 
 
+# What `python -m traces.stats` prints of a trace's realism figures (recomputed where meta.json lacks one).
+PRINTED_REALISM = DISTANCE_FIGURES + ("probabilities", "routing", "reference", "reference_tokens", "real_spread",
+                                      "distance_to_real")
+
+
 def relative_errors(figures: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
     """Relative error of every figure both have, against the reference."""
     return {name: (a - b) / b for name, a, b in _pairs(figures, reference)}
@@ -520,7 +526,19 @@ def summary_rows(trace: Trace, per_layer: pd.DataFrame, rates: pd.DataFrame, pha
     row["next-layer recall (popularity only)"] = (_mean(per_layer["next_layer_recall"]),
                                                   _mean(per_layer["next_layer_recall_popularity"]))
     realism = trace.meta.realism
-    row["distance to real routing"] = realism.get("distance_to_real") if realism else None
+    if not realism or any(key not in realism for key in PRINTED_REALISM):  # written before the full set
+        realism = realism_figures(trace)
+    row["next-layer predictor accuracy"] = realism["next_layer_accuracy"]
+    for d in DISTANCES:
+        row[f"trajectory search accuracy, distance {d}"] = realism["trajectory_accuracy"].get(str(d))
+    row["routing cosine: prompt neighbours (random pairs)"] = (realism["neighbour_cosine"], realism["random_pair_cosine"])
+    row["router probabilities"] = realism["probabilities"]
+    row["routing"] = realism["routing"]
+    row["distance to real routing"] = realism["distance_to_real"]
+    reference = realism["reference"]
+    row["... measured against (real tokens)"] = (f"{', '.join(reference)} ({realism['reference_tokens']:,})"
+                                                 if reference else None)
+    row["... real against real (fold spread)"] = realism["real_spread"]
     return row
 
 
@@ -575,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column("figure")
         for label in labels:
             table.add_column(label, justify="right")
-        for key in dict.fromkeys(k for s in summaries.values() for k in s):
+        for key in _row_order(summaries.values()):
             table.add_row(key, *(_format(key, summaries[label].get(key)) for label in labels))
         console.print(table)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -586,6 +604,19 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"per-layer figures and plot: {args.out}/ (per_layer.csv, hit_rates.csv, stats.png)")
 
     run_cli(work)
+
+
+def _row_order(summaries) -> list[str]:
+    """Every trace's rows once: the cache rows of traces of different shapes merged by slot count."""
+    keys = list(dict.fromkeys(k for summary in summaries for k in summary))
+
+    def group(key: str) -> tuple[int, int]:
+        match = re.fullmatch(r"(LRU|Belady) hit rate, (\d+) slots", key)
+        if match is None:
+            return (0, 0) if keys.index(key) < keys.index("token reuse") + 1 else (3, 0)
+        return (1 if match.group(1) == "LRU" else 2, int(match.group(2)))
+
+    return sorted(keys, key=group)
 
 
 def _labels(traces: list[Trace]) -> list[str]:
