@@ -32,7 +32,7 @@ def _parts(trace: Trace) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray
     return segments, weights, embeddings
 
 
-def held_out(fit: Trace, test: Trace, seed: int) -> tuple[dict, dict]:
+def held_out(fit: Trace, test: Trace, seed: int) -> tuple[dict, dict, dict]:
     segments, weights, embeddings = _parts(fit)
     model = fit_conditioned(segments, weights, embeddings, fit.model.num_experts, seed)
     fitted_ids = set(fit.requests["request_id"].astype(str))
@@ -43,20 +43,21 @@ def held_out(fit: Trace, test: Trace, seed: int) -> tuple[dict, dict]:
     made = generate(model, t_embeddings, np.array([len(s) for s in real]), seed)
     spec = fit.model
     return (segment_figures(real, t_embeddings, spec.num_experts, spec.top_k),
-            segment_figures([m[0] for m in made], t_embeddings, spec.num_experts, spec.top_k))
+            segment_figures([m[0] for m in made], t_embeddings, spec.num_experts, spec.top_k), model.describe())
 
 
-def leave_one_out(trace: Trace, seed: int) -> tuple[dict, dict]:
+def leave_one_out(trace: Trace, seed: int) -> tuple[dict, dict, list[dict]]:
     segments, weights, _ = _parts(trace)
-    made = []
+    made, models = [], []
     for r in range(len(segments)):
         others = [i for i in range(len(segments)) if i != r]
         model = fit_conditioned([segments[i] for i in others], [weights[i] for i in others], None,
                                 trace.model.num_experts, seed)
+        models.append(model.describe())
         made.append(generate(model, None, np.array([len(segments[r])]), seed + r)[0][0])
     spec = trace.model
     return (segment_figures(segments, None, spec.num_experts, spec.top_k),
-            segment_figures(made, None, spec.num_experts, spec.top_k))
+            segment_figures(made, None, spec.num_experts, spec.top_k), models)
 
 
 def _flat(figures: dict) -> dict:
@@ -79,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def work() -> None:
         fit = load_trace(resolve_trace(args.fit))
-        real, ours = (held_out(fit, load_trace(resolve_trace(args.held_out)), args.seed) if args.held_out
+        real, ours, models = (held_out(fit, load_trace(resolve_trace(args.held_out)), args.seed) if args.held_out
                       else leave_one_out(fit, args.seed))
         errors = relative_errors(ours, real)
+        print(f"fitted: {models}")
         print(f"{'figure':32s} {'real':>9s} {'generated':>9s} {'error':>8s}")
         flat_real, flat_ours = _flat(real), _flat(ours)
         for key, value in flat_real.items():
