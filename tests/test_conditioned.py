@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from traces.conditioned import fit_conditioned, generate, nearest
-from traces.conditioned_check import _parts, leave_one_out
+from traces.conditioned import fit_conditioned, generate, nearest, training_parts
+from traces.conditioned_check import leave_one_out
 from traces.defaults import DATA_DIR
 from traces.format import load_trace
 from traces.stats import realism_distance, segment_figures
@@ -25,7 +25,7 @@ def test_mixtral_leave_one_out_fit_is_pinned_and_within_ten_percent():
 
 @pytest.fixture(scope="module")
 def gpt_oss_slice():
-    segments, weights, embeddings = _parts(load_trace(DATA_DIR / "gpt-oss-20b-benchmarks"))
+    segments, weights, embeddings = training_parts(load_trace(DATA_DIR / "gpt-oss-20b-benchmarks"))
     fit, held = list(range(0, 48, 2)), list(range(1, 48, 2))
     model = fit_conditioned([segments[i] for i in fit], [weights[i] for i in fit], embeddings[fit], 32, 0)
     return model, [segments[i] for i in held], embeddings[held]
@@ -61,3 +61,18 @@ def test_a_redrawn_cell_comes_from_the_same_layer_of_its_source_request(gpt_oss_
         recorded = {tuple(cell) for cell in source[:, layer]}
         assert all(tuple(cell) in recorded for cell in experts[:, layer])
     assert np.isfinite(weights).all()
+
+
+def test_synth_writes_conditioned_routing_for_workload_prompts(gpt_oss_slice, tmp_path):
+    from traces.synth import SynthOptions, synthesize_conditioned
+
+    model = gpt_oss_slice[0]
+    source = load_trace(DATA_DIR / "gpt-oss-20b-benchmarks")
+    options = SynthOptions(requests=4, lengths="sharegpt", max_output_tokens=12, routing="conditioned")
+    trace = load_trace(synthesize_conditioned(source, model, tmp_path / "t", options))
+    assert trace.num_requests == 4 and not trace.prefill_recorded
+    assert trace.meta.realism["routing"] == "synthetic"
+    assert trace.embedding().shape == (4, 384)
+    for r in range(4):
+        offset, prefill, decode = trace.rows(r)
+        assert prefill == 0 and decode == trace.requests["output_tokens"][r] - 1

@@ -91,6 +91,9 @@ def _resample(model: ConditionedModel, rows: np.ndarray, experts: np.ndarray, we
 def sample_request(model: ConditionedModel, embedding: np.ndarray | None, length: int,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Experts and weights [length, layers, k] of one new request."""
+    if length == 0:
+        shape = (0,) + model.segments[0].shape[1:]
+        return np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.float32)
     sources = nearest(model, embedding)
     rows = np.empty((length, 2), dtype=np.int64)  # (training request, token)
     source, position = int(sources[0]), 0
@@ -151,6 +154,21 @@ def fit_conditioned(segments: list[np.ndarray], weights: list[np.ndarray], embed
             if best is None or distance < best[0]:
                 best = (distance, neighbours, resample)
     return _model(segments, weights, embeddings, *best[1:])
+
+
+def training_parts(trace) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
+    """A trace's per-request decode experts and their weights [tokens, layers, k], and its default
+    prompt embeddings (None without): what fit_conditioned keeps."""
+    from traces.stats import routing_segments  # as in fit_conditioned: stats loads only where used
+
+    segments = routing_segments(trace)
+    weights = []
+    for r, seg in enumerate(segments):
+        offset, prefill, decode = trace.rows(r)
+        rows = slice(offset + prefill, offset + prefill + decode)
+        weights.append(np.take_along_axis(np.nan_to_num(trace.probs(rows)), seg, axis=-1).astype(np.float32))
+    embeddings = trace.embedding() if trace.meta.default_embedding is not None else None
+    return segments, weights, embeddings
 
 
 def kept_half(n: int, parity: int) -> list[int]:

@@ -15,29 +15,18 @@ import argparse
 import numpy as np
 
 from traces.cli import ArgumentParser, run_cli
-from traces.conditioned import fit_conditioned, generate
+from traces.conditioned import fit_conditioned, generate, training_parts
 from traces.defaults import resolve_trace
 from traces.format import Trace, load_trace
-from traces.stats import relative_errors, routing_segments, segment_figures
-
-
-def _parts(trace: Trace) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
-    segments = routing_segments(trace)
-    weights = []
-    for r, seg in enumerate(segments):
-        offset, prefill, decode = trace.rows(r)
-        rows = slice(offset + prefill, offset + prefill + decode)
-        weights.append(np.take_along_axis(np.nan_to_num(trace.probs(rows)), seg, axis=-1).astype(np.float32))
-    embeddings = trace.embedding() if trace.meta.default_embedding is not None else None
-    return segments, weights, embeddings
+from traces.stats import relative_errors, segment_figures
 
 
 def held_out(fit: Trace, test: Trace, seed: int) -> tuple[dict, dict, dict]:
-    segments, weights, embeddings = _parts(fit)
+    segments, weights, embeddings = training_parts(fit)
     model = fit_conditioned(segments, weights, embeddings, fit.model.num_experts, seed)
     fitted_ids = set(fit.requests["request_id"].astype(str))
     index = [i for i, rid in enumerate(test.requests["request_id"].astype(str)) if rid not in fitted_ids]
-    t_segments, _, t_embeddings = _parts(test)
+    t_segments, _, t_embeddings = training_parts(test)
     t_embeddings = None if t_embeddings is None else t_embeddings[index]
     real = [t_segments[i] for i in index]
     made = generate(model, t_embeddings, np.array([len(s) for s in real]), seed)
@@ -47,7 +36,7 @@ def held_out(fit: Trace, test: Trace, seed: int) -> tuple[dict, dict, dict]:
 
 
 def leave_one_out(trace: Trace, seed: int) -> tuple[dict, dict, list[dict]]:
-    segments, weights, _ = _parts(trace)
+    segments, weights, _ = training_parts(trace)
     made, models = [], []
     for r in range(len(segments)):
         others = [i for i in range(len(segments)) if i != r]
