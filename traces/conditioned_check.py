@@ -15,48 +15,38 @@ import argparse
 import numpy as np
 
 from traces.cli import ArgumentParser, run_cli
-from traces.conditioned import fit_conditioned, generate
+from traces.conditioned import fit_conditioned, generate, training_parts
 from traces.defaults import resolve_trace
 from traces.format import Trace, load_trace
-from traces.stats import relative_errors, routing_segments, segment_figures
+from traces.stats import relative_errors, segment_figures
 
 
-def _parts(trace: Trace) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
-    segments = routing_segments(trace)
-    weights = []
-    for r, seg in enumerate(segments):
-        offset, prefill, decode = trace.rows(r)
-        rows = slice(offset + prefill, offset + prefill + decode)
-        weights.append(np.take_along_axis(np.nan_to_num(trace.probs(rows)), seg, axis=-1).astype(np.float32))
-    embeddings = trace.embedding() if trace.meta.default_embedding is not None else None
-    return segments, weights, embeddings
-
-
-def held_out(fit: Trace, test: Trace, seed: int) -> tuple[dict, dict]:
-    segments, weights, embeddings = _parts(fit)
+def held_out(fit: Trace, test: Trace, seed: int) -> tuple[dict, dict, dict]:
+    segments, weights, embeddings = training_parts(fit)
     model = fit_conditioned(segments, weights, embeddings, fit.model.num_experts, seed)
     fitted_ids = set(fit.requests["request_id"].astype(str))
     index = [i for i, rid in enumerate(test.requests["request_id"].astype(str)) if rid not in fitted_ids]
-    t_segments, _, t_embeddings = _parts(test)
+    t_segments, _, t_embeddings = training_parts(test)
     t_embeddings = None if t_embeddings is None else t_embeddings[index]
     real = [t_segments[i] for i in index]
     made = generate(model, t_embeddings, np.array([len(s) for s in real]), seed)
     spec = fit.model
     return (segment_figures(real, t_embeddings, spec.num_experts, spec.top_k),
-            segment_figures([m[0] for m in made], t_embeddings, spec.num_experts, spec.top_k))
+            segment_figures([m[0] for m in made], t_embeddings, spec.num_experts, spec.top_k), model.describe())
 
 
-def leave_one_out(trace: Trace, seed: int) -> tuple[dict, dict]:
-    segments, weights, _ = _parts(trace)
-    made = []
+def leave_one_out(trace: Trace, seed: int) -> tuple[dict, dict, list[dict]]:
+    segments, weights, _ = training_parts(trace)
+    made, models = [], []
     for r in range(len(segments)):
         others = [i for i in range(len(segments)) if i != r]
         model = fit_conditioned([segments[i] for i in others], [weights[i] for i in others], None,
                                 trace.model.num_experts, seed)
+        models.append(model.describe())
         made.append(generate(model, None, np.array([len(segments[r])]), seed + r)[0][0])
     spec = trace.model
     return (segment_figures(segments, None, spec.num_experts, spec.top_k),
-            segment_figures(made, None, spec.num_experts, spec.top_k))
+            segment_figures(made, None, spec.num_experts, spec.top_k), models)
 
 
 def _flat(figures: dict) -> dict:
@@ -79,9 +69,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def work() -> None:
         fit = load_trace(resolve_trace(args.fit))
-        real, ours = (held_out(fit, load_trace(resolve_trace(args.held_out)), args.seed) if args.held_out
+        real, ours, models = (held_out(fit, load_trace(resolve_trace(args.held_out)), args.seed) if args.held_out
                       else leave_one_out(fit, args.seed))
         errors = relative_errors(ours, real)
+        print(f"fitted: {models}")
         print(f"{'figure':32s} {'real':>9s} {'generated':>9s} {'error':>8s}")
         flat_real, flat_ours = _flat(real), _flat(ours)
         for key, value in flat_real.items():

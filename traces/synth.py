@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from traces.cli import ArgumentParser, run_cli
+from traces.conditioned import ConditionedModel, fit_conditioned, generate, training_parts
 from traces.errors import UserError
 from traces.format import Provenance, Trace, TraceWriter, load_trace, tally_experts
 from traces.routing_model import (RoutingModel, fit_request_spread, fit_routing_model, request_offsets,
@@ -37,6 +38,7 @@ from traces.synthetic import decode_iterations
 from traces.workloads import EMBEDDING_NAME, Workload, load_workload
 
 PREFILL_MODES = ("rows", "counts")
+ROUTINGS = ("model", "conditioned")
 BATCH_REQUESTS = 64
 
 
@@ -50,11 +52,14 @@ class SynthOptions:
     topics: int = 16
     topic_share: float = 0.5  # share of a request's offset variance common to its topic
     request_spread: float | None = None  # None: fitted to the source trace
+    routing: str = "model"  # model: traces.routing_model; conditioned: traces.conditioned (decode only)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.requests < 1:
             raise UserError(f"--requests {self.requests}: need at least one request")
+        if self.routing not in ROUTINGS:
+            raise UserError(f"--routing {self.routing}: use {' or '.join(ROUTINGS)}")
         if self.prefill not in PREFILL_MODES:
             raise UserError(f"--prefill {self.prefill}: use {' or '.join(PREFILL_MODES)}")
         if self.topics < 1 or not 0 <= self.topic_share <= 1:
@@ -134,13 +139,7 @@ def synthesize(source: FittedSource, out_dir: str | Path, options: SynthOptions,
     model, spec = source.model, source.trace.model
     rng = np.random.default_rng(options.seed)
     workload = workload or load_workload(options.lengths)
-    rows = _draw_requests(workload, options, rng)
-    prompt = workload.prompt_tokens[rows]
-    output = workload.output_tokens[rows]
-    if options.max_prompt_tokens is not None:
-        prompt = np.minimum(prompt, options.max_prompt_tokens)
-    if options.max_output_tokens is not None:
-        output = np.minimum(output, options.max_output_tokens)
+    rows, prompt, output = _workload_lengths(workload, options, rng)
     decode = decode_iterations(prompt, output)
     topics = _topics(workload, options, rows, rng)
     layers, experts = spec.num_layers, spec.num_experts
@@ -173,6 +172,62 @@ def synthesize(source: FittedSource, out_dir: str | Path, options: SynthOptions,
             writer.add_request(probs=probs[p:], experts=chosen[p:], prefill_iters=0,
                                prefill_counts=tally_experts(chosen[:p], experts), **request)
     return writer.close(extra={"topics": topics.tolist(), "workload_rows": rows.tolist()})
+
+
+def _workload_lengths(workload: Workload, options: SynthOptions,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = _draw_requests(workload, options, rng)
+    prompt, output = workload.prompt_tokens[rows], workload.output_tokens[rows]
+    if options.max_prompt_tokens is not None:
+        prompt = np.minimum(prompt, options.max_prompt_tokens)
+    if options.max_output_tokens is not None:
+        output = np.minimum(output, options.max_output_tokens)
+    return rows, prompt, output
+
+
+def synthesize_conditioned(trace: Trace, model: ConditionedModel, out_dir: str | Path, options: SynthOptions,
+                           overwrite: bool = False, workload: Workload | None = None) -> Path:
+    """Write a trace of options.requests workload requests whose decode routing traces.conditioned
+    draws from the fitted trace's requests nearest each prompt's embedding. Decode only: the source
+    records no prompt routing to copy, so the trace records none (prefill_recorded false)."""
+    workload = workload or load_workload(options.lengths)
+    if workload.embeddings is None:
+        raise UserError(f"--routing conditioned needs the workload's prompt embeddings; {workload.name} has none")
+    if trace.meta.default_embedding != EMBEDDING_NAME or model.embeddings is None:
+        raise UserError(f"--routing conditioned: {trace.path} has no {EMBEDDING_NAME} prompt embeddings to "
+                        f"match the workload's")
+    rng = np.random.default_rng(options.seed)
+    rows, prompt, output = _workload_lengths(workload, options, rng)
+    decode = decode_iterations(prompt, output)
+    spec = trace.model
+    writer = TraceWriter(out_dir, spec, _conditioned_provenance(trace, model, workload, options, rows),
+                         topm=spec.top_k, default_embedding=EMBEDDING_NAME, overwrite=overwrite)
+    made = generate(model, workload.embeddings[rows], decode, options.seed)
+    for i, (chosen, weights) in enumerate(made):
+        probs = np.zeros(chosen.shape[:2] + (spec.num_experts,), dtype=np.float32)
+        np.put_along_axis(probs, chosen, weights, axis=-1)
+        writer.add_request(request_id=f"{workload.name}-{rows[i]}", dataset=workload.name,
+                           prompt_tokens=int(prompt[i]), output_tokens=int(output[i]), probs=probs, experts=chosen,
+                           embeddings={EMBEDDING_NAME: workload.embeddings[rows[i]]})
+    return writer.close(extra={"workload_rows": rows.tolist()})
+
+
+def _conditioned_provenance(trace: Trace, model: ConditionedModel, workload: Workload, options: SynthOptions,
+                            rows: np.ndarray) -> Provenance:
+    return Provenance(
+        model=f"synthetic routing drawn from {trace.source.model}",
+        weights_origin=f"none: traces.conditioned on {trace.path.name} ({trace.num_iterations} real iterations)",
+        dataset=f"{workload.name} (real lengths and prompt embeddings)",
+        tool="traces.synth",
+        notes=(f"Real: prompt and output token counts of {len(rows)} rows of the {workload.description}, and their "
+               f"prompt embeddings ({workload.embedding_model}). Synthetic: every expert choice and weight, "
+               f"decode only: runs of token rows copied from the {model.neighbours} request(s) of {trace.path.name} "
+               f"whose prompts are nearest each prompt, a share {model.resample} of (token, layer) cells redrawn "
+               f"from their source's other tokens (fitted on a split of {trace.path.name}); no prefill routing."),
+        details={"source_trace": trace.path.name, "source_origin": trace.source.label(), "routing": "synthetic",
+                 "routing_model": model.describe(), "workload": workload.name, "seed": options.seed,
+                 "max_prompt_tokens": options.max_prompt_tokens, "max_output_tokens": options.max_output_tokens},
+    )
 
 
 def _provenance(source: FittedSource, workload: Workload, options: SynthOptions, rows: np.ndarray) -> Provenance:
@@ -225,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topic-share", type=float, default=defaults.topic_share,
                         help="share of a request's offset variance common to its topic (0..1)")
     parser.add_argument("--request-spread", type=float, help="per-request logit offset spread (default: fitted)")
+    parser.add_argument("--routing", choices=ROUTINGS, default=defaults.routing,
+                        help="model: the fitted routing model; conditioned: copied from the trace's requests "
+                             "nearest each prompt (decode only; needs prompt embeddings)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     return parser
@@ -239,12 +297,16 @@ def main(argv: list[str] | None = None) -> None:
         options = SynthOptions(
             requests=args.requests, lengths=args.lengths, max_prompt_tokens=args.max_prompt_tokens,
             max_output_tokens=args.max_output_tokens, prefill=args.prefill, topics=args.topics,
-            topic_share=args.topic_share, request_spread=args.request_spread, seed=args.seed)
+            topic_share=args.topic_share, request_spread=args.request_spread, routing=args.routing, seed=args.seed)
         load_workload(options.lengths)  # a bad workload fails before the fit
         trace = load_trace(resolve_trace(args.fit))
-        print(f"fitting the routing model to {trace.path} ({trace.num_iterations} iterations)...")
-        source = fit_source(trace, options.seed, request_spread=options.request_spread)
-        out = synthesize(source, args.out_dir, options, overwrite=args.overwrite)
+        print(f"fitting the {options.routing} routing to {trace.path} ({trace.num_iterations} iterations)...")
+        if options.routing == "conditioned":
+            model = fit_conditioned(*training_parts(trace), trace.model.num_experts, options.seed)
+            out = synthesize_conditioned(trace, model, args.out_dir, options, overwrite=args.overwrite)
+        else:
+            source = fit_source(trace, options.seed, request_spread=options.request_spread)
+            out = synthesize(source, args.out_dir, options, overwrite=args.overwrite)
         realism = load_trace(out).meta.realism
         distance = realism.get("distance_to_real")
         print(f"wrote {out}: token reuse {realism['token_reuse']:.1%}, distance to real routing "
