@@ -54,6 +54,9 @@ class ExpertCache:
         self.capacity_bytes = int(capacity_bytes)
         self._block_bytes = block_bytes
         self._state: dict[Block, int] = {}
+        # state(block): RESIDENT, IN_FLIGHT, or None when not cached. The dict's own get, as the
+        # layer protocol asks it for every entry of every prefetch plan.
+        self.state: Callable[[Block], int | None] = self._state.get
         self._pins: dict[Block, int] = {}
         self.used_bytes = 0  # resident + in flight
         self.resident_bytes = 0
@@ -112,10 +115,6 @@ class ExpertCache:
             self._evictable[i] = self._evictable[last]
 
     # --- engine side ---
-    def state(self, block: Block) -> int | None:
-        """RESIDENT, IN_FLIGHT, or None when not cached."""
-        return self._state.get(block)
-
     def holds(self, block: Block) -> bool:
         """Resident or in flight."""
         return block in self._state
