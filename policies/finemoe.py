@@ -75,9 +75,10 @@ ARTIFACT_EMBEDDING = "token_mean"
 def complete(expert_map: np.ndarray) -> np.ndarray:
     """A map's rows as full distributions: unknown (NaN) probabilities share the unrecorded mass
     equally, and each row is scaled to sum 1 (the artifact's maps are full softmax rows)."""
-    rows = np.nan_to_num(expert_map, nan=0.0)
     unknown = np.isnan(expert_map)
+    rows = expert_map
     if unknown.any():
+        rows = np.where(unknown, np.float32(0.0), expert_map)
         rest = np.clip(1.0 - rows.sum(axis=-1, keepdims=True), 0.0, None)
         share = rest / np.maximum(unknown.sum(axis=-1, keepdims=True), 1)
         rows = np.where(unknown, share, rows)
@@ -280,8 +281,9 @@ class FineMoE(Policy):
 
     def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):
-            score = self.prob[layers, experts] * self.freq[layers, experts]
-            return self.candidates[layers, experts], np.floor(score) if self.eviction == "artifact" else score
+            flat = layers * self.experts + experts  # one index into the [layers, experts] arrays
+            score = self.prob.ravel()[flat] * self.freq.ravel()[flat]
+            return self.candidates.ravel()[flat], np.floor(score) if self.eviction == "artifact" else score
         return ranked(cache, rank)
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:

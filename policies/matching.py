@@ -31,7 +31,9 @@ def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
     rebuilt after every layer."""
     layers, experts = np.asarray(layers, dtype=np.int64), np.asarray(experts, dtype=np.int64)
     keys = layers * (int(experts.max(initial=0)) + 1) + experts
-    if len(np.unique(keys)) < len(keys):  # several requests predicted one block: keep its highest priority
+    seen = np.zeros(int(keys.max(initial=0)) + 1, dtype=np.bool_)
+    seen[keys] = True
+    if np.count_nonzero(seen) < len(keys):  # several requests predicted one block: keep its highest priority
         unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         best = np.full(len(unique), -np.inf, dtype=np.result_type(priorities, np.float32))
         np.maximum.at(best, inverse, priorities)

@@ -49,7 +49,7 @@ def ranked(cache: CacheView, rank: Ranking) -> Iterator[Block]:
     table = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
     if not len(table):
         return
-    layers, experts, parts = table[:, 0], table[:, 1], table[:, 2]
+    layers, experts, parts = table.T
     keys = tuple(rank(layers, experts, parts)) + (layers, experts, parts)
     rows = None
     for key in keys:
