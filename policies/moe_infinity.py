@@ -146,8 +146,9 @@ class MoEInfinity(Policy):
 
     def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):
-            count = self.activations[layers, experts]
-            return (count,) if self.eviction == "lfu" else (self.score[layers, experts], count)
+            flat = layers * self.score.shape[1] + experts  # one index into the [layers, experts] arrays
+            count = self.activations.ravel()[flat]
+            return (count,) if self.eviction == "lfu" else (self.score.ravel()[flat], count)
         return ranked(cache, rank)
 
     def describe(self) -> dict:
