@@ -75,9 +75,10 @@ ARTIFACT_EMBEDDING = "token_mean"
 def complete(expert_map: np.ndarray) -> np.ndarray:
     """A map's rows as full distributions: unknown (NaN) probabilities share the unrecorded mass
     equally, and each row is scaled to sum 1 (the artifact's maps are full softmax rows)."""
-    rows = np.nan_to_num(expert_map, nan=0.0)
     unknown = np.isnan(expert_map)
+    rows = expert_map
     if unknown.any():
+        rows = np.where(unknown, np.float32(0.0), expert_map)
         rest = np.clip(1.0 - rows.sum(axis=-1, keepdims=True), 0.0, None)
         share = rest / np.maximum(unknown.sum(axis=-1, keepdims=True), 1)
         rows = np.where(unknown, share, rows)
@@ -177,39 +178,39 @@ class FineMoE(Policy):
 
     # --- prediction ---
     def _predict(self, expert_map: np.ndarray, similarity: float, first: int, last: int,
-                 now: int) -> list[tuple[Block, float]]:
-        """Prefetches for layers first..last-1 of a matched (completed) map: the artifact's whole window
-        at p_selected * decay + 1e-6, or the paper's selected experts at p / (j - now)."""
+                 now: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prefetches (layers, experts, priorities) for layers first..last-1 of a matched
+        (completed) map, layer by layer and each in ranked order: the artifact's whole window at
+        p_selected * decay + 1e-6, or the paper's selected experts at p / (j - now)."""
         rows = expert_map[first:last]
         order = np.argsort(-rows, axis=1, kind="stable")
         ranked = np.take_along_axis(rows, order, axis=1)
         delta = min(max(1.0 - similarity, 0.0), 1.0) if self.delta is None else self.delta
         counts = np.clip((np.cumsum(ranked, axis=1) <= delta).sum(axis=1), self.top_k, self.experts)
         counts[ranked[:, 0] <= 0] = 0
-        if self.prefetch == "paper":
-            return [((first + i, int(e), 0), float(rows[i, e]) / (first + i - now))
-                    for i in range(len(rows)) for e in order[i, : counts[i]]]
-        decay = 1.0 - np.arange(len(rows)) / (last + 1)
         selected = np.arange(self.experts)[None, :] < counts[:, None]  # in ranked order
+        layers = np.repeat(np.arange(first, last), self.experts).reshape(len(rows), self.experts)
+        if self.prefetch == "paper":
+            distance = (layers - now).astype(np.float64)
+            return layers[selected], order[selected], ranked[selected].astype(np.float64) / distance[selected]
+        decay = 1.0 - np.arange(len(rows)) / (last + 1)
         priority = np.where(selected, ranked * decay[:, None], 0.0) + ENQUEUE_FLOOR
-        return [((first + i, int(order[i, k]), 0), float(priority[i, k]))
-                for i in range(len(rows)) for k in range(self.experts)]
+        return layers.ravel(), order.ravel(), priority.ravel()
 
-    def _plan(self, matched: list[np.ndarray], predictions: list[list[tuple[Block, float]]], first: int,
-              last: int) -> PrefetchPlan | None:
-        """The batch's prefetches; the predicted probabilities of layers first..last-1 become the
-        matched maps' (the highest over the batch), for eviction."""
+    def _plan(self, matched: list[np.ndarray], predictions: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+              first: int, last: int) -> PrefetchPlan | None:
+        """The batch's prefetches, enqueued in priority order (expert_prefetcher.py); the predicted
+        probabilities of layers first..last-1 become the matched maps' (the highest over the batch),
+        for eviction."""
         if not matched:
             return None
         self.prob[first:last] = matched[0][first:last] if len(matched) == 1 else \
             np.max([m[first:last] for m in matched], axis=0)
         self.predicted[first:last] = self.prob[first:last]
-        plan = union_plan(predictions)
-        plan.blocks.sort(key=lambda entry: -entry[1])  # enqueued in priority order (expert_prefetcher.py)
+        layers, experts, priorities = (np.concatenate(column) for column in zip(*predictions))
         self.candidates[:] = False
-        for (layer, expert, _), _ in plan.blocks:
-            self.candidates[layer, expert] = True
-        return plan
+        self.candidates[layers, experts] = True
+        return union_plan(layers, experts, priorities)
 
     def on_request_start(self, request: RequestInfo) -> None:
         self._embeds[request.index] = None if request.embedding is None else unit(request.embedding)
@@ -280,8 +281,9 @@ class FineMoE(Policy):
 
     def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):
-            score = self.prob[layers, experts] * self.freq[layers, experts]
-            return self.candidates[layers, experts], np.floor(score) if self.eviction == "artifact" else score
+            flat = layers * self.experts + experts  # one index into the [layers, experts] arrays
+            score = self.prob.ravel()[flat] * self.freq.ravel()[flat]
+            return self.candidates.ravel()[flat], np.floor(score) if self.eviction == "artifact" else score
         return ranked(cache, rank)
 
     def choose_victims(self, incoming: Block, need_bytes: int, cache: CacheView) -> list[Block]:

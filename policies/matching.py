@@ -1,9 +1,11 @@
 """Helpers shared by the history-matching policies (FineMoE, MoE-Infinity): cosine, best match, plan union."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
-from policies.base import Block, PrefetchPlan
+from policies.base import PrefetchPlan
 
 EPS = 1e-8  # as torch.nn.functional.cosine_similarity
 
@@ -20,14 +22,28 @@ def best_match(similarity: np.ndarray, stamps: np.ndarray) -> int:
     return int(tied[np.argmax(stamps[tied])]) if len(tied) > 1 else int(tied[0])
 
 
-def union_plan(predictions: list[list[tuple[Block, float]]]) -> PrefetchPlan | None:
-    """One queue-replacing plan for the requests of a batch: every block any of them predicts, at
-    the highest priority any gives it, in first-seen order."""
-    if len(predictions) == 1:
-        return PrefetchPlan(predictions[0], replace=True)
-    merged: dict[Block, float] = {}
-    for blocks in predictions:
-        for block, priority in blocks:
-            if priority > merged.get(block, -np.inf):
-                merged[block] = priority
-    return PrefetchPlan(list(merged.items()), replace=True) if predictions else None
+def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
+               limit: int | None = None) -> PrefetchPlan:
+    """One queue-replacing plan for the requests of a batch, from their predictions' (layer, expert,
+    priority) arrays concatenated in the requests' order: every block any of them predicts, at the
+    highest priority any gives it, highest first, equal priorities in first-seen order; at most
+    `limit` entries. Built with numpy and handed over as one list: plans are hundreds of entries,
+    rebuilt after every layer."""
+    layers, experts = np.asarray(layers, dtype=np.int64), np.asarray(experts, dtype=np.int64)
+    keys = layers * (int(experts.max(initial=0)) + 1) + experts
+    seen = np.zeros(int(keys.max(initial=0)) + 1, dtype=np.bool_)
+    seen[keys] = True
+    if np.count_nonzero(seen) < len(keys):  # several requests predicted one block: keep its highest priority
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        best = np.full(len(unique), -np.inf, dtype=np.result_type(priorities, np.float32))
+        np.maximum.at(best, inverse, priorities)
+        order = first[np.lexsort((first, -best))]
+        priorities = best[np.lexsort((first, -best))]
+        layers, experts = layers[order], experts[order]
+    else:
+        order = np.argsort(-priorities, kind="stable")
+        layers, experts, priorities = layers[order], experts[order], priorities[order]
+    if limit is not None:
+        layers, experts, priorities = layers[:limit], experts[:limit], priorities[:limit]
+    return PrefetchPlan(list(zip(zip(layers.tolist(), experts.tolist(), itertools.repeat(0)), priorities.tolist())),
+                        replace=True)

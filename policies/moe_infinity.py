@@ -140,15 +140,15 @@ class MoEInfinity(Policy):
         self.score = self._predict(requests[0], layer) if len(requests) == 1 else \
             np.max([self._predict(r, layer) for r in requests], axis=0)
         rows, cols = np.nonzero(self.score)
-        scores = self.score[rows, cols]
-        # The queue never needs more than the caches hold; it is replaced after the next layer anyway.
-        keep = np.lexsort((cols, rows, -scores))[: self._slots]
-        return union_plan([[((int(rows[i]), int(cols[i]), 0), float(scores[i])) for i in keep]])
+        # In score order, ties by block; the queue never needs more than the caches hold (it is
+        # replaced after the next layer anyway).
+        return union_plan(rows, cols, self.score[rows, cols], limit=self._slots)
 
     def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):
-            count = self.activations[layers, experts]
-            return (count,) if self.eviction == "lfu" else (self.score[layers, experts], count)
+            flat = layers * self.score.shape[1] + experts  # one index into the [layers, experts] arrays
+            count = self.activations.ravel()[flat]
+            return (count,) if self.eviction == "lfu" else (self.score.ravel()[flat], count)
         return ranked(cache, rank)
 
     def describe(self) -> dict:

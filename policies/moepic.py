@@ -68,6 +68,7 @@ class MoEpic(Policy):
         share = units // m.num_layers
         self.slots = [min(m.num_experts, share // t) for t in self.tenths]
         self._now = 0
+        self._hot: np.ndarray | None = None  # flat [layers * experts]: a top within its layer's slots; None: stale
 
     def _top_units(self) -> int:
         """Tenths of an expert the budget leaves for top segments after the working room (MoEpic is
@@ -85,6 +86,7 @@ class MoEpic(Policy):
             offset, prefill, decode = trace.rows(r)
             chosen = np.asarray(trace.experts[offset + prefill: offset + prefill + decode], dtype=np.intp)
             self.uses += tally_experts(chosen, model.num_experts)
+            self._hot = None
             passes += len(chosen)
             guessed += self._guess_recall(trace, offset + prefill, chosen)
         if passes == 0 or not self.allocate or self.ctx.timing is None:
@@ -191,6 +193,7 @@ class MoEpic(Policy):
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self._now = layer
         self.uses[layer, list(experts)] += 1
+        self._hot = None
         self.speculation.observe(layer, experts)
         following = layer + 1
         if following == self.layers:
@@ -203,11 +206,12 @@ class MoEpic(Policy):
         """Bottoms first, then tops beyond their layer's slots, then the next layer's bottoms, then hot
         tops; the least used first within each group."""
         def order(layers, experts, parts):  # ranked only when a victim is needed
-            rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
-            hot = rank < np.asarray(self.slots)[:, None]
-            group = np.where(parts == 1, np.where(layers == self._now + 1, 2, 0),
-                             np.where(hot[layers, experts], 3, 1))
-            return group, self.uses[layers, experts]
+            if self._hot is None:  # once per layer at most: the uses change as each layer starts
+                rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
+                self._hot = (rank < np.asarray(self.slots)[:, None]).ravel()
+            flat = layers * self.experts + experts
+            group = np.where(parts == 1, np.where(layers == self._now + 1, 2, 0), np.where(self._hot[flat], 3, 1))
+            return group, self.uses.ravel()[flat]
 
         return ranked(cache, order)
 

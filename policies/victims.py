@@ -41,12 +41,25 @@ def until_fits(order: Iterable[Block], need_bytes: int, cache: CacheView, chosen
 
 
 def ranked(cache: CacheView, rank: Ranking) -> Iterator[Block]:
-    """Evictable blocks in ascending (keys..., block) order; ranked at the first victim asked for."""
+    """Evictable blocks in ascending (keys..., block) order; ranked at the first victim asked for.
+
+    Most copies need one victim: the first is found by narrowing to each key's minimum in turn (a
+    few passes over the rows), and the whole order is sorted only when a second is asked for. The
+    block ends the key, so the order is total and both ways agree (a NaN key goes the sorted way)."""
     table = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
     if not len(table):
         return
-    layers, experts, parts = table[:, 0], table[:, 1], table[:, 2]
-    keys = rank(layers, experts, parts)
-    order = np.lexsort((parts, experts, layers) + tuple(reversed(keys)))  # a total order: rows' order is moot
-    for i in order:
+    layers, experts, parts = table.T
+    keys = tuple(rank(layers, experts, parts)) + (layers, experts, parts)
+    rows = None
+    for key in keys:
+        column = key if rows is None else key[rows]
+        rows = np.flatnonzero(column == column.min()) if rows is None else rows[column == column.min()]
+        if len(rows) <= 1:
+            break
+    first = int(rows[0]) if len(rows) == 1 else None
+    if first is not None:
+        yield int(layers[first]), int(experts[first]), int(parts[first])
+    order = np.lexsort(keys[::-1])
+    for i in order[1:] if first is not None else order:
         yield int(layers[i]), int(experts[i]), int(parts[i])

@@ -54,6 +54,9 @@ class ExpertCache:
         self.capacity_bytes = int(capacity_bytes)
         self._block_bytes = block_bytes
         self._state: dict[Block, int] = {}
+        # state(block): RESIDENT, IN_FLIGHT, or None when not cached. The dict's own get, as the
+        # layer protocol asks it for every entry of every prefetch plan.
+        self.state: Callable[[Block], int | None] = self._state.get
         self._pins: dict[Block, int] = {}
         self.used_bytes = 0  # resident + in flight
         self.resident_bytes = 0
@@ -63,10 +66,12 @@ class ExpertCache:
         self.evictions = 0
         self.wasted_prefetch_bytes = 0
         self.running_layer: RunningLayer | None = None
-        # The resident blocks as rows of an array, and which are evictable, kept as they change so a
-        # policy ranking them with numpy (policies.victims) does not rebuild it on every copy.
+        # The resident blocks as columns of an array (layer, expert, part rows; one column a block,
+        # `_blocks` the same in order), and which are evictable, kept as they change so a policy
+        # ranking them with numpy (policies.victims) does not rebuild it on every copy.
         self._rows: dict[Block, int] = {}
-        self._table = np.zeros((16, 3), dtype=np.int64)
+        self._blocks: list[Block] = []
+        self._table = np.zeros((3, 16), dtype=np.int64)
         self._evictable = np.zeros(16, dtype=np.bool_)
 
     # --- what a policy may see (policies.base.CacheView) ---
@@ -89,33 +94,31 @@ class ExpertCache:
         return (b for b, s in self._state.items() if s == RESIDENT)
 
     def evictable_table(self) -> np.ndarray:
-        """The evictable blocks as rows (layer, expert, part) of an int64 array, in no set order."""
-        n = len(self._rows)
-        return self._table[:n][self._evictable[:n]]
+        """The evictable blocks as rows (layer, expert, part) of an int64 array, in no set order
+        (its columns are contiguous)."""
+        n = len(self._blocks)
+        return self._table[:, :n].compress(self._evictable[:n], axis=1).T
 
     def _add_row(self, block: Block) -> None:
-        n = len(self._rows)
-        if n == len(self._table):
-            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+        n = len(self._blocks)
+        if n == self._table.shape[1]:
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)], axis=1)
             self._evictable = np.concatenate([self._evictable, np.zeros_like(self._evictable)])
         self._rows[block] = n
-        self._table[n] = block
+        self._blocks.append(block)
+        self._table[:, n] = block
         self._evictable[n] = block not in self._pins
 
     def _drop_row(self, block: Block) -> None:
         i = self._rows.pop(block)
-        last = len(self._rows)
-        if i != last:  # the last row moves into the gap
-            moved = tuple(int(x) for x in self._table[last])
+        moved = self._blocks.pop()
+        if moved != block:  # the last column moves into the gap
             self._rows[moved] = i
-            self._table[i] = self._table[last]
-            self._evictable[i] = self._evictable[last]
+            self._blocks[i] = moved
+            self._table[:, i] = moved
+            self._evictable[i] = self._evictable[len(self._blocks)]
 
     # --- engine side ---
-    def state(self, block: Block) -> int | None:
-        """RESIDENT, IN_FLIGHT, or None when not cached."""
-        return self._state.get(block)
-
     def holds(self, block: Block) -> bool:
         """Resident or in flight."""
         return block in self._state

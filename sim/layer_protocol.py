@@ -43,13 +43,18 @@ def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links
     if plan.replace:
         for link in links:
             link.cancel_prefetches()
+    single = len(links) == 1
     for entry in plan.blocks:
         block, priority = entry[0], entry[1]
         if not 0 <= block[0] < num_layers or priority == DEMAND_PRIORITY:
             raise PolicyError(f"policy '{policy.name}' asked to prefetch {block} at priority {priority}: "
                               "layer out of range, or at demand priority")
-        gpu = entry[2] if len(entry) > 2 else home(block[0], block[1])
-        links[gpu].fetch(block, priority)
+        gpu = entry[2] if len(entry) > 2 else 0 if single else home(block[0], block[1])
+        link = links[gpu]
+        # Most of a replanning policy's entries are resident already: a resident block is neither
+        # queued nor copying, so fetch() would ignore it; skipping it here saves the calls.
+        if link.cache.state(block) != RESIDENT:
+            link.fetch(block, priority)
 
 
 def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: int, caches: Sequence[ExpertCache],
