@@ -59,7 +59,7 @@ import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, known_probs
 from policies.registry import register
-from policies.matching import EPS, best_match, union_plan, unit
+from policies.matching import EPS, MapAccuracy, best_match, union_plan, unit
 from policies.victims import ranked
 from traces import Trace
 
@@ -150,7 +150,7 @@ class FineMoE(Policy):
         self.prefetch, self.eviction = prefetch, eviction
         self.embedding, self.trajectory_window, self.online = embedding, trajectory_window, online
         self.searches = {"semantic": 0, "trajectory": 0}
-        self.map_hits = [0, 0]  # a layer's used experts among the top of its latest prediction, and all used
+        self.map_accuracy = MapAccuracy()
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
@@ -238,10 +238,7 @@ class FineMoE(Policy):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
-        if self.predicted[layer].any():  # map accuracy, for the report (eviction resets prob, not this)
-            top = np.argsort(-self.predicted[layer], kind="stable")[: len(experts)]
-            self.map_hits[0] += len(set(top.tolist()) & set(experts))
-            self.map_hits[1] += len(experts)
+        self.map_accuracy.observe(self.predicted[layer], experts)  # eviction resets prob, not this
         probs = known_probs(probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
         rows = complete(probs[self._rows])
         self._current[:, layer] = rows
@@ -300,4 +297,4 @@ class FineMoE(Policy):
                 "delta": "1 - similarity" if self.delta is None else self.delta, "online": self.online,
                 "stored_maps": self.store.size, "semantic_searches": self.searches["semantic"],
                 "trajectory_searches": self.searches["trajectory"],
-                "map_accuracy": self.map_hits[0] / self.map_hits[1] if self.map_hits[1] else float("nan")}
+                "map_accuracy": self.map_accuracy.value}

@@ -1,4 +1,4 @@
-"""Helpers shared by the history-matching policies (FineMoE, MoE-Infinity): cosine, best match, plan union."""
+"""Helpers shared by the history-matching policies (FineMoE, MoE-Infinity): cosine, best match, plan union, map accuracy."""
 from __future__ import annotations
 
 import itertools
@@ -22,6 +22,25 @@ def best_match(similarity: np.ndarray, stamps: np.ndarray) -> int:
     return int(tied[np.argmax(stamps[tied])]) if len(tied) > 1 else int(tied[0])
 
 
+class MapAccuracy:
+    """How often a layer's used experts are among the top of the policy's latest prediction for it
+    (as many as it used): the report's map_accuracy."""
+
+    def __init__(self) -> None:
+        self.hits, self.uses = 0, 0
+
+    def observe(self, prediction: np.ndarray, experts: tuple[int, ...]) -> None:
+        """A layer ran `experts`; `prediction` is its row of scores (all zero: no prediction, not counted)."""
+        if prediction.any():
+            top = np.argsort(-prediction, kind="stable")[: len(experts)]
+            self.hits += len(set(top.tolist()) & set(experts))
+            self.uses += len(experts)
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.uses if self.uses else float("nan")
+
+
 def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
                limit: int | None = None) -> PrefetchPlan:
     """One queue-replacing plan for the requests of a batch, from their predictions' (layer, expert,
@@ -37,8 +56,8 @@ def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
         unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         best = np.full(len(unique), -np.inf, dtype=np.result_type(priorities, np.float32))
         np.maximum.at(best, inverse, priorities)
-        order = first[np.lexsort((first, -best))]
-        priorities = best[np.lexsort((first, -best))]
+        ranking = np.lexsort((first, -best))
+        order, priorities = first[ranking], best[ranking]
         layers, experts = layers[order], experts[order]
     else:
         order = np.argsort(-priorities, kind="stable")

@@ -30,7 +30,7 @@ import numpy as np
 
 from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step
 from policies.registry import register
-from policies.matching import best_match, union_plan, unit
+from policies.matching import MapAccuracy, best_match, union_plan, unit
 from policies.victims import ranked
 from traces import Trace
 from traces.format import tally_experts, top_k_experts
@@ -73,7 +73,7 @@ class MoEInfinity(Policy):
         self._clock = 0
         self.score = np.zeros((m.num_layers, m.num_experts), dtype=np.float32)  # latest prediction
         self.activations = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)
-        self.map_hits = [0, 0]  # a layer's used experts among the top of its latest prediction, and all used
+        self.map_accuracy = MapAccuracy()
         self._eams: dict[int, np.ndarray] = {}  # running request -> its EAM so far
         self._row_cos: dict[int, np.ndarray] = {}  # running request -> [stored EAM, layer] row cosines
         self._prompt_tokens: dict[int, int] = {}
@@ -127,10 +127,7 @@ class MoEInfinity(Policy):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.activations[layer, list(experts)] += 1
-        if self.score[layer].any():  # map accuracy, for the report
-            top = np.argsort(-self.score[layer], kind="stable")[: len(experts)]
-            self.map_hits[0] += len(set(top.tolist()) & set(experts))
-            self.map_hits[1] += len(experts)
+        self.map_accuracy.observe(self.score[layer], experts)
         requests = step.requests
         for position, r in enumerate(requests):
             rows = probs if len(requests) == 1 else probs[step.token_request == position]
@@ -154,4 +151,4 @@ class MoEInfinity(Policy):
     def describe(self) -> dict:
         return {"capacity": self.capacity, "replacement": self.replacement, "eviction": self.eviction,
                 "stored_eams": self.size,
-                "map_accuracy": self.map_hits[0] / self.map_hits[1] if self.map_hits[1] else float("nan")}
+                "map_accuracy": self.map_accuracy.value}

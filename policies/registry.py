@@ -59,6 +59,12 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def shipped() -> list[str]:
+    """The registered policies but a test's own (named test_*, registered for its module only):
+    what "every policy" means to a command."""
+    return [name for name in available() if not name.startswith("test_")]
+
+
 def policy_class(name: str) -> type[Policy]:
     _load_all()
     if name not in _REGISTRY:

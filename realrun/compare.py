@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from policies import available, policy_class
+from policies import policy_class, shipped
 from realrun.api import execute_real
 from realrun.calibrate import profile_name
 from realrun.executor import COPY_WAITS, Machine, RealOptions, Timeline
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         full_layers = trace.model.num_layers
         if args.layers is not None:
             trace = first_layers(trace, args.layers, out / f"trace-{args.layers}-layers")
-        policies = [p for p in available() if not p.startswith("test_")] if args.policies == "all" \
+        policies = shipped() if args.policies == "all" \
             else [p for p in args.policies.split(",") if p]
         for p in policies:
             policy_class(p)  # unknown names fail here, in one line

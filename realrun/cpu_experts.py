@@ -219,13 +219,13 @@ def cpu_policy_host_times(profile: dict, trace_name: str, layers: int | None, tr
     import tempfile
     from pathlib import Path
 
-    from policies import available, policy_class
+    from policies import policy_class, shipped
     from realrun.policy_host import policy_host_times
     from realrun.subset import first_layers
     from sim.profiles import HardwareProfile
     from traces import load_trace
     from traces.defaults import resolve_trace
-    names = [p for p in available() if not p.startswith("test_") and policy_class(p).uses_cpu]
+    names = [p for p in shipped() if policy_class(p).uses_cpu]
     with tempfile.TemporaryDirectory() as scratch:
         trace = load_trace(resolve_trace(trace_name))
         if layers is not None:

@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from tqdm import tqdm
 
-from policies import available, policy_class
+from policies import policy_class, shipped
 from sim.api import execute, prepare
 from sim.config import SimConfig
 from sim.layer_protocol import POLICY_HOOKS
@@ -52,8 +52,7 @@ def policy_host_times(trace: Trace, hardware: HardwareProfile, train_fraction: f
     the decisions carried out beyond all_resident's; the hooks alone, for the record)."""
     # A policy that computes on the host CPU needs the profile's cpu section, which calibrate does not
     # measure (realrun.calibrate.cpu_expert_section does, on its own).
-    names = policies or [p for p in available()
-                         if not p.startswith("test_") and (hardware.cpu is not None or not policy_class(p).uses_cpu)]
+    names = policies or [p for p in shipped() if hardware.cpu is not None or not policy_class(p).uses_cpu]
     budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
     measured = {name: host_times(trace, name, budget, hardware, train_fraction, max_requests)
                 for name in tqdm(sorted({*names, BASELINE}), desc="policy host time", unit="policy", leave=False)}

@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from policies import available, policy_class  # noqa: E402
+from policies import policy_class, shipped  # noqa: E402
 from sim.api import prepare, resolve_hardware, simulate, split_requests  # noqa: E402
 from sim.budget import format_bytes, parse_budget  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         if not names:
             raise UserError("no shipped trace found; pass --traces PATH")
         traces = [shared_trace(resolve_trace(name)) for name in names]
-        policies = args.policies.split(",") if args.policies else [p for p in available() if not p.startswith("test_")]
+        policies = args.policies.split(",") if args.policies else shipped()
         budgets = list(QUICK_BUDGETS) if args.quick else args.budgets.split(",")
         if HEADLINE_BUDGET not in budgets:
             raise UserError(f"--budgets must include {HEADLINE_BUDGET}, where the paper's TPOT claim is made")
