@@ -16,9 +16,12 @@ The executor's host thread spins on copy events, so the FFN gets one core fewer 
 That spinning thread holds the GIL, and the worker thread running the FFN needs it back after every
 torch call (the kernels release it): at Python's default switch interval (5 ms) each hand-over waits
 up to 5 ms, and one bf16 Mixtral expert took ~290 ms beside the spinning thread against 6.5 ms alone
-(H200 host). So CpuLayer sets the interval to SWITCH_INTERVAL_S while it is open; `cpu_table(...,
-as_run=True)` (`--as-run`) measures the table the way the run computes: on CpuLayer's worker thread
-while the measuring thread spins in Python.
+(H200 host). So CpuLayer sets the interval to SWITCH_INTERVAL_S while it is open. Even so the FFN
+runs slower beside the spinning thread (12.7 ms) than while the host thread blocks on its result
+(6.8 ms), and the executor does both: it spins while the layer's GPU side waits for copies, then
+blocks. `--as-run` measures both tables the way the run computes, on CpuLayer's worker thread
+(`cpu_table(..., host=...)`): the profile's expert_time_s with the measuring thread blocked,
+spinning_time_s with it spinning in Python (sim.host_cpu charges each where the run is in that state).
 """
 from __future__ import annotations
 
@@ -125,18 +128,24 @@ class CpuExperts:
         return out
 
 
+HOSTS = ("alone", "blocked", "spinning")  # cpu_table's `host`
+
+
 def cpu_table(model: ModelSpec, tokens: list[int], fmt: str = "bf16", threads: int | None = None,
-              repeats: int = 9, weights_copies: int = 3, as_run: bool = False) -> list[list[float]]:
+              repeats: int = 9, weights_copies: int = 3, host: str = "alone") -> list[list[float]]:
     """[[tokens, seconds], ...]: one expert's FFN on this host's CPU, the median of `repeats`
     taken in rounds over every token count (a slow spell shifts them alike), cycling through
     `weights_copies` experts' weights so that the host's caches do not hold them (at real shapes
-    each expert is far beyond the last-level cache). `as_run`: computed as the executor computes
-    it, on CpuLayer's worker thread while this thread spins in Python (as the executor's host
-    thread does on copy events), instead of on this thread alone. The key for the profile is
-    sim.host_cpu.CpuSpec.key(model, fmt)."""
-    layer = CpuLayer(model, max(tokens), pin=False, fmt=fmt, threads=threads) if as_run else None
+    each expert is far beyond the last-level cache). `host`: "alone", computed on this thread;
+    "blocked" and "spinning", as the executor computes it, on CpuLayer's worker thread while this
+    thread blocks on the result or spins in Python (as the executor's host thread does on copy
+    events). The key for the profile is sim.host_cpu.CpuSpec.key(model, fmt)."""
+    if host not in HOSTS:
+        raise ValueError(f"host={host!r}: one of {', '.join(HOSTS)}")
+    layer = None if host == "alone" else CpuLayer(model, max(tokens), pin=False, fmt=fmt, threads=threads)
     cpu = layer.cpu if layer else CpuExperts(model, max(tokens), fmt, threads, pin=False)
-    run = (lambda y, experts: spin_until(layer.start(y, experts))) if layer else cpu.run
+    run = cpu.run if layer is None else (lambda y, experts: (spin_until if host == "spinning" else Future.result)(
+        layer.start(y, experts)))
     gen = torch.Generator().manual_seed(0)
     blocks = [cpu.weights(gen) for _ in range(max(1, weights_copies))]
     y = torch.randn(max(tokens), model.hidden_size, generator=gen).to(cpu.dtype)
@@ -175,12 +184,17 @@ def cpu_section(models: list[ModelSpec], tokens: list[int], formats: tuple[str, 
     (formats: None, each model's `model_formats`; as_run: see cpu_table; spec: mem_bandwidth_Bps,
     matmul_flops, as known for the host). `cores` is the threads the FFN ran on."""
     cores = threads or ffn_threads()
-    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores, as_run=as_run)
-              for m in models for fmt in (formats or model_formats(m))}
-    how = (f"on a worker thread beside a spinning host thread, GIL switch interval {SWITCH_INTERVAL_S * 1e3:g} ms"
+    keys = [(m, fmt) for m in models for fmt in (formats or model_formats(m))]
+    tables = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores, host="blocked" if as_run else "alone")
+              for m, fmt in keys}
+    spinning = {f"{m.expert_shape_key}/{fmt}": cpu_table(m, tokens, fmt, cores, host="spinning")
+                for m, fmt in keys} if as_run else {}
+    how = (f"on a worker thread beside the host thread, blocked on the result (expert_time_s) or spinning in "
+           f"Python (spinning_time_s), GIL switch interval {SWITCH_INTERVAL_S * 1e3:g} ms"
            if as_run else "alone on the measuring thread")
     return {"cores": cores, "mem_bandwidth_Bps": spec.get("mem_bandwidth_Bps", 1.0e11),
             "matmul_flops": spec.get("matmul_flops", 1.0e12), "expert_time_s": tables,
+            **({"spinning_time_s": spinning} if spinning else {}),
             "origin": f"realrun.cpu_experts cpu_table on this host ({how}), torch {torch.__version__}, {cores} "
                       f"threads of {os.cpu_count()} cores; mxfp4: dequantised to bf16 on the CPU, then computed"}
 
@@ -254,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--out", required=True, help="YAML path of the profile written")
     parser.add_argument("--as-run", action="store_true",
-                        help="measure as the executor computes: on a worker thread beside a spinning host thread")
+                        help="measure as the executor computes: on a worker thread beside the host thread, "
+                             "blocked on the result and spinning (two tables)")
     parser.add_argument("--policy-trace", default=None,
                         help="also measure the CPU policies' host times replaying this trace (as calibrate's --policy-trace)")
     parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")

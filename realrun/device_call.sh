@@ -7,7 +7,8 @@
 #   Override any of TRACE, LAYERS, BUDGETS, POLICIES, REPEATS, HOST_SOURCES, TRAIN, MAX_REQUESTS, MODELS,
 #   CAL_TIMEOUT, CMP_TIMEOUT.
 #   CPU_POLICIES (e.g. lru,fiddler,n_cpu_moe,lru_cpu), with CPU_BUDGETS: after the compare, the host CPU's
-#     expert table measured as the run computes (realrun.cpu_experts --as-run, mixtral-8x7b and gpt-oss-20b;
+#     expert tables measured as the run computes, beside a blocked and a spinning host thread
+#     (realrun.cpu_experts --as-run, mixtral-8x7b and gpt-oss-20b;
 #     printed in $DIR/cpu/log.txt) into a copy of the profile, and those policies compared on it ($DIR/cpu/:
 #     compare.md, runs.csv), until CALL_LIMIT seconds (default 560) since the start.
 # Run from the repository root on the device (wheels of simpy, hydra-core, omegaconf, antlr4 in .whl/,
@@ -56,17 +57,10 @@ if [ -n "$CPU_POLICIES" ]; then
   mkdir -p "$DIR/cpu"
   {
     left() { echo $(( ${CALL_LIMIT:-560} - SECONDS )); }
-    echo "== CPU expert table, as the run computes (--as-run; $(left) s left)"
+    echo "== CPU expert tables, as the run computes (--as-run; $(left) s left)"
     [ "$(left)" -gt 20 ] && timeout "$(left)" python3 -m realrun.cpu_experts --profile "$PROFILE" --models mixtral-8x7b,gpt-oss-20b \
       --tokens 1,2,4,8,16,32,64 --as-run --policy-trace "$TRACE" --policy-layers "$LAYERS" --train-fraction "$TRAIN" \
       $LIMIT --out /tmp/cpu-$MODEL.yaml | tail -40
-    echo "== one Mixtral bf16 expert, 1 token, beside the spinning thread, at two GIL switch intervals"
-    [ "$(left)" -gt 20 ] && timeout 30 python3 -c "
-import realrun.cpu_experts as c; from traces.model_spec import load_model_spec
-m = load_model_spec('mixtral-8x7b')
-print('alone', c.cpu_table(m, [1], repeats=5, weights_copies=1))
-for s in (5e-3, c.SWITCH_INTERVAL_S):
-    c.SWITCH_INTERVAL_S = s; print('as run, switch interval', s, c.cpu_table(m, [1], repeats=5, weights_copies=1, as_run=True))"
     date -u +%T; echo "== compare $CPU_POLICIES ($(left) s left)"
     [ "$(left)" -gt 30 ] && timeout "$(left)" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" \
       --train-fraction "$TRAIN" --graphs --hardware /tmp/cpu-$MODEL.yaml --host-sources "$HOST_SOURCES" \
@@ -74,5 +68,6 @@ for s in (5e-3, c.SWITCH_INTERVAL_S):
     date -u +%T
   } 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/run\]\|req/s\]\|run/s\]\|^\s*$" | tee "$DIR/cpu/log.txt"
   for f in compare.md runs.csv; do [ -f /tmp/cpu-$MODEL/$f ] && cp /tmp/cpu-$MODEL/$f "$DIR/cpu/"; done
+  [ -f /tmp/cpu-$MODEL.yaml ] && cp /tmp/cpu-$MODEL.yaml "$DIR/cpu/profile.yaml"
 fi
 ls -la "$DIR"

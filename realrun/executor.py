@@ -160,7 +160,7 @@ class Machine:
 class Timeline:
     """Where a real run's time went: for every kernel group (a layer's non-expert kernels, one
     expert), when the host launched it and when it ran on the GPU; for every wait for a block, when
-    the host waited. GPU times come from timing events measured against one reference event per
+    the host waited; for the host's own work (kinds policy, start_layer, apply), when it ran. GPU times come from timing events measured against one reference event per
     device, placed on the host's clock (time.perf_counter) when it completed, so host, GPU and
     clock samples (realrun.gpu_clocks) share one axis. On the CPU the GPU columns are NaN."""
 
@@ -194,6 +194,14 @@ class Timeline:
 
     def wait(self, step: int, layer: int, host_s: float, host_end_s: float) -> None:
         self._rows.append([step, layer, "stall", -1, host_s, host_end_s, None, None, None])
+
+    @contextlib.contextmanager
+    def host(self, step: int, layer: int, kind: str):
+        """Host work that launches nothing (the policy deciding, the layer's copies queued): where
+        the host thread's time goes between kernel groups."""
+        host = time.perf_counter()
+        yield
+        self._rows.append([step, layer, kind, -1, host, time.perf_counter(), None, None, None])
 
     def frame(self) -> pd.DataFrame:
         """After the run (its devices synchronized)."""
@@ -341,6 +349,11 @@ class Executor(Serving):
             return contextlib.nullcontext()
         return self.timeline.group(backend, self.next_step - 1, layer, kind, expert)
 
+    def _host_timed(self, layer: int, kind: str):
+        if self.timeline is None:
+            return contextlib.nullcontext()
+        return self.timeline.host(self.next_step - 1, layer, kind)
+
     def _poll(self) -> bool:
         landed = False
         for copies in self.copies:
@@ -399,7 +412,8 @@ class Executor(Serving):
 
     # --- forward passes ---
     def _apply(self, plan: PrefetchPlan | None) -> None:
-        self.calls.apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
+        with self._host_timed(-1, "apply"):
+            self.calls.apply_plan(plan, self.policy, self.model.num_layers, self.links, self.topology.home)
 
     def _pass(self, spec: Pass) -> None:
         machine, policy = self.machine, self.policy
@@ -463,7 +477,8 @@ class Executor(Serving):
                    router_done: Event = DONE) -> PrefetchPlan | None:
         """Once the router's output has reached the host (router_done), the policy decides the layer."""
         self.wait(router_done)
-        return self.calls.on_layer_start(step, layer, probs, experts)
+        with self._host_timed(layer, "policy"):
+            return self.calls.on_layer_start(step, layer, probs, experts)
 
     def run_experts(self, layer: int, experts: tuple[int, ...], plan: PrefetchPlan | None,
                     launch: Callable[[int, torch.Tensor], None]) -> None:
@@ -471,10 +486,11 @@ class Executor(Serving):
         the compute of expert i (or of one of its parts) on the compute stream."""
         gpu = self.topology.layer_gpu[layer]
         cache, copies, backend = self.caches[gpu], self.copies[gpu], self.machine.backends[gpu]
-        blocks, order = self.calls.start_layer(layer, experts, [gpu] * len(experts), len(self.part_fractions[layer]),
-                                               self.caches, self.links, self.recorder, self.policy,
-                                               self.model.bytes_per_expert, plan, self.model.num_layers,
-                                               self.topology.home)
+        with self._host_timed(layer, "start_layer"):
+            blocks, order = self.calls.start_layer(layer, experts, [gpu] * len(experts),
+                                                   len(self.part_fractions[layer]), self.caches, self.links,
+                                                   self.recorder, self.policy, self.model.bytes_per_expert, plan,
+                                                   self.model.num_layers, self.topology.home)
         computed: list[Block] = []
         routed, launched, stall = len(experts), False, 0.0  # blocks past `routed`: a whole-layer gather
         for i in order:

@@ -14,7 +14,7 @@ class ComputeModel:
         self.model = model
         self.after_wait = hardware.after_wait
         self._expert: dict[int, float] = {}
-        self._cpu_expert: dict[int, float] = {}
+        self._cpu_expert: dict[tuple[int, bool], float] = {}
         self._non_expert: dict[int, float] = {}
         self._warmth: dict[int, float] = {}  # per GPU, 0 cold .. 1 warm; a run starts cold (loading idles it)
         self._busy_until: dict[int, float] = {}  # per GPU: when the compute started last ends
@@ -26,13 +26,14 @@ class ComputeModel:
             seconds = self._expert[tokens] = self.hardware.expert_time(self.model, tokens)
         return seconds
 
-    def cpu_expert_time(self, tokens: int) -> float:
-        """One expert's FFN over `tokens` tokens on the host CPU (the profile's cpu section)."""
-        seconds = self._cpu_expert.get(tokens)
+    def cpu_expert_time(self, tokens: int, spinning: bool = False) -> float:
+        """One expert's FFN over `tokens` tokens on the host CPU (the profile's cpu section);
+        `spinning`: while the host thread spins on copies (sim.host_cpu)."""
+        seconds = self._cpu_expert.get((tokens, spinning))
         if seconds is None:
             model = self.model  # weights held in host RAM in the stored format, dequantised on the CPU
-            seconds = self._cpu_expert[tokens] = self.hardware.cpu.expert_time(model, tokens, model.expert_format,
-                                                                               model.bytes_per_expert)
+            seconds = self._cpu_expert[tokens, spinning] = self.hardware.cpu.expert_time(
+                model, tokens, model.expert_format, model.bytes_per_expert, spinning)
         return seconds
 
     def activation_time(self, tokens: int) -> tuple[float, float]:

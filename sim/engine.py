@@ -185,16 +185,21 @@ class Simulation(Serving):
         meanwhile, and the layer ends when both have."""
         gpu_experts, gpu_tokens, cpu_experts, cpu_tokens = split_cpu(plan, experts, tokens, self.policy, layer,
                                                                      self.recorder)
-        cpu = self.env.process(self._on_cpu(layer, cpu_experts, cpu_tokens, pass_tokens))
-        yield from self._run_experts(layer, gpu_experts, gpu_tokens, plan)
+        host_free = self.env.event()  # the GPU side has waited for its last copy
+        cpu = self.env.process(self._on_cpu(layer, cpu_experts, cpu_tokens, pass_tokens, host_free))
+        yield from self._run_experts(layer, gpu_experts, gpu_tokens, plan, host_free)
         if cpu.is_alive:
             yield cpu
 
-    def _on_cpu(self, layer: int, experts: list[int], tokens: list[int], pass_tokens: int):
+    def _on_cpu(self, layer: int, experts: list[int], tokens: list[int], pass_tokens: int, host_free: simpy.Event):
         """The hidden state of the tokens routed to CPU experts goes down the host link, the CPU
         runs those experts one after another (each on all its cores; weights read from host RAM,
         or from the drive first where the disk tier is on), their combined output comes up. The two
-        small copies are not queued behind the weight copies (they take microseconds)."""
+        small copies are not queued behind the weight copies (they take microseconds).
+        An expert started while the GPU side still waits for copies (the host thread spinning) costs
+        the CPU's spinning table, one started after it the other (sim.host_cpu). Decided at each
+        expert's start: on the H200 that rule met both fiddler, whose CPU experts run beside its
+        copies, and n_cpu_moe, which copies nothing (docs/realrun/h200-mixtral-8x7b-cpu-graphs.md)."""
         rows = min(pass_tokens, sum(tokens))
         down, up = self.compute.activation_time(rows)
         self.recorder.activation_bytes += 2 * rows * self.activation_bytes_per_token
@@ -204,24 +209,29 @@ class Simulation(Serving):
                 wait = self.tier.read(layer, e, self.env.now)
                 if wait:
                     yield self.env.timeout(wait)
-            seconds = self.compute.cpu_expert_time(t)
+            seconds = self.compute.cpu_expert_time(t, spinning=not host_free.triggered)
             self.recorder.cpu_busy_s += seconds
             yield self.env.timeout(seconds)
         yield self.env.timeout(up)
 
-    def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None):
-        """Run one layer's experts; tokens[i] is how many tokens expert i serves (None: one each)."""
+    def _run_experts(self, layer: int, experts: tuple[int, ...], tokens: list[int] | None, plan: PrefetchPlan | None,
+                     host_free: simpy.Event | None = None):
+        """Run one layer's experts; tokens[i] is how many tokens expert i serves (None: one each).
+        `host_free`, when given, succeeds once every GPU has waited for its last block."""
         topo = self.topology
         homes, blocks, order = self._start_layer(layer, experts, plan)
         routed = len(experts)
         if topo.placement == "layers":
             yield from self._compute_on(homes[0] if homes else topo.layer_gpu[layer], layer, order, blocks, tokens,
-                                        routed, dispatch=False)
+                                        routed, dispatch=False, resident=host_free)
             return
         gpus = sorted(set(homes))
         # Expert-parallel: each GPU runs its share of the layer's experts at the same time.
+        resident = [self.env.event() for _ in gpus] if host_free is not None else [None] * len(gpus)
         work = [self.env.process(self._compute_on(g, layer, [i for i in order if homes[i] == g], blocks, tokens,
-                                                  routed, dispatch=True)) for g in gpus]
+                                                  routed, dispatch=True, resident=r)) for g, r in zip(gpus, resident)]
+        if host_free is not None:
+            self.env.all_of(resident).callbacks.append(lambda _event: host_free.succeed())
         yield self.env.all_of(work)
 
     def _start_layer(self, layer: int, experts: tuple[int, ...], plan: PrefetchPlan | None):
@@ -238,9 +248,10 @@ class Simulation(Serving):
         return homes, blocks, order
 
     def _compute_on(self, gpu: int, layer: int, order: list[int], blocks: list[list[Block]], tokens: list[int] | None,
-                    routed: int, dispatch: bool):
+                    routed: int, dispatch: bool, resident: simpy.Event | None = None):
         """One GPU computes its experts of a layer in order, each once its blocks are resident (the
-        first `routed` entries of `blocks`; later ones, a whole-layer gather, are only waited for)."""
+        first `routed` entries of `blocks`; later ones, a whole-layer gather, are only waited for);
+        `resident` succeeds once the last of them is."""
         env, cache, link, rec = self.env, self.caches[gpu], self.transports[gpu], self.recorder
         fractions = self._part_fractions[layer]
         hidden = self.topology.layer_gpu[layer]
@@ -270,6 +281,8 @@ class Simulation(Serving):
                     cache.mark_used(b)
                 busy += seconds * fractions[p]
                 computed.append(b)
+        if resident is not None:
+            resident.succeed()
         if busy:
             yield from self._advance(self.compute.run(gpu, env.now, busy, reads_experts=True))
         self._unpin(gpu, computed)

@@ -27,10 +27,12 @@ def tiny_model(layers: int = 1, experts: int = 4, top_k: int = 1, name: str = "t
 
 
 def unit_hardware(copy_s: float = 1.0, expert_s: float = 0.1, non_expert_s: float = 0.01,
-                  latency_s: float = 0.0, bytes_per_expert: int = 1536, cpu_s: float = 0.5) -> HardwareProfile:
+                  latency_s: float = 0.0, bytes_per_expert: int = 1536, cpu_s: float = 0.5,
+                  cpu_spinning_s: float | None = None) -> HardwareProfile:
     """Round numbers: one expert copy takes copy_s + latency_s, compute is flat in tokens; on the
-    host CPU an expert takes cpu_s, and activations move in no time (a free down link, and 16 x 2
-    bytes a token over the host link: negligible beside copy_s)."""
+    host CPU an expert takes cpu_s (cpu_spinning_s beside a spinning host thread; None: no such
+    table), and activations move in no time (a free down link, and 16 x 2 bytes a token over the
+    host link: negligible beside copy_s)."""
     return HardwareProfile.from_dict({
         "name": "unit", "gpu_memory_bytes": 1e12,
         "host_link": {"latency_s": latency_s, "bandwidth_Bps": bytes_per_expert / copy_s},
@@ -39,7 +41,8 @@ def unit_hardware(copy_s: float = 1.0, expert_s: float = 0.1, non_expert_s: floa
         "non_expert_layer_time_s": {"tiny": [[1, non_expert_s]]},
         "cpu": {"cores": 1, "mem_bandwidth_Bps": 1e9, "matmul_flops": 1e9,
                 "down_link": {"latency_s": 0.0, "bandwidth_Bps": 1e30},
-                "expert_time_s": {"h16_f16/bf16": [[1, cpu_s]]}},
+                "expert_time_s": {"h16_f16/bf16": [[1, cpu_s]]},
+                **({} if cpu_spinning_s is None else {"spinning_time_s": {"h16_f16/bf16": [[1, cpu_spinning_s]]}})},
     })
 
 

@@ -100,17 +100,24 @@ def test_cpu_layer_shortens_the_gil_switch_interval_while_open_and_restores_it()
     assert sys.getswitchinterval() == pytest.approx(before)
 
 
-def test_cpu_table_as_run_is_measured_beside_the_spinning_thread_and_labelled(monkeypatch):
+def test_cpu_tables_as_run_are_measured_beside_a_blocked_and_a_spinning_thread_and_labelled(monkeypatch):
     import sys
+    from concurrent.futures import Future
     from realrun import cpu_experts
-    before, spun = sys.getswitchinterval(), []
-    real_spin = cpu_experts.spin_until
+    before, spun, blocked = sys.getswitchinterval(), [], []
+    real_spin, real_result = cpu_experts.spin_until, Future.result
     monkeypatch.setattr(cpu_experts, "spin_until", lambda work: spun.append(1) or real_spin(work))
+    monkeypatch.setattr(Future, "result", lambda work, *a: blocked.append(1) or real_result(work, *a))
     section = cpu_experts.cpu_section([tiny_model()], [1, 4], formats=("bf16",), threads=1, as_run=True)
-    (table,) = section["expert_time_s"].values()
-    assert [t for t, _ in table] == [1.0, 4.0] and all(s > 0 for _, s in table)
-    assert len(spun) == 2 * 3 + 2 * 9  # warm-ups (3 weights copies a shape) and every timed repeat
-    assert "spinning host thread" in section["origin"] and sys.getswitchinterval() == pytest.approx(before)
+    for name in ("expert_time_s", "spinning_time_s"):
+        (table,) = section[name].values()
+        assert [t for t, _ in table] == [1.0, 4.0] and all(s > 0 for _, s in table)
+    # warm-ups (3 weights copies a shape) and every timed repeat, once each way (spin_until's own
+    # result() after the spin is counted among the blocked ones)
+    assert len(spun) == 2 * 3 + 2 * 9 and len(blocked) == 2 * (2 * 3 + 2 * 9)
+    assert "blocked on the result" in section["origin"] and sys.getswitchinterval() == pytest.approx(before)
+    with pytest.raises(ValueError, match="one of alone, blocked, spinning"):
+        cpu_experts.cpu_table(tiny_model(), [1], host="busy")
 
 
 def test_cpu_policies_host_times_are_measured_on_the_profile_with_a_cpu_section(make_trace):

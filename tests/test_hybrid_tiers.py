@@ -140,3 +140,26 @@ def test_policies_config_knobs():
         make_policy("ktransformers", strategy="nope")
     with pytest.raises(Exception, match="layers"):
         make_policy("n_cpu_moe", layers=-1)
+
+
+def test_cpu_experts_beside_copy_waits_cost_the_spinning_table_and_alone_the_other(make_trace):
+    """The executor's host thread spins on copy events while the layer's GPU side waits, and the
+    CPU's FFN runs slower beside it (sim.host_cpu). lru_cpu, 1 layer, budget 2, top-2, copies of
+    0.6 s: pass 1 uses 0 and 1 (both miss: CPU, copied meanwhile); pass 2 uses 1 (still in flight:
+    the GPU waits for it) and 2 (misses: CPU, beside that wait)."""
+    model = tiny_model(layers=1, experts=4, top_k=2)
+    trace = make_trace(model, [[[[0, 1]], [[1, 2]]]])
+
+    def run(spinning_s):
+        hw = unit_hardware(copy_s=0.6, cpu_s=0.5, cpu_spinning_s=spinning_s)
+        return simulate(SimConfig(trace=str(trace.path), policy="lru_cpu", budget="2experts", hardware=hw.to_dict()),
+                        trace=trace).metrics
+    alone, beside = run(None), run(0.8)
+    assert alone.cpu_expert_uses == beside.cpu_expert_uses == 3
+    up = 32 * 0.6 / 1536  # one token's expert output up the host link
+    # pass 1: no expert on the GPU side, both CPU experts at the blocked table
+    pass1 = 0.01 + 2 * 0.5 + up
+    # pass 2: 1's copy lands at 1.21 and the GPU computes it by 1.31; the CPU, beside that wait, is longer
+    assert alone.e2e_mean_s == pytest.approx(pass1 + 0.01 + 0.5 + up, abs=1e-9)
+    assert beside.e2e_mean_s == pytest.approx(pass1 + 0.01 + 0.8 + up, abs=1e-9)
+    assert (alone.cpu_busy_s, beside.cpu_busy_s) == pytest.approx((1.5, 1.8))
