@@ -132,22 +132,29 @@ HOSTS = ("alone", "blocked", "spinning")  # cpu_table's `host`
 
 
 def cpu_table(model: ModelSpec, tokens: list[int], fmt: str = "bf16", threads: int | None = None,
-              repeats: int = 9, weights_copies: int = 3, host: str = "alone") -> list[list[float]]:
+              repeats: int = 9, weights_copies: int = 8, host: str = "alone",
+              pin: bool | None = None) -> list[list[float]]:
     """[[tokens, seconds], ...]: one expert's FFN on this host's CPU, the median of `repeats`
     taken in rounds over every token count (a slow spell shifts them alike), cycling through
-    `weights_copies` experts' weights so that the host's caches do not hold them (at real shapes
-    each expert is far beyond the last-level cache). `host`: "alone", computed on this thread;
+    `weights_copies` experts' weights (as many as realrun's host sources) so that the host's caches
+    do not hold them (at real shapes each expert is far beyond the last-level cache). The weights
+    and activations are pinned where CUDA is, as the run holds them (realrun.memory.HostExperts;
+    `pin`: None, so; True or False to compare): on the H200 host the run computed bf16 Mixtral
+    experts 9-16% slower than a table measured over pageable weights. `host`: "alone", computed on this thread;
     "blocked" and "spinning", as the executor computes it, on CpuLayer's worker thread while this
     thread blocks on the result or spins in Python (as the executor's host thread does on copy
     events). The key for the profile is sim.host_cpu.CpuSpec.key(model, fmt)."""
     if host not in HOSTS:
         raise ValueError(f"host={host!r}: one of {', '.join(HOSTS)}")
-    layer = None if host == "alone" else CpuLayer(model, max(tokens), pin=False, fmt=fmt, threads=threads)
-    cpu = layer.cpu if layer else CpuExperts(model, max(tokens), fmt, threads, pin=False)
+    pin = torch.cuda.is_available() if pin is None else pin
+    layer = None if host == "alone" else CpuLayer(model, max(tokens), pin=pin, fmt=fmt, threads=threads)
+    cpu = layer.cpu if layer else CpuExperts(model, max(tokens), fmt, threads, pin=pin)
     run = cpu.run if layer is None else (lambda y, experts: (spin_until if host == "spinning" else Future.result)(
         layer.start(y, experts)))
     gen = torch.Generator().manual_seed(0)
     blocks = [cpu.weights(gen) for _ in range(max(1, weights_copies))]
+    if pin:
+        blocks = [b.pin_memory() for b in blocks]
     y = torch.randn(max(tokens), model.hidden_size, generator=gen).to(cpu.dtype)
     samples: dict[int, list[float]] = {t: [] for t in tokens}
     try:
@@ -212,13 +219,20 @@ class CpuLayer:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self.last_span: tuple[float, float] = (0.0, 0.0)  # the last compute's start and end (perf_counter)
 
     def start(self, y: torch.Tensor, experts: list[tuple[torch.Tensor, int]]):
         """Copy the hidden state down now (y is ready: the router has run), compute in the background."""
         rows = max(t for _, t in experts)
         down = self.cpu.down[:rows]
         down.copy_(y[:rows])
-        return self._pool.submit(self.cpu.compute, down, experts)
+        return self._pool.submit(self._compute, down, experts)
+
+    def _compute(self, down: torch.Tensor, experts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.cpu.compute(down, experts)
+        self.last_span = start, time.perf_counter()
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -10,7 +10,8 @@
 #     expert tables measured as the run computes, beside a blocked and a spinning host thread
 #     (realrun.cpu_experts --as-run, mixtral-8x7b and gpt-oss-20b;
 #     printed in $DIR/cpu/log.txt) into a copy of the profile, and those policies compared on it ($DIR/cpu/:
-#     compare.md, runs.csv), until CALL_LIMIT seconds (default 560) since the start.
+#     compare.md, runs.csv, layers.csv, tokens.csv, profile.yaml; with CPU_TIMELINE=1 timeline.csv too; packed
+#     as $DIR/cpu.tgz), until CALL_LIMIT seconds (default 560) since the start.
 # Run from the repository root on the device (wheels of simpy, hydra-core, omegaconf, antlr4 in .whl/,
 # carried: see /work/.library/device/README.md):  MODEL=mixtral bash realrun/device_call.sh
 # Writes $OUT/<profile>-<model>/: compare.md, compare.csv, profile.yaml (with its validation), log.txt,
@@ -64,10 +65,13 @@ if [ -n "$CPU_POLICIES" ]; then
     date -u +%T; echo "== compare $CPU_POLICIES ($(left) s left)"
     [ "$(left)" -gt 30 ] && timeout "$(left)" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" \
       --train-fraction "$TRAIN" --graphs --hardware /tmp/cpu-$MODEL.yaml --host-sources "$HOST_SOURCES" \
-      --budgets "${CPU_BUDGETS:-$BUDGETS}" --policies "$CPU_POLICIES" $LIMIT --out /tmp/cpu-$MODEL | tail -20
+      --budgets "${CPU_BUDGETS:-$BUDGETS}" --policies "$CPU_POLICIES" $LIMIT ${CPU_TIMELINE:+--timeline} --out /tmp/cpu-$MODEL | tail -20
     date -u +%T
   } 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/run\]\|req/s\]\|run/s\]\|^\s*$" | tee "$DIR/cpu/log.txt"
-  for f in compare.md runs.csv; do [ -f /tmp/cpu-$MODEL/$f ] && cp /tmp/cpu-$MODEL/$f "$DIR/cpu/"; done
+  for f in compare.md runs.csv layers.csv tokens.csv timeline.csv; do
+    [ -f /tmp/cpu-$MODEL/$f ] && cp /tmp/cpu-$MODEL/$f "$DIR/cpu/"
+  done
   [ -f /tmp/cpu-$MODEL.yaml ] && cp /tmp/cpu-$MODEL.yaml "$DIR/cpu/profile.yaml"
+  tar czf "$DIR/cpu.tgz" -C "$DIR" cpu && rm -rf "$DIR/cpu"  # one file: at most 8 come back
 fi
 ls -la "$DIR"

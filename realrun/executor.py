@@ -160,7 +160,8 @@ class Machine:
 class Timeline:
     """Where a real run's time went: for every kernel group (a layer's non-expert kernels, one
     expert), when the host launched it and when it ran on the GPU; for every wait for a block, when
-    the host waited; for the host's own work (kinds policy, start_layer, apply), when it ran. GPU times come from timing events measured against one reference event per
+    the host waited; for the host's own work (kinds policy, start_layer, apply), when it ran; for
+    a layer's CPU experts (kind cpu, `expert` holding how many), when the FFN ran on its worker. GPU times come from timing events measured against one reference event per
     device, placed on the host's clock (time.perf_counter) when it completed, so host, GPU and
     clock samples (realrun.gpu_clocks) share one axis. On the CPU the GPU columns are NaN."""
 
@@ -193,7 +194,10 @@ class Timeline:
         self._rows.append([step, layer, kind, expert, host, time.perf_counter(), backend.device, start, end])
 
     def wait(self, step: int, layer: int, host_s: float, host_end_s: float) -> None:
-        self._rows.append([step, layer, "stall", -1, host_s, host_end_s, None, None, None])
+        self.span(step, layer, "stall", -1, host_s, host_end_s)
+
+    def span(self, step: int, layer: int, kind: str, expert: int, host_s: float, host_end_s: float) -> None:
+        self._rows.append([step, layer, kind, expert, host_s, host_end_s, None, None, None])
 
     @contextlib.contextmanager
     def host(self, step: int, layer: int, kind: str):
@@ -201,7 +205,7 @@ class Timeline:
         the host thread's time goes between kernel groups."""
         host = time.perf_counter()
         yield
-        self._rows.append([step, layer, kind, -1, host, time.perf_counter(), None, None, None])
+        self.span(step, layer, kind, -1, host, time.perf_counter())
 
     def frame(self) -> pd.DataFrame:
         """After the run (its devices synchronized)."""
@@ -464,6 +468,8 @@ class Executor(Serving):
                              launch if graphs is None else lambda _i, weights, graphs=graphs: graphs.expert(weights))
             if cpu_experts:
                 out = cpu_work.result()
+                if self.timeline is not None:  # the FFN's own time on the worker, `expert` holding how many
+                    self.timeline.span(self.next_step - 1, layer, "cpu", len(cpu_experts), *self.cpu.last_span)
                 with backend.on_compute():  # a blocking copy up: the pinned buffer is reused next layer
                     x_now[:out.shape[0]] += out.to(x_now.device)
         self.step_ended(step, backend.record_compute())

@@ -84,10 +84,14 @@ def test_cpu_experts_run_between_graph_replays_and_decide_as_the_simulator(make_
     machine = Machine(trace.model, RealOptions(device="cpu", kv_tokens=8, graphs=True))
     hardware = unit_hardware(copy_s=1.0).to_dict()  # copies slow: the CPU beats them
     config = SimConfig(trace=str(trace.path), policy=policy, policy_params=params, budget="3experts", hardware=hardware)
-    sim, real = execute(prepare(config, trace)), execute_real(prepare(config, trace), machine)
+    from realrun.executor import Timeline
+    timeline = Timeline()
+    sim, real = execute(prepare(config, trace)), execute_real(prepare(config, trace), machine, timeline=timeline)
     assert real.metrics.cpu_expert_uses == sim.metrics.cpu_expert_uses > 0
     assert real.metrics.hit_rate == sim.metrics.hit_rate
     assert machine.graphs[0].replays > 0
+    cpu = timeline.frame().query("kind == 'cpu'")  # each layer's FFN on the worker: how many experts, when
+    assert cpu["expert"].sum() == real.metrics.cpu_expert_uses and (cpu["host_end_s"] > cpu["host_s"]).all()
 
 
 def test_cpu_layer_shortens_the_gil_switch_interval_while_open_and_restores_it():
@@ -112,9 +116,9 @@ def test_cpu_tables_as_run_are_measured_beside_a_blocked_and_a_spinning_thread_a
     for name in ("expert_time_s", "spinning_time_s"):
         (table,) = section[name].values()
         assert [t for t, _ in table] == [1.0, 4.0] and all(s > 0 for _, s in table)
-    # warm-ups (3 weights copies a shape) and every timed repeat, once each way (spin_until's own
+    # warm-ups (8 weights copies a shape) and every timed repeat, once each way (spin_until's own
     # result() after the spin is counted among the blocked ones)
-    assert len(spun) == 2 * 3 + 2 * 9 and len(blocked) == 2 * (2 * 3 + 2 * 9)
+    assert len(spun) == 2 * 8 + 2 * 9 and len(blocked) == 2 * (2 * 8 + 2 * 9)
     assert "blocked on the result" in section["origin"] and sys.getswitchinterval() == pytest.approx(before)
     with pytest.raises(ValueError, match="one of alone, blocked, spinning"):
         cpu_experts.cpu_table(tiny_model(), [1], host="busy")
