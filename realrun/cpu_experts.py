@@ -132,10 +132,11 @@ HOSTS = ("alone", "blocked", "spinning")  # cpu_table's `host`
 
 
 def cpu_table(model: ModelSpec, tokens: list[int], fmt: str = "bf16", threads: int | None = None,
-              repeats: int = 9, weights_copies: int = 8, host: str = "alone",
+              repeats: int = 21, weights_copies: int = 8, host: str = "alone",
               pin: bool | None = None) -> list[list[float]]:
     """[[tokens, seconds], ...]: one expert's FFN on this host's CPU, the median of `repeats`
-    taken in rounds over every token count (a slow spell shifts them alike), cycling through
+    (at 9, two measurements minutes apart on one H200 host differed by up to 20%) taken in rounds
+    over every token count (a slow spell shifts them alike), cycling through
     `weights_copies` experts' weights (as many as realrun's host sources) so that the host's caches
     do not hold them (at real shapes each expert is far beyond the last-level cache). The weights
     and activations are pinned where CUDA is, as the run holds them (realrun.memory.HostExperts;

@@ -118,7 +118,7 @@ def test_cpu_tables_as_run_are_measured_beside_a_blocked_and_a_spinning_thread_a
         assert [t for t, _ in table] == [1.0, 4.0] and all(s > 0 for _, s in table)
     # warm-ups (8 weights copies a shape) and every timed repeat, once each way (spin_until's own
     # result() after the spin is counted among the blocked ones)
-    assert len(spun) == 2 * 8 + 2 * 9 and len(blocked) == 2 * (2 * 8 + 2 * 9)
+    assert len(spun) == 2 * 8 + 2 * 21 and len(blocked) == 2 * (2 * 8 + 2 * 21)
     assert "blocked on the result" in section["origin"] and sys.getswitchinterval() == pytest.approx(before)
     with pytest.raises(ValueError, match="one of alone, blocked, spinning"):
         cpu_experts.cpu_table(tiny_model(), [1], host="busy")
