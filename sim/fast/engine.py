@@ -111,7 +111,7 @@ class FastSimulation(Serving):
         self.tables = tables or TraceTables(trace)
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
-        self._now = 0.0
+        self._now: float = 0  # SimPy's clock starts at int 0 (an arrival then records 0, not 0.0)
 
     def now(self) -> float:
         return self._now
@@ -223,11 +223,12 @@ class FastSimulation(Serving):
         ends = np.empty(len(kinds))
         if self.stream is not None:
             t = self.stream.run(kinds, refs, row_start, row_count, rows, ne, self.xfer, xi, self.extime, self.tables,
-                                self.recorder.steps, self._now, ends)
+                                self.recorder.steps, float(self._now), ends)
         else:
             t = self._demand_passes(kinds, refs, row_start, row_count, rows, ne, xi, ends)
         if t == ABORT:
-            raise FastPathDeclined("a layer's outcome hinges on what the kernel does not model")
+            raise FastPathDeclined(self.stream.failed if self.stream is not None else
+                                   "a layer's outcome hinges on what the kernel does not model")
         self.recorder.steps += len(kinds)
         return ends
 
@@ -245,7 +246,7 @@ class FastSimulation(Serving):
                        self.kind == "lru", self.use_quota, self.resident, self.pin_until, self.cap, self.used,
                        self.nres, self.high, self.evictions, self.gprev, self.gnext, self.lprev, self.lnext,
                        self.qcount, self.qcap, self.over, self.nover, self.hits, self.misses, self.uses, self.stall,
-                       self.lbytes, self.dbytes, self._now, ends, self.kind == "belady", self.recorder.steps,
+                       self.lbytes, self.dbytes, float(self._now), ends, self.kind == "belady", self.recorder.steps,
                        self.uses_ptr, self.uses_pos, self.cursor, aw is not None, aw.cold_factor if aw else 1.0,
                        aw.warm_up_s if aw else 1.0, aw.cool_down_s if aw else 1.0, self.warmth, self.busy_until)
 
@@ -283,7 +284,7 @@ class FastSimulation(Serving):
             if max_batch > 1 and times is not None and next_arrival < len(times) and times[next_arrival] == self._now:
                 raise FastPathDeclined("an arrival at the very instant a pass ends (SimPy's event order decides)")
         if self.stream is not None:  # the copies still queued land before the run ends
-            self._now = max(self._now, self._links_until(np.inf, strict=False))
+            self._now = max(self._now, self._links_until(np.inf))
             self.stream.record(self.recorder)
             gi = self.stream.gi
             totals = [CacheTotals(int(c), int(h), int(e), int(w))
@@ -294,12 +295,13 @@ class FastSimulation(Serving):
         self.recorder.layer_iterations = self.recorder.steps * self.model.num_layers  # start_layer: one a layer
         return RunState(self.recorder, totals, self._now)
 
-    def _links_until(self, when: float, strict: bool = True) -> float:
+    def _links_until(self, when: float) -> float:
+        """The copies landing by `when` while the server waits (those of a prefetching kind)."""
         if self.stream is None:
             return -np.inf
-        last = self.stream.until(when, strict)
+        last = self.stream.until(when)
         if self.stream.failed:
-            raise FastPathDeclined("a copy lands at the very instant the server wakes (SimPy's event order decides)")
+            raise FastPathDeclined(self.stream.failed)
         return last
 
     def _arrival_clock(self) -> list[float] | None:
@@ -307,7 +309,7 @@ class FastSimulation(Serving):
         next (now + (when - now), as SimPy adds a timeout's delay)."""
         if self._arrivals is None:
             return None
-        clock, now = [], 0.0
+        clock, now = [], 0
         for when in self._arrivals.tolist():
             if when > now:
                 now = now + (when - now)

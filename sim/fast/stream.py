@@ -40,6 +40,11 @@ PRIO, START, END, WARMTH, BUSY = range(5)
 # counters, cnt[...]: prefetches requested, dropped, cancelled; queue order; the policy's clock
 # (NEXT_LAYER: the running layer; ORACLE: the position); FAIL: set when the call must abort
 REQ, DROP, CANC, SEQ, NOW, FAIL = range(6)
+# why a call aborted, cnt[FAIL]
+TIE, NO_ROOM, SHARED_FABRIC = 1, 2, 3
+WHY = {TIE: "a copy lands at the very instant the compute resumes (SimPy's event order decides)",
+       NO_ROOM: "a demand copy finds no room (the scheduler waits or releases memory)",
+       SHARED_FABRIC: "host copies of two GPUs overlap on the shared host bandwidth (its fluid model re-plans)"}
 # bytes copied, fb[...]
 DEMAND_B, PREFETCH_B = range(2)
 # integer parameters, pi[...]
@@ -58,7 +63,7 @@ def _copy_end(g, s, pi, pf, gi, gf, cnt):
     end = begin + float(pi[P_BPE]) / pf[P_FABRIC_BPS]
     for h in range(gi.shape[0]):
         if h != g and gi[h, CUR] >= 0 and max(begin, gf[h, START] + pf[P_LAT]) <= min(end, gf[h, END]):
-            cnt[FAIL] = 1
+            cnt[FAIL] = SHARED_FABRIC
     return end
 
 
@@ -122,7 +127,7 @@ def _admit(g, b, demand, pi, gi, cnt, bstate, pinned, unused, lres, layer_gpu, u
     needed_at = float(uses[i]) if i < uses.shape[0] else np.inf
     if best_use <= needed_at:  # every candidate victim is needed first
         if demand:
-            cnt[FAIL] = 1
+            cnt[FAIL] = NO_ROOM
         return False
     _evict(best, g, bpe, E, gi, bstate, unused, lres)
     return True
@@ -164,7 +169,7 @@ def _kick(g, s, pi, pf, gi, gf, cnt, qb, q_prio, q_rank, q_seq, in_q, bstate, pi
         if not _admit(g, b, demand, pi, gi, cnt, bstate, pinned, unused, lres, layer_gpu, uses_ptr, uses_pos,
                       cursor):
             if demand:  # it would wait for room, or have the scheduler release some
-                cnt[FAIL] = 1
+                cnt[FAIL] = NO_ROOM
                 return
             _dequeue(g, j, gi, qb, in_q)
             cnt[DROP] += 1
@@ -239,18 +244,25 @@ def _next_landing(gi, gf):
 
 
 @njit(cache=True)
-def links_until(until, strict, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned,
+def links_until(until, since, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned,
                 unused, lres, layer_gpu, uses_ptr, uses_pos, cursor):
-    """Handle every landing due before `until` (and at it, unless strict: then one there aborts);
-    returns the time of the last one handled (-inf if none)."""
+    """Handle every landing due before `until`, for a step of the compute from `since` to `until`
+    (since=-inf: every landing due at `until` too). A landing due at `until` itself goes first when
+    SimPy scheduled it before the compute's step (its transfer began before `since`), after when
+    later (it is left for the next call); at `since` exactly, which is first is unknown: abort.
+    Returns the time of the last one handled (-inf if none)."""
     last = -np.inf
     while cnt[FAIL] == 0:
         g, when = _next_landing(gi, gf)
         if g < 0 or when > until:
             break
-        if when == until and strict:
-            cnt[FAIL] = 1
-            break
+        if when == until and since != -np.inf:
+            scheduled = gf[g, START] + pf[P_LAT] if pi[P_FABRIC] else gf[g, START]
+            if scheduled > since:
+                break
+            if scheduled == since:
+                cnt[FAIL] = TIE
+                break
         _land(g, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused, lres,
               layer_gpu, uses_ptr, uses_pos, cursor)
         last = when
@@ -528,7 +540,7 @@ def _advance(t, seconds, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_
     """Let `seconds` of compute pass: the landings due meanwhile are handled first (one due at the
     very end: which goes first is SimPy's event order, so abort)."""
     until = t + seconds
-    links_until(until, True, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
+    links_until(until, t, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
                 lres, layer_gpu, uses_ptr, uses_pos, cursor)
     return until
 
@@ -542,11 +554,11 @@ def _wait(b, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, b
     while bstate[b] != RES and cnt[FAIL] == 0:
         g, when = _next_landing(gi, gf)
         if g < 0:  # nothing on the way: a demand waits for room
-            cnt[FAIL] = 1
+            cnt[FAIL] = NO_ROOM
             break
         _land(g, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused, lres,
               layer_gpu, uses_ptr, uses_pos, cursor)
-    links_until(when, False, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
+    links_until(when, -np.inf, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
                 lres, layer_gpu, uses_ptr, uses_pos, cursor)
     return when
 
@@ -617,13 +629,15 @@ class Stream:
                           self.layer_gpu, self.uses_ptr, self.uses_pos, self.cursor, self.upcoming, self.consumed,
                           self.hits, self.misses, self.late, self.pf_hits, self.uses, self.stall, self.lbytes)
 
-    def until(self, when: float, strict: bool = True) -> float:
-        """Handle the landings due before `when` (the server idle until then); -inf if none."""
-        return links_until(when, strict, *self._links())
+    def until(self, when: float) -> float:
+        """Handle the landings due by `when` (the server idle until then: SimPy wakes it after them);
+        the time of the last one (-inf if none)."""
+        return links_until(when, -np.inf, *self._links())
 
     @property
-    def failed(self) -> bool:
-        return bool(self.cnt[FAIL])
+    def failed(self) -> str:
+        """Why the last call aborted ('' if it did not)."""
+        return WHY.get(int(self.cnt[FAIL]), "")
 
     def record(self, rec) -> None:
         rec.uses, rec.hits, rec.misses = self.uses.tolist(), self.hits.tolist(), self.misses.tolist()
