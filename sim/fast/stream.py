@@ -53,7 +53,7 @@ P_L, P_E, P_BPE, P_KIND, P_FABRIC, P_SLOTS, P_TOPK, P_HORIZON, P_NSTEPS, P_AW = 
 P_COPY, P_LAT, P_FABRIC_BPS, P_HOST_STEP, P_HOST_LAYER, P_AW_CF, P_AW_UP, P_AW_DOWN = range(8)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _copy_end(g, s, pi, pf, gi, gf, cnt):
     """When a copy started at s on GPU g lands (sim.link). With a host fabric, a transfer that
     overlaps another GPU's would be re-planned by its fluid model: abort."""
@@ -67,7 +67,7 @@ def _copy_end(g, s, pi, pf, gi, gf, cnt):
     return end
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _evict(b, g, bpe, E, gi, bstate, unused, lres):
     bstate[b] = NONE
     lres[b // E] -= 1
@@ -79,7 +79,7 @@ def _evict(b, g, bpe, E, gi, bstate, unused, lres):
         gi[g, WASTE] += bpe
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _admit(g, b, demand, pi, gi, cnt, bstate, pinned, unused, lres, layer_gpu, uses_ptr, uses_pos, cursor):
     """sim.cache.ExpertCache.admit with the policy's choose_victims: False when the copy cannot
     start (too little evictable memory, or the oracle declines a prefetch)."""
@@ -133,7 +133,7 @@ def _admit(g, b, demand, pi, gi, cnt, bstate, pinned, unused, lres, layer_gpu, u
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _queue_head(g, gi, qb, q_prio, q_rank, q_seq):
     """The position in qb[g] of the job copied next: highest priority, then lowest rank, then oldest."""
     best = -1
@@ -149,7 +149,7 @@ def _queue_head(g, gi, qb, q_prio, q_rank, q_seq):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _dequeue(g, j, gi, qb, in_q):
     in_q[qb[g, j]] = False
     gi[g, QN] -= 1
@@ -186,7 +186,7 @@ def _kick(g, s, pi, pf, gi, gf, cnt, qb, q_prio, q_rank, q_seq, in_q, bstate, pi
         return
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _fetch(g, b, prio, rank, s, pi, pf, gi, gf, cnt, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
            lres, layer_gpu, uses_ptr, uses_pos, cursor):
     """CopyScheduler.fetch: ask for a block; one already queued or copying is only re-prioritised."""
@@ -207,11 +207,12 @@ def _fetch(g, b, prio, rank, s, pi, pf, gi, gf, cnt, qb, q_prio, q_rank, q_seq, 
         cnt[SEQ] += 1
         qb[g, gi[g, QN]] = b
         gi[g, QN] += 1
-    _kick(g, s, pi, pf, gi, gf, cnt, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused, lres, layer_gpu,
-          uses_ptr, uses_pos, cursor)
+    if gi[g, CUR] < 0:  # (a call only when the link is idle: passing the state arrays costs refcounts)
+        _kick(g, s, pi, pf, gi, gf, cnt, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused, lres, layer_gpu,
+              uses_ptr, uses_pos, cursor)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _land(g, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused, lres,
           layer_gpu, uses_ptr, uses_pos, cursor):
     """CopyScheduler.chunk_landed: the copy is committed (a prefetch stays 'unused' until computed),
@@ -234,7 +235,7 @@ def _land(g, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, b
           layer_gpu, uses_ptr, uses_pos, cursor)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _next_landing(gi, gf):
     g, best = -1, np.inf
     for h in range(gi.shape[0]):
@@ -269,14 +270,14 @@ def links_until(until, since, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_ran
     return last
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pin(b, g, gi, bstate, pinned):
     pinned[b] += 1
     if pinned[b] == 1 and bstate[b] == RES:
         gi[g, NPINRES] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _unpin(b, g, gi, bstate, pinned):
     pinned[b] -= 1
     if pinned[b] == 0 and bstate[b] == RES:
@@ -534,32 +535,34 @@ def run_stream(kinds, refs, row_start, row_count, rows, ne, xfer, xi, extime, ex
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _advance(t, seconds, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
              lres, layer_gpu, uses_ptr, uses_pos, cursor):
-    """Let `seconds` of compute pass: the landings due meanwhile are handled first (one due at the
-    very end: which goes first is SimPy's event order, so abort)."""
+    """Let `seconds` of compute pass: the landings due meanwhile are handled first (links_until)."""
     until = t + seconds
-    links_until(until, t, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
-                lres, layer_gpu, uses_ptr, uses_pos, cursor)
+    g, when = _next_landing(gi, gf)
+    if g >= 0 and when <= until:
+        links_until(until, t, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned,
+                    unused, lres, layer_gpu, uses_ptr, uses_pos, cursor)
     return until
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _wait(b, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused, lres,
           layer_gpu, uses_ptr, uses_pos, cursor):
     """Wait until block b has landed; returns then. Other GPUs' landings due at that instant come
     first (they were scheduled before the waiter's wake-up)."""
     when = -np.inf
-    while bstate[b] != RES and cnt[FAIL] == 0:
-        g, when = _next_landing(gi, gf)
+    while cnt[FAIL] == 0:
+        g, due = _next_landing(gi, gf)
+        if bstate[b] == RES and (g < 0 or due > when):
+            break
         if g < 0:  # nothing on the way: a demand waits for room
             cnt[FAIL] = NO_ROOM
             break
         _land(g, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused, lres,
               layer_gpu, uses_ptr, uses_pos, cursor)
-    links_until(when, -np.inf, pi, pf, gi, gf, cnt, fb, lbytes, qb, q_prio, q_rank, q_seq, in_q, bstate, pinned, unused,
-                lres, layer_gpu, uses_ptr, uses_pos, cursor)
+        when = due
     return when
 
 
