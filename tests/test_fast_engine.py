@@ -1,7 +1,9 @@
 """The fast engine (sim.fast) against the SimPy engine, the reference: every metric, every per-request
 and per-layer value and every TPOT sample equal, on every shipped trace, one and several GPUs
 (shared host bandwidth, NVLink pairs), batched and with Poisson arrivals, with and without compute
-warm-up after waits (after_wait: the default, measured profile has it)."""
+warm-up after waits (after_wait: the default, measured profile has it). The prefetching policies
+(deepspeed, oracle_prefetch: sim.fast.stream) are checked on shipped traces cut short, as the SimPy
+engine is slow on them."""
 from __future__ import annotations
 
 import math

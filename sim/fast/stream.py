@@ -17,11 +17,13 @@ link events due before each step ends (a landing commits the block, then starts 
 every admission sees the pins and policy state of its instant. Floating-point sums are taken in
 the SimPy engine's order.
 
-Where the outcome would hinge on SimPy's order of same-instant events (a landing at the very
-instant the compute resumes), or on a state this does not model (a demand that finds no room,
-which the scheduler resolves by waiting or releasing; host copies of two GPUs sharing the host's
-bandwidth at once, which its fluid model re-plans), the call returns ABORT and the caller runs the
-SimPy engine instead.
+A landing due at the very instant the compute resumes goes in SimPy's order (first when its copy
+was scheduled before the compute's step began, after otherwise). Where the outcome would hinge on
+an order this does not know (both scheduled at one instant), or on a state it does not model (a
+demand that finds no room, which the scheduler resolves by waiting or releasing; host copies of
+two GPUs sharing the host's bandwidth at once, which its fluid model re-plans), the call returns
+ABORT and the caller runs the SimPy engine instead. Hot helpers are inlined: each call passes the
+state arrays, and numba counts a reference for each.
 """
 from __future__ import annotations
 
