@@ -19,6 +19,7 @@ from policies.victims import until_fits
 @register("deepspeed")
 class DeepSpeed(Policy):
     loads_whole_layer = True
+    fast_path = "next_layer"  # a plan that never depends on timing: sim.fast runs it (subclasses must re-declare)
 
     def __init__(self) -> None:
         self._now = 0

@@ -25,6 +25,7 @@ from policies.registry import register
 @register("oracle_prefetch")
 class OraclePrefetch(Belady):
     reads_future = True
+    fast_path = "oracle"  # its plans follow the future, not timing: sim.fast runs it (subclasses must re-declare)
 
     def __init__(self, horizon_steps: int = 64):
         if horizon_steps < 1:

@@ -1,7 +1,9 @@
 """The fast engine (sim.fast) against the SimPy engine, the reference: every metric, every per-request
 and per-layer value and every TPOT sample equal, on every shipped trace, one and several GPUs
 (shared host bandwidth, NVLink pairs), batched and with Poisson arrivals, with and without compute
-warm-up after waits (after_wait: the default, measured profile has it)."""
+warm-up after waits (after_wait: the default, measured profile has it). The prefetching policies
+(deepspeed, oracle_prefetch: sim.fast.stream) are checked on shipped traces cut short, as the SimPy
+engine is slow on them."""
 from __future__ import annotations
 
 import math
@@ -15,11 +17,14 @@ from sim.config import SimConfig
 from sim.errors import ConfigError
 from sim.profiles import load_hardware
 from conftest import tiny_model, unit_hardware
+from traces import load_trace
+from traces.compact import CompactConfig, compact_trace
 from traces.defaults import shipped_traces
 
 POLICIES = [("lru", {}), ("lru", {"scope": "global"}), ("all_resident", {}), ("belady", {}),
             ("belady", {"scope": "per_layer"})]
 DEMAND = [POLICIES[i] for i in (0, 1, 3, 4)]
+PREFETCHING = [("deepspeed", {}), ("oracle_prefetch", {})]  # sim.fast.stream
 
 
 def assert_identical(reference, fast) -> None:
@@ -33,8 +38,25 @@ def assert_identical(reference, fast) -> None:
     assert reference.token_latencies_s == fast.token_latencies_s
 
 
-def both(**settings):
-    return simulate(SimConfig(engine="simpy", **settings)), simulate(SimConfig(engine="fast", **settings))
+def both(loaded=None, **settings):
+    """The reference's and the fast engine's results (on a loaded trace, if given)."""
+    return simulate(SimConfig(engine="simpy", **settings), trace=loaded), \
+        simulate(SimConfig(engine="fast", **settings), trace=loaded)
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    """A shipped trace cut to its first 3 requests of at most 8 decode iterations each (prompts as
+    per-expert counts): the prefetching policies are slow on the SimPy engine."""
+    made = {}
+
+    def cut(name: str):
+        if name not in made:
+            out = tmp_path_factory.mktemp("short") / name.replace("/", "_")
+            made[name] = load_trace(compact_trace(CompactConfig(src=name, out=str(out), requests=3, decode_iters=8)))
+        return made[name]
+
+    return cut
 
 
 @pytest.mark.parametrize("trace", shipped_traces())
@@ -68,6 +90,44 @@ def test_belady_several_gpus(hardware, policy, params):  # it reads the future: 
                            max_requests=4, warm_start=True))
 
 
+@pytest.mark.parametrize("trace", shipped_traces())
+@pytest.mark.parametrize("policy,params", PREFETCHING)
+def test_prefetching_every_shipped_trace(short, trace, policy, params):
+    budget = "12experts" if "qwen" not in trace else "64experts"
+    assert_identical(*both(short(trace), policy=policy, policy_params=params, budget=budget))
+
+
+@pytest.mark.parametrize("hardware", ["h200-measured", "h100"])  # with and without after_wait
+@pytest.mark.parametrize("budget", ["6GB", "3experts", "20experts", "200experts"])
+@pytest.mark.parametrize("policy,params", PREFETCHING + [("oracle_prefetch", {"horizon_steps": 2})])
+def test_prefetching_budgets(short, hardware, budget, policy, params):
+    assert_identical(*both(short("mixtral-8x7b-gsm8k"), hardware=hardware, policy=policy, policy_params=params,
+                           budget=budget))
+
+
+@pytest.mark.parametrize("hardware", ["h200x2", "h200x2-measured"])
+@pytest.mark.parametrize("serving", [{}, {"warm_start": True}, {"max_batch": 3, "clients": 3},
+                                     {"max_batch": 2, "arrival": "poisson", "rate_rps": 20.0}])
+@pytest.mark.parametrize("policy,params", PREFETCHING)
+def test_prefetching_several_gpus_batched_arrivals(short, hardware, serving, policy, params):
+    if policy == "oracle_prefetch" and serving.get("max_batch", 1) > 1:  # it reads the future: one at a time
+        serving = {**serving, "max_batch": 1, "clients": 1}
+    assert_identical(*both(short("standin/mixtral-8x7b-lmsys"), hardware=hardware, policy=policy,
+                           policy_params=params, budget="12experts", **serving))
+
+
+def test_prefetching_shared_host_bandwidth_declines(short):
+    """DeepSpeed on six GPUs whose host copies share the host's bandwidth: the next GPU's layer is
+    streamed in while this one still copies, which the fluid model re-plans; the fast engine
+    declines, and the run is the reference's."""
+    settings = dict(policy="deepspeed", hardware="rtx3090x6", budget="12experts")
+    reference = simulate(SimConfig(engine="simpy", **settings), trace=short("standin/mixtral-8x7b-lmsys"))
+    auto = simulate(SimConfig(**settings), trace=short("standin/mixtral-8x7b-lmsys"))
+    assert auto.metrics.policy_info["engine"] == ("simpy (the fast engine declined: host copies of two GPUs overlap "
+                                                  "on the shared host bandwidth (its fluid model re-plans))")
+    assert auto.token_latencies_s == reference.token_latencies_s
+
+
 def test_after_wait_with_shared_host_bandwidth():
     """Warm-up after waits on six GPUs that share the host's bandwidth (rtx3090x6 with the measured
     H200's after_wait)."""
@@ -83,8 +143,8 @@ def test_engine_choice():
     # a subclass of LRU that prefetches does not inherit the declaration
     assert type(make_policy("mixtral_offload")).__dict__.get("fast_path") is None
     assert simulate(SimConfig(policy="mixtral_offload", max_requests=1)).metrics.policy_info["engine"] == "simpy"
-    with pytest.raises(ConfigError, match="engine=fast: policy 'oracle_prefetch' declares no fast path"):
-        simulate(SimConfig(policy="oracle_prefetch", max_requests=1, engine="fast"))
+    with pytest.raises(ConfigError, match="engine=fast: policy 'mixtral_offload' declares no fast path"):
+        simulate(SimConfig(policy="mixtral_offload", max_requests=1, engine="fast"))
     with pytest.raises(ConfigError, match="engine 'numba' unknown"):
         simulate(SimConfig(max_requests=1, engine="numba"))
 

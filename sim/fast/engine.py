@@ -5,7 +5,13 @@ a subclass that changes behaviour does not inherit it):
 - "lru": touch on use, copy on demand only, evict the least recently used (policies.lru: per-layer
   quotas or global scope);
 - "belady": copy on demand only, evict the furthest next use (policies.belady, either scope);
-- "resident": ignores the budget, every expert resident from the start (policies.all_resident).
+- "resident": ignores the budget, every expert resident from the start (policies.all_resident);
+- "next_layer": gathers whole layers and streams the next one in, dropping finished layers
+  (policies.deepspeed);
+- "oracle": replaces its prefetches by the soonest future needs before every pass and after every
+  router, Belady victims, declining a prefetch whose victim is needed first (policies.oracle_prefetch).
+The first three run in sim.fast.kernel; the prefetching two, whose plans do not depend on timing
+but whose copies overlap compute across layers, in sim.fast.stream.
 
 Serving (arrivals, batching, request records) is sim.replay.Serving, as in the SimPy engine; the
 forward passes run in sim.fast.kernel. Setup (binding, quotas, warm start) goes through the same
@@ -28,11 +34,13 @@ from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
 from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities, check_options,
                         check_room, initial_blocks, part_bytes, warm)
+from sim.fast.stream import CAP, EVICT, HIGH, NEXT_LAYER, ORACLE, WASTE, Stream
 from sim.schedule import has_prefill
 from sim.topology import Topology
 from traces import ModelSpec, Trace
 
-KINDS = ("lru", "belady", "resident")
+KINDS = ("lru", "belady", "resident", "next_layer", "oracle")
+STREAMED = {"next_layer": NEXT_LAYER, "oracle": ORACLE}  # sim.fast.stream's kinds
 
 
 class FastPathDeclined(Exception):
@@ -48,7 +56,7 @@ def fast_kind(policy: Policy, options: SimOptions, hardware: HardwareProfile) ->
         return None, "placement=experts runs on the SimPy engine"
     if options.host_budget_bytes is not None:
         return None, "host_budget (the disk tier) runs on the SimPy engine"
-    if policy.copy_chunks != 1 or policy.loads_whole_layer or policy.compute_order != "index":
+    if policy.copy_chunks != 1 or policy.loads_whole_layer != (kind == "next_layer") or policy.compute_order != "index":
         return None, f"policy '{policy.name}' copies in chunks, gathers layers or reorders compute"
     return kind, ""
 
@@ -103,7 +111,7 @@ class FastSimulation(Serving):
         self.tables = tables or TraceTables(trace)
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
-        self._now = 0.0
+        self._now: float = 0  # SimPy's clock starts at int 0 (an arrival then records 0, not 0.0)
 
     def now(self) -> float:
         return self._now
@@ -139,6 +147,13 @@ class FastSimulation(Serving):
         """The caches (and the policy's recency and quotas, in the order warm() made them) as arrays."""
         L, E = self.model.num_layers, self.model.num_experts
         N = L * E
+        self._expert_times()
+        self._xfer: dict[int, int] = {}
+        self._xfer_rows: list[np.ndarray] = []
+        self.xfer = np.zeros((0, L))
+        self.stream = Stream(STREAMED[self.kind], self) if self.kind in STREAMED else None
+        if self.stream is not None:
+            return
         self.resident = np.zeros(N, np.bool_)
         self.pin_until = np.full(N, -1.0)
         self.gprev, self.gnext = np.arange(N + 1, dtype=np.int64), np.arange(N + 1, dtype=np.int64)
@@ -176,10 +191,6 @@ class FastSimulation(Serving):
         self.dbytes = np.zeros(1)
         G = self.topology.num_gpus  # sim.compute's per-GPU state: a run starts cold, idle since 0
         self.warmth, self.busy_until = np.zeros(G), np.zeros(G)
-        self._expert_times()
-        self._xfer: dict[int, int] = {}
-        self._xfer_rows: list[np.ndarray] = []
-        self.xfer = np.zeros((0, L))
 
     def _expert_times(self) -> None:
         tables = self.tables
@@ -204,31 +215,40 @@ class FastSimulation(Serving):
 
     def _run(self, kinds, refs, row_start, row_count, rows, tokens) -> np.ndarray:
         """Run passes in the kernel from now; returns their end times."""
-        from sim.fast.kernel import ABORT, run_passes
-        hw, host = self.hardware, self.policy_host
-        fabric = hw.host_aggregate_Bps is not None and \
-            hw.host_aggregate_Bps < self.topology.num_gpus * hw.host_link.bandwidth_Bps
-        link, aw = hw.host_link, hw.after_wait
+        from sim.fast.kernel import ABORT
         ne = np.array([self.compute.non_expert_time(int(n)) for n in tokens]) if len(set(tokens)) > 1 else \
             np.full(len(tokens), self.compute.non_expert_time(int(tokens[0])))
         xi = np.array([self._xfer_index(int(n)) for n in tokens], np.int64) if len(set(tokens)) > 1 else \
             np.full(len(tokens), self._xfer_index(int(tokens[0])), np.int64)
         ends = np.empty(len(kinds))
+        if self.stream is not None:
+            t = self.stream.run(kinds, refs, row_start, row_count, rows, ne, self.xfer, xi, self.extime, self.tables,
+                                self.recorder.steps, float(self._now), ends)
+        else:
+            t = self._demand_passes(kinds, refs, row_start, row_count, rows, ne, xi, ends)
+        if t == ABORT:
+            raise FastPathDeclined(self.stream.failed if self.stream is not None else
+                                   "a layer's outcome hinges on what the kernel does not model")
+        self.recorder.steps += len(kinds)
+        return ends
+
+    def _demand_passes(self, kinds, refs, row_start, row_count, rows, ne, xi, ends) -> float:
+        from sim.fast.kernel import run_passes
+        hw, host = self.hardware, self.policy_host
+        fabric = hw.host_aggregate_Bps is not None and \
+            hw.host_aggregate_Bps < self.topology.num_gpus * hw.host_link.bandwidth_Bps
+        link, aw = hw.host_link, hw.after_wait
         bpe = self.model.bytes_per_expert
-        t = run_passes(kinds, refs, row_start, row_count, rows, ne, self.xfer, xi, float(host.step_s),
+        return run_passes(kinds, refs, row_start, row_count, rows, ne, self.xfer, xi, float(host.step_s),
                        float(host.layer_s), self.extime, self.tables.experts, self.tables.counts, self.layer_gpu,
                        self.model.num_experts, bpe, link.copy_time(bpe), fabric, link.latency_s,
                        min(link.bandwidth_Bps, hw.host_aggregate_Bps) if fabric else 1.0,
                        self.kind == "lru", self.use_quota, self.resident, self.pin_until, self.cap, self.used,
                        self.nres, self.high, self.evictions, self.gprev, self.gnext, self.lprev, self.lnext,
                        self.qcount, self.qcap, self.over, self.nover, self.hits, self.misses, self.uses, self.stall,
-                       self.lbytes, self.dbytes, self._now, ends, self.kind == "belady", self.recorder.steps,
+                       self.lbytes, self.dbytes, float(self._now), ends, self.kind == "belady", self.recorder.steps,
                        self.uses_ptr, self.uses_pos, self.cursor, aw is not None, aw.cold_factor if aw else 1.0,
                        aw.warm_up_s if aw else 1.0, aw.cool_down_s if aw else 1.0, self.warmth, self.busy_until)
-        if t == ABORT:
-            raise FastPathDeclined("a layer's outcome hinges on what the kernel does not model")
-        self.recorder.steps += len(kinds)
-        return ends
 
     # --- serving, as sim.engine._serve ---
     def run(self) -> RunState:
@@ -259,19 +279,37 @@ class FastSimulation(Serving):
                 self._tokens_out(batch)
             else:
                 self._now = times[next_arrival]
+                self._links_until(self._now)  # the copies go on while the server waits
                 continue
             if max_batch > 1 and times is not None and next_arrival < len(times) and times[next_arrival] == self._now:
                 raise FastPathDeclined("an arrival at the very instant a pass ends (SimPy's event order decides)")
-        self._record()
-        totals = [CacheTotals(int(c), int(h), int(e)) for c, h, e in zip(self.cap, self.high, self.evictions)]
+        if self.stream is not None:  # the copies still queued land before the run ends
+            self._now = max(self._now, self._links_until(np.inf))
+            self.stream.record(self.recorder)
+            gi = self.stream.gi
+            totals = [CacheTotals(int(c), int(h), int(e), int(w))
+                      for c, h, e, w in zip(gi[:, CAP], gi[:, HIGH], gi[:, EVICT], gi[:, WASTE])]
+        else:
+            self._record()
+            totals = [CacheTotals(int(c), int(h), int(e)) for c, h, e in zip(self.cap, self.high, self.evictions)]
+        self.recorder.layer_iterations = self.recorder.steps * self.model.num_layers  # start_layer: one a layer
         return RunState(self.recorder, totals, self._now)
+
+    def _links_until(self, when: float) -> float:
+        """The copies landing by `when` while the server waits (those of a prefetching kind)."""
+        if self.stream is None:
+            return -np.inf
+        last = self.stream.until(when)
+        if self.stream.failed:
+            raise FastPathDeclined(self.stream.failed)
+        return last
 
     def _arrival_clock(self) -> list[float] | None:
         """When sim.engine's arrival process delivers each request: it sleeps from one arrival to the
         next (now + (when - now), as SimPy adds a timeout's delay)."""
         if self._arrivals is None:
             return None
-        clock, now = [], 0.0
+        clock, now = [], 0
         for when in self._arrivals.tolist():
             if when > now:
                 now = now + (when - now)
@@ -315,7 +353,6 @@ class FastSimulation(Serving):
         rec.uses, rec.hits, rec.misses = self.uses.tolist(), self.hits.tolist(), self.misses.tolist()
         rec.stall_s, rec.layer_bytes = self.stall.tolist(), self.lbytes.tolist()
         rec.demand_bytes = float(self.dbytes[0])
-        rec.layer_iterations = rec.steps * self.model.num_layers  # start_layer counts one per layer of a pass
 
 
 _tables: "weakref.WeakKeyDictionary[Trace, TraceTables]" = weakref.WeakKeyDictionary()

@@ -131,6 +131,40 @@ def _compute(g, now, seconds, aw, aw_cf, aw_up, aw_down, warmth, busy_until):
 
 
 @njit(cache=True)
+def layer_experts(p, l, kinds, refs, row_start, row_count, rows, experts_tab, counts_tab, ex, tk, counted):
+    """Pass p's experts at layer l, in the order sim.schedule gives them, into ex[:n] (tokens each in
+    tk[:n]); returns n. counted: E zeros, left zero."""
+    E = counts_tab.shape[2]
+    k = experts_tab.shape[2]
+    n = 0
+    if kinds[p] == 0:
+        for e in range(E):
+            c = counts_tab[refs[p], l, e]
+            if c:
+                ex[n] = e
+                tk[n] = c
+                n += 1
+    elif row_count[p] == 1:
+        row = rows[row_start[p]]
+        for j in range(k):
+            ex[n] = experts_tab[row, l, j]
+            tk[n] = 1
+            n += 1
+    else:
+        for j in range(row_count[p]):
+            row = rows[row_start[p] + j]
+            for i in range(k):
+                counted[experts_tab[row, l, i]] += 1
+        for e in range(E):
+            if counted[e]:
+                ex[n] = e
+                tk[n] = counted[e]
+                counted[e] = 0
+                n += 1
+    return n
+
+
+@njit(cache=True)
 def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step, host_layer, extime,
                experts_tab, counts_tab, layer_gpu, E, bpe, copy_s, fabric, latency_s, fabric_Bps, lru, use_quota,
                resident, pin_until, cap, used, nres, high, evictions, gprev, gnext, lprev, lnext,
@@ -146,7 +180,6 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
     warmth and busy_until carried across calls)."""
     L = layer_gpu.shape[0]
     N = L * E
-    k = experts_tab.shape[2]
     ex = np.empty(E, np.int64)
     tk = np.empty(E, np.int64)
     order = np.empty(E, np.int64)
@@ -165,32 +198,7 @@ def run_passes(kinds, refs, row_start, row_count, rows, ne, xfer, xi, host_step,
             if l and g != layer_gpu[l - 1]:
                 t = t + xfer[xi[p], l]
             t = t + _compute(g, t, ne[p], aw, aw_cf, aw_up, aw_down, warmth, busy_until)
-            # the layer's experts, in the order sim.schedule gives them
-            n = 0
-            if kinds[p] == 0:
-                for e in range(E):
-                    c = counts_tab[refs[p], l, e]
-                    if c:
-                        ex[n] = e
-                        tk[n] = c
-                        n += 1
-            elif row_count[p] == 1:
-                row = rows[row_start[p]]
-                for j in range(k):
-                    ex[n] = experts_tab[row, l, j]
-                    tk[n] = 1
-                    n += 1
-            else:
-                for j in range(row_count[p]):
-                    row = rows[row_start[p] + j]
-                    for i in range(k):
-                        counted[experts_tab[row, l, i]] += 1
-                for e in range(E):
-                    if counted[e]:
-                        ex[n] = e
-                        tk[n] = counted[e]
-                        counted[e] = 0
-                        n += 1
+            n = layer_experts(p, l, kinds, refs, row_start, row_count, rows, experts_tab, counts_tab, ex, tk, counted)
             base = l * E
             if lru:  # on_layer_start: the cached ones become the most recent
                 for i in range(n):
