@@ -140,8 +140,8 @@ def cpu_table(model: ModelSpec, tokens: list[int], fmt: str = "bf16", threads: i
     `weights_copies` experts' weights (as many as realrun's host sources) so that the host's caches
     do not hold them (at real shapes each expert is far beyond the last-level cache). The weights
     and activations are pinned where CUDA is, as the run holds them (realrun.memory.HostExperts;
-    `pin`: None, so; True or False to compare): on the H200 host the run computed bf16 Mixtral
-    experts 9-16% slower than a table measured over pageable weights. `host`: "alone", computed on this thread;
+    `pin`: None, so; True or False to compare; on one H200 host pinning changed the table by no
+    consistent sign). `host`: "alone", computed on this thread;
     "blocked" and "spinning", as the executor computes it, on CpuLayer's worker thread while this
     thread blocks on the result or spins in Python (as the executor's host thread does on copy
     events). The key for the profile is sim.host_cpu.CpuSpec.key(model, fmt)."""
@@ -189,7 +189,8 @@ def model_formats(model: ModelSpec) -> tuple[str, ...]:
 def cpu_section(models: list[ModelSpec], tokens: list[int], formats: tuple[str, ...] | None = None,
                 threads: int | None = None, as_run: bool = False, **spec) -> dict:
     """A hardware profile's `cpu:` section with the expert tables measured on this host
-    (formats: None, each model's `model_formats`; as_run: see cpu_table; spec: mem_bandwidth_Bps,
+    (formats: None, each model's `model_formats`; as_run: two tables, cpu_table's host "blocked" as
+    expert_time_s and "spinning" as spinning_time_s, else one of host "alone"; spec: mem_bandwidth_Bps,
     matmul_flops, as known for the host). `cores` is the threads the FFN ran on."""
     cores = threads or ffn_threads()
     keys = [(m, fmt) for m in models for fmt in (formats or model_formats(m))]

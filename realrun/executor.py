@@ -161,9 +161,10 @@ class Timeline:
     """Where a real run's time went: for every kernel group (a layer's non-expert kernels, one
     expert), when the host launched it and when it ran on the GPU; for every wait for a block, when
     the host waited; for the host's own work (kinds policy, start_layer, apply), when it ran; for
-    a layer's CPU experts (kind cpu, `expert` holding how many), when the FFN ran on its worker. GPU times come from timing events measured against one reference event per
-    device, placed on the host's clock (time.perf_counter) when it completed, so host, GPU and
-    clock samples (realrun.gpu_clocks) share one axis. On the CPU the GPU columns are NaN."""
+    a layer's CPU experts (kind cpu, `expert` holding how many), when the FFN ran on its worker.
+    GPU times come from timing events measured against one reference event per device, placed on
+    the host's clock (time.perf_counter) when it completed, so host, GPU and clock samples
+    (realrun.gpu_clocks) share one axis. On the CPU the GPU columns are NaN."""
 
     COLUMNS = ["step", "layer", "kind", "expert", "host_s", "host_end_s", "gpu_start_s", "gpu_end_s"]
 

@@ -197,9 +197,9 @@ class Simulation(Serving):
         or from the drive first where the disk tier is on), their combined output comes up. The two
         small copies are not queued behind the weight copies (they take microseconds).
         An expert started while the GPU side still waits for copies (the host thread spinning) costs
-        the CPU's spinning table, one started after it the other (sim.host_cpu). Decided at each
-        expert's start: on the H200 that rule met both fiddler, whose CPU experts run beside its
-        copies, and n_cpu_moe, which copies nothing (docs/realrun/h200-mixtral-8x7b-cpu-graphs.md)."""
+        the CPU's spinning table, one started after it the other (sim.host_cpu), decided at each
+        expert's start. On H200s, n_cpu_moe (which copies nothing) went from 83-87% too slow with
+        one table to -13% on Mixtral and within 5% on gpt-oss (docs/realrun/h200-*-cpu*.md)."""
         rows = min(pass_tokens, sum(tokens))
         down, up = self.compute.activation_time(rows)
         self.recorder.activation_bytes += 2 * rows * self.activation_bytes_per_token
