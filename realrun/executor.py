@@ -161,7 +161,9 @@ class Timeline:
     """Where a real run's time went: for every kernel group (a layer's non-expert kernels, one
     expert), when the host launched it and when it ran on the GPU; for every wait for a block, when
     the host waited; for the host's own work (kinds policy, start_layer, apply), when it ran; for
-    a layer's CPU experts (kind cpu, `expert` holding how many), when the FFN ran on its worker.
+    a layer's CPU experts (kind cpu, `expert` holding how many), when the FFN ran on its worker; for
+    every chunk that landed (kind land, `expert` holding the GPU), the host's time to handle it and
+    start the next one.
     GPU times come from timing events measured against one reference event per device, placed on
     the host's clock (time.perf_counter) when it completed, so host, GPU and clock samples
     (realrun.gpu_clocks) share one axis. On the CPU the GPU columns are NaN."""
@@ -361,8 +363,12 @@ class Executor(Serving):
 
     def _poll(self) -> bool:
         landed = False
-        for copies in self.copies:
-            landed |= copies.poll()
+        for gpu, copies in enumerate(self.copies):
+            polled = time.perf_counter()
+            if copies.poll():
+                landed = True
+                if self.timeline is not None:  # a chunk's landing handled and the next one started
+                    self.timeline.span(self.next_step - 1, -1, "land", gpu, polled, time.perf_counter())
         return landed
 
     def wait(self, event: Event) -> None:

@@ -51,6 +51,7 @@ def test_timeline_records_every_kernel_group_and_wait_and_changes_no_decision(ro
     assert kinds["non_expert"] == real.metrics.steps * routed.model.num_layers
     assert kinds["expert"] == real.metrics.expert_uses  # one launch group per expert a pass uses
     assert kinds["stall"] == real.per_layer["misses"].sum()  # demand-only: every miss is waited for
+    assert kinds["land"] == real.per_layer["misses"].sum()  # ... and each copy's one chunk lands once
     # the host's own work between them: the policy's decision and the copies queued, every layer
     assert kinds["policy"] == kinds["start_layer"] == kinds["non_expert"]
     assert (frame["host_end_s"] >= frame["host_s"]).all() and frame["step"].is_monotonic_increasing
