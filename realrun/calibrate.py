@@ -670,10 +670,12 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         profile.extra["calibration"]["policy_host_trace"] = (f"{policy_trace.source.label()}, {policy_trace.model.num_layers} "
                                                              f"layers, train fraction {train_fraction}")
         profile.extra["calibration"]["policy_hooks_s"] = {n: t.to_dict() for n, t in hook_times.items()}
-        for label, times in (("decisions carried out, beyond all_resident's", host_times),
-                             ("the policy's hooks alone", hook_times)):
-            notes.append(f"policy host time per layer / per pass (us), {label}: " + ", ".join(
-                f"{n} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for n, t in times.items()))
+        notes.append("policy host time per layer / per pass / per landed copy (us), decisions carried out, beyond "
+                     "all_resident's (per landed copy: beyond lru's): " + ", ".join(
+                         f"{n} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f} / {t.land_s * 1e6:.1f}"
+                         for n, t in host_times.items()))
+        notes.append("policy host time per layer / per pass (us), the policy's hooks alone: " + ", ".join(
+            f"{n} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for n, t in hook_times.items()))
     if validation is not None:
         profile.extra["calibration"]["validation"] = validation.to_dict()
         notes += validation.notes()

@@ -24,13 +24,15 @@ from sim.compute import ComputeModel
 from sim.copy_scheduler import CopyScheduler
 from sim.errors import ConfigError, StallError
 from sim.disk import HostTier
+from sim.host_thread import HostThread
 from sim.layer_protocol import HostObserver, split_cpu
 from sim.link import HostFabric, HostLink
 from sim.metrics import Recorder
 from sim.placement import Placement, PlacedCache, fragments
 from sim.profiles import HardwareProfile
 from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities,
-                        check_options, check_room, initial_blocks, pass_step, part_bytes, policy_future, warm)
+                        check_options, check_room, initial_blocks, pass_step, part_bytes, policy_future,
+                        policy_host_time, warm)
 from sim.schedule import Pass
 from sim.topology import Topology
 from traces import ModelSpec, Trace
@@ -57,11 +59,11 @@ class Simulation(Serving):
                               f"'{hardware.name}' has no cpu section; use a profile with one (e.g. h200-measured)")
         self.tier = None if opts.host_budget_bytes is None else HostTier(
             _disk_of(hardware), opts.host_budget_bytes, model.bytes_per_expert, model.num_layers, model.num_experts)
-        self.policy_host = hardware.policy_host_time(policy.name)
         self._part_fractions: list[tuple[float, ...]] = [(1.0,)] * model.num_layers
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
-        self.caches = [PlacedCache(capacity, self._block_bytes)
-                       for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
+        capacities = cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)
+        self.policy_host = policy_host_time(hardware, policy, model, capacities)
+        self.caches = [PlacedCache(capacity, self._block_bytes) for capacity in capacities]
         host_limited = hardware.host_aggregate_Bps is not None and \
             hardware.host_aggregate_Bps < topo.num_gpus * hardware.host_link.bandwidth_Bps
         fabric = HostFabric(self.env, hardware.host_aggregate_Bps) if host_limited else None
@@ -69,9 +71,12 @@ class Simulation(Serving):
         self.links: list[CopyScheduler] = []  # each GPU's copies; `transports` move their bytes
         self.links.extend(CopyScheduler(g, self.caches, policy, self.recorder, topo.peers[g], peer_faster, self.links)
                           for g in range(topo.num_gpus))
-        self.transports = [HostLink(self.env, link, hardware, fabric, self.compute, self.tier) for link in self.links]
-        self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done, observer)
+        # The host thread is modelled only where landings cost it time: else every result stays as it was.
+        self.host = HostThread(self.env, self.policy_host.land_s) if self.policy_host.land_s else None
+        self.transports = [HostLink(self.env, link, hardware, fabric, self.compute, self.tier, self.calls.chunk_landed,
+                                    self.host) for link in self.links]
+        self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self._wake: simpy.Event | None = None
 
     def _block_bytes(self, block: Block) -> int:
@@ -159,7 +164,7 @@ class Simulation(Serving):
         host = self.policy_host
         self.step_started(step)
         if host.step_s:
-            yield from advance(host.step_s)
+            yield from advance(host.step_s if self.host is None else self.host.take(host.step_s))
         non_expert = self.compute.non_expert_time(spec.tokens)
         probs, experts, expert_tokens = spec.probs, spec.experts, spec.expert_tokens
         layer_gpu = self.topology.layer_gpu
@@ -169,9 +174,11 @@ class Simulation(Serving):
                 yield from advance(self.topology.transfer_time(self.hardware, layer_gpu[layer - 1], layer_gpu[layer],
                                                                hidden_bytes))
             yield from advance(run(layer_gpu[layer], self.env.now, non_expert))
+            if self.host is not None and self.host.free_in():  # the host is handling a landing
+                yield from advance(self.host.free_in())
             plan = on_layer_start(step, layer, probs[:, layer], experts[layer])
             if host.layer_s:  # the policy decided on the host; its fetches go out after
-                yield from advance(host.layer_s)
+                yield from advance(host.layer_s if self.host is None else self.host.take(host.layer_s))
             tokens = None if expert_tokens is None else expert_tokens[layer]
             if plan is not None and plan.cpu:
                 yield from self._hybrid(layer, experts[layer], tokens, plan, spec.tokens)

@@ -57,6 +57,12 @@ def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links
             link.fetch(block, priority)
 
 
+def chunk_landed(link: CopyScheduler) -> None:
+    """A copy's chunk has landed on the link: commit it, tell the policy, start the next copy (whose
+    victims the policy ranks then)."""
+    link.chunk_landed()
+
+
 def start_layer(layer: int, experts: tuple[int, ...], homes: list[int], nparts: int, caches: Sequence[ExpertCache],
                 links: Sequence[CopyScheduler], rec: Recorder, policy: Policy, bytes_per_expert: int,
                 plan: PrefetchPlan | None, num_layers: int, home) -> tuple[list[list[Block]], list[int]]:
@@ -203,7 +209,8 @@ def split_cpu(plan: PrefetchPlan | None, experts: tuple[int, ...], tokens: list[
 class HostCalls:
     """The host's decisions on the critical path, as every engine makes them: the policy's hooks
     (POLICY_HOOKS) and the layer protocol carrying them out (start_layer for a layer's experts,
-    apply_plan for a request's or a pass's plan). Engines call them through here. With an observer,
+    apply_plan for a request's or a pass's plan, chunk_landed for a copy's landing). Engines call
+    them through here. With an observer,
     each call is reported to it with its duration (realrun.policy_host measures a policy's host time
     so); without one they are the plain functions, at no cost."""
 
@@ -214,10 +221,11 @@ class HostCalls:
     on_layer_start: Callable
     start_layer: Callable
     apply_plan: Callable
+    chunk_landed: Callable
 
     def __init__(self, policy: Policy, observer: HostObserver | None = None):
         calls: dict[str, Callable] = {name: getattr(policy, name) for name in POLICY_HOOKS}
-        calls |= {"start_layer": start_layer, "apply_plan": apply_plan}
+        calls |= {"start_layer": start_layer, "apply_plan": apply_plan, "chunk_landed": chunk_landed}
         for name, call in calls.items():
             setattr(self, name, call if observer is None else _timed(name, call, observer))
 

@@ -18,6 +18,7 @@ from policies.base import Block
 from sim.compute import ComputeModel
 from sim.copy_queue import CopyJob
 from sim.copy_scheduler import CopyScheduler
+from sim.host_thread import HostThread
 from sim.profiles import HardwareProfile
 
 
@@ -72,9 +73,14 @@ class HostLink:
     """The Transport of one GPU's CopyScheduler in simulated time; ready(block) is the event a layer waits on."""
 
     def __init__(self, env: simpy.Environment, scheduler: CopyScheduler, hardware: HardwareProfile,
-                 fabric: HostFabric | None = None, compute: ComputeModel | None = None, tier=None):
+                 fabric: HostFabric | None = None, compute: ComputeModel | None = None, tier=None,
+                 land: Callable[[CopyScheduler], None] = CopyScheduler.chunk_landed, host: HostThread | None = None):
+        """land(scheduler): the landing's handling (sim.layer_protocol.HostCalls.chunk_landed); host:
+        the host thread that handles it, in its turn and for its charged time (None: at once)."""
         self.env = env
         self.scheduler = scheduler
+        self.land = land
+        self.host = host
         self.gpu = scheduler.gpu
         self.spec = hardware.host_link
         self.nvlink = hardware.nvlink
@@ -129,8 +135,10 @@ class HostLink:
             self.env.timeout(self.spec.copy_time(job.chunk_bytes)).callbacks.append(self._landed_chunk)
         else:
             self.env.timeout(self.spec.latency_s).callbacks.append(
-                lambda _e: self.fabric.transfer(job.chunk_bytes, self.spec.bandwidth_Bps,
-                                                self.scheduler.chunk_landed))
+                lambda _e: self.fabric.transfer(job.chunk_bytes, self.spec.bandwidth_Bps, self._landed_chunk))
 
-    def _landed_chunk(self, _event: simpy.Event) -> None:
-        self.scheduler.chunk_landed()
+    def _landed_chunk(self, _event: simpy.Event | None = None) -> None:
+        if self.host is None:
+            self.land(self.scheduler)
+        else:  # handled by the host thread in its turn: the link idles until then
+            self.env.timeout(self.host.take(self.host.land_s)).callbacks.append(lambda _e: self.land(self.scheduler))

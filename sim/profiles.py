@@ -137,24 +137,59 @@ class PolicyHostTime:
 
     layer_s: float  # per on_layer_start
     step_s: float  # per pass: on_step_start plus on_step_end
+    # per chunk that lands: the host commits it, hears the policy, and picks the next copy's victims
+    # (the policy's ranking) before that copy can start; beyond lru's (the copies' own baseline)
+    land_s: float = 0.0
     # Not this policy's own measurement: the measured policy whose times it is charged (a profile's
     # `NAME: {same_as: OTHER}`, or policy_host=OTHER), or "zero" (policy_host=zero); None: its own.
     stand_in: str | None = None
+    # Measured at several budgets: rows (share of all experts the cache holds, layer_s, step_s,
+    # land_s), by share; a run is charged the times interpolated at its own share (at()). A policy
+    # that ranks every resident expert at each copy takes longer the more the cache holds: on
+    # gpt-oss-20b, oracle_prefetch's landings cost 2.3x as much at half of the experts as at an eighth.
+    by_budget: tuple[tuple[float, float, float, float], ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> PolicyHostTime:
         try:
+            rows = tuple(tuple(_number(v, f"{where}.by_budget") for v in row) for row in data.get("by_budget") or ())
             spec = cls(_number(data["layer_s"], f"{where}.layer_s"), _number(data["step_s"], f"{where}.step_s"),
-                       None if data.get("same_as") is None else str(data["same_as"]))
+                       _number(data.get("land_s", 0.0), f"{where}.land_s"),
+                       None if data.get("same_as") is None else str(data["same_as"]), tuple(sorted(rows)))
         except (KeyError, TypeError, AttributeError):
-            raise ConfigError(f"{where}: expected {{layer_s: seconds, step_s: seconds}} or {{same_as: POLICY}}") from None
-        if spec.layer_s < 0 or spec.step_s < 0:
+            raise ConfigError(f"{where}: expected {{layer_s: seconds, step_s: seconds[, land_s: seconds][, by_budget: "
+                              "[[share, layer_s, step_s, land_s], ...]]} or {same_as: POLICY}") from None
+        if any(len(row) != 4 or not 0 < row[0] <= 1 for row in spec.by_budget):
+            raise ConfigError(f"{where}.by_budget: each row is [share of the experts (0..1], layer_s, step_s, land_s]")
+        if min((spec.layer_s, spec.step_s, spec.land_s, *(v for row in spec.by_budget for v in row[1:]))) < 0:
             raise ConfigError(f"{where}: host times must be >= 0")
         return spec
 
     def to_dict(self) -> dict[str, Any]:
-        times = {"layer_s": self.layer_s, "step_s": self.step_s}
+        times = {"layer_s": self.layer_s, "step_s": self.step_s, **({"land_s": self.land_s} if self.land_s else {}),
+                 **({"by_budget": [list(row) for row in self.by_budget]} if self.by_budget else {})}
         return times if self.stand_in is None else {**times, "same_as": self.stand_in}
+
+    @property
+    def charges_landings(self) -> bool:
+        return bool(self.land_s or any(row[3] for row in self.by_budget))
+
+    def at(self, share: float) -> PolicyHostTime:
+        """The times charged a run whose caches hold `share` of all experts: interpolated linearly
+        between the measured budgets, the nearest one's outside them; these times without rows."""
+        rows = self.by_budget
+        if not rows:
+            return self
+        if share <= rows[0][0] or len(rows) == 1:
+            times = rows[0][1:]
+        elif share >= rows[-1][0]:
+            times = rows[-1][1:]
+        else:
+            hi = next(i for i, row in enumerate(rows) if row[0] >= share)
+            (a, *lo_t), (b, *hi_t) = rows[hi - 1], rows[hi]
+            w = (share - a) / (b - a)
+            times = tuple(x + w * (y - x) for x, y in zip(lo_t, hi_t))
+        return PolicyHostTime(*times, stand_in=self.stand_in)
 
 
 @dataclass(frozen=True)
@@ -343,7 +378,7 @@ class HardwareProfile:
             self.policy_host_time(policy)
             return self
         if how == "zero":
-            time = PolicyHostTime(0.0, 0.0, "zero")
+            time = PolicyHostTime(0.0, 0.0, 0.0, "zero")
         elif how in self.measured_policies():
             time = replace(self.policy_host_s[how], stand_in=None if how == policy else how)
         else:
@@ -358,7 +393,7 @@ class HardwareProfile:
             return {"policy_host_uncharged": f"hardware '{self.name}' measured no policy's host time"}
         if time.stand_in == "zero":
             return {"policy_host_uncharged": "policy_host=zero"}
-        charged = time.stand_in is not None or time.layer_s or time.step_s
+        charged = time.stand_in is not None or time.layer_s or time.step_s or time.charges_landings
         return {"policy_host_s": time.to_dict()} if charged else {}
 
     def measured_for(self, model: ModelSpec) -> dict[str, bool]:

@@ -21,6 +21,7 @@ from sim.errors import ConfigError
 from sim.future import ReplayFuture
 from sim.layer_protocol import HostCalls, HostObserver
 from sim.metrics import Recorder
+from sim.profiles import HardwareProfile, PolicyHostTime
 from sim.schedule import Pass, merge_decode, request_passes
 from traces import ModelSpec, Trace
 
@@ -96,6 +97,13 @@ def cache_capacities(policy: Policy, model: ModelSpec, topology, budget_bytes: i
                     if topology.home(l, e) == gpu) for gpu in range(topology.num_gpus)]
     per_gpu = budget_bytes if budget_scope == "per_gpu" else budget_bytes // topology.num_gpus
     return [per_gpu] * topology.num_gpus
+
+
+def policy_host_time(hardware: HardwareProfile, policy: Policy, model: ModelSpec, capacities: list[int]) -> PolicyHostTime:
+    """The host time `policy`'s decisions are charged in a run whose GPUs hold `capacities` bytes of
+    experts: the profile's, at that share of all the model's experts (PolicyHostTime.at)."""
+    share = min(1.0, sum(capacities) / (model.num_layers * model.num_experts * model.bytes_per_expert))
+    return hardware.policy_host_time(policy.name).at(share)
 
 
 def check_room(policy: Policy, caches: list[ExpertCache], part_bytes: list[list[int]], budget_scope: str) -> None:

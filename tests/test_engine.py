@@ -185,8 +185,10 @@ def test_the_host_observer_sees_every_host_call_in_the_one_hook_order(make_trace
     run_ = prepare(SimConfig(policy="lru", budget="1expert", hardware=unit_hardware().to_dict(), engine="simpy"), trace)
     calls = []
     execute(run_, observer=lambda name, seconds: calls.append(name))
-    step = ["on_step_start", "apply_plan", "on_layer_start", "start_layer", "on_step_end"]
-    assert calls == ["on_request_start", "apply_plan", *step, *step, "on_request_end"]
+    step = ["on_step_start", "apply_plan", "on_layer_start", "start_layer"]
+    # the first token's expert is copied and its landing handled; the second token's is resident
+    assert calls == ["on_request_start", "apply_plan", *step, "chunk_landed", "on_step_end", *step, "on_step_end",
+                     "on_request_end"]
     with pytest.raises(ConfigError, match="needs engine=simpy"):
         execute(prepare(SimConfig(policy="lru", budget="1expert", hardware=unit_hardware().to_dict()), trace),
                 observer=lambda name, seconds: None)
@@ -197,6 +199,7 @@ def test_policy_host_time_is_measured_per_layer_and_per_pass(make_trace):
     trace = make_trace(tiny_model(), decode_only([0, 1, 2, 0, 1]))
     hooks, carried_out = host_times(trace, "lru", "2experts", unit_hardware())
     assert 0 < hooks.layer_s < carried_out.layer_s and 0 < hooks.step_s < carried_out.step_s
+    assert carried_out.land_s > 0 and hooks.land_s == 0  # landings: the protocol's work, no hook's
 
 
 class ReplacingGuesser(Policy):

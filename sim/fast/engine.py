@@ -33,7 +33,7 @@ from sim.future import ReplayFuture
 from sim.metrics import Recorder
 from sim.profiles import HardwareProfile
 from sim.replay import (RunState, Serving, SimOptions, arrival_times, bind_policy, cache_capacities, check_options,
-                        check_room, initial_blocks, part_bytes, warm)
+                        check_room, initial_blocks, part_bytes, policy_host_time, warm)
 from sim.fast.stream import CAP, EVICT, HIGH, NEXT_LAYER, ORACLE, WASTE, Stream
 from sim.schedule import has_prefill
 from sim.topology import Topology
@@ -58,6 +58,9 @@ def fast_kind(policy: Policy, options: SimOptions, hardware: HardwareProfile) ->
         return None, "host_budget (the disk tier) runs on the SimPy engine"
     if policy.copy_chunks != 1 or policy.loads_whole_layer != (kind == "next_layer") or policy.compute_order != "index":
         return None, f"policy '{policy.name}' copies in chunks, gathers layers or reorders compute"
+    if hardware.policy_host_time(policy.name).charges_landings:
+        return None, (f"hardware '{hardware.name}' charges host time per copy landed for '{policy.name}' "
+                      "(policy_host_s.land_s), which runs on the SimPy engine")
     return kind, ""
 
 
@@ -104,10 +107,10 @@ class FastSimulation(Serving):
         self.topology = topo = Topology.build(hardware, model, opts.gpus, opts.placement)
         self.recorder = Recorder(model.num_layers)
         self.compute = ComputeModel(hardware, model)
-        self.policy_host = hardware.policy_host_time(policy.name)
         bpe = model.bytes_per_expert
-        self.caches = [ExpertCache(c, lambda _b: bpe)
-                       for c in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
+        capacities = cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)
+        self.policy_host = policy_host_time(hardware, policy, model, capacities)
+        self.caches = [ExpertCache(c, lambda _b: bpe) for c in capacities]
         self.tables = tables or TraceTables(trace)
         self.activation_bytes_per_token = model.hidden_size * model.bytes_per_param
         self.serving_state(arrival_times(opts, trace, self.requests), on_request_done)
