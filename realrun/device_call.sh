@@ -8,7 +8,7 @@
 #   CAL_TIMEOUT, CMP_TIMEOUT.
 #   CPU_POLICIES (e.g. lru,fiddler,n_cpu_moe,lru_cpu), with CPU_BUDGETS: after the compare, the host CPU's
 #     expert tables measured as the run computes, beside a blocked and a spinning host thread
-#     (realrun.cpu_experts --as-run, mixtral-8x7b and gpt-oss-20b;
+#     (realrun.cpu_experts --as-run, the run's model (both for another MODEL);
 #     printed in $DIR/cpu/log.txt) into a copy of the profile, and those policies compared on it ($DIR/cpu/:
 #     compare.md, runs.csv, layers.csv, tokens.csv, profile.yaml; with CPU_TIMELINE=1 timeline.csv too; packed
 #     as $DIR/cpu.tgz), until CALL_LIMIT seconds (default 560) since the start.
@@ -21,10 +21,10 @@ set -o pipefail
 MODEL=${MODEL:-mixtral}
 case $MODEL in
   mixtral) TRACE=${TRACE:-mixtral-8x7b-gsm8k}; LAYERS=${LAYERS:-16}; BUDGETS=${BUDGETS:-32experts,64experts,96experts}
-           HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5}; MODELS=${MODELS:-all} ;;
+           HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5}; MODELS=${MODELS:-all}; CPU_MODEL=mixtral-8x7b ;;
   gpt-oss) TRACE=${TRACE:-gpt-oss-20b-benchmarks}; LAYERS=${LAYERS:-24}; BUDGETS=${BUDGETS:-96experts,192experts,384experts}
            HOST_SOURCES=${HOST_SOURCES:-0}; TRAIN=${TRAIN:-0.5}; MAX_REQUESTS=${MAX_REQUESTS:-3}; MODELS=${MODELS:-gpt-oss-20b}
-           CAL_TIMEOUT=${CAL_TIMEOUT:-250}; CMP_TIMEOUT=${CMP_TIMEOUT:-330} ;;
+           CAL_TIMEOUT=${CAL_TIMEOUT:-250}; CMP_TIMEOUT=${CMP_TIMEOUT:-330}; CPU_MODEL=gpt-oss-20b ;;
   *) [ -n "$TRACE" ] && [ -n "$LAYERS" ] || { echo "MODEL=$MODEL: give TRACE and LAYERS" >&2; exit 2; }
      BUDGETS=${BUDGETS:-auto}; HOST_SOURCES=${HOST_SOURCES:-8}; TRAIN=${TRAIN:-0.5}; MODELS=${MODELS:-all} ;;
 esac
@@ -59,7 +59,7 @@ if [ -n "$CPU_POLICIES" ]; then
   {
     left() { echo $(( ${CALL_LIMIT:-560} - SECONDS )); }
     echo "== CPU expert tables, as the run computes (--as-run; $(left) s left)"
-    [ "$(left)" -gt 20 ] && timeout "$(left)" python3 -m realrun.cpu_experts --profile "$PROFILE" --models mixtral-8x7b,gpt-oss-20b \
+    [ "$(left)" -gt 20 ] && timeout "$(left)" python3 -m realrun.cpu_experts --profile "$PROFILE" --models "${CPU_MODEL:-mixtral-8x7b,gpt-oss-20b}" \
       --tokens 1,2,4,8,16,32,64 --as-run --policy-trace "$TRACE" --policy-layers "$LAYERS" --train-fraction "$TRAIN" \
       $LIMIT --out /tmp/cpu-$MODEL.yaml | tail -40
     date -u +%T; echo "== compare $CPU_POLICIES ($(left) s left)"
