@@ -146,7 +146,7 @@ class PolicyHostTime:
     # Measured at several budgets: rows (share of all experts the cache holds, layer_s, step_s,
     # land_s), by share; a run is charged the times interpolated at its own share (at()). A policy
     # that ranks every resident expert at each copy takes longer the more the cache holds: on
-    # gpt-oss-20b, oracle_prefetch's landings cost 2.3x as much at half of the experts as at an eighth.
+    # gpt-oss-20b, oracle_prefetch's landings cost 2.9x as much at half of the experts as at an eighth (H200 host).
     by_budget: tuple[tuple[float, float, float, float], ...] = ()
 
     @classmethod

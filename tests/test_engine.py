@@ -202,6 +202,16 @@ def test_policy_host_time_is_measured_per_layer_and_per_pass(make_trace):
     assert carried_out.land_s > 0 and hooks.land_s == 0  # landings: the protocol's work, no hook's
 
 
+def test_policy_host_time_is_charged_by_budget_and_landings_beyond_lrus(make_trace):
+    from realrun.policy_host import SHARES, policy_host_times
+    trace = make_trace(tiny_model(experts=8), decode_only([0, 1, 2, 3, 4, 5, 6, 7] * 2))
+    charged, _ = policy_host_times(trace, unit_hardware(), policies=["lru", "belady"])
+    for time in charged.values():
+        assert [row[0] for row in time.by_budget] == list(SHARES)
+        assert (time.layer_s, time.step_s, time.land_s) == dict((r[0], r[1:]) for r in time.by_budget)[0.5]
+    assert all(row[3] == 0.0 for row in charged["lru"].by_budget)  # lru is the landings' baseline
+
+
 class ReplacingGuesser(Policy):
     """Test policy: after each router, replaces its queue with two guesses for the next layer."""
 

@@ -157,3 +157,35 @@ def test_every_shipped_policy_has_a_host_time_on_every_measured_profile_it_runs_
                 continue  # cannot run there: the engine refuses it for want of a cpu section
             time = profile.policy_host_time(name)  # raises where the profile lacks it
             assert time.stand_in is None or time.stand_in in profile.measured_policies(), (profile.name, name)
+
+
+def test_each_landing_costs_the_host_its_time_before_the_layer_goes_on_and_the_fast_engine_declines(make_trace):
+    from conftest import tiny_model, unit_hardware
+    from sim.api import simulate
+    from sim.config import SimConfig
+
+    trace = make_trace(tiny_model(layers=2), [[[[0], [1]]] * 6])
+    plain = unit_hardware(copy_s=0.5, expert_s=0.1, non_expert_s=0.01).to_dict()
+
+    def run(times, budget="1expert", **cfg):
+        hardware = {**plain, "policy_host_s": {"lru": times}}
+        return simulate(SimConfig(policy="lru", budget=budget, hardware=hardware, **cfg), trace=trace).metrics
+    base = run({"layer_s": 0.0, "step_s": 0.0})
+    landing = run({"layer_s": 0.0, "step_s": 0.0, "land_s": 0.2})
+    # every layer misses: the block is seen resident once its landing is handled, 0.2 s after it lands
+    assert landing.tpot_mean_s == pytest.approx(base.tpot_mean_s + 2 * 0.2)
+    assert landing.hit_rate == base.hit_rate and base.policy_info["engine"] == "fast"
+    assert landing.policy_info["engine"] == "simpy"  # the fast engine models no landing's host time
+    with pytest.raises(ConfigError, match="engine=fast: .*land_s"):
+        run({"layer_s": 0.0, "step_s": 0.0, "land_s": 0.2}, engine="fast")
+    # by budget: 1 of 8 experts is below the first row, so its times are charged; 3 of 8 is halfway
+    rows = [[0.25, 0.0, 0.0, 0.1], [0.5, 0.0, 0.0, 0.3]]
+    assert run({"layer_s": 0.0, "step_s": 0.0, "by_budget": rows}).tpot_mean_s == pytest.approx(
+        base.tpot_mean_s + 2 * 0.1)
+    time = HardwareProfile.from_dict({**plain, "policy_host_s": {"lru": {"layer_s": 1.0, "step_s": 2.0,
+                                                                          "by_budget": rows}}}).policy_host_s["lru"]
+    assert time.at(0.375).land_s == pytest.approx(0.2) and time.at(0.9).land_s == 0.3 and time.charges_landings
+    assert time.at(0.375).layer_s == 0.0  # the rows hold every time, the top-level ones are the half's
+    with pytest.raises(ConfigError, match="by_budget: each row"):
+        HardwareProfile.from_dict({**plain, "policy_host_s": {"lru": {"layer_s": 0, "step_s": 0,
+                                                                       "by_budget": [[1.5, 0, 0, 0]]}}})
