@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from realrun.kernels import GPT_OSS, clamped_swiglu, swiglu
+from traces.errors import UserError
 from traces import ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "mxfp4": torch.bfloat16}  # mxfp4 computes in bf16
@@ -241,6 +242,27 @@ class CpuLayer:
         sys.setswitchinterval(self._switch_interval)
 
 
+def rescaled_to_run(cpu: dict, key: str, timeline) -> tuple[dict, str]:
+    """The cpu section with its blocked table (expert_time_s[key]) scaled so that its 1-token entry is
+    what a real run's CPU experts took: the median per expert of the timeline's `cpu` rows (each layer's
+    FFN on its worker; decode layers, one token an expert, are nearly all of them). A table measured
+    minutes before the run on the same worker missed the run by -16% to +36% on H200 hosts (Mixtral);
+    the spinning table is left as measured (a run that copies nothing never spins beside its FFN).
+    Also returns a line saying what changed."""
+    rows = timeline[timeline["kind"] == "cpu"]
+    if rows.empty:
+        raise UserError("the timeline has no CPU expert (kind cpu): rescale from a run of a policy that computes "
+                        "on the CPU (e.g. n_cpu_moe) with --timeline")
+    per_expert = float(((rows["host_end_s"] - rows["host_s"]) / rows["expert"]).median())
+    table = cpu["expert_time_s"][key]
+    ratio = per_expert / table[0][1]
+    scaled = {**cpu, "expert_time_s": {**cpu["expert_time_s"], key: [[t, v * ratio] for t, v in table]},
+              "origin": f"{cpu.get('origin', '')}; {key} expert_time_s scaled by {ratio:.3f} to a real run's "
+                        f"{per_expert * 1e3:.2f} ms a CPU expert (median of {len(rows)} layers)"}
+    return scaled, (f"{key}: the run took {per_expert * 1e3:.2f} ms a CPU expert against the table's "
+                    f"{table[0][1] * 1e3:.2f} ms at {table[0][0]:g} token: expert_time_s scaled by {ratio:.3f}")
+
+
 def cpu_policy_host_times(profile: dict, trace_name: str, layers: int | None, train_fraction: float,
                           max_requests: int | None) -> dict:
     """policy_host_s entries of the policies that compute on the CPU, measured on this host as
@@ -291,8 +313,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")
     parser.add_argument("--train-fraction", type=float, default=0.0, help="its leading share that trains the policies")
     parser.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests after training")
+    parser.add_argument("--rescale-from", default=None,
+                        help="measure nothing: scale --profile's blocked table of each of --models to the CPU experts of "
+                             "a compare run with --timeline (its directory: timeline.csv)")
+
+    def rescale() -> None:
+        import pandas as pd
+        profile = load_hardware(args.profile).to_dict()
+        path = Path(args.rescale_from) / "timeline.csv"
+        if not path.is_file():
+            raise UserError(f"--rescale-from {args.rescale_from}: no timeline.csv there; give the --out directory of "
+                            "a realrun.compare run with --timeline")
+        timeline = pd.read_csv(path)
+        for name in (n for n in args.models.split(",") if n):
+            model = load_model_spec(name)
+            key = f"{model.expert_shape_key}/bf16"  # realrun computes its experts in bf16
+            if key not in ((profile.get("cpu") or {}).get("expert_time_s") or {}):
+                raise UserError(f"--profile has no CPU table {key} to rescale; measure it first (--as-run)")
+            profile["cpu"], note = rescaled_to_run(profile["cpu"], key, timeline)
+            print(note)
+        atomic_write_text(Path(args.out), yaml.safe_dump(profile, sort_keys=False, width=200))
 
     def work() -> None:
+        if args.rescale_from:
+            return rescale()
         profile = load_hardware(args.profile).to_dict()
         section = cpu_section([load_model_spec(n) for n in args.models.split(",") if n],
                               [int(t) for t in args.tokens.split(",")], as_run=args.as_run)

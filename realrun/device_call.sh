@@ -9,7 +9,8 @@
 #   CPU_POLICIES (e.g. lru,fiddler,n_cpu_moe,lru_cpu), with CPU_BUDGETS: after the compare, the host CPU's
 #     expert tables measured as the run computes, beside a blocked and a spinning host thread
 #     (realrun.cpu_experts --as-run, the run's model (both for another MODEL);
-#     printed in $DIR/cpu/log.txt) into a copy of the profile, and those policies compared on it ($DIR/cpu/:
+#     printed in $DIR/cpu/log.txt) into a copy of the profile, the blocked one scaled to a short n_cpu_moe
+#     run's CPU experts (realrun.cpu_experts --rescale-from), and those policies compared on it ($DIR/cpu/:
 #     compare.md, runs.csv, layers.csv, tokens.csv, profile.yaml; with CPU_TIMELINE=1 timeline.csv too; packed
 #     as $DIR/cpu.tgz), until CALL_LIMIT seconds (default 560) since the start.
 # Run from the repository root on the device (wheels of simpy, hydra-core, omegaconf, antlr4 in .whl/,
@@ -62,6 +63,15 @@ if [ -n "$CPU_POLICIES" ]; then
     [ "$(left)" -gt 20 ] && timeout "$(left)" python3 -m realrun.cpu_experts --profile "$PROFILE" --models "${CPU_MODEL:-mixtral-8x7b,gpt-oss-20b}" \
       --tokens 1,2,4,8,16,32,64 --as-run --policy-trace "$TRACE" --policy-layers "$LAYERS" --train-fraction "$TRAIN" \
       $LIMIT --out /tmp/cpu-$MODEL.yaml | tail -40
+    # The blocked table scaled to a short n_cpu_moe run's CPU experts (one request of the compare's training
+    # half: not a compared one): the table alone missed the run by -16% to +36%.
+    date -u +%T; echo "== CPU table against a short run ($(left) s left)"
+    B1=${CPU_BUDGETS:-$BUDGETS}; B1=${B1%%,*}
+    [ "$(left)" -gt 60 ] && timeout "$(left)" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" \
+      --train-fraction 0.25 --graphs --hardware /tmp/cpu-$MODEL.yaml --host-sources "$HOST_SOURCES" --budgets "$B1" \
+      --policies n_cpu_moe --max-requests 1 --timeline --out /tmp/cpu-scale-$MODEL | grep "^| n_cpu" \
+      && python3 -m realrun.cpu_experts --profile /tmp/cpu-$MODEL.yaml --models "${CPU_MODEL:-mixtral-8x7b}" \
+           --rescale-from /tmp/cpu-scale-$MODEL --out /tmp/cpu-$MODEL.yaml
     date -u +%T; echo "== compare $CPU_POLICIES ($(left) s left)"
     [ "$(left)" -gt 30 ] && timeout "$(left)" python3 -m realrun.compare --trace "$TRACE" --layers "$LAYERS" \
       --train-fraction "$TRAIN" --graphs --hardware /tmp/cpu-$MODEL.yaml --host-sources "$HOST_SOURCES" \

@@ -92,6 +92,19 @@ def test_cpu_experts_run_between_graph_replays_and_decide_as_the_simulator(make_
     assert machine.graphs[0].replays > 0
     cpu = timeline.frame().query("kind == 'cpu'")  # each layer's FFN on the worker: how many experts, when
     assert cpu["expert"].sum() == real.metrics.cpu_expert_uses and (cpu["host_end_s"] > cpu["host_s"]).all()
+    # the blocked table, scaled to what this run's CPU experts took (the spinning one left as measured)
+    from realrun.cpu_experts import rescaled_to_run
+    key = "h16_f16/bf16"
+    section = {**hardware["cpu"], "spinning_time_s": {key: [[1, 0.7]]},
+               "expert_time_s": {key: [[1, 0.5], [4, 0.8]]}}
+    scaled, note = rescaled_to_run(section, key, timeline.frame())
+    run_s = float(((cpu["host_end_s"] - cpu["host_s"]) / cpu["expert"]).median())
+    (t1, s1), (t4, s4) = scaled["expert_time_s"][key]
+    assert (t1, t4) == (1, 4) and s1 == pytest.approx(run_s) and s4 / s1 == pytest.approx(0.8 / 0.5)
+    assert scaled["spinning_time_s"] == section["spinning_time_s"] and "scaled by" in scaled["origin"] and key in note
+    from traces.errors import UserError
+    with pytest.raises(UserError, match="no CPU expert .*n_cpu_moe"):
+        rescaled_to_run(section, key, timeline.frame().query("kind != 'cpu'"))
 
 
 def test_cpu_layer_shortens_the_gil_switch_interval_while_open_and_restores_it():
