@@ -15,7 +15,8 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
 - how much slower the executor's work runs right after the GPU waited for a copy, and how fast it
   recovers (after_wait_response), fitted to sim.profiles.AfterWaitSpec.
 - each policy's decision time on this host, its hooks and the layer protocol carrying their
-  decisions out, beyond all_resident's (realrun.policy_host), replaying --policy-trace (the trace
+  decisions out, beyond all_resident's, and per landed copy beyond lru's, at four budgets
+  (realrun.policy_host), replaying --policy-trace (the trace
   realrun.compare will run: the matching policies' cost grows with its layers and training
   requests) in the simulator.
 - with --gpus N (N > 1): what joins the GPUs (realrun.fabric): host links alone and all at once

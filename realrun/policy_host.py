@@ -10,7 +10,11 @@ queue are the executor's own code, with every such call timed (an observer of th
 calls, sim.layer_protocol.HostCalls); the mean per layer and per pass is
 written to the profile (a policy's occasional expensive call counts, as it does on the critical
 path). all_resident's share is already in calibrate's executor host time (measured by running
-it), so each policy is charged what it takes beyond all_resident's.
+it), so each policy is charged what it takes beyond all_resident's. Each landed copy is timed too
+(its commit, the policy told, the next copy's victims ranked while the link waits), charged beyond
+lru's, whose landings the copy calibration and lru's accurate runs already hold. All of it is
+measured with the cache at several shares of the experts (SHARES): a policy ranking every resident
+expert costs more the more the cache holds.
 """
 from __future__ import annotations
 
