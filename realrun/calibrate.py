@@ -336,12 +336,25 @@ def fit_after_wait(response: dict) -> AfterWaitSpec | None:
     None when waiting does not slow the work measurably."""
     if not response:
         return None
-    series = [*response["after_copy_wait"], response["after_1s_idle"]]
+    spec = _fit_after_wait(response, [*response["after_copy_wait"], response["after_1s_idle"]])
+    if spec is not None and spec.warm_up_s >= AFTER_WAIT_TAU_MAX_S:
+        # No recovery within the launch groups measured (on one fresh H200 the GPU ran 1.1-2.6x slow
+        # through all 16 after the 1 s idle, and not at all after copy waits): the model's slowdown
+        # that work heals cannot be fitted to that, and extrapolated it charged every run as cold
+        # (all_resident +80%). Fit the copy waits alone; after_wait_check shows the idle's error.
+        spec = _fit_after_wait(response, response["after_copy_wait"])
+    return spec
+
+
+AFTER_WAIT_TAU_MAX_S = 1.0  # the fit's grid of time constants: 10 us .. 1 s
+
+
+def _fit_after_wait(response: dict, series: list[dict]) -> AfterWaitSpec | None:
     worst = max(max(s["factors"][:2]) for s in series)
     if worst < 1.05:
         return None
-    grid = AfterWaitSpec(np.linspace(1.0, worst * 1.2, 40)[:, None, None], np.geomspace(1e-5, 1.0, 50)[None, :, None],
-                         np.geomspace(1e-5, 1.0, 50)[None, None, :])
+    taus = np.geomspace(1e-5, AFTER_WAIT_TAU_MAX_S, 50)
+    grid = AfterWaitSpec(np.linspace(1.0, worst * 1.2, 40)[:, None, None], taus[None, :, None], taus[None, None, :])
     warm_s = _warm_groups(response)
     error = np.zeros((40, 50, 50))
     for s in series:
