@@ -18,7 +18,9 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
   decisions out, beyond all_resident's, and per landed copy beyond lru's, at four budgets
   (realrun.policy_host), replaying --policy-trace (the trace
   realrun.compare will run: the matching policies' cost grows with its layers and training
-  requests) in the simulator.
+  requests) in the simulator, then scaled to what the executor's own thread takes for the same
+  calls: every policy run briefly on the executor and in the replay alike (the request before the
+  replayed ones, a few tokens; --no-executor-host leaves the replay's times as they are).
 - with --gpus N (N > 1): what joins the GPUs (realrun.fabric): host links alone and all at once
   (host_aggregate_Bps), and GPU-to-GPU copies by size (nvlink); the tables above are GPU 0's.
 """
@@ -48,7 +50,7 @@ from realrun.executor import COPY_WAITS, Machine, RealOptions, device_names
 from realrun.fabric import Fabric, measure_fabric
 from realrun.kernels import REALRUN_FORMAT, NonExpertLayer, copies_beyond_cache, expert_fn, realrun_model
 from realrun.memory import HostExperts, SlotPool, random_bf16
-from realrun.policy_host import policy_host_times
+from realrun.policy_host import on_executor, policy_host_times
 from realrun.preflight import check_calibrate
 from realrun.rounds import EXTRA_ROUNDS, MAX_REMEASURES, ROUNDS, SPREAD_LIMIT, Measured, measure, unsettled
 from realrun.validate import DEFAULT_CHECKS, Check, validate
@@ -643,9 +645,11 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
               others: list[Backend] | None = None, policy_trace: Trace | None = None,
               train_fraction: float = 0.0, validate_runs: bool = True, host_sources: int = 8,
               spread_limit: float = SPREAD_LIMIT, validation_remeasures: int = VALIDATION_REMEASURES,
-              decode_steps: int = OVERHEAD_STEPS, max_requests: int | None = None) -> Calibration:
+              decode_steps: int = OVERHEAD_STEPS, max_requests: int | None = None,
+              executor_host: bool = True) -> Calibration:
     """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too;
     with `policy_trace`, every policy's host time replaying it (its leading `train_fraction` trains),
+    scaled to the executor's on short runs of every policy (executor_host; realrun.policy_host.on_executor),
     and (validate_runs) the profile validated on short executor runs of it (realrun.validate)."""
     tokens = tokens or TOKENS
     gpu = backend.name
@@ -658,17 +662,25 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         ceilings = device_ceilings(backend)
         fabric = measure_fabric(backends, measured.largest.bytes_per_expert) if len(backends) > 1 else None
         profile, notes = _build_profile(measured, name, gpu, ceilings, fabric, None)
-        host_times = hook_times = None
+        host_times = hook_times = on_real = None
+        machine = None
+        if policy_trace is not None and (validate_runs or executor_host):
+            machine = Machine(policy_trace.model, RealOptions(device=str(backend.device), kv_tokens=kv_tokens,
+                                                              copy_wait=copy_wait, graphs=graphs,
+                                                              host_sources=host_sources))
         if policy_trace is not None:
             host_times, hook_times = policy_host_times(policy_trace, profile, train_fraction,
                                                        max_requests=max_requests)
+            if executor_host:
+                replayed = host_times
+                host_times, on_real = on_executor(
+                    host_times, policy_trace, profile, train_fraction,
+                    lambda run, observer: execute_real(run, machine, observer=observer), REALRUN_FORMAT,
+                    Path(tmp) / "head")
         build = lambda: _build_profile(measured, name, gpu, ceilings, fabric, host_times)  # noqa: E731
         profile, notes = build()
         validation = None
         if policy_trace is not None and validate_runs:
-            machine = Machine(policy_trace.model, RealOptions(device=str(backend.device), kv_tokens=kv_tokens,
-                                                              copy_wait=copy_wait, graphs=graphs,
-                                                              host_sources=host_sources))
             current = {"profile": profile}
 
             def remeasure(term: str) -> None:
@@ -678,8 +690,8 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                                                    max_requests)
             checks = [c for c in DEFAULT_CHECKS if c.policy in available()]
             validation = validate(checks, run_real, run_sim, remeasure, max_remeasures=validation_remeasures)
-            del machine
             profile, notes = build()
+        machine = None  # its host buffers freed before the profile is written
     if host_times is not None:
         profile.extra["calibration"]["policy_host_trace"] = (f"{policy_trace.source.label()}, {policy_trace.model.num_layers} "
                                                              f"layers, train fraction {train_fraction}")
@@ -690,6 +702,15 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                          for n, t in host_times.items()))
         notes.append("policy host time per layer / per pass (us), the policy's hooks alone: " + ", ".join(
             f"{n} {t.layer_s * 1e6:.1f} / {t.step_s * 1e6:.1f}" for n, t in hook_times.items()))
+    if on_real is not None:
+        profile.extra["calibration"]["policy_host_executor"] = on_real
+        profile.extra["calibration"]["policy_host_replay_s"] = {n: t.to_dict() for n, t in replayed.items()}
+        notes.append(f"policy host time on the executor over the replay (request {on_real['request']}, "
+                     f"{on_real['tokens']} tokens, {on_real['share']:.0%} of the experts; per layer / pass / landed "
+                     "copy, a factor or +us where the replay's was too small to scale): " + ", ".join(
+                         f"{n} " + " / ".join(f"{f:.2f}x" if not added else f"{added * 1e6:+.0f}us"
+                                              for f, added in r["scale"])
+                         for n, r in on_real["policies"].items()))
     if validation is not None:
         profile.extra["calibration"]["validation"] = validation.to_dict()
         notes += validation.notes()
@@ -750,6 +771,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")
     parser.add_argument("--train-fraction", type=float, default=0.0,
                         help="its leading share that trains the policies (as compare --train-fraction)")
+    parser.add_argument("--no-executor-host", action="store_true",
+                        help="charge the policies' host time as replayed, not scaled to short executor runs of each")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the validation (short all_resident, lru and oracle_prefetch runs of --policy-trace "
                              "on the executor, simulated on the new profile)")
@@ -781,7 +804,7 @@ def main(argv: list[str] | None = None) -> None:
             result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
                                graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
                                train_fraction=args.train_fraction, validate_runs=not args.no_validate,
-                               host_sources=args.host_sources, max_requests=args.max_requests, **quick)
+                               executor_host=not args.no_executor_host, host_sources=args.host_sources, max_requests=args.max_requests, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile

@@ -16,13 +16,15 @@ from realrun.backend import Backend, Event
 from realrun.memory import HostExperts
 from sim.copy_queue import CopyJob
 from sim.copy_scheduler import CopyScheduler
+from sim.layer_protocol import chunk_landed
 from sim.metrics import Recorder
 from sim.placement import PlacedCache
 
 
 class CopyEngine:
     def __init__(self, gpu: int, backend: Backend, caches: list[PlacedCache], policy: Policy, recorder: Recorder,
-                 host: HostExperts, part_bytes: Callable[[int], list[int]], sleep_on_copies: bool = False):
+                 host: HostExperts, part_bytes: Callable[[int], list[int]], sleep_on_copies: bool = False,
+                 land: Callable[[CopyScheduler], None] = chunk_landed):
         self.scheduler = CopyScheduler(gpu, caches, policy, recorder)
         self.scheduler.transport = self
         self.cache = caches[gpu]
@@ -31,6 +33,7 @@ class CopyEngine:
         self.host = host
         self.part_bytes = part_bytes  # layer -> bytes of each part of its experts
         self._landing: Event | None = None
+        self.land = land  # the landing's handling (the executor's HostCalls.chunk_landed, timed when observed)
 
     @property
     def busy(self) -> bool:
@@ -67,6 +70,6 @@ class CopyEngine:
         """Handle the chunk on the link if it has landed (then start the next one). True if one landed."""
         if self.busy and self._landing.query():
             self._landing = None
-            self.scheduler.chunk_landed()
+            self.land(self.scheduler)
             return True
         return False

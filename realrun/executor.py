@@ -38,7 +38,7 @@ from realrun.kernels import NonExpertLayer, expert_fn, expert_weights, realrun_m
 from realrun.memory import HostExperts, SlotPool
 from sim.compute import ComputeModel
 from sim.errors import StallError
-from sim.layer_protocol import split_cpu
+from sim.layer_protocol import HostObserver, split_cpu
 from sim.metrics import Recorder
 from sim.placement import PlacedCache, aligned
 from sim.profiles import HardwareProfile
@@ -240,10 +240,12 @@ def collector_paused():
 class Executor(Serving):
     def __init__(self, machine: Machine, trace: Trace | None, policy: Policy, model: ModelSpec,
                  hardware: HardwareProfile, budget_bytes: int, requests: list[int], options: SimOptions | None = None,
-                 on_request_done: Callable[[int], None] | None = None, timeline: Timeline | None = None):
+                 on_request_done: Callable[[int], None] | None = None, timeline: Timeline | None = None,
+                 observer: HostObserver | None = None):
         """`hardware` is the profile the simulator runs the same replay on: a policy that plans with
         profiled costs (ctx.timing) must see the same numbers in both engines. `timeline`, when
-        given, records every kernel group and wait (two timing events per group)."""
+        given, records every kernel group and wait (two timing events per group); `observer`, told
+        every host call's duration (sim.layer_protocol.HostCalls), as the SimPy engine tells it."""
         opts = self.options = options or SimOptions()
         if model.num_layers != machine.model.num_layers or model.expert_shape_key != machine.model.expert_shape_key:
             raise UserError(f"the machine was built for {machine.model.name} ({machine.model.num_layers} layers), "
@@ -269,11 +271,12 @@ class Executor(Serving):
         self._part_bytes: list[list[int]] = [[model.bytes_per_expert]] * model.num_layers
         self.caches = [PlacedCache(capacity, self._block_bytes, None)
                        for capacity in cache_capacities(policy, model, topo, budget_bytes, opts.budget_scope)]
+        self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done,
+                           observer)
         sleep = machine.options.copy_wait == "sleep"
         self.copies = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of,
-                                  sleep) for g, backend in enumerate(machine.backends)]
+                                  sleep, self.calls.chunk_landed) for g, backend in enumerate(machine.backends)]
         self.links = [copies.scheduler for copies in self.copies]  # what the layer protocol queues copies on
-        self.serving_state(None if trace is None else arrival_times(opts, trace, self.requests), on_request_done)
         self._t0 = 0.0
         self.timeline = timeline
         self.cpu = None  # realrun.cpu_experts.CpuLayer, for policies that compute experts on the CPU

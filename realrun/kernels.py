@@ -86,9 +86,11 @@ def clamped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, gate_up_bias: torch.T
     return torch.addmm(down_bias, (up + 1) * (gate * torch.sigmoid(gate * alpha)), down.t())
 
 
-def biased_clamped_swiglu(x: torch.Tensor, weights: torch.Tensor, hidden: int, width: int, alpha: float,
+def biased_clamped_swiglu(x: torch.Tensor, weights: torch.Tensor, hidden: int, alpha: float,
                           limit: float) -> torch.Tensor:
-    """gpt-oss's expert from one slot: flat bf16 weights [2f, h], bias [2f], [h, f], bias [h]."""
+    """gpt-oss's expert from one slot: flat bf16 weights [2f, h], bias [2f], [h, f], bias [h]; f from
+    the slot's size, so that a part of an expert (MoEpic's segments) is an expert of its width."""
+    width = (weights.numel() - hidden) // (3 * hidden + 2)
     n = 2 * width * hidden
     gate_up, gate_up_bias = weights[:n].view(2 * width, hidden), weights[n: n + 2 * width]
     n += 2 * width
@@ -103,7 +105,7 @@ ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def expert_fn(model: ModelSpec) -> ExpertFn:
     """f(x, weights): the model's expert FFN over the bf16 weights of one expert (its slot's bytes)."""
     if model.expert_bias:  # gpt-oss is the one model with biased experts: its clamped SwiGLU
-        return partial(biased_clamped_swiglu, hidden=model.hidden_size, width=model.expert_intermediate_size,
+        return partial(biased_clamped_swiglu, hidden=model.hidden_size,
                        alpha=GPT_OSS.swiglu_alpha, limit=GPT_OSS.swiglu_limit)
     return partial(swiglu, hidden=model.hidden_size)
 

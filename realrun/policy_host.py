@@ -15,19 +15,33 @@ it), so each policy is charged what it takes beyond all_resident's. Each landed 
 lru's, whose landings the copy calibration and lru's accurate runs already hold. All of it is
 measured with the cache at several shares of the experts (SHARES): a policy ranking every resident
 expert costs more the more the cache holds.
+
+The replay times the host as the simulator's process runs it; the executor's thread runs the same
+calls beside CUDA's launches, its copy polling and its driver threads, and was measured taking up to
+4x as long per landing (gpt-oss-20b on an H200 host: FineMoE's 226 us against the replay's 55). So,
+given a machine (on_executor), every policy is also run on the executor, briefly (the request just
+before the measured ones, cut to EXECUTOR_TOKENS, at EXECUTOR_SHARE of the experts), with its calls
+timed as in the replay, and the replay's times are scaled by what the executor took over what the
+replay took of the same short run.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
+from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from policies import policy_class, shipped
-from sim.api import execute, prepare
+from sim.api import PreparedRun, execute, prepare
 from sim.config import SimConfig
-from sim.layer_protocol import POLICY_HOOKS
+from sim.layer_protocol import POLICY_HOOKS, HostObserver
 from sim.profiles import HardwareProfile, PolicyHostTime
 from traces import Trace
+
+# Runs a prepared run with every host call reported to the observer: the simulator's replay, or the executor.
+Runner = Callable[[PreparedRun, HostObserver], object]
 
 BASELINE = "all_resident"
 # Landings: what the copies' own calibration (copy_dma_s, timed on a bare loop) lacks, beyond the
@@ -41,15 +55,28 @@ LAND_CALLS = ("chunk_landed",)
 # The budgets measured, as shares of all experts: what a policy's host time costs grows with what its
 # cache holds (a ranking over every resident expert), and a run is charged its own budget's.
 SHARES = (0.125, 0.25, 0.5, 0.75)
+# The executor's short runs: enough layers and landings for a mean (24 tokens of gpt-oss-20b: 576
+# layers), few enough seconds for every policy in calibrate's call.
+EXECUTOR_TOKENS = 24
+EXECUTOR_SHARE = 0.5
+# Below this (seconds, beyond the baseline, in the replay of the short run) a ratio is noise: the
+# executor's excess is added instead.
+RATIO_FLOOR_S = 5e-6
+
+
+def _replay(run: PreparedRun, observer: HostObserver) -> None:
+    execute(run, observer=observer)
 
 
 def host_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile,
-               train_fraction: float = 0.0, max_requests: int | None = None) -> tuple[PolicyHostTime, PolicyHostTime]:
+               train_fraction: float = 0.0, max_requests: int | None = None, runner: Runner = _replay,
+               expert_format: str | None = None) -> tuple[PolicyHostTime, PolicyHostTime]:
     """(the hooks alone, the hooks and carrying their decisions out): mean seconds per layer, per pass."""
     run = prepare(SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=hardware.to_dict(),
-                            train_fraction=train_fraction, max_requests=max_requests, engine="simpy"), trace)
+                            train_fraction=train_fraction, max_requests=max_requests, engine="simpy",
+                            expert_format=expert_format), trace)
     spent: dict[str, list[float]] = defaultdict(list)
-    execute(run, observer=lambda call, seconds: spent[call].append(seconds))
+    runner(run, lambda call, seconds: spent[call].append(seconds))
     layers, passes = max(1, len(spent["on_layer_start"])), max(1, len(spent["on_step_start"]))
     landings = max(1, len(spent["chunk_landed"]))
 
@@ -76,10 +103,57 @@ def policy_host_times(trace: Trace, hardware: HardwareProfile, train_fraction: f
                                           train_fraction, max_requests)
                 for name, share in tqdm(runs, desc="policy host time", unit="run", leave=False)}
 
-    def beyond(name: str, share: float) -> tuple[float, float, float]:
-        own, base = measured[name, share][1], measured[BASELINE, share][1]
-        return (max(0.0, own.layer_s - base.layer_s), max(0.0, own.step_s - base.step_s),
-                max(0.0, own.land_s - measured[LAND_BASELINE, share][1].land_s))
-    charged = {name: PolicyHostTime(*beyond(name, 0.5), by_budget=tuple((share, *beyond(name, share)) for share in SHARES))
+    charged = {name: PolicyHostTime(*_beyond(measured, name, 0.5),
+                                    by_budget=tuple((share, *_beyond(measured, name, share)) for share in SHARES))
                for name in names}
     return charged, {name: measured[name, 0.5][0] for name in names}
+
+
+def _beyond(measured: dict, name: str, key) -> tuple[float, float, float]:
+    """A policy's (layer, pass, landing) times beyond the baselines', measured[name, key][1] each."""
+    own, base, land = measured[name, key][1], measured[BASELINE, key][1], measured[LAND_BASELINE, key][1]
+    return (max(0.0, own.layer_s - base.layer_s), max(0.0, own.step_s - base.step_s),
+            max(0.0, own.land_s - land.land_s))
+
+
+def on_executor(charged: dict[str, PolicyHostTime], trace: Trace, hardware: HardwareProfile, train_fraction: float,
+                run_real: Runner, expert_format: str, work_dir: Path, run_sim: Runner = _replay
+                ) -> tuple[dict[str, PolicyHostTime], dict]:
+    """`charged` (policy_host_times'), scaled to what the executor takes: each policy run briefly on
+    it and in the replay alike, on the request just before the ones replayed at `train_fraction`
+    (never a measured one), cut to EXECUTOR_TOKENS, at EXECUTOR_SHARE.
+    Returns (the scaled times, per policy the short runs' (layer, pass, landing) seconds beyond the
+    baselines on each side and the factors applied)."""
+    from realrun.subset import head  # writes a trace: only on this path
+
+    # Trained on the requests before it; with none before it (a trace of two), on itself whole.
+    last = max(0, int(trace.num_requests * train_fraction) - 1)
+    requests = list(range(last)) + [last] if last else [0, 0]
+    short = head(trace, requests, EXECUTOR_TOKENS, work_dir)
+    fraction = (len(requests) - 0.5) / len(requests)  # all but the last train
+    budget = f"{max(1, round(trace.model.num_layers * trace.model.num_experts * EXECUTOR_SHARE))}experts"
+    every = sorted({*charged, BASELINE, LAND_BASELINE})
+    runs = [(name, side) for name in every for side in ("replay", "executor")]
+    measured = {(name, side): host_times(short, name, budget, hardware, fraction, 1,
+                                         run_sim if side == "replay" else run_real, expert_format)
+                for name, side in tqdm(runs, desc="policy host time, executor", unit="run", leave=False)}
+    record, scaled = {}, {}
+    for name, times in charged.items():
+        sim, real = _beyond(measured, name, "replay"), _beyond(measured, name, "executor")
+        scale = [_scale(s, r) for s, r in zip(sim, real)]
+        record[name] = {"replay_s": list(sim), "executor_s": list(real), "scale": [list(f) for f in scale]}
+        scaled[name] = _scaled(times, scale)
+    return scaled, {"request": last, "tokens": EXECUTOR_TOKENS, "share": EXECUTOR_SHARE, "policies": record}
+
+
+def _scale(sim: float, real: float) -> tuple[float, float]:
+    """(factor, added seconds) taking a replay's time to the executor's."""
+    return (real / sim, 0.0) if sim >= RATIO_FLOOR_S else (1.0, real - sim)
+
+
+def _scaled(times: PolicyHostTime, scale: list[tuple[float, float]]) -> PolicyHostTime:
+    def apply(values) -> tuple[float, ...]:
+        return tuple(max(0.0, v * factor + added) for v, (factor, added) in zip(values, scale))
+    return dataclasses.replace(times, **dict(zip(("layer_s", "step_s", "land_s"),
+                                                 apply((times.layer_s, times.step_s, times.land_s)))),
+                               by_budget=tuple((row[0], *apply(row[1:])) for row in times.by_budget))

@@ -53,8 +53,20 @@ def test_expert_reads_weights_and_biases_from_the_slot_in_order_and_clamps():
     got = expert_fn(TINY)(x, flat)
     want = reference_expert(x, *(p.double() for p in parts))
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
-    unclamped = biased_clamped_swiglu(x, flat, hidden, width, alpha=1.702, limit=1e9)
+    unclamped = biased_clamped_swiglu(x, flat, hidden, alpha=1.702, limit=1e9)
     assert not torch.allclose(unclamped, want)  # the clamp acts on these inputs
+
+
+def test_a_part_of_an_expert_is_an_expert_of_its_width():
+    """MoEpic's segments: a slot holding part of an expert's rows computes as an expert that narrow."""
+    hidden, width = TINY.hidden_size, 4
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(2 * width, hidden, generator=g), torch.randn(2 * width, generator=g),
+             torch.randn(hidden, width, generator=g), torch.randn(hidden, generator=g)]
+    flat = torch.cat([p.flatten() for p in parts] + [torch.zeros(7)]).double()  # a part's slot rounds up
+    x = torch.randn(3, hidden, generator=g, dtype=torch.float64)
+    assert torch.allclose(expert_fn(TINY)(x, flat), reference_expert(x, *(p.double() for p in parts)),
+                          rtol=1e-10, atol=1e-10)
 
 
 def test_attention_heads_sliding_window_and_sinks():
