@@ -9,6 +9,7 @@ cudaMemcpyAsync on the copy stream, and the executor learns that it landed by po
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from policies.base import Block, Policy
@@ -16,7 +17,7 @@ from realrun.backend import Backend, Event
 from realrun.memory import HostExperts
 from sim.copy_queue import CopyJob
 from sim.copy_scheduler import CopyScheduler
-from sim.layer_protocol import chunk_landed
+from sim.layer_protocol import LAUNCH, HostObserver, chunk_landed
 from sim.metrics import Recorder
 from sim.placement import PlacedCache
 
@@ -24,7 +25,7 @@ from sim.placement import PlacedCache
 class CopyEngine:
     def __init__(self, gpu: int, backend: Backend, caches: list[PlacedCache], policy: Policy, recorder: Recorder,
                  host: HostExperts, part_bytes: Callable[[int], list[int]], sleep_on_copies: bool = False,
-                 land: Callable[[CopyScheduler], None] = chunk_landed):
+                 land: Callable[[CopyScheduler], None] = chunk_landed, observer: HostObserver | None = None):
         self.scheduler = CopyScheduler(gpu, caches, policy, recorder)
         self.scheduler.transport = self
         self.cache = caches[gpu]
@@ -34,6 +35,7 @@ class CopyEngine:
         self.part_bytes = part_bytes  # layer -> bytes of each part of its experts
         self._landing: Event | None = None
         self.land = land  # the landing's handling (the executor's HostCalls.chunk_landed, timed when observed)
+        self.observer = observer
 
     @property
     def busy(self) -> bool:
@@ -41,6 +43,14 @@ class CopyEngine:
         return self.scheduler.current is not None
 
     def start(self, job: CopyJob) -> None:
+        if self.observer is None:
+            self._start(job)
+            return
+        started = time.perf_counter()
+        self._start(job)
+        self.observer(LAUNCH, time.perf_counter() - started)
+
+    def _start(self, job: CopyJob) -> None:
         block = job.block
         chunk = job.chunks - job.chunks_left
         lo, hi = job.nbytes * chunk // job.chunks, job.nbytes * (chunk + 1) // job.chunks

@@ -275,7 +275,7 @@ class Executor(Serving):
                            observer)
         sleep = machine.options.copy_wait == "sleep"
         self.copies = [CopyEngine(g, backend, self.caches, policy, self.recorder, machine.host, self._part_bytes_of,
-                                  sleep, self.calls.chunk_landed) for g, backend in enumerate(machine.backends)]
+                                  sleep, self.calls.chunk_landed, observer) for g, backend in enumerate(machine.backends)]
         self.links = [copies.scheduler for copies in self.copies]  # what the layer protocol queues copies on
         self._t0 = 0.0
         self.timeline = timeline

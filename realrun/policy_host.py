@@ -27,6 +27,7 @@ replay took of the same short run.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from policies import policy_class, shipped
 from sim.api import PreparedRun, execute, prepare
 from sim.config import SimConfig
-from sim.layer_protocol import POLICY_HOOKS, HostObserver
+from sim.layer_protocol import LAUNCH, POLICY_HOOKS, HostObserver
 from sim.profiles import HardwareProfile, PolicyHostTime
 from traces import Trace
 
@@ -68,6 +69,25 @@ def _replay(run: PreparedRun, observer: HostObserver) -> None:
     execute(run, observer=observer)
 
 
+class _Spent:
+    """An observer: each host call's seconds, less the copy launches made inside it (the executor's
+    cudaMemcpyAsync and its event, up to ~0.2 ms on a busy host: part of the copy's own calibrated
+    time, not the decision's). Launches outside any call (a demand started by an unpin) are dropped."""
+
+    def __init__(self):
+        self.calls: dict[str, list[float]] = defaultdict(list)
+        self._launches: list[tuple[float, float]] = []  # (started, seconds)
+
+    def __call__(self, call: str, seconds: float) -> None:
+        now = time.perf_counter()
+        if call == LAUNCH:
+            self._launches.append((now - seconds, seconds))
+            return
+        began = now - seconds
+        self.calls[call].append(seconds - sum(s for started, s in self._launches if started >= began))
+        self._launches.clear()
+
+
 def host_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile,
                train_fraction: float = 0.0, max_requests: int | None = None, runner: Runner = _replay,
                expert_format: str | None = None) -> tuple[PolicyHostTime, PolicyHostTime]:
@@ -75,8 +95,9 @@ def host_times(trace: Trace, policy: str, budget: str, hardware: HardwareProfile
     run = prepare(SimConfig(trace=str(trace.path), policy=policy, budget=budget, hardware=hardware.to_dict(),
                             train_fraction=train_fraction, max_requests=max_requests, engine="simpy",
                             expert_format=expert_format), trace)
-    spent: dict[str, list[float]] = defaultdict(list)
-    runner(run, lambda call, seconds: spent[call].append(seconds))
+    timed = _Spent()
+    runner(run, timed)
+    spent = timed.calls
     layers, passes = max(1, len(spent["on_layer_start"])), max(1, len(spent["on_step_start"]))
     landings = max(1, len(spent["chunk_landed"]))
 

@@ -30,6 +30,9 @@ from sim.metrics import Recorder
 HIT, LATE, MISS = 0, 1, 2
 POLICY_HOOKS = ("on_request_start", "on_request_end", "on_step_start", "on_step_end", "on_layer_start")
 HostObserver = Callable[[str, float], None]  # (call, seconds it took)
+# What a transport that runs on the host's own thread (realrun's copy engine) reports a copy's launch
+# as: host time inside the copy's own calibrated time, which the call that made it does not count.
+LAUNCH = "copy_launch"
 
 
 def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links: Sequence[CopyScheduler], home) -> None:

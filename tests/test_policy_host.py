@@ -66,3 +66,22 @@ def test_a_trace_of_two_measures_on_its_first_request_trained_on_itself(make_tra
     hosted, _ = policy_host_times(two, unit_hardware(), 0.5, ["finemoe"], max_requests=1)
     _, record = on_executor(hosted, two, unit_hardware(), 0.5, _replay, "bf16", tmp_path / "h")
     assert record["request"] == 0 and set(record["policies"]) == {"finemoe"}
+
+
+def test_copy_launches_inside_a_call_are_not_its_time_and_those_outside_any_call_are_dropped():
+    import time
+
+    from realrun.policy_host import _Spent
+    from sim.layer_protocol import LAUNCH
+
+    spent = _Spent()
+    spent(LAUNCH, 0.5)  # a demand started by an unpin, before the call below began: dropped
+    time.sleep(0.02)
+    begun = time.perf_counter()
+    time.sleep(0.01)
+    spent(LAUNCH, 0.004)  # inside the call
+    took = time.perf_counter() - begun
+    spent("start_layer", took)
+    assert spent.calls["start_layer"] == [pytest.approx(took - 0.004)]
+    spent("on_layer_start", 1e-6)  # nothing launched inside
+    assert spent.calls["on_layer_start"] == [1e-6]
