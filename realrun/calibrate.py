@@ -18,9 +18,9 @@ does the work, and writes conf/hardware/NAME.yaml (default NAME: the GPU's, e.g.
   decisions out, beyond all_resident's, and per landed copy beyond lru's, at four budgets
   (realrun.policy_host), replaying --policy-trace (the trace
   realrun.compare will run: the matching policies' cost grows with its layers and training
-  requests) in the simulator, then scaled to what the executor's own thread takes for the same
-  calls: every policy run briefly on the executor and in the replay alike (the request before the
-  replayed ones, a few tokens; --no-executor-host leaves the replay's times as they are).
+  requests) in the simulator; with --executor-host, scaled to what the executor's own thread takes
+  for the same calls: every policy run briefly on the executor and in the replay alike (the request
+  before the replayed ones, a few tokens).
 - with --gpus N (N > 1): what joins the GPUs (realrun.fabric): host links alone and all at once
   (host_aggregate_Bps), and GPU-to-GPU copies by size (nvlink); the tables above are GPU 0's.
 """
@@ -646,7 +646,7 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
               train_fraction: float = 0.0, validate_runs: bool = True, host_sources: int = 8,
               spread_limit: float = SPREAD_LIMIT, validation_remeasures: int = VALIDATION_REMEASURES,
               decode_steps: int = OVERHEAD_STEPS, max_requests: int | None = None,
-              executor_host: bool = True) -> Calibration:
+              executor_host: bool = False) -> Calibration:
     """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too;
     with `policy_trace`, every policy's host time replaying it (its leading `train_fraction` trains),
     scaled to the executor's on short runs of every policy (executor_host; realrun.policy_host.on_executor),
@@ -771,8 +771,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy-layers", type=int, default=None, help="its first N layers (as compare --layers)")
     parser.add_argument("--train-fraction", type=float, default=0.0,
                         help="its leading share that trains the policies (as compare --train-fraction)")
-    parser.add_argument("--no-executor-host", action="store_true",
-                        help="charge the policies' host time as replayed, not scaled to short executor runs of each")
+    parser.add_argument("--executor-host", action="store_true",
+                        help="scale the policies' replayed host time to short executor runs of each (two fresh H200s "
+                             "of 2026-12-04: no closer to the measured runs; docs/realrun/h200-gpt-oss-20b.md)")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the validation (short all_resident, lru and oracle_prefetch runs of --policy-trace "
                              "on the executor, simulated on the new profile)")
@@ -804,7 +805,8 @@ def main(argv: list[str] | None = None) -> None:
             result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
                                graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
                                train_fraction=args.train_fraction, validate_runs=not args.no_validate,
-                               executor_host=not args.no_executor_host, host_sources=args.host_sources, max_requests=args.max_requests, **quick)
+                               executor_host=args.executor_host, host_sources=args.host_sources,
+                               max_requests=args.max_requests, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)
         p = result.profile

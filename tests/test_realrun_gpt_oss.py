@@ -130,13 +130,17 @@ def test_calibrate_times_gpt_oss_kernels_and_validates_on_its_first_requests(rou
 
     result = calibrate(Backend("cpu"), [TINY], copy_sizes=[1 << 20], tokens=[1, 2], trials=1, reps=1, copy_reps=2,
                        kv_tokens=8, policy_trace=routed, train_fraction=0.5, spread_limit=float("inf"),
-                       validation_remeasures=0, decode_steps=10, max_requests=1)
+                       validation_remeasures=0, decode_steps=10, max_requests=1, executor_host=True)
     profile = result.profile
     assert set(profile.non_expert_layer_time_s) == {TINY.name}
     assert TINY.expert_shape_key in profile.expert_time_s
     assert any(size == TINY.bytes_per_expert for size, _ in profile.to_dict()["host_link"]["copy_time_s"])
     checks = profile.extra["calibration"]["validation"]["checks"]
     assert [c["policy"] for c in checks] == ["all_resident", "lru", "oracle_prefetch"]
+    # every policy's host time also timed on the executor (moepic's segments too), the replay's kept beside
+    calibration = profile.extra["calibration"]
+    assert set(calibration["policy_host_executor"]["policies"]) == set(profile.policy_host_s)
+    assert set(calibration["policy_host_replay_s"]) == set(profile.policy_host_s)
 
 
 def test_one_token_split_makes_the_measured_decode_layer_and_never_goes_negative():
