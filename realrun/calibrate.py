@@ -55,7 +55,8 @@ from realrun.preflight import check_calibrate
 from realrun.rounds import EXTRA_ROUNDS, MAX_REMEASURES, ROUNDS, SPREAD_LIMIT, Measured, measure, unsettled
 from realrun.validate import DEFAULT_CHECKS, Check, validate
 from realrun.validate import MAX_REMEASURES as VALIDATION_REMEASURES
-from realrun.subset import first_layers
+from realrun.fit import SCALERS, solve
+from realrun.subset import first_layers, held_out_head
 from sim.api import execute, prepare
 from sim.config import SimConfig
 from sim.metrics import Recorder
@@ -76,6 +77,7 @@ TOKENS = [1 << i for i in range(10)]  # 1 .. 512
 FIT_FROM_BYTES = 8 * MIB
 OVERHEAD_LAYERS = 8  # layers of the all-resident run that measures the executor's per-layer host time
 OVERHEAD_STEPS = 200
+VALIDATION_TOKENS = 64  # decode tokens of the validation's request (gpt-oss-20b's trace: a whole request)
 
 
 def _median_time(run: Callable[[], None], sync: Callable[[], None], trials: int, reps: int) -> float:
@@ -622,21 +624,44 @@ def _build_profile(m: Measurements, name: str, gpu: str, ceilings: tuple[float, 
 
 def validation_runners(profile_of: Callable[[], HardwareProfile], trace: Trace, machine: Machine,
                        train_fraction: float, max_requests: int | None = None
-                       ) -> tuple[Callable[[Check], dict], Callable[[Check], dict]]:
-    """(run on the executor, simulate on the current profile) for a validation check: the trace
-    compare will run (its first `max_requests` replayed requests), at half of all experts, its
-    experts in realrun's format."""
+                       ) -> tuple[Callable[[Check], dict], Callable[..., dict]]:
+    """(run on the executor, simulate on the current profile or the one given) for a validation
+    check: `trace` (its first `max_requests` replayed requests), at half of all experts, its experts
+    in realrun's format."""
     budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
 
-    def config(check: Check) -> SimConfig:
-        return SimConfig(trace=str(trace.path), policy=check.policy, budget=budget, hardware=profile_of().to_dict(),
-                         train_fraction=train_fraction, max_requests=max_requests, expert_format=REALRUN_FORMAT)
+    def config(check: Check, profile: HardwareProfile | None = None) -> SimConfig:
+        return SimConfig(trace=str(trace.path), policy=check.policy, budget=budget,
+                         hardware=(profile or profile_of()).to_dict(), train_fraction=train_fraction,
+                         max_requests=max_requests, expert_format=REALRUN_FORMAT)
 
     def summary(result) -> dict:
         m = result.metrics
         return {"tpot_mean_s": m.tpot_mean_s, "hit_rate": m.hit_rate, "ttft_mean_s": m.ttft_mean_s}
     return (lambda c: summary(execute_real(prepare(config(c), trace), machine)),
-            lambda c: summary(execute(prepare(config(c), trace))))
+            lambda c, profile=None: summary(execute(prepare(config(c, profile), trace))))
+
+
+def _fitted(profile: HardwareProfile, model: ModelSpec, fitted: dict[str, float]) -> HardwareProfile:
+    """`profile` with each fitted term scaled (realrun.fit), in the order they were fitted."""
+    for term, factor in fitted.items():
+        profile = SCALERS[term][0](profile, model, factor)
+    return profile
+
+
+def _fit_to(run_sim: Callable[..., dict], profile_of: Callable[[], HardwareProfile], model: ModelSpec,
+            fitted: dict[str, float], rebuild: Callable[[], None]) -> Callable[[Check, float], float | None]:
+    """validate's fit: the check's term scaled until its simulation on the current profile gives the
+    target mean TPOT; the scale kept in `fitted`, and the profile rebuilt with it."""
+    def fit(check: Check, target: float) -> float | None:
+        scaler, bounds = SCALERS[check.term]
+        base = profile_of()
+        if check.term == "after_wait" and base.for_model(model.name).after_wait is None:
+            return None
+        fitted[check.term] = solve(lambda s: run_sim(check, scaler(base, model, s))["tpot_mean_s"], target, bounds)
+        rebuild()
+        return fitted[check.term]
+    return fit
 
 
 def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None, copy_sizes: list[int] | None = None,
@@ -646,11 +671,12 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
               train_fraction: float = 0.0, validate_runs: bool = True, host_sources: int = 8,
               spread_limit: float = SPREAD_LIMIT, validation_remeasures: int = VALIDATION_REMEASURES,
               decode_steps: int = OVERHEAD_STEPS, max_requests: int | None = None,
-              executor_host: bool = False) -> Calibration:
+              executor_host: bool = False, fit_terms: bool = True) -> Calibration:
     """`backend`'s tables; with `others` (more devices of the same kind), what joins them all too;
     with `policy_trace`, every policy's host time replaying it (its leading `train_fraction` trains),
     scaled to the executor's on short runs of every policy (executor_host; realrun.policy_host.on_executor),
-    and (validate_runs) the profile validated on short executor runs of it (realrun.validate)."""
+    and (validate_runs) the profile validated on short executor runs of it (realrun.validate) on a
+    request compare does not measure, the terms still off then taken from those runs (fit_terms)."""
     tokens = tokens or TOKENS
     gpu = backend.name
     backends = [backend, *(others or [])]
@@ -677,19 +703,29 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                     host_times, policy_trace, profile, train_fraction,
                     lambda run, observer: execute_real(run, machine, observer=observer), REALRUN_FORMAT,
                     Path(tmp) / "head")
-        build = lambda: _build_profile(measured, name, gpu, ceilings, fabric, host_times)  # noqa: E731
+        fitted: dict[str, float] = {}  # terms taken from the validation's executor runs (realrun.fit)
+
+        def build() -> tuple[HardwareProfile, list[str]]:
+            built, built_notes = _build_profile(measured, name, gpu, ceilings, fabric, host_times)
+            return (_fitted(built, policy_trace.model, fitted) if fitted else built), built_notes
         profile, notes = build()
         validation = None
         if policy_trace is not None and validate_runs:
             current = {"profile": profile}
 
+            def rebuild() -> None:
+                current["profile"], _ = build()
+
             def remeasure(term: str) -> None:
                 measured.remeasure(term)
-                current["profile"], _ = build()
-            run_real, run_sim = validation_runners(lambda: current["profile"], policy_trace, machine, train_fraction,
-                                                   max_requests)
+                rebuild()
+            # A request compare does not measure: what the checks fit is checked on the others.
+            short, fraction, request = held_out_head(policy_trace, train_fraction, VALIDATION_TOKENS,
+                                                     Path(tmp) / "validation")
+            run_real, run_sim = validation_runners(lambda: current["profile"], short, machine, fraction, 1)
             checks = [c for c in DEFAULT_CHECKS if c.policy in available()]
-            validation = validate(checks, run_real, run_sim, remeasure, max_remeasures=validation_remeasures)
+            fit = _fit_to(run_sim, lambda: current["profile"], policy_trace.model, fitted, rebuild) if fit_terms else None
+            validation = validate(checks, run_real, run_sim, remeasure, max_remeasures=validation_remeasures, fit=fit)
             profile, notes = build()
         machine = None  # its host buffers freed before the profile is written
     if host_times is not None:
@@ -712,7 +748,8 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                                               for f, added in r["scale"])
                          for n, r in on_real["policies"].items()))
     if validation is not None:
-        profile.extra["calibration"]["validation"] = validation.to_dict()
+        profile.extra["calibration"]["validation"] = {**validation.to_dict(), "request": request,
+                                                      "tokens": VALIDATION_TOKENS, "fitted": dict(fitted)}
         notes += validation.notes()
     if fabric is not None:
         notes += fabric.notes()
@@ -774,6 +811,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--executor-host", action="store_true",
                         help="scale the policies' replayed host time to short executor runs of each (two fresh H200s "
                              "of 2026-12-04: no closer to the measured runs; docs/realrun/h200-gpt-oss-20b.md)")
+    parser.add_argument("--no-fit", action="store_true",
+                        help="leave a term the validation finds off as measured (with its residual) instead of "
+                             "taking it from the validation's executor runs (realrun.fit)")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the validation (short all_resident, lru and oracle_prefetch runs of --policy-trace "
                              "on the executor, simulated on the new profile)")
@@ -805,7 +845,8 @@ def main(argv: list[str] | None = None) -> None:
             result = calibrate(backends[0], models, args.name, kv_tokens=args.kv_tokens, copy_wait=args.copy_wait,
                                graphs=args.graphs, others=backends[1:], policy_trace=policy_trace,
                                train_fraction=args.train_fraction, validate_runs=not args.no_validate,
-                               executor_host=args.executor_host, host_sources=args.host_sources,
+                               executor_host=args.executor_host, fit_terms=not args.no_fit,
+                               host_sources=args.host_sources,
                                max_requests=args.max_requests, **quick)
         path = Path(args.out) if args.out else CONF_DIR / "hardware" / f"{result.profile.name}.yaml"
         write_profile(result, path)

@@ -153,9 +153,13 @@ def provenance(argv: list[str], device: str, profile_validation: dict | None) ->
     if profile_validation:
         checks = ", ".join(f"{c['policy']} {c['tpot_rel_err']:+.1%}" for c in profile_validation["checks"])
         residual = profile_validation.get("residual_error") or {}
-        lines.append(f"- profile's validation (calibrate's short runs, TPOT error): {checks}"
+        fitted = profile_validation.get("fitted") or {}
+        where = f" on request {profile_validation['request']}" if "request" in profile_validation else ""
+        lines.append(f"- profile's validation (calibrate's short runs{where}, TPOT error): {checks}"
                      + (f"; residual beyond {profile_validation['tolerance']:.0%}: "
-                        + ", ".join(f"{t} {e:+.1%}" for t, e in residual.items()) if residual else ""))
+                        + ", ".join(f"{t} {e:+.1%}" for t, e in residual.items()) if residual else "")
+                     + ("; taken from its executor runs: " + ", ".join(f"{t} x{f:.3f}" for t, f in fitted.items())
+                        if fitted else ""))
     else:
         lines.append("- profile's validation: none recorded (a profile from before calibrate validated)")
     return lines

@@ -145,13 +145,9 @@ def on_executor(charged: dict[str, PolicyHostTime], trace: Trace, hardware: Hard
     (never a measured one), cut to EXECUTOR_TOKENS, at EXECUTOR_SHARE.
     Returns (the scaled times, per policy the short runs' (layer, pass, landing) seconds beyond the
     baselines on each side and the factors applied)."""
-    from realrun.subset import head  # writes a trace: only on this path
+    from realrun.subset import held_out_head  # writes a trace: only on this path
 
-    # Trained on the requests before it; with none before it (a trace of two), on itself whole.
-    last = max(0, int(trace.num_requests * train_fraction) - 1)
-    requests = list(range(last)) + [last] if last else [0, 0]
-    short = head(trace, requests, EXECUTOR_TOKENS, work_dir)
-    fraction = (len(requests) - 0.5) / len(requests)  # all but the last train
+    short, fraction, request = held_out_head(trace, train_fraction, EXECUTOR_TOKENS, work_dir)
     budget = f"{max(1, round(trace.model.num_layers * trace.model.num_experts * EXECUTOR_SHARE))}experts"
     every = sorted({*charged, BASELINE, LAND_BASELINE})
     runs = [(name, side) for name in every for side in ("replay", "executor")]
@@ -164,7 +160,7 @@ def on_executor(charged: dict[str, PolicyHostTime], trace: Trace, hardware: Hard
         scale = [_scale(s, r) for s, r in zip(sim, real)]
         record[name] = {"replay_s": list(sim), "executor_s": list(real), "scale": [list(f) for f in scale]}
         scaled[name] = _scaled(times, scale)
-    return scaled, {"request": last, "tokens": EXECUTOR_TOKENS, "share": EXECUTOR_SHARE, "policies": record}
+    return scaled, {"request": request, "tokens": EXECUTOR_TOKENS, "share": EXECUTOR_SHARE, "policies": record}
 
 
 def _scale(sim: float, real: float) -> tuple[float, float]:

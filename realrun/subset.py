@@ -37,6 +37,16 @@ def head(trace: Trace, requests: list[int], decode_tokens: int, out_dir: Path) -
                 trace.model.num_layers, requests, decode_tokens)
 
 
+def held_out_head(trace: Trace, train_fraction: float, decode_tokens: int, out_dir: Path) -> tuple[Trace, float, int]:
+    """(a short trace, its train_fraction, the request of `trace` it replays): the request just before
+    those replayed at `train_fraction`, cut to `decode_tokens`, trained on the requests before it:
+    never a measured one. With none before it (a trace of two), the first, trained on itself whole."""
+    last = max(0, int(trace.num_requests * train_fraction) - 1)
+    requests = list(range(last)) + [last] if last else [0, 0]
+    fraction = (len(requests) - 0.5) / len(requests)  # all but the last train
+    return head(trace, requests, decode_tokens, out_dir), fraction, last
+
+
 def _cut(trace: Trace, out_dir: Path, what: str, num_layers: int, requests: list[int],
          last_tokens: int | None = None) -> Trace:
     model, source = trace.model, trace.source

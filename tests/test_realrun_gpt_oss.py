@@ -141,6 +141,11 @@ def test_calibrate_times_gpt_oss_kernels_and_validates_on_its_first_requests(rou
     calibration = profile.extra["calibration"]
     assert set(calibration["policy_host_executor"]["policies"]) == set(profile.policy_host_s)
     assert set(calibration["policy_host_replay_s"]) == set(profile.policy_host_s)
+    # validated on the request before the replayed ones; a term fitted there says by how much
+    validation = calibration["validation"]
+    assert validation["request"] == max(0, int(routed.num_requests * 0.5) - 1) and validation["tokens"] == 64
+    assert set(validation["fitted"]) <= {"decode_layer", "after_wait"}
+    assert {c["term"]: c["fitted"]["factor"] for c in validation["checks"] if "fitted" in c} == validation["fitted"]
 
 
 def test_one_token_split_makes_the_measured_decode_layer_and_never_goes_negative():

@@ -127,3 +127,48 @@ def test_a_slow_executor_run_is_made_again_and_can_clear_the_check():
     result = run(fake, tolerance=0.03)
     assert fake.remeasured == ["after_wait"] and result.residual == {}
     assert result.outcomes[1].real["tpot_mean_s"] == 1.0
+
+
+class FittingCalibration(FakeCalibration):
+    """As FakeCalibration, and a fit that sets the term to what makes its check give the target."""
+
+    def __init__(self, terms, real):
+        super().__init__(terms, real)
+        self.fits = []
+
+    def fit(self, check, target):
+        self.fits.append((check.term, target))
+        factor, self.terms[check.term][0] = target / self.terms[check.term][0], target
+        return factor
+
+
+def test_a_term_still_off_is_fitted_to_the_median_of_its_checks_executor_runs():
+    # after_wait re-measured twice and still 7% off; lru's executor runs then: 1.0 (the last re-run), 1.3, 0.98
+    fake = FittingCalibration({"decode_layer": [1.0], "after_wait": [1.10, 1.09, 1.07], "copies": [1.0]},
+                              {"all_resident": [1.0], "lru": [1.0, 1.0, 1.0, 1.3, 0.98], "oracle_prefetch": [1.0]})
+    result = validate(CHECKS, fake.run_real, fake.run_sim, fake.remeasure, tolerance=0.03, max_remeasures=2,
+                      fit=fake.fit)
+    assert fake.remeasured == ["after_wait", "after_wait"] and fake.fits == [("after_wait", 1.0)]
+    lru = result.outcomes[1]
+    assert fake.real_runs.count("lru") == 5 and lru.fitted["tpot_mean_s_real"] == [1.0, 1.3, 0.98]
+    assert lru.fitted["factor"] == pytest.approx(1 / 1.07) and result.residual == {}
+    assert "term after_wait taken from lru's executor runs: scaled 0.935x" in "\n".join(result.notes())
+    assert "spread 32.0%" in "\n".join(result.notes())
+
+
+def test_the_decode_layer_is_fitted_first_and_copies_are_never_fitted():
+    fake = FittingCalibration({"decode_layer": [1.2, 1.2, 1.2], "after_wait": [1.0], "copies": [0.9, 0.9, 0.9]},
+                              {"all_resident": [1.0], "lru": [1.0], "oracle_prefetch": [1.0]})
+    result = validate(CHECKS, fake.run_real, fake.run_sim, fake.remeasure, tolerance=0.03, max_remeasures=2,
+                      fit=fake.fit)
+    assert [term for term, _ in fake.fits] == ["decode_layer"]
+    assert result.residual == {"copies": pytest.approx(-0.1)} and result.outcomes[2].fitted is None
+    assert result.to_dict()["checks"][0]["fitted"]["factor"] == pytest.approx(1 / 1.2)
+
+
+def test_no_fit_is_made_where_the_checks_are_within_tolerance():
+    fake = FittingCalibration({"decode_layer": [1.01], "after_wait": [0.99], "copies": [1.0]},
+                              {"all_resident": [1.0], "lru": [1.0], "oracle_prefetch": [1.0]})
+    result = validate(CHECKS, fake.run_real, fake.run_sim, fake.remeasure, tolerance=0.03, fit=fake.fit)
+    assert fake.fits == [] and fake.real_runs == ["all_resident", "lru", "oracle_prefetch"]
+    assert all(o.fitted is None for o in result.outcomes)
