@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def work() -> None:
-        data = yaml.safe_load(Path(args.profile).read_text())
+        path = Path(args.profile)
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        if not isinstance(data, dict):
+            raise UserError(f"{args.profile}: not a profile YAML; give one realrun.calibrate wrote (its --out)")
         if args.replayed_host_time:
             replayed = (data.get("calibration") or {}).get("policy_host_replay_s")
             if not replayed:

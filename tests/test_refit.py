@@ -59,3 +59,6 @@ def test_a_profile_without_validation_is_one_clear_error(trace, tmp_path, capsys
         main([str(path), "--trace", str(trace.path), "--train-fraction", "0", "--replayed-host-time",
               "--out", str(tmp_path / "out.yaml")])
     assert "no replayed host time recorded" in capsys.readouterr().err and not (tmp_path / "out.yaml").exists()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing.yaml"), "--trace", str(trace.path), "--train-fraction", "0", "--out", "o.yaml"])
+    assert "not a profile YAML" in capsys.readouterr().err
