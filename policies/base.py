@@ -25,7 +25,8 @@ output token):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -60,7 +61,6 @@ def known_probs(probs: np.ndarray) -> np.ndarray:
     return np.where(unknown, np.minimum(share, floor), known).astype(np.float32)
 
 
-@dataclass(slots=True)
 class PrefetchPlan:
     """Blocks to copy ahead of use, each with a priority (higher is copied first).
 
@@ -73,11 +73,38 @@ class PrefetchPlan:
     layer whose work for this pass runs on the host CPU instead (sim.host_cpu); their weights are
     neither copied nor pinned, the hidden state goes down and the results come up, and the layer
     waits for the CPU and the GPU, which compute meanwhile.
+
+    of_arrays() makes the same plan of part-0 blocks from numpy arrays, for policies that rank
+    with numpy: `blocks` lists them only when read, and the layer protocol skips a one-GPU plan's
+    resident blocks with one lookup (most of a replanned queue is resident already).
     """
 
-    blocks: list[tuple] = field(default_factory=list)
-    replace: bool = False
-    cpu: tuple[int, ...] = ()
+    __slots__ = ("_blocks", "replace", "cpu", "arrays")
+
+    def __init__(self, blocks: list[tuple] | None = None, replace: bool = False, cpu: tuple[int, ...] = ()):
+        self._blocks = [] if blocks is None else blocks
+        self.replace = replace
+        self.cpu = cpu
+        self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of_arrays(cls, layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
+                  replace: bool = False) -> PrefetchPlan:
+        """Entries ((layers[i], experts[i], 0), priorities[i]) in this order; int64 and float arrays."""
+        plan = cls(replace=replace)
+        plan._blocks = None
+        plan.arrays = (layers, experts, priorities)
+        return plan
+
+    @property
+    def blocks(self) -> list[tuple]:
+        if self._blocks is None:
+            layers, experts, priorities = self.arrays
+            self._blocks = list(zip(zip(layers.tolist(), experts.tolist(), itertools.repeat(0)), priorities.tolist()))
+        return self._blocks
+
+    def __repr__(self) -> str:
+        return f"PrefetchPlan(blocks={self.blocks!r}, replace={self.replace!r}, cpu={self.cpu!r})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,6 @@
 """Helpers shared by the history-matching policies (FineMoE, MoE-Infinity): cosine, best match, plan union, map accuracy."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from policies.base import PrefetchPlan
@@ -46,8 +44,8 @@ def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
     """One queue-replacing plan for the requests of a batch, from their predictions' (layer, expert,
     priority) arrays concatenated in the requests' order: every block any of them predicts, at the
     highest priority any gives it, highest first, equal priorities in first-seen order; at most
-    `limit` entries. Built with numpy and handed over as one list: plans are hundreds of entries,
-    rebuilt after every layer."""
+    `limit` entries. Built with numpy and handed over as arrays (PrefetchPlan.of_arrays): plans are
+    hundreds of entries, rebuilt after every layer."""
     layers, experts = np.asarray(layers, dtype=np.int64), np.asarray(experts, dtype=np.int64)
     keys = layers * (int(experts.max(initial=0)) + 1) + experts
     seen = np.zeros(int(keys.max(initial=0)) + 1, dtype=np.bool_)
@@ -64,5 +62,4 @@ def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
         layers, experts, priorities = layers[order], experts[order], priorities[order]
     if limit is not None:
         layers, experts, priorities = layers[:limit], experts[:limit], priorities[:limit]
-    return PrefetchPlan(list(zip(zip(layers.tolist(), experts.tolist(), itertools.repeat(0)), priorities.tolist())),
-                        replace=True)
+    return PrefetchPlan.of_arrays(layers, experts, priorities, replace=True)

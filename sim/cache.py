@@ -73,6 +73,9 @@ class ExpertCache:
         self._blocks: list[Block] = []
         self._table = np.zeros((3, 16), dtype=np.int64)
         self._evictable = np.zeros(16, dtype=np.bool_)
+        # Which (layer, expert) have part 0 resident, grown as blocks land: the layer protocol skips
+        # a prefetch plan's resident blocks with one lookup (resident_mask).
+        self._grid = np.zeros((0, 0), dtype=np.bool_)
 
     # --- what a policy may see (policies.base.CacheView) ---
     def free_bytes(self) -> int:
@@ -99,6 +102,27 @@ class ExpertCache:
         n = len(self._blocks)
         return self._table[:, :n].compress(self._evictable[:n], axis=1).T
 
+    def resident_mask(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Whether each block (layers[i], experts[i], 0) is resident (int64 arrays, layers in range)."""
+        grid = self._grid
+        inside = (experts >= 0) & (layers < grid.shape[0]) & (experts < grid.shape[1])
+        if inside.all():
+            return grid[layers, experts]
+        mask = np.zeros(len(layers), dtype=np.bool_)
+        mask[inside] = grid[layers[inside], experts[inside]]
+        return mask
+
+    def _set_grid(self, block: Block, resident: bool) -> None:
+        layer, expert, part = block
+        if part:
+            return
+        grid = self._grid
+        if layer >= grid.shape[0] or expert >= grid.shape[1]:
+            grown = np.zeros((max(layer + 1, grid.shape[0]), max(expert + 1, grid.shape[1])), dtype=np.bool_)
+            grown[: grid.shape[0], : grid.shape[1]] = grid
+            self._grid = grid = grown
+        grid[layer, expert] = resident
+
     def _add_row(self, block: Block) -> None:
         n = len(self._blocks)
         if n == self._table.shape[1]:
@@ -108,8 +132,10 @@ class ExpertCache:
         self._blocks.append(block)
         self._table[:, n] = block
         self._evictable[n] = block not in self._pins
+        self._set_grid(block, True)
 
     def _drop_row(self, block: Block) -> None:
+        self._set_grid(block, False)
         i = self._rows.pop(block)
         moved = self._blocks.pop()
         if moved != block:  # the last column moves into the gap
