@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from policies.base import DEMAND_PRIORITY, Block
 
@@ -99,6 +100,25 @@ class CopyQueue:
         """Drop one queued job (its memory, if started, is the caller's to release)."""
         job.valid = False
         del self._jobs[job.block]
+
+    def push_prefetches(self, entries: Iterable[tuple[Block, float]],
+                        new_job: Callable[[Block, float], CopyJob | None]) -> None:
+        """push() each (block, priority) in turn, new_job(block, priority) making the job of a block
+        not queued (None: none). The heap is rebuilt once, without the stale entries of jobs cancelled
+        or replaced before: so new_job may hand back a cancelled job (re-validated) instead of a new one."""
+        self._heap = [entry for entry in self._heap if entry[3].valid]
+        jobs, heap, seq = self._jobs, self._heap, self._seq
+        for block, priority in entries:
+            job = jobs.get(block)
+            if job is not None:
+                if priority > job.priority:
+                    self._reprioritise(job, priority, 0.0)
+                continue
+            job = new_job(block, priority)
+            if job is not None:
+                jobs[block] = job
+                heap.append((-priority, job.rank, next(seq), job))
+        heapq.heapify(heap)
 
     def cancel_prefetches(self) -> list[CopyJob]:
         """Drop every queued prefetch; returns them (started ones hold memory the caller must release)."""

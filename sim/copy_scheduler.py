@@ -20,7 +20,7 @@ DMA on the copy stream (realrun.copy_engine). Both engines therefore schedule co
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from policies.base import DEMAND_PRIORITY, Block, Policy
 from sim.cache import ExpertCache
@@ -86,6 +86,35 @@ class CopyScheduler:
         for job in self.queue.cancel_prefetches():
             self._release(job)
         self.kick()
+
+    def replace_prefetches(self, entries: Iterable[tuple[Block, float]]) -> None:
+        """cancel_prefetches(), then fetch() each prefetch (block, priority), while a copy is on the
+        link: a prefetch cancelled before it started and asked for again is queued again as the
+        same job (a replanning policy asks for most of its queue again after every layer)."""
+        cancelled = self.queue.cancel_prefetches()
+        for job in cancelled:
+            self._release(job)
+        self.fetch_prefetches(entries, {job.block: job for job in cancelled if not job.started})
+
+    def fetch_prefetches(self, entries: Iterable[tuple[Block, float]], again: dict[Block, CopyJob] | None = None) -> None:
+        """fetch() each prefetch (block, priority) of a plan while a copy is on the link, so that none
+        starts meanwhile (the queue then takes them in one pass); `again`: cancelled jobs to reuse."""
+        current, cache, recorder, chunks = self.current, self.cache, self.recorder, self._chunks
+
+        def new_job(block: Block, priority: float) -> CopyJob | None:
+            if block == current.block:
+                current.priority = max(current.priority, priority)
+                return None
+            if cache.holds(block):
+                return None
+            recorder.prefetches_requested += 1
+            job = again.pop(block, None) if again else None
+            if job is None:
+                return CopyJob(block, priority, cache.block_bytes(block), chunks, chunks)
+            job.priority, job.valid = priority, True
+            return job
+
+        self.queue.push_prefetches(entries, new_job)
 
     def kick(self) -> None:
         """Start the next copy if the link is idle and memory can be found for it."""

@@ -72,9 +72,13 @@ def _apply_arrays(plan: PrefetchPlan, policy: Policy, num_layers: int, link: Cop
     if bad.any():
         i = int(np.argmax(bad))
         raise _bad_entry(policy, (int(layers[i]), int(experts[i]), 0), float(priorities[i]))
+    cache = link.cache
+    if plan.replace and link.current is not None:  # busy throughout: the queue is replaced at once
+        missing = np.flatnonzero(~cache.resident_mask(layers, experts))
+        link.replace_prefetches(_entries(layers, experts, priorities, missing))
+        return
     if plan.replace:
         link.cancel_prefetches()
-    cache = link.cache
     missing = np.flatnonzero(~cache.resident_mask(layers, experts))
     fetched = 0
     while fetched < len(missing) and link.current is None:
@@ -86,10 +90,12 @@ def _apply_arrays(plan: PrefetchPlan, policy: Policy, num_layers: int, link: Cop
     if fetched:  # a copy started: the rest is looked up after its victims left
         after = int(missing[fetched - 1]) + 1
         missing = after + np.flatnonzero(~cache.resident_mask(layers[after:], experts[after:]))
-    fetch = link.fetch
-    for block, priority in zip(zip(layers[missing].tolist(), experts[missing].tolist(), itertools.repeat(0)),
-                               priorities[missing].tolist()):
-        fetch(block, priority)
+    link.fetch_prefetches(_entries(layers, experts, priorities, missing))
+
+
+def _entries(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray, rows: np.ndarray):
+    """The plan's entries (block, priority) at `rows`, as Python values."""
+    return zip(zip(layers[rows].tolist(), experts[rows].tolist(), itertools.repeat(0)), priorities[rows].tolist())
 
 
 def _bad_entry(policy: Policy, block: Block, priority: float) -> PolicyError:
