@@ -44,22 +44,28 @@ def ranked(cache: CacheView, rank: Ranking) -> Iterator[Block]:
     """Evictable blocks in ascending (keys..., block) order; ranked at the first victim asked for.
 
     Most copies need one victim: the first is found by narrowing to each key's minimum in turn (a
-    few passes over the rows), and the whole order is sorted only when a second is asked for. The
-    block ends the key, so the order is total and both ways agree (a NaN key goes the sorted way)."""
-    table = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
-    if not len(table):
+    few passes over the rows), then to the lowest block (the cache's block codes order blocks as
+    tuples do), and the whole order is sorted only when a second is asked for. The block ends the
+    key, so the order is total and both ways agree (a NaN key goes the sorted way)."""
+    layers, experts, parts, codes = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
+    if not len(codes):
         return
-    layers, experts, parts = table.T
-    keys = tuple(rank(layers, experts, parts)) + (layers, experts, parts)
+    keys = tuple(rank(layers, experts, parts))
     rows = None
     for key in keys:
         column = key if rows is None else key[rows]
-        rows = np.flatnonzero(column == column.min()) if rows is None else rows[column == column.min()]
+        low = column.min()
+        rows = np.flatnonzero(column == low) if rows is None else rows[column == low]
         if len(rows) <= 1:
             break
-    first = int(rows[0]) if len(rows) == 1 else None
+    if rows is None:
+        first = int(codes.argmin())
+    elif len(rows) > 1:
+        first = int(rows[codes[rows].argmin()])
+    else:
+        first = int(rows[0]) if len(rows) else None
     if first is not None:
         yield int(layers[first]), int(experts[first]), int(parts[first])
-    order = np.lexsort(keys[::-1])
+    order = np.lexsort((codes,) + keys[::-1])
     for i in order[1:] if first is not None else order:
         yield int(layers[i]), int(experts[i]), int(parts[i])

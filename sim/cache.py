@@ -18,6 +18,12 @@ RESIDENT = 1
 IN_FLIGHT = 2
 
 
+def block_code(block: Block) -> int:
+    """One integer per block, ordered as the blocks are (layer, then expert, then part; each below 2**21)."""
+    layer, expert, part = block
+    return (layer << 42) | (expert << 21) | part
+
+
 class RunningLayer(NamedTuple):
     """The layer being computed, as layer_protocol.start_layer planned it (seen from one GPU)."""
 
@@ -66,12 +72,12 @@ class ExpertCache:
         self.evictions = 0
         self.wasted_prefetch_bytes = 0
         self.running_layer: RunningLayer | None = None
-        # The resident blocks as columns of an array (layer, expert, part rows; one column a block,
-        # `_blocks` the same in order), and which are evictable, kept as they change so a policy
-        # ranking them with numpy (policies.victims) does not rebuild it on every copy.
+        # The resident blocks as columns of an array (layer, expert, part and block_code rows; one
+        # column a block, `_blocks` the same in order), and which are evictable, kept as they change
+        # so a policy ranking them with numpy (policies.victims) does not rebuild it on every copy.
         self._rows: dict[Block, int] = {}
         self._blocks: list[Block] = []
-        self._table = np.zeros((3, 16), dtype=np.int64)
+        self._table = np.zeros((4, 16), dtype=np.int64)
         self._evictable = np.zeros(16, dtype=np.bool_)
         # Which (layer, expert) have part 0 resident, grown as blocks land: the layer protocol skips
         # a prefetch plan's resident blocks with one lookup (resident_mask).
@@ -97,10 +103,10 @@ class ExpertCache:
         return (b for b, s in self._state.items() if s == RESIDENT)
 
     def evictable_table(self) -> np.ndarray:
-        """The evictable blocks as rows (layer, expert, part) of an int64 array, in no set order
-        (its columns are contiguous)."""
+        """The evictable blocks as the columns of an int64 array, in no set order: rows layer,
+        expert, part and block_code (each row contiguous)."""
         n = len(self._blocks)
-        return self._table[:, :n].compress(self._evictable[:n], axis=1).T
+        return self._table[:, :n].compress(self._evictable[:n], axis=1)
 
     def resident_mask(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """Whether each block (layers[i], experts[i], 0) is resident (int64 arrays, layers in range)."""
@@ -130,7 +136,7 @@ class ExpertCache:
             self._evictable = np.concatenate([self._evictable, np.zeros_like(self._evictable)])
         self._rows[block] = n
         self._blocks.append(block)
-        self._table[:, n] = block
+        self._table[:, n] = (*block, block_code(block))
         self._evictable[n] = block not in self._pins
         self._set_grid(block, True)
 
@@ -139,10 +145,11 @@ class ExpertCache:
         i = self._rows.pop(block)
         moved = self._blocks.pop()
         if moved != block:  # the last column moves into the gap
+            last = len(self._blocks)
             self._rows[moved] = i
             self._blocks[i] = moved
-            self._table[:, i] = moved
-            self._evictable[i] = self._evictable[len(self._blocks)]
+            self._table[:, i] = self._table[:, last]
+            self._evictable[i] = self._evictable[last]
 
     # --- engine side ---
     def holds(self, block: Block) -> bool:
