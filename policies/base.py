@@ -54,9 +54,10 @@ def known_probs(probs: np.ndarray) -> np.ndarray:
     unknown = np.isnan(probs)
     if not unknown.any():
         return probs
-    known = np.where(unknown, 0.0, probs).astype(np.float32)
+    known = np.where(unknown, 0.0, probs).astype(np.float32, copy=False)
     missing = unknown.sum(axis=-1, keepdims=True)
-    share = np.clip(1.0 - known.sum(axis=-1, keepdims=True), 0.0, None) / np.maximum(missing, 1)
+    # np.maximum is what np.clip(x, 0.0, None) calls, without its Python wrapper (this runs every layer)
+    share = np.maximum(1.0 - known.sum(axis=-1, keepdims=True), 0.0) / np.maximum(missing, 1)
     floor = np.where(unknown, np.inf, known).min(axis=-1, keepdims=True)
     return np.where(unknown, np.minimum(share, floor), known).astype(np.float32)
 
@@ -140,7 +141,7 @@ class CacheView(Protocol):
     def is_in_flight(self, block: Block) -> bool: ...
     def is_evictable(self, block: Block) -> bool: ...
     def resident_blocks(self) -> Iterator[Block]: ...
-    def evictable_table(self) -> np.ndarray: ...  # evictable blocks as int64 rows (layer, expert, part)
+    def evictable_table(self) -> np.ndarray: ...  # evictable blocks as int64 columns (layer, expert, part, code)
 
 
 class FutureView(Protocol):
