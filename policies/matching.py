@@ -11,12 +11,13 @@ EPS = 1e-8  # as torch.nn.functional.cosine_similarity
 def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """x scaled to unit L2 norm along `axis` (zero vectors stay zero)."""
     x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), EPS)
+    # np.linalg.norm's own computation for one axis (without its Python wrapper: this runs every layer)
+    return x / np.maximum(np.sqrt(np.add.reduce(x * x, axis=axis, keepdims=True)), EPS)
 
 
 def best_match(similarity: np.ndarray, stamps: np.ndarray) -> int:
-    """Index of the highest similarity; ties go to the most recently stored entry (highest stamp)."""
-    tied = np.flatnonzero(similarity == similarity.max())
+    """Index of the highest similarity (1-D); ties go to the most recently stored entry (highest stamp)."""
+    tied = (similarity == np.maximum.reduce(similarity)).nonzero()[0]
     return int(tied[np.argmax(stamps[tied])]) if len(tied) > 1 else int(tied[0])
 
 

@@ -52,10 +52,10 @@ def ranked(cache: CacheView, rank: Ranking) -> Iterator[Block]:
         return
     keys = tuple(rank(layers, experts, parts))
     rows = None
-    for key in keys:
+    for key in keys:  # (the ufuncs' own reduce and nonzero: their Python wrappers cost as much, per copy)
         column = key if rows is None else key[rows]
-        low = column.min()
-        rows = np.flatnonzero(column == low) if rows is None else rows[column == low]
+        ties = column == np.minimum.reduce(column)
+        rows = ties.nonzero()[0] if rows is None else rows[ties]
         if len(rows) <= 1:
             break
     if rows is None:

@@ -74,12 +74,12 @@ def _apply_arrays(plan: PrefetchPlan, policy: Policy, num_layers: int, link: Cop
         raise _bad_entry(policy, (int(layers[i]), int(experts[i]), 0), float(priorities[i]))
     cache = link.cache
     if plan.replace and link.current is not None:  # busy throughout: the queue is replaced at once
-        missing = np.flatnonzero(~cache.resident_mask(layers, experts))
+        missing = (~cache.resident_mask(layers, experts)).nonzero()[0]
         link.replace_prefetches(_entries(layers, experts, priorities, missing))
         return
     if plan.replace:
         link.cancel_prefetches()
-    missing = np.flatnonzero(~cache.resident_mask(layers, experts))
+    missing = (~cache.resident_mask(layers, experts)).nonzero()[0]
     fetched = 0
     while fetched < len(missing) and link.current is None:
         i = int(missing[fetched])
@@ -89,7 +89,7 @@ def _apply_arrays(plan: PrefetchPlan, policy: Policy, num_layers: int, link: Cop
         return
     if fetched:  # a copy started: the rest is looked up after its victims left
         after = int(missing[fetched - 1]) + 1
-        missing = after + np.flatnonzero(~cache.resident_mask(layers[after:], experts[after:]))
+        missing = after + (~cache.resident_mask(layers[after:], experts[after:])).nonzero()[0]
     link.fetch_prefetches(_entries(layers, experts, priorities, missing))
 
 
