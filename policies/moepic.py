@@ -69,6 +69,7 @@ class MoEpic(Policy):
         self.slots = [min(m.num_experts, share // t) for t in self.tenths]
         self._now = 0
         self._hot: np.ndarray | None = None  # flat [layers * experts]: a top within its layer's slots; None: stale
+        self._stale: set[int] = set()  # layers whose uses changed since _hot was made
 
     def _top_units(self) -> int:
         """Tenths of an expert the budget leaves for top segments after the working room (MoEpic is
@@ -193,7 +194,7 @@ class MoEpic(Policy):
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self._now = layer
         self.uses[layer, list(experts)] += 1
-        self._hot = None
+        self._stale.add(layer)
         self.speculation.observe(layer, experts)
         following = layer + 1
         if following == self.layers:
@@ -206,14 +207,26 @@ class MoEpic(Policy):
         """Bottoms first, then tops beyond their layer's slots, then the next layer's bottoms, then hot
         tops; the least used first within each group."""
         def order(layers, experts, parts):  # ranked only when a victim is needed
-            if self._hot is None:  # once per layer at most: the uses change as each layer starts
-                rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
-                self._hot = (rank < np.asarray(self.slots)[:, None]).ravel()
+            hot = self._hot_tops()
             flat = layers * self.experts + experts
-            group = np.where(parts == 1, np.where(layers == self._now + 1, 2, 0), np.where(self._hot[flat], 3, 1))
+            group = np.where(parts == 1, np.where(layers == self._now + 1, 2, 0), np.where(hot[flat], 3, 1))
             return group, self.uses.ravel()[flat]
 
         return ranked(cache, order)
+
+    def _hot_tops(self) -> np.ndarray:
+        """Whether each expert (flat) is among its layer's `slots` most used (stable ranks): made
+        whole after training, then only the rows of the layers whose uses changed (each started layer)."""
+        if self._hot is None:
+            rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
+            self._hot = (rank < np.asarray(self.slots)[:, None]).ravel()
+        else:
+            e = self.experts
+            for layer in self._stale:
+                rank = np.argsort(np.argsort(-self.uses[layer], kind="stable"))
+                self._hot[layer * e: (layer + 1) * e] = rank < self.slots[layer]
+        self._stale.clear()
+        return self._hot
 
     def describe(self) -> dict:
         return {"theta_per_layer": [t / GRID for t in self.tenths], "top_slots_per_layer": list(self.slots),
