@@ -20,7 +20,7 @@ DMA on the copy stream (realrun.copy_engine). Both engines therefore schedule co
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from policies.base import DEMAND_PRIORITY, Block, Policy
 from sim.cache import ExpertCache
@@ -63,6 +63,7 @@ class CopyScheduler:
         self.blocked = False  # a demand copy waits for evictable memory
         self._chunks = max(1, int(policy.copy_chunks))
         self._released: list[Block] = []  # blocks of the running layer unpinned to make room (_make_room)
+        self._hears_cancels = type(policy).on_copy_cancelled is not Policy.on_copy_cancelled
 
     def fetch(self, block: Block, priority: float, rank: float = 0.0) -> None:
         """Ask for a block; a block already queued or copying is only re-prioritised. Among equal
@@ -83,38 +84,34 @@ class CopyScheduler:
             self.kick()
 
     def cancel_prefetches(self) -> None:
+        self.recorder.prefetches_cancelled += self.queue.batched()
         for job in self.queue.cancel_prefetches():
             self._release(job)
         self.kick()
 
-    def replace_prefetches(self, entries: Iterable[tuple[Block, float]]) -> None:
-        """cancel_prefetches(), then fetch() each prefetch (block, priority), while a copy is on the
-        link: a prefetch cancelled before it started and asked for again is queued again as the
-        same job (a replanning policy asks for most of its queue again after every layer)."""
-        cancelled = self.queue.cancel_prefetches()
-        for job in cancelled:
-            self._release(job)
-        self.fetch_prefetches(entries, {job.block: job for job in cancelled if not job.started})
+    def fetch_plan(self, blocks: list[Block], priorities: list[float], descending: bool) -> None:
+        """fetch() each prefetch blocks[i] at priorities[i], in turn, while a copy is on the link (so
+        none starts meanwhile). Distinct blocks in descending priority onto a queue holding no
+        prefetch go as one batch (CopyQueue.push_batch), with the same counts and the same order;
+        not for a policy that hears cancellations (a batch's are not told one by one)."""
+        live = dict(zip(blocks, range(len(blocks))))
+        if not descending or len(live) < len(blocks) or self._hears_cancels or self.queue.holds_prefetches():
+            for block, priority in zip(blocks, priorities):
+                self.fetch(block, priority)
+            return
+        current = self.current
+        i = live.pop(current.block, None)
+        if i is not None:
+            current.priority = max(current.priority, priorities[i])
+        # What else is in flight is queued (started, preempted): a queued block's demand keeps its
+        # infinite priority, so those entries change nothing.
+        for block in self.queue.blocks():
+            live.pop(block, None)
+        self.recorder.prefetches_requested += len(live)
+        self.queue.push_batch(blocks, priorities, live, self._new_job)
 
-    def fetch_prefetches(self, entries: Iterable[tuple[Block, float]], again: dict[Block, CopyJob] | None = None) -> None:
-        """fetch() each prefetch (block, priority) of a plan while a copy is on the link, so that none
-        starts meanwhile (the queue then takes them in one pass); `again`: cancelled jobs to reuse."""
-        current, cache, recorder, chunks = self.current, self.cache, self.recorder, self._chunks
-
-        def new_job(block: Block, priority: float) -> CopyJob | None:
-            if block == current.block:
-                current.priority = max(current.priority, priority)
-                return None
-            if cache.holds(block):
-                return None
-            recorder.prefetches_requested += 1
-            job = again.pop(block, None) if again else None
-            if job is None:
-                return CopyJob(block, priority, cache.block_bytes(block), chunks, chunks)
-            job.priority, job.valid = priority, True
-            return job
-
-        self.queue.push_prefetches(entries, new_job)
+    def _new_job(self, block: Block, priority: float) -> CopyJob:
+        return CopyJob(block, priority, self.cache.block_bytes(block), self._chunks, self._chunks)
 
     def kick(self) -> None:
         """Start the next copy if the link is idle and memory can be found for it."""

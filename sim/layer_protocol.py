@@ -66,19 +66,15 @@ def _apply_arrays(plan: PrefetchPlan, policy: Policy, num_layers: int, link: Cop
     """apply_plan of a plan of arrays on one GPU: the same fetches in the same order, the resident
     blocks skipped by one lookup. What is resident changes only when a copy starts (its victims
     leave), and a fetch starts one only while the link is idle: so the lookup is made again once,
-    after the fetch that made the link busy, for the entries after it."""
+    after the fetch that made the link busy, for the entries after it, which are then queued at once."""
     layers, experts, priorities = plan.arrays
     bad = (layers < 0) | (layers >= num_layers) | (priorities == DEMAND_PRIORITY)
     if bad.any():
         i = int(np.argmax(bad))
         raise _bad_entry(policy, (int(layers[i]), int(experts[i]), 0), float(priorities[i]))
-    cache = link.cache
-    if plan.replace and link.current is not None:  # busy throughout: the queue is replaced at once
-        missing = (~cache.resident_mask(layers, experts)).nonzero()[0]
-        link.replace_prefetches(_entries(layers, experts, priorities, missing))
-        return
     if plan.replace:
         link.cancel_prefetches()
+    cache = link.cache
     missing = (~cache.resident_mask(layers, experts)).nonzero()[0]
     fetched = 0
     while fetched < len(missing) and link.current is None:
@@ -90,12 +86,9 @@ def _apply_arrays(plan: PrefetchPlan, policy: Policy, num_layers: int, link: Cop
     if fetched:  # a copy started: the rest is looked up after its victims left
         after = int(missing[fetched - 1]) + 1
         missing = after + (~cache.resident_mask(layers[after:], experts[after:])).nonzero()[0]
-    link.fetch_prefetches(_entries(layers, experts, priorities, missing))
-
-
-def _entries(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray, rows: np.ndarray):
-    """The plan's entries (block, priority) at `rows`, as Python values."""
-    return zip(zip(layers[rows].tolist(), experts[rows].tolist(), itertools.repeat(0)), priorities[rows].tolist())
+    wanted = priorities[missing]
+    link.fetch_plan(list(zip(layers[missing].tolist(), experts[missing].tolist(), itertools.repeat(0))),
+                    wanted.tolist(), bool((wanted[1:] <= wanted[:-1]).all()))
 
 
 def _bad_entry(policy: Policy, block: Block, priority: float) -> PolicyError:
