@@ -228,7 +228,7 @@ class FineMoE(Policy):
             (np.concatenate(column) for column in zip(*predictions))
         self.candidates[:] = False
         self.candidates[layers, experts] = True
-        return union_plan(layers, experts, priorities)
+        return union_plan(layers, experts, priorities, distinct=len(predictions) == 1)
 
     def on_request_start(self, request: RequestInfo) -> None:
         self._embeds[request.index] = None if request.embedding is None else unit(request.embedding)

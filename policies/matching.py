@@ -41,17 +41,20 @@ class MapAccuracy:
 
 
 def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
-               limit: int | None = None) -> PrefetchPlan:
+               limit: int | None = None, distinct: bool = False) -> PrefetchPlan:
     """One queue-replacing plan for the requests of a batch, from their predictions' (layer, expert,
     priority) arrays concatenated in the requests' order: every block any of them predicts, at the
     highest priority any gives it, highest first, equal priorities in first-seen order; at most
-    `limit` entries. Built with numpy and handed over as arrays (PrefetchPlan.of_arrays): plans are
-    hundreds of entries, rebuilt after every layer."""
+    `limit` entries. distinct: the caller knows no block repeats (one request's prediction), so
+    none is looked for. Built with numpy and handed over as arrays (PrefetchPlan.of_arrays): plans
+    are hundreds of entries, rebuilt after every layer."""
     layers, experts = np.asarray(layers, dtype=np.int64), np.asarray(experts, dtype=np.int64)
-    keys = layers * (int(experts.max(initial=0)) + 1) + experts
-    seen = np.zeros(int(keys.max(initial=0)) + 1, dtype=np.bool_)
-    seen[keys] = True
-    if np.count_nonzero(seen) < len(keys):  # several requests predicted one block: keep its highest priority
+    if not distinct:
+        keys = layers * (int(experts.max(initial=0)) + 1) + experts
+        seen = np.zeros(int(keys.max(initial=0)) + 1, dtype=np.bool_)
+        seen[keys] = True
+        distinct = np.count_nonzero(seen) == len(keys)
+    if not distinct:  # several requests predicted one block: keep its highest priority
         unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         best = np.full(len(unique), -np.inf, dtype=np.result_type(priorities, np.float32))
         np.maximum.at(best, inverse, priorities)

@@ -144,8 +144,8 @@ class MoEInfinity(Policy):
             np.max([self._predict(r, layer) for r in requests], axis=0)
         rows, cols = np.nonzero(self.score)
         # In score order, ties by block; the queue never needs more than the caches hold (it is
-        # replaced after the next layer anyway).
-        return union_plan(rows, cols, self.score[rows, cols], limit=self._slots)
+        # replaced after the next layer anyway). One score per block: none repeats.
+        return union_plan(rows, cols, self.score[rows, cols], limit=self._slots, distinct=True)
 
     def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):
