@@ -43,29 +43,25 @@ def until_fits(order: Iterable[Block], need_bytes: int, cache: CacheView, chosen
 def ranked(cache: CacheView, rank: Ranking) -> Iterator[Block]:
     """Evictable blocks in ascending (keys..., block) order; ranked at the first victim asked for.
 
-    Most copies need one victim: the first is found by narrowing to each key's minimum in turn (a
-    few passes over the rows), then to the lowest block (the cache's block codes order blocks as
-    tuples do), and the whole order is sorted only when a second is asked for. The block ends the
-    key, so the order is total and both ways agree (a NaN key goes the sorted way)."""
-    layers, experts, parts, codes = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
-    if not len(codes):
+    The policy's keys are computed over every resident block (the cache's table as it stands, not
+    a copy of its evictable part). Most copies need one victim: the first is found by narrowing the
+    evictable rows to each key's minimum in turn, then to the lowest block (the cache's block codes
+    order blocks as tuples do), and the whole order is sorted only when a second is asked for. The
+    block ends the key, so the order is total and both ways agree (a NaN key goes the sorted way)."""
+    (layers, experts, parts, codes), evictable = cache.resident_table()
+    rows = evictable.nonzero()[0]
+    if not len(rows):
         return
     keys = tuple(rank(layers, experts, parts))
-    rows = None
     for key in keys:  # (the ufuncs' own reduce and nonzero: their Python wrappers cost as much, per copy)
-        column = key if rows is None else key[rows]
-        ties = column == np.minimum.reduce(column)
-        rows = ties.nonzero()[0] if rows is None else rows[ties]
+        column = key[rows]
+        rows = rows[column == np.minimum.reduce(column)]
         if len(rows) <= 1:
             break
-    if rows is None:
-        first = int(codes.argmin())
-    elif len(rows) > 1:
-        first = int(rows[codes[rows].argmin()])
-    else:
-        first = int(rows[0]) if len(rows) else None
+    first = int(rows[codes[rows].argmin()]) if len(rows) > 1 else int(rows[0]) if len(rows) else None
     if first is not None:
         yield int(layers[first]), int(experts[first]), int(parts[first])
     order = np.lexsort((codes,) + keys[::-1])
+    order = order[evictable[order]]
     for i in order[1:] if first is not None else order:
         yield int(layers[i]), int(experts[i]), int(parts[i])

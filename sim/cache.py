@@ -102,11 +102,12 @@ class ExpertCache:
     def resident_blocks(self) -> Iterator[Block]:
         return (b for b, s in self._state.items() if s == RESIDENT)
 
-    def evictable_table(self) -> np.ndarray:
-        """The evictable blocks as the columns of an int64 array, in no set order: rows layer,
-        expert, part and block_code (each row contiguous)."""
+    def resident_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """The resident blocks as the columns of an int64 array, in no set order (rows layer,
+        expert, part and block_code), and whether each is evictable: views, valid until the cache
+        changes."""
         n = len(self._blocks)
-        return self._table[:, :n].compress(self._evictable[:n], axis=1)
+        return self._table[:, :n], self._evictable[:n]
 
     def resident_mask(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """Whether each block (layers[i], experts[i], 0) is resident (int64 arrays, layers in range)."""
