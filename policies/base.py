@@ -130,6 +130,14 @@ class Step:
     lookahead: Any = None  # callable layer -> [tokens, distance, experts] or None (speculative gates)
     hidden: Any = None  # callable layer -> [tokens, dim] or None (projection of the hidden state entering the layer)
     expert_tokens: Any = None  # callable layer -> tokens per needed expert (in the order given), or None: one each
+    known: Any = None  # callable layer -> known_probs of the layer's probs, made for the whole pass at once; or None
+
+
+def layer_known_probs(step: Step, layer: int, probs: np.ndarray) -> np.ndarray:
+    """known_probs(probs) of the probabilities on_layer_start was given for `layer`: from the
+    engine's estimate for the whole pass where the step has one (the same values, row by row; one
+    call a pass instead of one a layer)."""
+    return known_probs(probs) if step.known is None else step.known(layer)
 
 
 class CacheView(Protocol):

@@ -57,7 +57,8 @@ from typing import Iterator
 
 import numpy as np
 
-from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, known_probs
+from policies.base import (Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, known_probs,
+                           layer_known_probs)
 from policies.registry import register
 from policies.matching import EPS, MapAccuracy, best_match, union_plan, unit
 from policies.victims import ranked
@@ -257,7 +258,7 @@ class FineMoE(Policy):
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
         self.map_accuracy.observe(self.predicted[layer], experts)  # eviction resets prob, not this
-        probs = known_probs(probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
+        probs = layer_known_probs(step, layer, probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
         rows = complete(probs[self._rows])
         self._current[:, layer] = rows
         if step.kind == "prefill" and len(probs) > 1:
