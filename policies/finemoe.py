@@ -83,6 +83,11 @@ def complete(expert_map: np.ndarray) -> np.ndarray:
         rest = np.maximum(1.0 - rows.sum(axis=-1, keepdims=True), 0.0)  # np.clip's own call, unwrapped
         share = rest / np.maximum(unknown.sum(axis=-1, keepdims=True), 1)
         rows = np.where(unknown, share, rows)
+    return normalised(rows)
+
+
+def normalised(rows: np.ndarray) -> np.ndarray:
+    """Rows without unknown probabilities scaled to sum 1 (all-zero rows stay zero), as float32."""
     total = rows.sum(axis=-1, keepdims=True)
     return np.divide(rows, total, out=np.zeros_like(rows), where=total > 0).astype(np.float32, copy=False)
 
@@ -259,10 +264,10 @@ class FineMoE(Policy):
         self.freq[layer, list(experts)] += 1
         self.map_accuracy.observe(self.predicted[layer], experts)  # eviction resets prob, not this
         probs = layer_known_probs(step, layer, probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
-        rows = complete(probs[self._rows])
+        rows = normalised(probs[self._rows])  # (known_probs left no unknown)
         self._current[:, layer] = rows
         if step.kind == "prefill" and len(probs) > 1:
-            self._prefill_rows.append(complete(probs))
+            self._prefill_rows.append(normalised(probs))
         store = self.store
         first = layer + 1 + (self.distance if self.trajectory_window == "artifact" else 0)
         last = self.layers if self.trajectory_window == "artifact" else min(layer + 1 + self.distance, self.layers)
