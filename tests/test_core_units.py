@@ -3,9 +3,11 @@ accounting, the copy scheduler's admission (through a scripted transport that la
 told) and the layer protocol's classification. Each expected value is worked out by hand here."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from policies.base import DEMAND_PRIORITY, Policy
+from policies.victims import ranked
 from sim.cache import ExpertCache
 from sim.copy_queue import CopyJob, CopyQueue
 from sim.copy_scheduler import CopyScheduler
@@ -126,6 +128,32 @@ def test_cancelling_a_batch_counts_its_entries_never_made_into_jobs():
     assert q.peek().block == (1, 0, 0) and q.batched() == 2
     assert [j.block for j in q.cancel_prefetches()] == [(1, 0, 0)] and q.batched() == 0
     assert q.peek() is None and len(q) == 0
+
+
+def test_ranked_takes_the_first_victim_as_the_full_order_does():
+    """policies.victims.ranked: the first victim found by narrowing equals the head of the sorted
+    order, ties among equal keys going to the lowest block; a NaN key leaves it to the sort."""
+    cache = ExpertCache(100 * MB, lambda block: MB)
+    blocks = [(layer, expert, part) for layer in range(3) for expert in range(4) for part in range(2)]
+    for b in reversed(blocks):
+        cache.reserve(b)
+        cache.commit(b, prefetched=False)
+    cache.pin((0, 0, 0))  # not evictable
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        score = rng.integers(0, 3, size=(3, 4)).astype(np.float64)
+        if trial % 5 == 4:
+            score[2, 3] = np.nan
+        used = rng.integers(0, 2, size=(3, 4)) > 0
+
+        def rank(layers, experts, parts):
+            return used[layers, experts], score[layers, experts]
+
+        expected = sorted((b for b in blocks if b != (0, 0, 0)),
+                          key=lambda b: (used[b[0], b[1]], np.isnan(score[b[0], b[1]]),
+                                         np.nan_to_num(score[b[0], b[1]]), b))
+        assert list(ranked(cache, rank)) == expected
+        assert next(ranked(cache, rank)) == expected[0]
 
 # --- the cache ---
 
