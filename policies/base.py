@@ -25,7 +25,8 @@ output token):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -53,14 +54,16 @@ def known_probs(probs: np.ndarray) -> np.ndarray:
     unknown = np.isnan(probs)
     if not unknown.any():
         return probs
-    known = np.where(unknown, 0.0, probs).astype(np.float32)
+    known = np.where(unknown, 0.0, probs).astype(np.float32, copy=False)
     missing = unknown.sum(axis=-1, keepdims=True)
-    share = np.clip(1.0 - known.sum(axis=-1, keepdims=True), 0.0, None) / np.maximum(missing, 1)
-    floor = np.where(unknown, np.inf, known).min(axis=-1, keepdims=True)
-    return np.where(unknown, np.minimum(share, floor), known).astype(np.float32)
+    # np.maximum is what np.clip(x, 0.0, None) calls, without its Python wrapper (this runs every layer)
+    share = np.maximum(1.0 - known.sum(axis=-1, keepdims=True), 0.0) / np.maximum(missing, 1)
+    floor = np.minimum.reduce(known, axis=-1, keepdims=True, where=~unknown, initial=np.inf)
+    # the estimate rounded to float32 per row, not the whole array carried in float64 (a training
+    # split's probabilities are millions)
+    return np.where(unknown, np.minimum(share, floor).astype(np.float32), known)
 
 
-@dataclass(slots=True)
 class PrefetchPlan:
     """Blocks to copy ahead of use, each with a priority (higher is copied first).
 
@@ -73,11 +76,38 @@ class PrefetchPlan:
     layer whose work for this pass runs on the host CPU instead (sim.host_cpu); their weights are
     neither copied nor pinned, the hidden state goes down and the results come up, and the layer
     waits for the CPU and the GPU, which compute meanwhile.
+
+    of_arrays() makes the same plan of part-0 blocks from numpy arrays, for policies that rank
+    with numpy: `blocks` lists them only when read, and the layer protocol skips a one-GPU plan's
+    resident blocks with one lookup (most of a replanned queue is resident already).
     """
 
-    blocks: list[tuple] = field(default_factory=list)
-    replace: bool = False
-    cpu: tuple[int, ...] = ()
+    __slots__ = ("_blocks", "replace", "cpu", "arrays")
+
+    def __init__(self, blocks: list[tuple] | None = None, replace: bool = False, cpu: tuple[int, ...] = ()):
+        self._blocks = [] if blocks is None else blocks
+        self.replace = replace
+        self.cpu = cpu
+        self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of_arrays(cls, layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
+                  replace: bool = False) -> PrefetchPlan:
+        """Entries ((layers[i], experts[i], 0), priorities[i]) in this order; int64 and float arrays."""
+        plan = cls(replace=replace)
+        plan._blocks = None
+        plan.arrays = (layers, experts, priorities)
+        return plan
+
+    @property
+    def blocks(self) -> list[tuple]:
+        if self._blocks is None:
+            layers, experts, priorities = self.arrays
+            self._blocks = list(zip(zip(layers.tolist(), experts.tolist(), itertools.repeat(0)), priorities.tolist()))
+        return self._blocks
+
+    def __repr__(self) -> str:
+        return f"PrefetchPlan(blocks={self.blocks!r}, replace={self.replace!r}, cpu={self.cpu!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +130,14 @@ class Step:
     lookahead: Any = None  # callable layer -> [tokens, distance, experts] or None (speculative gates)
     hidden: Any = None  # callable layer -> [tokens, dim] or None (projection of the hidden state entering the layer)
     expert_tokens: Any = None  # callable layer -> tokens per needed expert (in the order given), or None: one each
+    known: Any = None  # callable layer -> known_probs of the layer's probs, made for the whole pass at once; or None
+
+
+def layer_known_probs(step: Step, layer: int, probs: np.ndarray) -> np.ndarray:
+    """known_probs(probs) of the probabilities on_layer_start was given for `layer`: from the
+    engine's estimate for the whole pass where the step has one (the same values, row by row; one
+    call a pass instead of one a layer)."""
+    return known_probs(probs) if step.known is None else step.known(layer)
 
 
 class CacheView(Protocol):
@@ -113,7 +151,7 @@ class CacheView(Protocol):
     def is_in_flight(self, block: Block) -> bool: ...
     def is_evictable(self, block: Block) -> bool: ...
     def resident_blocks(self) -> Iterator[Block]: ...
-    def evictable_table(self) -> np.ndarray: ...  # evictable blocks as int64 rows (layer, expert, part)
+    def resident_table(self) -> tuple[np.ndarray, np.ndarray]: ...  # (layer, expert, part, code) columns, evictable
 
 
 class FutureView(Protocol):

@@ -57,7 +57,8 @@ from typing import Iterator
 
 import numpy as np
 
-from policies.base import Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, known_probs
+from policies.base import (Block, CacheView, Policy, PolicyContext, PrefetchPlan, RequestInfo, Step, known_probs,
+                           layer_known_probs)
 from policies.registry import register
 from policies.matching import EPS, MapAccuracy, best_match, union_plan, unit
 from policies.victims import ranked
@@ -79,11 +80,16 @@ def complete(expert_map: np.ndarray) -> np.ndarray:
     rows = expert_map
     if unknown.any():
         rows = np.where(unknown, np.float32(0.0), expert_map)
-        rest = np.clip(1.0 - rows.sum(axis=-1, keepdims=True), 0.0, None)
+        rest = np.maximum(1.0 - rows.sum(axis=-1, keepdims=True), 0.0)  # np.clip's own call, unwrapped
         share = rest / np.maximum(unknown.sum(axis=-1, keepdims=True), 1)
         rows = np.where(unknown, share, rows)
+    return normalised(rows)
+
+
+def normalised(rows: np.ndarray) -> np.ndarray:
+    """Rows without unknown probabilities scaled to sum 1 (all-zero rows stay zero), as float32."""
     total = rows.sum(axis=-1, keepdims=True)
-    return np.divide(rows, total, out=np.zeros_like(rows), where=total > 0).astype(np.float32)
+    return np.divide(rows, total, out=np.zeros_like(rows), where=total > 0).astype(np.float32, copy=False)
 
 
 class ExpertMapStore:
@@ -92,6 +98,11 @@ class ExpertMapStore:
     def __init__(self, capacity: int, layers: int, experts: int, distance: int):
         self.capacity = capacity
         self.maps = np.zeros((capacity, layers, experts), dtype=np.float32)
+        # Each stored map's rows ranked once, as selection reads them: expert order (descending
+        # probability, stable), the probabilities in that order and their running sums.
+        self.order = np.zeros((capacity, layers, experts), dtype=np.int64)
+        self.ranked = np.zeros((capacity, layers, experts), dtype=np.float32)
+        self.cumulative = np.zeros((capacity, layers, experts), dtype=np.float32)
         self.prefix_sq = np.zeros((capacity, layers), dtype=np.float32)  # squared norm of layers 0..l
         self.embeds: np.ndarray | None = None  # unit vectors, allocated on the first embedding
         self.stamps = np.zeros(capacity, dtype=np.int64)
@@ -116,6 +127,9 @@ class ExpertMapStore:
             slots += np.argmax(redundancy, axis=1).tolist()
         for slot, expert_map in zip(slots, maps):
             self.maps[slot] = expert_map
+            self.order[slot] = np.argsort(-expert_map, axis=1, kind="stable")
+            self.ranked[slot] = np.take_along_axis(expert_map, self.order[slot], axis=1)
+            self.cumulative[slot] = np.cumsum(self.ranked[slot], axis=1)
             self.prefix_sq[slot] = np.cumsum(np.einsum("le,le->l", expert_map, expert_map))
             if embed is not None:
                 if self.embeds is None:
@@ -162,6 +176,9 @@ class FineMoE(Policy):
         self.freq = np.zeros((m.num_layers, m.num_experts), dtype=np.int64)  # uses since loaded
         self.candidates = np.zeros((m.num_layers, m.num_experts), dtype=bool)  # the latest prefetch plan's
         self._embeds: dict[int, np.ndarray | None] = {}  # running request -> unit prompt embedding
+        self._columns = np.arange(m.num_experts)[None, :]
+        self._layer_of = np.repeat(np.arange(m.num_layers), m.num_experts).reshape(m.num_layers, m.num_experts)
+        self._decays: dict[tuple[int, int], np.ndarray] = {}
 
     def embedding_source(self, available: list[str]) -> str | None:
         if self.embedding is None and ARTIFACT_EMBEDDING in available:
@@ -177,25 +194,31 @@ class FineMoE(Policy):
             self.store.add(known_probs(trace.probs(slice(offset, offset + prefill + decode))), embed)
 
     # --- prediction ---
-    def _predict(self, expert_map: np.ndarray, similarity: float, first: int, last: int,
+    def _predict(self, slot: int, similarity: float, first: int, last: int,
                  now: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Prefetches (layers, experts, priorities) for layers first..last-1 of a matched
-        (completed) map, layer by layer and each in ranked order: the artifact's whole window at
+        """Prefetches (layers, experts, priorities) for layers first..last-1 of the stored map in
+        `slot`, layer by layer and each in ranked order: the artifact's whole window at
         p_selected * decay + 1e-6, or the paper's selected experts at p / (j - now)."""
-        rows = expert_map[first:last]
-        order = np.argsort(-rows, axis=1, kind="stable")
-        ranked = np.take_along_axis(rows, order, axis=1)
+        store = self.store
+        order, ranked = store.order[slot, first:last], store.ranked[slot, first:last]
         delta = min(max(1.0 - similarity, 0.0), 1.0) if self.delta is None else self.delta
-        counts = np.clip((np.cumsum(ranked, axis=1) <= delta).sum(axis=1), self.top_k, self.experts)
+        counts = np.minimum(np.maximum((store.cumulative[slot, first:last] <= delta).sum(axis=1), self.top_k),
+                            self.experts)  # clamped to [top_k, E] (np.clip, without its Python wrapper)
         counts[ranked[:, 0] <= 0] = 0
-        selected = np.arange(self.experts)[None, :] < counts[:, None]  # in ranked order
-        layers = np.repeat(np.arange(first, last), self.experts).reshape(len(rows), self.experts)
+        selected = self._columns < counts[:, None]  # in ranked order
+        layers = self._layer_of[first:last]
         if self.prefetch == "paper":
             distance = (layers - now).astype(np.float64)
             return layers[selected], order[selected], ranked[selected].astype(np.float64) / distance[selected]
-        decay = 1.0 - np.arange(len(rows)) / (last + 1)
-        priority = np.where(selected, ranked * decay[:, None], 0.0) + ENQUEUE_FLOOR
+        priority = np.where(selected, ranked * self._decay(first, last)[:, None], 0.0) + ENQUEUE_FLOOR
         return layers.ravel(), order.ravel(), priority.ravel()
+
+    def _decay(self, first: int, last: int) -> np.ndarray:
+        """The artifact's priority decay over layers first..last-1, 1 - (j - first) / (last + 1)."""
+        decay = self._decays.get((first, last))
+        if decay is None:
+            decay = self._decays[first, last] = 1.0 - np.arange(last - first) / (last + 1)
+        return decay
 
     def _plan(self, matched: list[np.ndarray], predictions: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
               first: int, last: int) -> PrefetchPlan | None:
@@ -207,10 +230,11 @@ class FineMoE(Policy):
         self.prob[first:last] = matched[0][first:last] if len(matched) == 1 else \
             np.max([m[first:last] for m in matched], axis=0)
         self.predicted[first:last] = self.prob[first:last]
-        layers, experts, priorities = (np.concatenate(column) for column in zip(*predictions))
+        layers, experts, priorities = predictions[0] if len(predictions) == 1 else \
+            (np.concatenate(column) for column in zip(*predictions))
         self.candidates[:] = False
         self.candidates[layers, experts] = True
-        return union_plan(layers, experts, priorities)
+        return union_plan(layers, experts, priorities, distinct=len(predictions) == 1)
 
     def on_request_start(self, request: RequestInfo) -> None:
         self._embeds[request.index] = None if request.embedding is None else unit(request.embedding)
@@ -233,17 +257,17 @@ class FineMoE(Policy):
             if match is not None:
                 self.searches["semantic"] += 1
                 matched.append(self.store.maps[match[0]])
-                predictions.append(self._predict(matched[-1], match[1], 0, last, -1))
+                predictions.append(self._predict(match[0], match[1], 0, last, -1))
         return self._plan(matched, predictions, 0, last)
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self.freq[layer, list(experts)] += 1
         self.map_accuracy.observe(self.predicted[layer], experts)  # eviction resets prob, not this
-        probs = known_probs(probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
-        rows = complete(probs[self._rows])
+        probs = layer_known_probs(step, layer, probs)  # unknown probabilities (topm traces): policies.base's estimate, not 0
+        rows = normalised(probs[self._rows])  # (known_probs left no unknown)
         self._current[:, layer] = rows
         if step.kind == "prefill" and len(probs) > 1:
-            self._prefill_rows.append(complete(probs))
+            self._prefill_rows.append(normalised(probs))
         store = self.store
         first = layer + 1 + (self.distance if self.trajectory_window == "artifact" else 0)
         last = self.layers if self.trajectory_window == "artifact" else min(layer + 1 + self.distance, self.layers)
@@ -260,7 +284,7 @@ class FineMoE(Policy):
             best = best_match(row_similarity, store.stamps[: store.size])
             self.searches["trajectory"] += 1
             matched.append(store.maps[best])
-            predictions.append(self._predict(matched[-1], float(row_similarity[best]), first, last, layer))
+            predictions.append(self._predict(best, float(row_similarity[best]), first, last, layer))
         return self._plan(matched, predictions, first, last)
 
     def on_step_end(self, step: Step) -> None:

@@ -1,8 +1,6 @@
 """Helpers shared by the history-matching policies (FineMoE, MoE-Infinity): cosine, best match, plan union, map accuracy."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from policies.base import PrefetchPlan
@@ -13,12 +11,13 @@ EPS = 1e-8  # as torch.nn.functional.cosine_similarity
 def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """x scaled to unit L2 norm along `axis` (zero vectors stay zero)."""
     x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), EPS)
+    # np.linalg.norm's own computation for one axis (without its Python wrapper: this runs every layer)
+    return x / np.maximum(np.sqrt(np.add.reduce(x * x, axis=axis, keepdims=True)), EPS)
 
 
 def best_match(similarity: np.ndarray, stamps: np.ndarray) -> int:
-    """Index of the highest similarity; ties go to the most recently stored entry (highest stamp)."""
-    tied = np.flatnonzero(similarity == similarity.max())
+    """Index of the highest similarity (1-D); ties go to the most recently stored entry (highest stamp)."""
+    tied = (similarity == np.maximum.reduce(similarity)).nonzero()[0]
     return int(tied[np.argmax(stamps[tied])]) if len(tied) > 1 else int(tied[0])
 
 
@@ -42,17 +41,20 @@ class MapAccuracy:
 
 
 def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
-               limit: int | None = None) -> PrefetchPlan:
+               limit: int | None = None, distinct: bool = False) -> PrefetchPlan:
     """One queue-replacing plan for the requests of a batch, from their predictions' (layer, expert,
     priority) arrays concatenated in the requests' order: every block any of them predicts, at the
     highest priority any gives it, highest first, equal priorities in first-seen order; at most
-    `limit` entries. Built with numpy and handed over as one list: plans are hundreds of entries,
-    rebuilt after every layer."""
+    `limit` entries. distinct: the caller knows no block repeats (one request's prediction), so
+    none is looked for. Built with numpy and handed over as arrays (PrefetchPlan.of_arrays): plans
+    are hundreds of entries, rebuilt after every layer."""
     layers, experts = np.asarray(layers, dtype=np.int64), np.asarray(experts, dtype=np.int64)
-    keys = layers * (int(experts.max(initial=0)) + 1) + experts
-    seen = np.zeros(int(keys.max(initial=0)) + 1, dtype=np.bool_)
-    seen[keys] = True
-    if np.count_nonzero(seen) < len(keys):  # several requests predicted one block: keep its highest priority
+    if not distinct:
+        keys = layers * (int(experts.max(initial=0)) + 1) + experts
+        seen = np.zeros(int(keys.max(initial=0)) + 1, dtype=np.bool_)
+        seen[keys] = True
+        distinct = np.count_nonzero(seen) == len(keys)
+    if not distinct:  # several requests predicted one block: keep its highest priority
         unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         best = np.full(len(unique), -np.inf, dtype=np.result_type(priorities, np.float32))
         np.maximum.at(best, inverse, priorities)
@@ -64,5 +66,4 @@ def union_plan(layers: np.ndarray, experts: np.ndarray, priorities: np.ndarray,
         layers, experts, priorities = layers[order], experts[order], priorities[order]
     if limit is not None:
         layers, experts, priorities = layers[:limit], experts[:limit], priorities[:limit]
-    return PrefetchPlan(list(zip(zip(layers.tolist(), experts.tolist(), itertools.repeat(0)), priorities.tolist())),
-                        replace=True)
+    return PrefetchPlan.of_arrays(layers, experts, priorities, replace=True)

@@ -78,6 +78,9 @@ class MoEInfinity(Policy):
         self._row_cos: dict[int, np.ndarray] = {}  # running request -> [stored EAM, layer] row cosines
         self._prompt_tokens: dict[int, int] = {}
         self._slots = sum(int(c.capacity_bytes // m.bytes_per_expert) for c in ctx.caches)
+        # after layer l, layer r's scores decay by 1 - (r - l) / (L + 1): one column per l, made once
+        self._decays = [(1.0 - (np.arange(layer + 1, m.num_layers) - layer) / (m.num_layers + 1))[:, None]
+                        for layer in range(m.num_layers)]
 
     def fit(self, trace: Trace, requests: list[int]) -> None:
         for r in requests:
@@ -116,13 +119,16 @@ class MoEInfinity(Policy):
         n = self.size
         row_cos = self._row_cos[request]
         row_cos[:n, layer] = self.collection[:n, layer] @ unit(self._eams[request][layer])
-        best = best_match(row_cos[:n, : layer + 1].mean(axis=1), self.stamps[:n])
+        # the mean over layers 0..layer as ndarray.mean computes it (a float32 sum divided by the
+        # count as an intp), without its Python wrapper
+        similarity = np.add.reduce(row_cos[:n, : layer + 1], axis=1)
+        np.true_divide(similarity, np.intp(layer + 1), out=similarity, casting="unsafe")
+        best = best_match(similarity, self.stamps[:n])
         self.matched[best] += 1
         match = self.collection[best, layer + 1:]
         totals = match.sum(axis=1, keepdims=True)
-        decay = 1.0 - (np.arange(layer + 1, self.layers) - layer) / (self.layers + 1)
         score = np.zeros_like(self.score)
-        score[layer + 1:] = np.divide(match, totals, out=np.zeros_like(match), where=totals > 0) * decay[:, None]
+        score[layer + 1:] = np.divide(match, totals, out=np.zeros_like(match), where=totals > 0) * self._decays[layer]
         return score
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
@@ -138,8 +144,8 @@ class MoEInfinity(Policy):
             np.max([self._predict(r, layer) for r in requests], axis=0)
         rows, cols = np.nonzero(self.score)
         # In score order, ties by block; the queue never needs more than the caches hold (it is
-        # replaced after the next layer anyway).
-        return union_plan(rows, cols, self.score[rows, cols], limit=self._slots)
+        # replaced after the next layer anyway). One score per block: none repeats.
+        return union_plan(rows, cols, self.score[rows, cols], limit=self._slots, distinct=True)
 
     def eviction_order(self, incoming: Block, need_bytes: int, cache: CacheView) -> Iterator[Block]:
         def rank(layers, experts, parts):

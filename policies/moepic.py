@@ -68,7 +68,10 @@ class MoEpic(Policy):
         share = units // m.num_layers
         self.slots = [min(m.num_experts, share // t) for t in self.tenths]
         self._now = 0
-        self._hot: np.ndarray | None = None  # flat [layers * experts]: a top within its layer's slots; None: stale
+        # Each block's eviction group by (layer * experts + expert) * 2 + part (_groups); None: stale
+        self._group: np.ndarray | None = None
+        self._stale: set[int] = set()  # layers whose uses changed since _group was made
+        self._marked = -1  # the layer whose bottoms _group marks as the next layer's
 
     def _top_units(self) -> int:
         """Tenths of an expert the budget leaves for top segments after the working room (MoEpic is
@@ -86,7 +89,7 @@ class MoEpic(Policy):
             offset, prefill, decode = trace.rows(r)
             chosen = np.asarray(trace.experts[offset + prefill: offset + prefill + decode], dtype=np.intp)
             self.uses += tally_experts(chosen, model.num_experts)
-            self._hot = None
+            self._group = None
             passes += len(chosen)
             guessed += self._guess_recall(trace, offset + prefill, chosen)
         if passes == 0 or not self.allocate or self.ctx.timing is None:
@@ -193,7 +196,7 @@ class MoEpic(Policy):
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         self._now = layer
         self.uses[layer, list(experts)] += 1
-        self._hot = None
+        self._stale.add(layer)
         self.speculation.observe(layer, experts)
         following = layer + 1
         if following == self.layers:
@@ -206,14 +209,35 @@ class MoEpic(Policy):
         """Bottoms first, then tops beyond their layer's slots, then the next layer's bottoms, then hot
         tops; the least used first within each group."""
         def order(layers, experts, parts):  # ranked only when a victim is needed
-            if self._hot is None:  # once per layer at most: the uses change as each layer starts
-                rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
-                self._hot = (rank < np.asarray(self.slots)[:, None]).ravel()
             flat = layers * self.experts + experts
-            group = np.where(parts == 1, np.where(layers == self._now + 1, 2, 0), np.where(self._hot[flat], 3, 1))
-            return group, self.uses.ravel()[flat]
+            return self._groups()[flat * 2 + parts], self.uses.ravel()[flat]
 
         return ranked(cache, order)
+
+    def _groups(self) -> np.ndarray:
+        """Each block's group, by (layer * experts + expert) * 2 + part: a bottom 2 in the layer
+        after the running one, else 0; a top 3 if among its layer's `slots` most used (stable
+        ranks), else 1. Made whole after training, then the tops' only for the layers whose uses
+        changed (each started layer) and the bottoms' as the running layer moves on."""
+        e = self.experts
+        if self._group is None:
+            rank = np.argsort(np.argsort(-self.uses, axis=1, kind="stable"), axis=1)  # 0: most used of its layer
+            self._group = np.zeros(self.layers * e * 2, dtype=np.int64)
+            self._group[0::2] = np.where((rank < np.asarray(self.slots)[:, None]).ravel(), 3, 1)
+            self._marked = -1
+        else:
+            for layer in self._stale:
+                rank = np.argsort(np.argsort(-self.uses[layer], kind="stable"))
+                self._group[2 * layer * e: 2 * (layer + 1) * e: 2] = np.where(rank < self.slots[layer], 3, 1)
+        self._stale.clear()
+        following = self._now + 1
+        if following != self._marked:
+            if 0 <= self._marked < self.layers:
+                self._group[2 * self._marked * e + 1: 2 * (self._marked + 1) * e: 2] = 0
+            if following < self.layers:
+                self._group[2 * following * e + 1: 2 * (following + 1) * e: 2] = 2
+            self._marked = following
+        return self._group
 
     def describe(self) -> dict:
         return {"theta_per_layer": [t / GRID for t in self.tenths], "top_slots_per_layer": list(self.slots),

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-from policies.base import Block, PolicyContext, PrefetchPlan, Step, known_probs
+from policies.base import Block, PolicyContext, PrefetchPlan, Step, known_probs, layer_known_probs
 from policies.lru import LRU
 from policies.registry import register
 from traces import Trace
@@ -128,7 +128,7 @@ class ProMoE(LRU):
     def _predict(self, step: Step, layer: int, probs: np.ndarray) -> set[int]:
         hidden = step.hidden(layer) if step.hidden is not None else None
         gates = step.lookahead(layer)[:, self.stride - 1] if self._use_gates and step.lookahead is not None else None
-        scores = self.predictor.scores(layer, self._features(hidden, known_probs(probs), gates))
+        scores = self.predictor.scores(layer, self._features(hidden, layer_known_probs(step, layer, probs), gates))
         top = np.argsort(-scores, axis=1, kind="stable")[:, : self.width]
         return {int(e) for e in top.ravel()}  # a prefill needs the union of its tokens' experts
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
+from numba import literal_unroll, njit
 
 if TYPE_CHECKING:
     from policies.base import Block, CacheView
@@ -43,23 +44,50 @@ def until_fits(order: Iterable[Block], need_bytes: int, cache: CacheView, chosen
 def ranked(cache: CacheView, rank: Ranking) -> Iterator[Block]:
     """Evictable blocks in ascending (keys..., block) order; ranked at the first victim asked for.
 
-    Most copies need one victim: the first is found by narrowing to each key's minimum in turn (a
-    few passes over the rows), and the whole order is sorted only when a second is asked for. The
-    block ends the key, so the order is total and both ways agree (a NaN key goes the sorted way)."""
-    table = cache.evictable_table()  # kept by the cache as blocks land, leave and are pinned
-    if not len(table):
+    The policy's keys are computed over every resident block (the cache's table as it stands, not
+    a copy of its evictable part). Most copies need one victim: the first is found by narrowing the
+    evictable rows to each key's minimum in turn, then to the lowest block (the cache's block codes
+    order blocks as tuples do; _lowest, compiled), and the whole order is sorted only when a second
+    is asked for. The block ends the key, so the order is total and both ways agree (a NaN key goes
+    the sorted way)."""
+    (layers, experts, parts, codes), evictable = cache.resident_table()
+    rows = evictable.nonzero()[0]
+    if not len(rows):
         return
-    layers, experts, parts = table.T
-    keys = tuple(rank(layers, experts, parts)) + (layers, experts, parts)
-    rows = None
-    for key in keys:
-        column = key if rows is None else key[rows]
-        rows = np.flatnonzero(column == column.min()) if rows is None else rows[column == column.min()]
-        if len(rows) <= 1:
-            break
-    first = int(rows[0]) if len(rows) == 1 else None
-    if first is not None:
+    keys = tuple(rank(layers, experts, parts))
+    first = _lowest(rows, keys, codes) if keys else int(rows[codes[rows].argmin()])
+    if first >= 0:
         yield int(layers[first]), int(experts[first]), int(parts[first])
-    order = np.lexsort(keys[::-1])
-    for i in order[1:] if first is not None else order:
+    order = np.lexsort((codes,) + keys[::-1])
+    order = order[evictable[order]]
+    for i in order[1:] if first >= 0 else order:
         yield int(layers[i]), int(experts[i]), int(parts[i])
+
+
+@njit(cache=True)
+def _lowest(rows: np.ndarray, keys: tuple, codes: np.ndarray) -> int:
+    """The row of `rows` lowest by (keys..., codes): the rows tied at each key's minimum, key by key
+    while more than one is left, then the lowest code among them; -1 where a key is NaN on a row
+    still tied (that order is left to the sort). One pass per key instead of four numpy calls."""
+    tied = rows.copy()
+    n = len(tied)
+    for key in literal_unroll(keys):
+        if n > 1:
+            low = key[tied[0]]
+            for j in range(1, n):
+                if key[tied[j]] < low:
+                    low = key[tied[j]]
+            kept = 0
+            for j in range(n):
+                value = key[tied[j]]
+                if value != value:  # NaN
+                    return -1
+                if value == low:
+                    tied[kept] = tied[j]
+                    kept += 1
+            n = kept
+    best = tied[0]
+    for j in range(1, n):
+        if codes[tied[j]] < codes[best]:
+            best = tied[j]
+    return best

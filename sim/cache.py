@@ -18,6 +18,12 @@ RESIDENT = 1
 IN_FLIGHT = 2
 
 
+def block_code(block: Block) -> int:
+    """One integer per block, ordered as the blocks are (layer, then expert, then part; each below 2**21)."""
+    layer, expert, part = block
+    return (layer << 42) | (expert << 21) | part
+
+
 class RunningLayer(NamedTuple):
     """The layer being computed, as layer_protocol.start_layer planned it (seen from one GPU)."""
 
@@ -66,13 +72,16 @@ class ExpertCache:
         self.evictions = 0
         self.wasted_prefetch_bytes = 0
         self.running_layer: RunningLayer | None = None
-        # The resident blocks as columns of an array (layer, expert, part rows; one column a block,
-        # `_blocks` the same in order), and which are evictable, kept as they change so a policy
-        # ranking them with numpy (policies.victims) does not rebuild it on every copy.
+        # The resident blocks as columns of an array (layer, expert, part and block_code rows; one
+        # column a block, `_blocks` the same in order), and which are evictable, kept as they change
+        # so a policy ranking them with numpy (policies.victims) does not rebuild it on every copy.
         self._rows: dict[Block, int] = {}
         self._blocks: list[Block] = []
-        self._table = np.zeros((3, 16), dtype=np.int64)
+        self._table = np.zeros((4, 16), dtype=np.int64)
         self._evictable = np.zeros(16, dtype=np.bool_)
+        # Which (layer, expert) have part 0 resident, grown as blocks land: the layer protocol skips
+        # a prefetch plan's resident blocks with one lookup (resident_mask).
+        self._grid = np.zeros((0, 0), dtype=np.bool_)
 
     # --- what a policy may see (policies.base.CacheView) ---
     def free_bytes(self) -> int:
@@ -93,11 +102,33 @@ class ExpertCache:
     def resident_blocks(self) -> Iterator[Block]:
         return (b for b, s in self._state.items() if s == RESIDENT)
 
-    def evictable_table(self) -> np.ndarray:
-        """The evictable blocks as rows (layer, expert, part) of an int64 array, in no set order
-        (its columns are contiguous)."""
+    def resident_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """The resident blocks as the columns of an int64 array, in no set order (rows layer,
+        expert, part and block_code), and whether each is evictable: views, valid until the cache
+        changes."""
         n = len(self._blocks)
-        return self._table[:, :n].compress(self._evictable[:n], axis=1).T
+        return self._table[:, :n], self._evictable[:n]
+
+    def resident_mask(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Whether each block (layers[i], experts[i], 0) is resident (int64 arrays, layers in range)."""
+        grid = self._grid
+        inside = (experts >= 0) & (layers < grid.shape[0]) & (experts < grid.shape[1])
+        if inside.all():
+            return grid[layers, experts]
+        mask = np.zeros(len(layers), dtype=np.bool_)
+        mask[inside] = grid[layers[inside], experts[inside]]
+        return mask
+
+    def _set_grid(self, block: Block, resident: bool) -> None:
+        layer, expert, part = block
+        if part:
+            return
+        grid = self._grid
+        if layer >= grid.shape[0] or expert >= grid.shape[1]:
+            grown = np.zeros((max(layer + 1, grid.shape[0]), max(expert + 1, grid.shape[1])), dtype=np.bool_)
+            grown[: grid.shape[0], : grid.shape[1]] = grid
+            self._grid = grid = grown
+        grid[layer, expert] = resident
 
     def _add_row(self, block: Block) -> None:
         n = len(self._blocks)
@@ -106,17 +137,20 @@ class ExpertCache:
             self._evictable = np.concatenate([self._evictable, np.zeros_like(self._evictable)])
         self._rows[block] = n
         self._blocks.append(block)
-        self._table[:, n] = block
+        self._table[:, n] = (*block, block_code(block))
         self._evictable[n] = block not in self._pins
+        self._set_grid(block, True)
 
     def _drop_row(self, block: Block) -> None:
+        self._set_grid(block, False)
         i = self._rows.pop(block)
         moved = self._blocks.pop()
         if moved != block:  # the last column moves into the gap
+            last = len(self._blocks)
             self._rows[moved] = i
             self._blocks[i] = moved
-            self._table[:, i] = moved
-            self._evictable[i] = self._evictable[len(self._blocks)]
+            self._table[:, i] = self._table[:, last]
+            self._evictable[i] = self._evictable[last]
 
     # --- engine side ---
     def holds(self, block: Block) -> bool:

@@ -63,6 +63,7 @@ class CopyScheduler:
         self.blocked = False  # a demand copy waits for evictable memory
         self._chunks = max(1, int(policy.copy_chunks))
         self._released: list[Block] = []  # blocks of the running layer unpinned to make room (_make_room)
+        self._hears_cancels = type(policy).on_copy_cancelled is not Policy.on_copy_cancelled
 
     def fetch(self, block: Block, priority: float, rank: float = 0.0) -> None:
         """Ask for a block; a block already queued or copying is only re-prioritised. Among equal
@@ -83,9 +84,34 @@ class CopyScheduler:
             self.kick()
 
     def cancel_prefetches(self) -> None:
+        self.recorder.prefetches_cancelled += self.queue.batched()
         for job in self.queue.cancel_prefetches():
             self._release(job)
         self.kick()
+
+    def fetch_plan(self, blocks: list[Block], priorities: list[float], descending: bool) -> None:
+        """fetch() each prefetch blocks[i] at priorities[i], in turn, while a copy is on the link (so
+        none starts meanwhile). Distinct blocks in descending priority onto a queue holding no
+        prefetch go as one batch (CopyQueue.push_batch), with the same counts and the same order;
+        not for a policy that hears cancellations (a batch's are not told one by one)."""
+        live = dict(zip(blocks, range(len(blocks))))
+        if not descending or len(live) < len(blocks) or self._hears_cancels or self.queue.holds_prefetches():
+            for block, priority in zip(blocks, priorities):
+                self.fetch(block, priority)
+            return
+        current = self.current
+        i = live.pop(current.block, None)
+        if i is not None:
+            current.priority = max(current.priority, priorities[i])
+        # What else is in flight is queued (started, preempted): a queued block's demand keeps its
+        # infinite priority, so those entries change nothing.
+        for block in self.queue.blocks():
+            live.pop(block, None)
+        self.recorder.prefetches_requested += len(live)
+        self.queue.push_batch(blocks, priorities, live, self._new_job)
+
+    def _new_job(self, block: Block, priority: float) -> CopyJob:
+        return CopyJob(block, priority, self.cache.block_bytes(block), self._chunks, self._chunks)
 
     def kick(self) -> None:
         """Start the next copy if the link is idle and memory can be found for it."""

@@ -18,8 +18,11 @@ first; what still cannot fit is released by the copy scheduler when the copy com
 """
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable, Sequence
+
+import numpy as np
 
 from policies.base import DEMAND_PRIORITY, Block, Policy, PrefetchPlan
 from sim.cache import IN_FLIGHT, RESIDENT, ExpertCache, RunningLayer
@@ -43,6 +46,9 @@ def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links
     """
     if plan is None:
         return
+    if plan.arrays is not None and len(links) == 1:
+        _apply_arrays(plan, policy, num_layers, links[0])
+        return
     if plan.replace:
         for link in links:
             link.cancel_prefetches()
@@ -50,14 +56,47 @@ def apply_plan(plan: PrefetchPlan | None, policy: Policy, num_layers: int, links
     for entry in plan.blocks:
         block, priority = entry[0], entry[1]
         if not 0 <= block[0] < num_layers or priority == DEMAND_PRIORITY:
-            raise PolicyError(f"policy '{policy.name}' asked to prefetch {block} at priority {priority}: "
-                              "layer out of range, or at demand priority")
+            raise _bad_entry(policy, block, priority)
         gpu = entry[2] if len(entry) > 2 else 0 if single else home(block[0], block[1])
         link = links[gpu]
         # Most of a replanning policy's entries are resident already: a resident block is neither
         # queued nor copying, so fetch() would ignore it; skipping it here saves the calls.
         if link.cache.state(block) != RESIDENT:
             link.fetch(block, priority)
+
+
+def _apply_arrays(plan: PrefetchPlan, policy: Policy, num_layers: int, link: CopyScheduler) -> None:
+    """apply_plan of a plan of arrays on one GPU: the same fetches in the same order, the resident
+    blocks skipped by one lookup. What is resident changes only when a copy starts (its victims
+    leave), and a fetch starts one only while the link is idle: so the lookup is made again once,
+    after the fetch that made the link busy, for the entries after it, which are then queued at once."""
+    layers, experts, priorities = plan.arrays
+    bad = (layers < 0) | (layers >= num_layers) | (priorities == DEMAND_PRIORITY)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise _bad_entry(policy, (int(layers[i]), int(experts[i]), 0), float(priorities[i]))
+    if plan.replace:
+        link.cancel_prefetches()
+    cache = link.cache
+    missing = (~cache.resident_mask(layers, experts)).nonzero()[0]
+    fetched = 0
+    while fetched < len(missing) and link.current is None:
+        i = int(missing[fetched])
+        link.fetch((int(layers[i]), int(experts[i]), 0), float(priorities[i]))
+        fetched += 1
+    if fetched == len(missing):
+        return
+    if fetched:  # a copy started: the rest is looked up after its victims left
+        after = int(missing[fetched - 1]) + 1
+        missing = after + (~cache.resident_mask(layers[after:], experts[after:])).nonzero()[0]
+    wanted = priorities[missing]
+    link.fetch_plan(list(zip(layers[missing].tolist(), experts[missing].tolist(), itertools.repeat(0))),
+                    wanted.tolist(), bool((wanted[1:] <= wanted[:-1]).all()))
+
+
+def _bad_entry(policy: Policy, block: Block, priority: float) -> PolicyError:
+    return PolicyError(f"policy '{policy.name}' asked to prefetch {block} at priority {priority}: "
+                       "layer out of range, or at demand priority")
 
 
 def chunk_landed(link: CopyScheduler) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from policies.base import Block, Policy, PolicyContext, RequestInfo, Step
+from policies.base import Block, Policy, PolicyContext, RequestInfo, Step, known_probs
 from sim.cache import ExpertCache
 from sim.errors import ConfigError
 from sim.future import ReplayFuture
@@ -206,7 +206,20 @@ def pass_step(index: int, spec: Pass, trace: Trace) -> Step:
     projections where it has them)."""
     counts = spec.expert_tokens
     return Step(index, spec.kind, spec.requests, spec.token_request, _rows_view(trace.lookahead, spec.rows),
-                _rows_view(trace.hidden_proj, spec.rows), None if counts is None else counts.__getitem__)
+                _rows_view(trace.hidden_proj, spec.rows), None if counts is None else counts.__getitem__,
+                _known_view(spec.probs))
+
+
+def _known_view(probs: np.ndarray) -> Callable[[int], np.ndarray]:
+    """layer -> known_probs of the pass's probabilities of that layer, estimated for every layer
+    of the pass at the first call (known_probs works row by row)."""
+    made: list[np.ndarray] = []
+
+    def known(layer: int) -> np.ndarray:
+        if not made:
+            made.append(known_probs(probs))
+        return made[0][:, layer]
+    return known
 
 
 def _rows_view(table: np.ndarray | None, rows) -> Callable[[int], np.ndarray] | None:

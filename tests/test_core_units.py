@@ -3,11 +3,13 @@ accounting, the copy scheduler's admission (through a scripted transport that la
 told) and the layer protocol's classification. Each expected value is worked out by hand here."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from policies.base import DEMAND_PRIORITY, Policy
+from policies.victims import ranked
 from sim.cache import ExpertCache
-from sim.copy_queue import CopyQueue
+from sim.copy_queue import CopyJob, CopyQueue
 from sim.copy_scheduler import CopyScheduler
 from sim.errors import PolicyError
 from sim.layer_protocol import start_layer
@@ -93,6 +95,65 @@ def test_cancelling_prefetches_keeps_the_demands():
     assert [j.block for j in q.jobs()] == [(0, 1, 0)]
     assert q.pop().block == (0, 1, 0) and q.peek() is None
 
+
+
+def test_a_batch_is_served_as_its_blocks_pushed_one_by_one_would_be():
+    """push_batch makes its jobs only as the queue reaches them; pushes, a demand for a batched
+    block, a lookup and a requeue in between give the order of the same pushes made one by one."""
+    def script(q, batched):
+        q.push((0, 1, 0), DEMAND_PRIORITY, MB, rank=1)
+        blocks = [(2, 0, 0), (2, 1, 0), (0, 1, 0), (2, 2, 0), (3, 0, 0)]
+        priorities = [0.9, 0.5, 0.5, 0.5, 0.1]
+        if batched:
+            live = {b: i for i, b in enumerate(blocks) if b != (0, 1, 0)}
+            q.push_batch(blocks, priorities, live, lambda b, p: CopyJob(b, p, MB, 1, 1))
+        else:
+            for b, p in zip(blocks, priorities):
+                q.push(b, p, MB)
+        q.push((3, 1, 0), 0.5, MB)  # after the batch among equals
+        first = q.pop()
+        q.push((2, 2, 0), DEMAND_PRIORITY, MB, rank=0)  # a batched prefetch becomes a demand
+        assert q.get((3, 0, 0)).priority == 0.1 and len(q) == 5
+        q.requeue(first)
+        return [first.block] + [q.pop().block for _ in range(len(q))]
+
+    assert script(CopyQueue(), True) == script(CopyQueue(), False) == \
+        [(0, 1, 0), (2, 2, 0), (0, 1, 0), (2, 0, 0), (2, 1, 0), (3, 1, 0), (3, 0, 0)]
+
+
+def test_cancelling_a_batch_counts_its_entries_never_made_into_jobs():
+    q = CopyQueue()
+    blocks = [(1, 0, 0), (1, 1, 0), (1, 2, 0)]
+    q.push_batch(blocks, [0.3, 0.2, 0.1], {b: i for i, b in enumerate(blocks)}, lambda b, p: CopyJob(b, p, MB, 1, 1))
+    assert q.peek().block == (1, 0, 0) and q.batched() == 2
+    assert [j.block for j in q.cancel_prefetches()] == [(1, 0, 0)] and q.batched() == 0
+    assert q.peek() is None and len(q) == 0
+
+
+def test_ranked_takes_the_first_victim_as_the_full_order_does():
+    """policies.victims.ranked: the first victim found by narrowing equals the head of the sorted
+    order, ties among equal keys going to the lowest block; a NaN key leaves it to the sort."""
+    cache = ExpertCache(100 * MB, lambda block: MB)
+    blocks = [(layer, expert, part) for layer in range(3) for expert in range(4) for part in range(2)]
+    for b in reversed(blocks):
+        cache.reserve(b)
+        cache.commit(b, prefetched=False)
+    cache.pin((0, 0, 0))  # not evictable
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        score = rng.integers(0, 3, size=(3, 4)).astype(np.float64)
+        if trial % 5 == 4:
+            score[2, 3] = np.nan
+        used = rng.integers(0, 2, size=(3, 4)) > 0
+
+        def rank(layers, experts, parts):
+            return used[layers, experts], score[layers, experts]
+
+        expected = sorted((b for b in blocks if b != (0, 0, 0)),
+                          key=lambda b: (used[b[0], b[1]], np.isnan(score[b[0], b[1]]),
+                                         np.nan_to_num(score[b[0], b[1]]), b))
+        assert list(ranked(cache, rank)) == expected
+        assert next(ranked(cache, rank)) == expected[0]
 
 # --- the cache ---
 
