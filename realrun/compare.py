@@ -20,6 +20,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,21 +129,30 @@ def summary(table: pd.DataFrame) -> dict:
             "ttft_within": int((table["ttft_mean_rel_err"].abs() <= TTFT_TARGET).sum())}
 
 
-def code_commit() -> str:
-    """The commit the code runs from (with '+changes' when the work tree differs), or 'unknown'.
-    REALRUN_CODE_COMMIT, when set, is taken instead: a tree copied out of git (onto a GPU machine,
-    say) would otherwise report the commit of whatever checkout it was copied into."""
+def code_commit(root: Path | None = None) -> str:
+    """The commit the code runs from, or 'unknown'; where the work tree differs, '+changes' and the
+    git tree of the work tree as it is (untracked files git does not ignore included): a tree
+    copied onto a GPU machine over an older checkout names the commit whose tree it is there
+    (`git log --format='%h %T'`). REALRUN_CODE_COMMIT, when set, is taken instead."""
     if os.environ.get("REALRUN_CODE_COMMIT"):
         return os.environ["REALRUN_CODE_COMMIT"] + " (REALRUN_CODE_COMMIT)"
-    root = Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parent.parent
+
+    def git(*args: str, **env: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env}).stdout.strip()
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        if not git("status", "--porcelain"):
+            return head
+        with tempfile.TemporaryDirectory() as scratch:  # an index of its own: the checkout's is left alone
+            index = str(Path(scratch) / "index")
+            git("read-tree", "HEAD", GIT_INDEX_FILE=index)
+            git("add", "-A", GIT_INDEX_FILE=index)
+            tree = git("write-tree", GIT_INDEX_FILE=index)
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return head + (" +changes" if dirty else "")
+    return f"{head} +changes (work tree {tree})"
 
 
 def provenance(argv: list[str], device: str, profile_validation: dict | None) -> list[str]:
