@@ -187,30 +187,38 @@ def plan_runs(traces: list[Trace], policies: list[str], budgets: list[str], setu
               train_requests: int, replay_requests: int, seed: int, ablation: bool = True,
               formats: list[str] = ("own",), tuned: dict[tuple[str, str, str], dict] | None = None) -> list[Run]:
     """Real traces: every setup, format and budget (and ours' ablation at the headline budget), ours
-    with its tuned knobs; the others: the last setup in their own format at the headline budget only."""
+    with its tuned knobs; the others: the last setup in their own format at the headline budget only.
+    A policy that computes on the host CPU runs only on a setup whose profile has the CPU (cpu_less)."""
     runs = []
     for trace in traces:
         real = routing_kind(trace) == "real"
         _, fraction_train = split_of(trace, train_requests)
         for hardware in setups if real else setups[-1:]:
+            here = [p for p in policies if p not in cpu_less(policies, [hardware])]
             for fmt in formats_of(trace, formats) if real else [trace.model.expert_format]:
                 best = (tuned or {}).get((trace.path.name, hardware, fmt), {})
                 for label in budgets if real else [HEADLINE_BUDGET]:
                     nbytes, fraction = budget_bytes(label, trace.model.with_format(fmt))
                     if nbytes < trace.model.with_format(fmt).bytes_per_expert:
                         continue  # below one expert of this trace's model
-                    variants = [(p, "", best if p == OURS else {}) for p in policies]
-                    if real and ablation and label == HEADLINE_BUDGET and OURS in policies:
+                    variants = [(p, "", best if p == OURS else {}) for p in here]
+                    if real and ablation and label == HEADLINE_BUDGET and OURS in here:
                         variants += [(OURS, name, {**best, **knobs}) for name, knobs in ABLATION.items() if knobs]
                     # How much FineMoE's placement alone is worth: every expert resident, placed as FineMoE is.
                     spread = real and label == HEADLINE_BUDGET and resolve_hardware(hardware).num_gpus > 1
                     # Every policy as FineMoE is placed, so that ours meets each like-for-like on the testbed too.
-                    placed = [(p, PLACED, best if p == OURS else {}) for p in policies if p != "finemoe"]
+                    placed = [(p, PLACED, best if p == OURS else {}) for p in here if p != "finemoe"]
                     for policy, variant, knobs in variants + (placed if spread else []):
                         cfg = config(trace, policy, knobs, nbytes, hardware, fmt, budget_scope, fraction_train,
                                      replay_requests, seed, "round_robin" if variant == PLACED else None)
                         runs.append(Run(trace.path.name, policy, label, nbytes, fraction, cfg, variant, fmt))
     return runs
+
+
+def cpu_less(policies: list[str], setups: list[str]) -> list[str]:
+    """The policies that compute experts on the host CPU where some setup's profile has no CPU."""
+    bare = [h for h in setups if resolve_hardware(h).cpu is None]
+    return [p for p in policies if policy_class(p).uses_cpu and bare]
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -648,6 +656,10 @@ def main(argv: list[str] | None = None) -> None:
                 plot(frame, t, h, f, "hit_rate", "expert hit rate", args.out / f"{name}_hit_rate.png")
                 plot(frame, t, h, f, "tpot_mean_s", "TPOT (ms)", args.out / f"{name}_tpot.png")
         print(f"{len(frame)} runs; budgets {', '.join(format_bytes(b) for b in sorted(set(frame['budget_bytes'])))}")
+        left = cpu_less(policies, setups)
+        if left:
+            print(f"left out where the profile has no host CPU ({', '.join(h for h in setups if resolve_hardware(h).cpu is None)}): "
+                  f"{', '.join(left)} (they compute experts on it; python -m sim.breakeven compares them)")
         print(f"written: {args.out}/runs.csv, reproduction.md, *_hit_rate.png, *_tpot.png")
 
     run_cli(work)

@@ -87,3 +87,16 @@ def test_a_reproduction_keeps_each_run_and_a_restart_runs_only_what_is_missing_o
     meta.write_text(meta.read_text() + "\n")
     main(args)
     assert "already complete" not in capsys.readouterr().out
+
+
+def test_host_cpu_policies_are_planned_only_where_the_profile_has_the_cpu(tmp_path):
+    """The testbed's profiles measure no host CPU: fiddler there would stop the whole reproduction."""
+    from sim.reproduce import plan_runs
+    from traces.defaults import resolve_trace
+    from traces.shared import shared_trace
+
+    trace = shared_trace(resolve_trace("mixtral-8x7b-gsm8k"))
+    runs = plan_runs([trace], ["lru", "fiddler"], ["6GB"], ["rtx3090", "h200-measured"], "per_gpu", 1, 1, 0,
+                     ablation=False)
+    assert {(r.cfg.hardware, r.policy) for r in runs} == {("rtx3090", "lru"), ("h200-measured", "lru"),
+                                                         ("h200-measured", "fiddler")}
