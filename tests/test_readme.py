@@ -115,7 +115,7 @@ def test_the_readme_states_how_many_runs_sim_reproduce_plans_today():
     traces = [shared_trace(resolve_trace(name)) for name in shipped_traces()]
     policies = [p for p in available() if policy_class(p).__module__.startswith("policies.")]
     runs = plan_runs(traces, policies, list(BUDGETS), list(SETUPS), defaults["budget_scope"], defaults["train_requests"],
-                     defaults["replay_requests"], defaults["seed"])
+                     defaults["replay_requests"], defaults["seed"], formats=defaults["formats"].split(","))
     assert len(runs) == stated
 
 
