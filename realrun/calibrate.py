@@ -751,6 +751,8 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
         profile.extra["calibration"]["validation"] = {**validation.to_dict(), "request": request,
                                                       "tokens": VALIDATION_TOKENS, "fitted": dict(fitted)}
         notes += validation.notes()
+        notes += [f"validation: {term} fitted at the bound of its scale ({factor:g}x): its check's error is not "
+                  "that term's alone" for term, factor in fitted.items() if factor in SCALERS[term][1]]
     if fabric is not None:
         notes += fabric.notes()
     return Calibration(profile, notes)
