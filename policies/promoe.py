@@ -51,7 +51,8 @@ class LayerMLPs:
         mean = x.mean(axis=0, keepdims=True)
         std = x.std(axis=0, keepdims=True) + 1e-6
         self.mean, self.std = mean.transpose(1, 0, 2), std.transpose(1, 0, 2)  # [layers, 1, inputs]
-        x = (x - mean) / std
+        x = x - mean
+        x /= std  # in place: x is the whole training split
         # The parameters become views of one buffer and the gradients are written into another
         # shaped alike, so each Adam step is one pass over every parameter (elementwise: the same
         # values as per parameter).
