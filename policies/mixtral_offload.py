@@ -29,15 +29,24 @@ class MixtralOffload(LRU):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         self.speculation = NextLayerGuess(ctx.model.num_layers, ctx.model.num_experts)
+        # guesses prefetched after each layer, set once: the layer quotas do not change
+        self._widths = [self._width(layer + 1) for layer in range(ctx.model.num_layers)]
+
+    def _width(self, following: int) -> int:
+        """Guesses for layer `following`: none past the last layer, never more than its quota."""
+        if following == self.ctx.model.num_layers:
+            return 0
+        if self.quota is None:
+            return self.guesses
+        return min(self.guesses, self.quota.quota[self.quota.key((following, 0, 0))])
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         super().on_layer_start(step, layer, probs, experts)
         self.speculation.observe(layer, experts)
-        following = layer + 1
-        width = self.guesses if self.quota is None or following == self.ctx.model.num_layers \
-            else min(self.guesses, self.quota.quota[self.quota.key((following, 0, 0))])
-        if following == self.ctx.model.num_layers or not width:
+        width = self._widths[layer]
+        if not width:
             return None
+        following = layer + 1
         return PrefetchPlan([((following, e, 0), 1.0) for e in self.speculation.guess(step, layer, width)])
 
     def describe(self) -> dict:

@@ -38,33 +38,83 @@ class LayerMLPs:
     def params(self) -> list[np.ndarray]:
         return [self.w1, self.b1, self.w2, self.b2]
 
+    def _split(self, flat: np.ndarray) -> list[np.ndarray]:
+        """flat cut into arrays shaped as the parameters (views)."""
+        ends = np.cumsum([p.size for p in self.params()])[:-1]
+        return [part.reshape(p.shape) for part, p in zip(np.split(flat, ends), self.params())]
+
     def fit(self, x: np.ndarray, y: np.ndarray, steps: int, batch: int, rng: np.random.Generator,
             lr: float = 1e-2) -> None:
-        """x [layers, n, inputs], y [layers, n, outputs] in {0, 1}."""
-        self.mean = x.mean(axis=1, keepdims=True)
-        self.std = x.std(axis=1, keepdims=True) + 1e-6
-        x = (x - self.mean) / self.std
-        moments = [(np.zeros_like(p), np.zeros_like(p)) for p in self.params()]
+        """x [n, layers, inputs], y [n, layers, outputs] in {0, 1}: samples first, so that a batch is
+        gathered by rows and its sums over the batch run along whole rows of every layer at once
+        (the same sequential sums as over a layer's column)."""
+        mean = x.mean(axis=0, keepdims=True)
+        std = x.std(axis=0, keepdims=True) + 1e-6
+        self.mean, self.std = mean.transpose(1, 0, 2), std.transpose(1, 0, 2)  # [layers, 1, inputs]
+        x = x - mean
+        x /= std  # in place: x is the whole training split
+        # The parameters become views of one buffer and the gradients are written into another
+        # shaped alike, so each Adam step is one pass over every parameter (elementwise: the same
+        # values as per parameter).
+        flat = np.concatenate([p.ravel() for p in self.params()])
+        grad = np.empty_like(flat)
+        self.w1, self.b1, self.w2, self.b2 = self._split(flat)
+        g_w1, g_b1, g_w2, g_b2 = self._split(grad)
+        m, v = np.zeros_like(flat), np.zeros_like(flat)
         for t in range(1, steps + 1):
-            idx = rng.integers(0, x.shape[1], size=min(batch, x.shape[1]))
-            xb, yb = x[:, idx], y[:, idx]
-            h = np.maximum(xb @ self.w1 + self.b1, 0.0)
-            logits = h @ self.w2 + self.b2
-            grad_logits = (1.0 / (1.0 + np.exp(-logits)) - yb) / len(idx)
-            grad_h = (grad_logits @ self.w2.transpose(0, 2, 1)) * (h > 0)
-            grads = [xb.transpose(0, 2, 1) @ grad_h, grad_h.sum(axis=1, keepdims=True),
-                     h.transpose(0, 2, 1) @ grad_logits, grad_logits.sum(axis=1, keepdims=True)]
-            for param, grad, (m, v) in zip(self.params(), grads, moments):
-                m *= 0.9
-                m += 0.1 * grad
-                v *= 0.999
-                v += 0.001 * grad * grad
-                param -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+            idx = rng.integers(0, len(x), size=min(batch, len(x)))
+            xb, yb = x[idx], y[idx]
+            h, grad_logits = self._forward(xb)
+            _sigmoid_loss_grad(grad_logits, yb)
+            grad_h = _per_layer(grad_logits, self.w2.transpose(0, 2, 1))
+            grad_h *= h > 0
+            np.matmul(xb.transpose(1, 2, 0), grad_h.transpose(1, 0, 2), out=g_w1)
+            np.add.reduce(grad_h, axis=0, out=g_b1[:, 0])
+            np.matmul(h.transpose(1, 2, 0), grad_logits.transpose(1, 0, 2), out=g_w2)
+            np.add.reduce(grad_logits, axis=0, out=g_b2[:, 0])
+            _adam_step(flat, grad, m, v, t, lr)
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hidden activations, logits) [n, layers, units] of every layer's MLP on normalised x
+        [n, layers, inputs]."""
+        h = _per_layer(x, self.w1)
+        h += self.b1[:, 0]
+        np.maximum(h, 0.0, out=h)
+        logits = _per_layer(h, self.w2)
+        logits += self.b2[:, 0]
+        return h, logits
 
     def scores(self, layer: int, x: np.ndarray) -> np.ndarray:
         """Logits [tokens, outputs] of one layer's MLP."""
         x = (x - self.mean[layer]) / self.std[layer]
         return np.maximum(x @ self.w1[layer] + self.b1[layer], 0.0) @ self.w2[layer] + self.b2[layer]
+
+
+def _per_layer(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [n, layers, inputs] times each layer's w [layers, inputs, outputs]: [n, layers, outputs]."""
+    out = np.empty((x.shape[0], w.shape[0], w.shape[2]), dtype=np.result_type(x, w))
+    np.matmul(x.transpose(1, 0, 2), w, out=out.transpose(1, 0, 2))
+    return out
+
+
+def _sigmoid_loss_grad(logits: np.ndarray, y: np.ndarray) -> None:
+    """logits [n, layers, outputs] replaced, in place, by the sigmoid loss's gradient
+    (sigmoid(logits) - y) / n."""
+    np.negative(logits, out=logits)
+    np.exp(logits, out=logits)
+    logits += 1.0
+    np.divide(1.0, logits, out=logits)
+    logits -= y
+    logits /= len(y)
+
+
+def _adam_step(param: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, t: int, lr: float) -> None:
+    """Adam's step t (from 1) on param, in place, with its moments m and v."""
+    m *= 0.9
+    m += 0.1 * grad
+    v *= 0.999
+    v += 0.001 * grad * grad
+    param -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
 
 
 @register("promoe")
@@ -88,12 +138,15 @@ class ProMoE(LRU):
         super().bind(ctx)
         self.width = self.width or ctx.model.top_k
         self._protected: set[Block] = set()
+        # each layer's blocks, made once: a started layer unprotects all of them
+        self._layer_blocks = [tuple((layer, e, 0) for e in range(ctx.model.num_experts))
+                              for layer in range(ctx.model.num_layers)]
         self._pending: dict[int, set[int]] = {}
 
     # --- the predictor ---
     def _features(self, hidden: np.ndarray | None, probs: np.ndarray, gates: np.ndarray | None) -> np.ndarray:
         parts = [probs] + [a for a in (hidden, gates) if a is not None]
-        return np.concatenate(parts, axis=-1).astype(np.float32)
+        return np.concatenate(parts, axis=-1, dtype=np.float32)
 
     def fit(self, trace: Trace, requests: list[int]) -> None:
         """Train on every per-token iteration of the training split: layer l's inputs -> l+stride's experts."""
@@ -112,15 +165,13 @@ class ProMoE(LRU):
         use_gates = trace.lookahead is not None and trace.lookahead.shape[2] >= self.stride
         self.inputs = ["router probabilities"] + ["hidden state"] * (hidden is not None) + \
             [f"layer l+{self.stride} gates on this hidden state"] * use_gates
-        probs = known_probs(trace.probs(rows))  # [n, layers, experts]; unknown ones estimated, not 0
-        x = np.stack([self._features(None if hidden is None else np.asarray(hidden[rows, l], dtype=np.float32),
-                                     probs[:, l],
-                                     np.asarray(trace.lookahead[rows, l, self.stride - 1], dtype=np.float32)
-                                     if use_gates else None) for l in range(targets)])
-        y = np.zeros((targets, len(rows), model.num_experts), dtype=np.float32)
-        chosen = np.asarray(trace.experts[rows], dtype=np.intp)  # [n, layers, k]
-        for l in range(targets):
-            np.put_along_axis(y[l], chosen[:, l + self.stride], 1.0, axis=1)
+        layers = slice(0, targets)  # the layers that predict
+        probs = known_probs(trace.probs(rows, layers))  # [n, layers, experts]; unknown ones estimated, not 0
+        x = self._features(None if hidden is None else hidden[rows, layers], probs,
+                           trace.lookahead[rows, layers, self.stride - 1] if use_gates else None)
+        y = np.zeros((len(rows), targets, model.num_experts), dtype=np.float32)
+        chosen = np.asarray(trace.experts[rows, self.stride:], dtype=np.intp)  # [n, layers, k], stride ahead
+        np.put_along_axis(y, chosen, 1.0, axis=2)
         self.predictor = LayerMLPs(targets, x.shape[2], self.hidden_units, model.num_experts, rng)
         self.predictor.fit(x, y, self.train_steps, 256, rng)
         self._use_gates = use_gates
@@ -129,8 +180,8 @@ class ProMoE(LRU):
         hidden = step.hidden(layer) if step.hidden is not None else None
         gates = step.lookahead(layer)[:, self.stride - 1] if self._use_gates and step.lookahead is not None else None
         scores = self.predictor.scores(layer, self._features(hidden, layer_known_probs(step, layer, probs), gates))
-        top = np.argsort(-scores, axis=1, kind="stable")[:, : self.width]
-        return {int(e) for e in top.ravel()}  # a prefill needs the union of its tokens' experts
+        top = (-scores).argsort(axis=1, kind="stable")[:, : self.width]
+        return set(top.ravel().tolist())  # a prefill needs the union of its tokens' experts
 
     # --- the replay ---
     def on_step_start(self, step: Step) -> None:
@@ -138,7 +189,7 @@ class ProMoE(LRU):
 
     def on_layer_start(self, step: Step, layer: int, probs: np.ndarray, experts: tuple[int, ...]) -> PrefetchPlan | None:
         super().on_layer_start(step, layer, probs, experts)
-        self._protected.difference_update((layer, e, 0) for e in range(self.ctx.model.num_experts))
+        self._protected.difference_update(self._layer_blocks[layer])
         predicted = self._pending.pop(layer, None)
         if predicted is not None:
             judged = self.judged

@@ -6,8 +6,6 @@ trace without them falls back to the experts the previous token chose at layer l
 """
 from __future__ import annotations
 
-import numpy as np
-
 from policies.base import Step
 
 
@@ -26,5 +24,5 @@ class NextLayerGuess:
         if gates is not None and gates.shape[1] >= 1:
             self.source = "lookahead gates"
             scores = gates[:, 0, :].sum(axis=0)
-            return [int(e) for e in np.argsort(-scores, kind="stable")[:width]]
+            return (-scores).argsort(kind="stable")[:width].tolist()
         return list(self.previous[layer + 1][:width])

@@ -75,6 +75,10 @@ class ExpertCache:
         # The resident blocks as columns of an array (layer, expert, part and block_code rows; one
         # column a block, `_blocks` the same in order), and which are evictable, kept as they change
         # so a policy ranking them with numpy (policies.victims) does not rebuild it on every copy.
+        # Made at the first resident_table or resident_mask call, with the grid below, and kept from
+        # then on: a cache nobody asks (a policy keeping its own order, plans of lists) skips the
+        # bookkeeping on every copy and pin.
+        self._tracked = False
         self._rows: dict[Block, int] = {}
         self._blocks: list[Block] = []
         self._table = np.zeros((4, 16), dtype=np.int64)
@@ -106,11 +110,15 @@ class ExpertCache:
         """The resident blocks as the columns of an int64 array, in no set order (rows layer,
         expert, part and block_code), and whether each is evictable: views, valid until the cache
         changes."""
+        if not self._tracked:
+            self._track()
         n = len(self._blocks)
         return self._table[:, :n], self._evictable[:n]
 
     def resident_mask(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """Whether each block (layers[i], experts[i], 0) is resident (int64 arrays, layers in range)."""
+        if not self._tracked:
+            self._track()
         grid = self._grid
         inside = (experts >= 0) & (layers < grid.shape[0]) & (experts < grid.shape[1])
         if inside.all():
@@ -118,6 +126,12 @@ class ExpertCache:
         mask = np.zeros(len(layers), dtype=np.bool_)
         mask[inside] = grid[layers[inside], experts[inside]]
         return mask
+
+    def _track(self) -> None:
+        """Start keeping the table and the grid, from the blocks resident now."""
+        self._tracked = True
+        for block in self.resident_blocks():
+            self._add_row(block)
 
     def _set_grid(self, block: Block, resident: bool) -> None:
         layer, expert, part = block
@@ -131,6 +145,8 @@ class ExpertCache:
         grid[layer, expert] = resident
 
     def _add_row(self, block: Block) -> None:
+        if not self._tracked:
+            return
         n = len(self._blocks)
         if n == self._table.shape[1]:
             self._table = np.concatenate([self._table, np.zeros_like(self._table)], axis=1)
@@ -142,6 +158,8 @@ class ExpertCache:
         self._set_grid(block, True)
 
     def _drop_row(self, block: Block) -> None:
+        if not self._tracked:
+            return
         self._set_grid(block, False)
         i = self._rows.pop(block)
         moved = self._blocks.pop()
@@ -213,7 +231,8 @@ class ExpertCache:
         self._pins[block] = count + 1
         if count == 0 and self._state.get(block) == RESIDENT:
             self.pinned_resident_bytes += self._block_bytes(block)
-            self._evictable[self._rows[block]] = False
+            if self._tracked:
+                self._evictable[self._rows[block]] = False
 
     def unpin(self, block: Block) -> None:
         count = self._pins[block]
@@ -221,7 +240,8 @@ class ExpertCache:
             del self._pins[block]
             if self._state.get(block) == RESIDENT:
                 self.pinned_resident_bytes -= self._block_bytes(block)
-                self._evictable[self._rows[block]] = True
+                if self._tracked:
+                    self._evictable[self._rows[block]] = True
         else:
             self._pins[block] = count - 1
 

@@ -174,6 +174,35 @@ def test_the_cache_counts_bytes_in_flight_resident_and_wasted():
     assert (cache.free_bytes(), cache.wasted_prefetch_bytes, cache.evictions, cache.high_water_bytes) == (3 * MB, 140, 1, 2 * MB)
 
 
+def test_the_resident_table_and_grid_made_at_the_first_call_match_those_kept_from_the_start():
+    """A cache keeps its resident table and part-0 grid from the first call for them on; made late,
+    they hold what they would have held (columns in another order), and stay in step after."""
+    early, late = ExpertCache(10 * MB, lambda block: MB), ExpertCache(10 * MB, lambda block: MB)
+    early.resident_table()
+
+    def columns(cache):
+        table, evictable = cache.resident_table()
+        return sorted(zip(*table.tolist(), evictable.tolist()))
+
+    layers, experts = np.array([0, 0, 1, 2, 2]), np.array([0, 1, 2, 0, 3])
+    for cache in (early, late):
+        resident(cache, (0, 0, 0), (0, 1, 0), (1, 2, 0), (1, 2, 1), (2, 0, 0))
+        cache.pin((0, 1, 0))
+        cache.pin((1, 2, 1))
+        cache.evict((0, 0, 0))
+        cache.unpin((1, 2, 1))
+        cache.reserve((2, 3, 0))  # in flight: not resident
+    assert columns(late) == columns(early) and len(columns(late)) == 4
+    assert late.resident_mask(layers, experts).tolist() == early.resident_mask(layers, experts).tolist() == \
+        [False, True, True, True, False]
+    for cache in (early, late):
+        cache.commit((2, 3, 0), prefetched=False)
+        cache.unpin((0, 1, 0))
+        cache.evict((1, 2, 0))
+    assert columns(late) == columns(early) and all(e for *_, e in columns(late))
+    assert late.resident_mask(layers, experts).tolist() == [False, True, False, True, True]
+
+
 def test_admission_evicts_the_policys_order_only_as_far_as_needed_and_never_a_pinned_block():
     cache = ExpertCache(3 * MB, lambda block: MB)
     resident(cache, (0, 2, 0), (0, 0, 0), (0, 1, 0))
