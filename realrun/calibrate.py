@@ -622,12 +622,12 @@ def _build_profile(m: Measurements, name: str, gpu: str, ceilings: tuple[float, 
     return profile, _term_notes(m, offsets)
 
 
-def validation_runners(profile_of: Callable[[], HardwareProfile], trace: Trace, machine: Machine,
+def validation_runners(profile_of: Callable[[], HardwareProfile], trace: Trace, machine: Machine | None,
                        train_fraction: float, max_requests: int | None = None
                        ) -> tuple[Callable[[Check], dict], Callable[..., dict]]:
     """(run on the executor, simulate on the current profile or the one given) for a validation
     check: `trace` (its first `max_requests` replayed requests), at half of all experts, its experts
-    in realrun's format."""
+    in realrun's format. Without a machine only the simulation can be run (realrun.refit)."""
     budget = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
 
     def config(check: Check, profile: HardwareProfile | None = None) -> SimConfig:
@@ -642,15 +642,15 @@ def validation_runners(profile_of: Callable[[], HardwareProfile], trace: Trace, 
             lambda c, profile=None: summary(execute(prepare(config(c, profile), trace))))
 
 
-def _fitted(profile: HardwareProfile, model: ModelSpec, fitted: dict[str, float]) -> HardwareProfile:
+def with_fits(profile: HardwareProfile, model: ModelSpec, fitted: dict[str, float]) -> HardwareProfile:
     """`profile` with each fitted term scaled (realrun.fit), in the order they were fitted."""
     for term, factor in fitted.items():
         profile = SCALERS[term][0](profile, model, factor)
     return profile
 
 
-def _fit_to(run_sim: Callable[..., dict], profile_of: Callable[[], HardwareProfile], model: ModelSpec,
-            fitted: dict[str, float], rebuild: Callable[[], None]) -> Callable[[Check, float], float | None]:
+def fit_to(run_sim: Callable[..., dict], profile_of: Callable[[], HardwareProfile], model: ModelSpec,
+           fitted: dict[str, float], rebuild: Callable[[], None]) -> Callable[[Check, float], float | None]:
     """validate's fit: the check's term scaled until its simulation on the current profile gives the
     target mean TPOT; the scale kept in `fitted`, and the profile rebuilt with it."""
     def fit(check: Check, target: float) -> float | None:
@@ -707,7 +707,7 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
 
         def build() -> tuple[HardwareProfile, list[str]]:
             built, built_notes = _build_profile(measured, name, gpu, ceilings, fabric, host_times)
-            return (_fitted(built, policy_trace.model, fitted) if fitted else built), built_notes
+            return (with_fits(built, policy_trace.model, fitted) if fitted else built), built_notes
         profile, notes = build()
         validation = None
         if policy_trace is not None and validate_runs:
@@ -724,7 +724,7 @@ def calibrate(backend: Backend, models: list[ModelSpec], name: str | None = None
                                                      Path(tmp) / "validation")
             run_real, run_sim = validation_runners(lambda: current["profile"], short, machine, fraction, 1)
             checks = [c for c in DEFAULT_CHECKS if c.policy in available()]
-            fit = _fit_to(run_sim, lambda: current["profile"], policy_trace.model, fitted, rebuild) if fit_terms else None
+            fit = fit_to(run_sim, lambda: current["profile"], policy_trace.model, fitted, rebuild) if fit_terms else None
             validation = validate(checks, run_real, run_sim, remeasure, max_remeasures=validation_remeasures, fit=fit)
             profile, notes = build()
         machine = None  # its host buffers freed before the profile is written

@@ -18,11 +18,11 @@ expert costs more the more the cache holds.
 
 The replay times the host as the simulator's process runs it; the executor's thread runs the same
 calls beside CUDA's launches, its copy polling and its driver threads, and was measured taking up to
-4x as long per landing (gpt-oss-20b on an H200 host: FineMoE's 226 us against the replay's 55). So,
-given a machine (on_executor), every policy is also run on the executor, briefly (the request just
-before the measured ones, cut to EXECUTOR_TOKENS, at EXECUTOR_SHARE of the experts), with its calls
-timed as in the replay, and the replay's times are scaled by what the executor took over what the
-replay took of the same short run.
+4x as long per landing (gpt-oss-20b on an H200 host: FineMoE's 226 us against the replay's 55).
+on_executor (calibrate --executor-host, off by default: on two H200s it brought the simulator no
+closer) runs every policy on the executor too, briefly (the request just before the measured ones,
+cut to EXECUTOR_TOKENS, at EXECUTOR_SHARE of the experts), with its calls timed as in the replay,
+and scales the replay's times by what the executor took over what the replay took of that run.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from policies import policy_class, shipped
+from realrun.subset import held_out_head
 from sim.api import PreparedRun, execute, prepare
 from sim.config import SimConfig
 from sim.layer_protocol import LAUNCH, POLICY_HOOKS, HostObserver
@@ -145,8 +146,6 @@ def on_executor(charged: dict[str, PolicyHostTime], trace: Trace, hardware: Hard
     (never a measured one), cut to EXECUTOR_TOKENS, at EXECUTOR_SHARE.
     Returns (the scaled times, per policy the short runs' (layer, pass, landing) seconds beyond the
     baselines on each side and the factors applied)."""
-    from realrun.subset import held_out_head  # writes a trace: only on this path
-
     short, fraction, request = held_out_head(trace, train_fraction, EXECUTOR_TOKENS, work_dir)
     budget = f"{max(1, round(trace.model.num_layers * trace.model.num_experts * EXECUTOR_SHARE))}experts"
     every = sorted({*charged, BASELINE, LAND_BASELINE})

@@ -16,12 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from realrun.fit import SCALERS, solve
-from realrun.kernels import REALRUN_FORMAT
+from realrun.calibrate import fit_to, validation_runners, with_fits
 from realrun.subset import first_layers, held_out_head
-from realrun.validate import FITTED_TERMS
-from sim.api import execute, prepare
-from sim.config import SimConfig
+from realrun.validate import FITTED_TERMS, Check
 from sim.profiles import HardwareProfile
 from traces import load_trace
 from traces.atomic import atomic_write_text
@@ -38,23 +35,21 @@ def refit(data: dict, trace, train_fraction: float, max_requests: int | None, wo
     if "request" in validation:
         trace, train_fraction, _ = held_out_head(trace, train_fraction, validation["tokens"], work_dir / "head")
         max_requests = 1
-    profile = HardwareProfile.from_dict(data)
-    half = f"{trace.model.num_layers * trace.model.num_experts // 2}experts"
+    measured = HardwareProfile.from_dict(data)
+    current, fitted = {"profile": measured}, {}
 
-    def tpot(candidate: HardwareProfile, policy: str) -> float:
-        cfg = SimConfig(trace=str(trace.path), policy=policy, budget=half, hardware=candidate.to_dict(),
-                        train_fraction=train_fraction, max_requests=max_requests, expert_format=REALRUN_FORMAT)
-        return execute(prepare(cfg, trace)).metrics.tpot_mean_s
-    fitted = {}
-    for check in validation["checks"]:  # off on this profile (its host times may not be the validation's)
-        term, policy, real = check["term"], check["policy"], check["tpot_mean_s_real"]
-        if term not in FITTED_TERMS or abs(tpot(profile, policy) / real - 1) <= validation["tolerance"]:
+    def rebuild() -> None:
+        current["profile"] = with_fits(measured, trace.model, fitted)
+    _, run_sim = validation_runners(lambda: current["profile"], trace, None, train_fraction, max_requests)
+    fit = fit_to(run_sim, lambda: current["profile"], trace.model, fitted, rebuild)
+    checks = {c["term"]: c for c in validation["checks"]}
+    for term in FITTED_TERMS:  # off on this profile (its host times may not be the validation's)
+        if term not in checks:
             continue
-        scaler, bounds = SCALERS[term]
-        base = profile
-        fitted[term] = solve(lambda s: tpot(scaler(base, trace.model, s), policy), real, bounds)
-        profile = scaler(profile, trace.model, fitted[term])
-    return {**profile.to_dict(), "calibration": data["calibration"]}, fitted
+        check, real = Check(checks[term]["policy"], checks[term]["budget"], term), checks[term]["tpot_mean_s_real"]
+        if abs(run_sim(check)["tpot_mean_s"] / real - 1) > validation["tolerance"]:
+            fit(check, real)
+    return {**current["profile"].to_dict(), "calibration": data["calibration"]}, fitted
 
 
 def main(argv: list[str] | None = None) -> None:
